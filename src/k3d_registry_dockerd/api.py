@@ -1,0 +1,114 @@
+"""The OCI distribution pull API over aiohttp. Handlers only translate HTTP to mirror calls and back."""
+
+from __future__ import annotations
+
+import logging
+
+from aiohttp import BasicAuth, hdrs, web
+
+from .docker import Credentials
+from .errors import RegistryError
+from .mirror import Mirror
+from .reference import Digest, is_digest, parse_repository, parse_tag
+
+log = logging.getLogger(__name__)
+
+MIRROR: web.AppKey[Mirror] = web.AppKey("mirror", Mirror)
+API_VERSION = ("Docker-Distribution-API-Version", "registry/2.0")
+
+
+def _error_response(request: web.Request, error: RegistryError) -> web.Response:
+    level = logging.WARNING if error.status >= 500 else logging.INFO
+    log.log(
+        level, "%s %s -> %d %s: %s", request.method, request.path_qs, error.status, error.code, error.message
+    )
+    return web.json_response(error.body(), status=error.status, headers=error.headers)
+
+
+@web.middleware
+async def _oci_errors(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except RegistryError as error:
+        return _error_response(request, error)
+    except web.HTTPNotFound:
+        return _error_response(request, RegistryError("NAME_UNKNOWN", "no such endpoint", status=404))
+    except web.HTTPMethodNotAllowed:
+        return _error_response(
+            request, RegistryError("UNSUPPORTED", f"{request.method} is not supported here")
+        )
+
+
+async def _add_api_version(_request: web.Request, response: web.StreamResponse) -> None:
+    response.headers[API_VERSION[0]] = API_VERSION[1]
+
+
+def _credentials(request: web.Request) -> Credentials | None:
+    """HTTP Basic credentials containerd sends after our challenge: the cluster's pull secret."""
+    header = request.headers.get(hdrs.AUTHORIZATION)
+    if not header:
+        return None
+    try:
+        auth = BasicAuth.decode(header)
+    except ValueError as exc:
+        raise RegistryError("UNAUTHORIZED", "malformed Authorization header: only Basic is accepted") from exc
+    return Credentials(auth.login, auth.password)
+
+
+async def base(_request: web.Request) -> web.Response:
+    return web.json_response({})
+
+
+async def manifest(request: web.Request) -> web.Response:
+    mirror = request.app[MIRROR]
+    repo = parse_repository(request.match_info["name"], request.query.get("ns"))
+    reference = request.match_info["reference"]
+    credentials = _credentials(request)
+    if is_digest(reference):
+        served = await mirror.manifest_by_digest(repo, Digest.parse(reference), credentials)
+    else:
+        served = await mirror.manifest_by_tag(repo, parse_tag(reference), credentials)
+    return web.Response(
+        body=served.body,
+        headers={
+            hdrs.CONTENT_TYPE: served.media_type,
+            "Docker-Content-Digest": served.digest,
+            hdrs.ETAG: f'"{served.digest}"',
+        },
+    )
+
+
+async def blob(request: web.Request) -> web.StreamResponse:
+    mirror = request.app[MIRROR]
+    repo = parse_repository(request.match_info["name"], request.query.get("ns"))
+    digest = Digest.parse(request.match_info["digest"])
+    path, _size = mirror.blob(repo, digest)
+    # FileResponse streams with sendfile and answers Range/If-Range itself (206, 416). Blobs are stored
+    # without a .gz/.br sibling, so it never picks a Content-Encoding.
+    return web.FileResponse(
+        path,
+        headers={
+            hdrs.CONTENT_TYPE: "application/octet-stream",
+            "Docker-Content-Digest": str(digest),
+            hdrs.ACCEPT_RANGES: "bytes",
+            hdrs.CACHE_CONTROL: "max-age=31536000",
+        },
+    )
+
+
+async def unsupported(request: web.Request) -> web.Response:
+    if request.method in (hdrs.METH_GET, hdrs.METH_HEAD):
+        raise RegistryError("NAME_UNKNOWN", f"no such endpoint: {request.path}", status=404)
+    raise RegistryError("UNSUPPORTED", f"{request.method} {request.path} is not supported")
+
+
+def create_app(mirror: Mirror) -> web.Application:
+    app = web.Application(middlewares=[_oci_errors])
+    app[MIRROR] = mirror
+    app.on_response_prepare.append(_add_api_version)
+    app.router.add_get("/v2/", base)
+    app.router.add_get("/v2", base)
+    app.router.add_get("/v2/{name:.+}/manifests/{reference}", manifest)
+    app.router.add_get("/v2/{name:.+}/blobs/{digest}", blob)
+    app.router.add_route("*", "/v2/{tail:.*}", unsupported)
+    return app

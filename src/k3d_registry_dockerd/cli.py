@@ -1,0 +1,113 @@
+"""The `k3d-registry-dockerd` command: parses flags and environment, then serves the registry."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import AsyncIterator, Sequence
+
+from aiohttp import web
+
+from . import __version__
+from .api import create_app
+from .docker import DockerClient, DockerUnavailable
+from .mirror import Mirror
+from .settings import (
+    ENV_ADDR,
+    ENV_CACHE_DIR,
+    ENV_LOG_LEVEL,
+    ENV_REFRESH_TAGS,
+    LOG_LEVELS,
+    SettingError,
+    Settings,
+    resolve,
+)
+from .store import Store
+
+log = logging.getLogger("k3d_registry_dockerd")
+ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tfs "%{User-Agent}i"'
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="k3d-registry-dockerd",
+        description="An OCI registry mirror that serves images out of the local Docker daemon "
+        "(DOCKER_HOST, DOCKER_TLS_VERIFY, DOCKER_CERT_PATH as the docker CLI reads them).",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--addr", help=f"HOST:PORT to listen on (env {ENV_ADDR}; default :5000)")
+    parser.add_argument(
+        "--cache-dir",
+        help=f"where blobs and records are kept (env {ENV_CACHE_DIR}; "
+        "default $XDG_CACHE_HOME/k3d-registry-dockerd or ~/.cache/k3d-registry-dockerd)",
+    )
+    parser.add_argument("--log-level", choices=LOG_LEVELS, help=f"(env {ENV_LOG_LEVEL}; default info)")
+    parser.add_argument(
+        "--refresh-tags",
+        metavar="DURATION",
+        help="re-pull a cached remote tag through Docker when it was last pulled longer ago than this "
+        f"(e.g. 10m, 1h; env {ENV_REFRESH_TAGS}; default: never, serve Docker's copy)",
+    )
+    return parser
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # aiodocker and aiohttp's own debug output would drown the registry's.
+    for noisy in ("aiohttp.internal", "aiohttp.server", "asyncio"):
+        logging.getLogger(noisy).setLevel(max(logging.INFO, logging.getLogger().level))
+
+
+def _build_app(settings: Settings) -> web.Application:
+    store = Store(settings.cache_dir)
+    docker = DockerClient()
+    mirror = Mirror(store, docker, refresh_tags=settings.refresh_tags)
+    app = create_app(mirror)
+
+    async def lifecycle(_app: web.Application) -> AsyncIterator[None]:
+        await asyncio.to_thread(store.open)
+        try:
+            await docker.daemon()
+        except DockerUnavailable as exc:
+            log.warning("%s; serving what is cached and retrying on every request that needs Docker", exc)
+        log.info("serving on %s", settings.addr)
+        yield
+        await docker.close()
+
+    app.cleanup_ctx.append(lifecycle)
+    return app
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = resolve(
+            addr=args.addr, cache_dir=args.cache_dir, log_level=args.log_level, refresh_tags=args.refresh_tags
+        )
+    except SettingError as exc:
+        print(f"k3d-registry-dockerd: {exc}", file=sys.stderr)
+        return 2
+    _configure_logging(settings.log_level)
+    log.info("k3d-registry-dockerd %s", __version__)
+    log.info("listen address %s (%s)", settings.addr, settings.sources["addr"])
+    log.info("cache dir %s (%s)", settings.cache_dir, settings.sources["cache_dir"])
+    log.info("log level %s (%s)", settings.log_level, settings.sources["log_level"])
+    if settings.refresh_tags is not None:
+        log.info(
+            "refresh remote tags after %.0fs (%s)", settings.refresh_tags, settings.sources["refresh_tags"]
+        )
+    web.run_app(
+        _build_app(settings),
+        host=settings.host,
+        port=settings.port,
+        print=None,
+        access_log_format=ACCESS_LOG_FORMAT,
+        shutdown_timeout=5,
+    )
+    return 0

@@ -1,0 +1,252 @@
+"""The Docker Engine API as this registry needs it: version, inspect, pull with credentials, save stream.
+
+Failures are turned into a few exception types the mirror can act on; Docker's own message is kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import aiodocker
+import aiohttp
+from aiodocker.exceptions import DockerError, DockerStreamError
+
+from .export import Platform
+
+log = logging.getLogger(__name__)
+
+# Engine API 1.48 (Docker 28) added the `platform` parameter to image save.
+SAVE_PLATFORM_API = (1, 48)
+PROGRESS_INTERVAL = 5.0
+_CONNECTION_ERROR_STATUS = 900  # aiodocker's status for "could not reach the daemon"
+
+
+class DockerUnavailable(Exception):
+    """dockerd cannot be reached (or went away mid-request)."""
+
+
+class DockerFailed(Exception):
+    """dockerd answered an API call with an error (its message is kept)."""
+
+
+class PullDenied(Exception):
+    """The upstream registry refused the pull for lack of (valid) credentials."""
+
+
+class PullNotFound(Exception):
+    """The upstream registry has no such image."""
+
+
+class PullFailed(Exception):
+    """Any other pull failure (upstream unreachable, rate limited, ...)."""
+
+
+@dataclass(frozen=True)
+class Credentials:
+    username: str
+    password: str
+
+    def __repr__(self) -> str:
+        return f"Credentials(username={self.username!r}, password=<hidden>)"
+
+
+@dataclass(frozen=True)
+class DaemonInfo:
+    server_version: str
+    api_version: str
+    platform: Platform
+    storage_driver: str
+    containerd_store: bool
+
+    @property
+    def api(self) -> tuple[int, int]:
+        major, _, minor = self.api_version.partition(".")
+        return int(major), int(minor)
+
+    @property
+    def storage(self) -> str:
+        if self.containerd_store:
+            return f"containerd image store ({self.storage_driver})"
+        return f"classic graph driver ({self.storage_driver})"
+
+
+_AUTH_MARKERS = (
+    "unauthorized",
+    "authentication required",
+    "no basic auth credentials",
+    "pull access denied",
+    "access denied",
+    "denied:",
+    "401 unauthorized",
+    "403 forbidden",
+)
+_NOT_FOUND_MARKERS = ("not found", "manifest unknown", "name unknown", "does not exist")
+
+
+def classify_pull_error(message: str) -> type[Exception]:
+    """Maps Docker's pull error text to what the client should hear.
+
+    Docker Hub says "pull access denied" for missing and private repositories alike, so auth is checked
+    first: a challenge lets the cluster retry with its pull secret, and a 404 follows if that fails too.
+    """
+    text = message.lower()
+    if any(marker in text for marker in _AUTH_MARKERS):
+        return PullDenied
+    if any(marker in text for marker in _NOT_FOUND_MARKERS):
+        return PullNotFound
+    return PullFailed
+
+
+def docker_host_description() -> str:
+    return f"DOCKER_HOST={os.environ.get('DOCKER_HOST') or 'unix:///var/run/docker.sock'}"
+
+
+class DockerClient:
+    """One long-lived Engine API client; reconnects (and renegotiates the API version) by itself."""
+
+    def __init__(self) -> None:
+        self._docker: aiodocker.Docker | None = None
+        self._info: DaemonInfo | None = None
+
+    def _client(self) -> aiodocker.Docker:
+        if self._docker is None:
+            # "auto" asks the daemon for its API version: Docker 29 refuses < 1.44, Docker 20.10 speaks 1.41.
+            self._docker = aiodocker.Docker(api_version="auto")
+        return self._docker
+
+    async def close(self) -> None:
+        if self._docker is not None:
+            await self._docker.close()
+            self._docker = None
+
+    def _lost(self, exc: BaseException) -> DockerUnavailable:
+        if self._info is not None:
+            log.warning("lost contact with Docker at %s: %s", docker_host_description(), exc)
+        self._info = None
+        if self._docker is not None:
+            self._docker.api_version = "auto"
+        return DockerUnavailable(f"Docker is unreachable at {docker_host_description()}: {exc}")
+
+    async def daemon(self) -> DaemonInfo:
+        """Version, API version and storage of the daemon; logged whenever contact is (re)made."""
+        if self._info is not None:
+            return self._info
+        try:
+            client = self._client()
+            version = await client.version()
+            info = await client.system.info()
+        except (DockerError, aiohttp.ClientError, OSError) as exc:
+            if isinstance(exc, DockerError) and exc.status != _CONNECTION_ERROR_STATUS:
+                raise DockerUnavailable(f"Docker at {docker_host_description()} failed: {exc}") from exc
+            raise self._lost(exc) from exc
+        driver_status = dict((row[0], row[1]) for row in info.get("DriverStatus") or [] if len(row) == 2)
+        arch = version.get("Arch") or "amd64"
+        self._info = DaemonInfo(
+            server_version=str(version.get("Version")),
+            api_version=str(version.get("ApiVersion")),
+            platform=Platform(version.get("Os") or "linux", arch, "v8" if arch == "arm64" else None),
+            storage_driver=str(info.get("Driver")),
+            containerd_store="snapshotter" in driver_status.get("driver-type", ""),
+        )
+        log.info(
+            "Docker %s (API %s, %s) at %s, storage: %s",
+            self._info.server_version,
+            self._info.api_version,
+            self._info.platform,
+            docker_host_description(),
+            self._info.storage,
+        )
+        return self._info
+
+    async def inspect(self, ref: str) -> dict[str, Any] | None:
+        """The image's inspect data, or None when Docker does not have it."""
+        await self.daemon()
+        try:
+            return await self._client().images.inspect(ref)
+        except DockerError as exc:
+            if exc.status == 404:
+                return None
+            if exc.status == _CONNECTION_ERROR_STATUS:
+                raise self._lost(exc) from exc
+            raise DockerFailed(f"inspecting {ref}: {exc.message}") from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            raise self._lost(exc) from exc
+
+    async def pull(self, ref: str, credentials: Credentials | None) -> None:
+        """Pulls through dockerd, logging progress every few seconds instead of every JSON line."""
+        await self.daemon()
+        auth = None
+        if credentials is not None:
+            auth = {"username": credentials.username, "password": credentials.password}
+        progress = _PullProgress(ref)
+        log.info("pulling %s through Docker%s", ref, " with credentials" if credentials else "")
+        try:
+            async for event in self._client().images.pull(ref, auth=auth, stream=True):
+                progress.update(event)
+        except DockerStreamError as exc:
+            raise classify_pull_error(exc.message)(exc.message) from exc
+        except DockerError as exc:
+            if exc.status == _CONNECTION_ERROR_STATUS:
+                raise self._lost(exc) from exc
+            raise classify_pull_error(exc.message)(exc.message) from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            raise self._lost(exc) from exc
+        progress.done()
+
+    @asynccontextmanager
+    async def save(self, ref: str, platform: Platform | None) -> AsyncIterator[aiohttp.StreamReader]:
+        """The `docker save` tar stream of one image; only `platform` where the engine can filter."""
+        info = await self.daemon()
+        params: dict[str, Any] = {}
+        if platform is not None and info.api >= SAVE_PLATFORM_API:
+            params["platform"] = platform.as_json()
+        client = self._client()
+        try:
+            # aiodocker's export_image takes no query parameters; its _query is the same request path.
+            async with client._query(f"images/{ref}/get", params=params, timeout=None) as response:
+                yield response.content
+        except DockerError as exc:
+            if exc.status == _CONNECTION_ERROR_STATUS:
+                raise self._lost(exc) from exc
+            raise DockerFailed(f"saving {ref}: {exc.message}") from exc
+
+
+class _PullProgress:
+    """Condenses dockerd's per-layer progress stream into a line every few seconds."""
+
+    def __init__(self, ref: str) -> None:
+        self.ref = ref
+        self.started = time.monotonic()
+        self.last_log = self.started
+        self.layers: dict[str, tuple[int, int]] = {}
+        self.done_layers: set[str] = set()
+
+    def update(self, event: dict[str, Any]) -> None:
+        layer, status = event.get("id"), event.get("status", "")
+        if layer and status in ("Pull complete", "Already exists"):
+            self.done_layers.add(layer)
+        detail = event.get("progressDetail") or {}
+        if layer and status == "Downloading" and detail.get("total"):
+            self.layers[layer] = (int(detail.get("current", 0)), int(detail["total"]))
+        now = time.monotonic()
+        if now - self.last_log >= PROGRESS_INTERVAL:
+            self.last_log = now
+            current = sum(c for c, _ in self.layers.values()) / 1e6
+            total = sum(t for _, t in self.layers.values()) / 1e6
+            log.info(
+                "pulling %s: %d layers complete, %.1f/%.1f MB downloaded, %.0fs",
+                self.ref,
+                len(self.done_layers),
+                current,
+                total,
+                now - self.started,
+            )
+
+    def done(self) -> None:
+        log.info("pulled %s in %.1fs", self.ref, time.monotonic() - self.started)

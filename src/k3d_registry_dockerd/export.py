@@ -1,0 +1,339 @@
+"""Reads a `docker save` stream into the store and works out which manifests can be served.
+
+Three shapes arrive here: an OCI image layout written by Docker >= 25 (classic store: manifests Docker
+generates; containerd image store: the original indexes and manifests), and the legacy format of older
+Docker and Podman (``manifest.json`` + config + layer tars), for which an OCI manifest is built.
+
+`read_save_stream` is blocking and runs in a worker thread; `ThreadedStream` feeds it from the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import posixpath
+import re
+import tarfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from .store import DigestMismatch, ManifestEntry, Store
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+OCI_LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+INDEX_TYPES = frozenset({OCI_INDEX, DOCKER_MANIFEST_LIST})
+MANIFEST_TYPES = frozenset({OCI_MANIFEST, DOCKER_MANIFEST})
+
+# containerd refuses manifests above about 4 MiB; nothing legitimate in a save stream's metadata is larger.
+MAX_MANIFEST_SIZE = 4 << 20
+MAX_METADATA_SIZE = 16 << 20
+CHUNK = 1 << 20
+_METADATA_FILES = frozenset({"index.json", "manifest.json", "oci-layout", "repositories"})
+_LAYOUT_BLOB_RE = re.compile(r"blobs/sha256/([a-f0-9]{64})")
+_LEGACY_CONFIG_RE = re.compile(r"([a-f0-9]{64})\.json")
+# Annotations Docker and containerd put on index.json entries to name the image they stand for.
+_IMAGE_NAME_ANNOTATIONS = ("io.containerd.image.name", "org.opencontainers.image.ref.name")
+
+
+class ExportError(Exception):
+    """The save stream is malformed, truncated or carries bytes that do not match their digests."""
+
+
+class IncompleteImage(Exception):
+    """The export lacks blobs a manifest needs (e.g. moby/moby#49473), so it must not be served."""
+
+
+@dataclass(frozen=True)
+class Platform:
+    os: str
+    architecture: str
+    variant: str | None = None
+
+    def matches(self, platform: dict[str, Any] | None) -> bool:
+        if not platform or platform.get("os") != self.os or platform.get("architecture") != self.architecture:
+            return False
+        # arm64 manifests often omit their variant, which then means v8.
+        default = "v8" if self.architecture == "arm64" else None
+        want, have = self.variant or default, platform.get("variant") or default
+        return want is None or have is None or want == have
+
+    def __str__(self) -> str:
+        return "/".join(part for part in (self.os, self.architecture, self.variant) if part)
+
+    def as_json(self) -> str:
+        data = {"os": self.os, "architecture": self.architecture}
+        if self.variant:
+            data["variant"] = self.variant
+        return json.dumps(data)
+
+
+@dataclass(frozen=True)
+class Root:
+    """One image the save stream names: a manifest or an index, and the names it was saved under."""
+
+    digest: str
+    media_type: str
+    size: int
+    names: tuple[str, ...] = ()
+
+
+@dataclass
+class SaveContents:
+    layout: str
+    roots: list[Root]
+    blobs_written: int = 0
+    bytes_written: int = 0
+
+
+@dataclass
+class ExportPlan:
+    root: Root
+    manifests: dict[str, ManifestEntry] = field(default_factory=dict)
+
+
+class ThreadedStream(io.RawIOBase):
+    """A blocking file object over an asyncio stream, for `tarfile` running in a worker thread.
+
+    Reads are large (tarfile asks for its buffer size), so one hop to the event loop per MiB is cheap.
+    """
+
+    def __init__(self, stream: asyncio.StreamReader | Any, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
+        self._stream = stream
+        self._loop = loop
+
+    def readable(self) -> bool:
+        return True
+
+    async def _read(self, size: int) -> bytes:
+        try:
+            return bytes(await self._stream.readexactly(size))
+        except asyncio.IncompleteReadError as partial:
+            return bytes(partial.partial)
+
+    def readinto(self, buffer: Any) -> int:
+        data = asyncio.run_coroutine_threadsafe(self._read(len(buffer)), self._loop).result()
+        buffer[: len(data)] = data
+        return len(data)
+
+
+def _copy_member(tar: tarfile.TarFile, member: tarfile.TarInfo, store: Store, expected: str | None) -> str:
+    source = tar.extractfile(member)
+    if source is None:
+        raise ExportError(f"cannot read {member.name} from the save stream")
+    writer = store.writer()
+    try:
+        while chunk := source.read(CHUNK):
+            writer.write(chunk)
+    except BaseException:
+        writer.abort()
+        raise
+    if writer.size != member.size:
+        writer.abort()
+        raise ExportError(f"{member.name}: got {writer.size} of {member.size} bytes")
+    try:
+        return writer.commit(expected)
+    except DigestMismatch as exc:
+        raise ExportError(f"{member.name}: {exc}") from exc
+
+
+def read_save_stream(fileobj: IO[bytes], store: Store) -> SaveContents:
+    """Stores every blob of a save stream (verified) and returns the images it names.
+
+    Nothing is buffered beyond one chunk except the small metadata files.
+    """
+    metadata: dict[str, bytes] = {}
+    files: dict[str, tuple[str, int]] = {}
+    links: dict[str, str] = {}
+    written = written_bytes = 0
+    try:
+        with tarfile.open(fileobj=fileobj, mode="r|", bufsize=CHUNK) as tar:
+            for member in tar:
+                path = posixpath.normpath(member.name.lstrip("/"))
+                if member.issym() or member.islnk():
+                    base = posixpath.dirname(path) if member.issym() else ""
+                    links[path] = posixpath.normpath(posixpath.join(base, member.linkname))
+                    continue
+                if not member.isfile():
+                    continue
+                if path in _METADATA_FILES:
+                    if member.size > MAX_METADATA_SIZE:
+                        raise ExportError(f"{path} is {member.size} bytes, too large")
+                    source = tar.extractfile(member)
+                    metadata[path] = source.read() if source else b""
+                    continue
+                blob = _LAYOUT_BLOB_RE.fullmatch(path)
+                legacy_config = _LEGACY_CONFIG_RE.fullmatch(path)
+                if blob:
+                    expected: str | None = f"sha256:{blob.group(1)}"
+                    if store.has_blob(expected):
+                        files[path] = (expected, member.size)
+                        continue
+                elif legacy_config:
+                    expected = f"sha256:{legacy_config.group(1)}"
+                elif path.endswith(".tar"):
+                    expected = None
+                else:
+                    continue
+                digest = _copy_member(tar, member, store, expected)
+                files[path] = (digest, member.size)
+                written += 1
+                written_bytes += member.size
+    except tarfile.TarError as exc:
+        raise ExportError(f"malformed or truncated save stream: {exc}") from exc
+
+    if "index.json" in metadata:
+        roots = _layout_roots(metadata["index.json"])
+        layout = "oci"
+    elif "manifest.json" in metadata:
+        roots = _legacy_roots(metadata["manifest.json"], files, links, store)
+        layout = "legacy"
+    else:
+        raise ExportError("save stream has neither index.json nor manifest.json")
+    return SaveContents(layout=layout, roots=roots, blobs_written=written, bytes_written=written_bytes)
+
+
+def _load_json(raw: bytes, what: str) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError as exc:
+        raise ExportError(f"{what} is not valid JSON: {exc}") from exc
+
+
+def _layout_roots(raw: bytes) -> list[Root]:
+    index = _load_json(raw, "index.json")
+    roots = []
+    for entry in index.get("manifests", []):
+        annotations = entry.get("annotations") or {}
+        names = tuple(annotations[key] for key in _IMAGE_NAME_ANNOTATIONS if key in annotations)
+        roots.append(Root(entry["digest"], entry.get("mediaType", OCI_MANIFEST), int(entry["size"]), names))
+    if not roots:
+        raise ExportError("index.json lists no manifests")
+    return roots
+
+
+def _legacy_roots(
+    raw: bytes, files: dict[str, tuple[str, int]], links: dict[str, str], store: Store
+) -> list[Root]:
+    """Builds an OCI manifest per image of a legacy save: config + uncompressed layer tars."""
+
+    def lookup(path: str) -> tuple[str, int]:
+        seen = 0
+        path = posixpath.normpath(path)
+        while path in links and seen < 16:
+            path, seen = links[path], seen + 1
+        if path not in files:
+            raise ExportError(f"manifest.json names {path}, which the save stream does not contain")
+        return files[path]
+
+    roots = []
+    for image in _load_json(raw, "manifest.json"):
+        config_digest, config_size = lookup(image["Config"])
+        layers = [lookup(layer) for layer in image["Layers"]]
+        config = _load_json(store.read_blob(config_digest) or b"", image["Config"])
+        diff_ids = config.get("rootfs", {}).get("diff_ids", [])
+        if diff_ids != [digest for digest, _ in layers]:
+            raise ExportError(f"layers of {image['Config']} do not match the config's rootfs.diff_ids")
+        manifest = {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": OCI_CONFIG, "digest": config_digest, "size": config_size},
+            "layers": [{"mediaType": OCI_LAYER_TAR, "digest": d, "size": s} for d, s in layers],
+        }
+        body = json.dumps(manifest, indent=3).encode()
+        digest = store.put_bytes(body)
+        roots.append(Root(digest, OCI_MANIFEST, len(body), tuple(image.get("RepoTags") or ())))
+    if not roots:
+        raise ExportError("manifest.json lists no images")
+    return roots
+
+
+def select_root(roots: list[Root], wanted: tuple[str, ...]) -> Root:
+    """Picks the image a request asked for among those a save stream names."""
+    if len(roots) == 1:
+        return roots[0]
+    for root in roots:
+        if set(root.names) & set(wanted):
+            return root
+    raise ExportError(f"save stream names {len(roots)} images, none of them {' or '.join(wanted)}")
+
+
+def plan_manifests(
+    root: Root,
+    read: Callable[[str], bytes | None],
+    has_blob: Callable[[str], bool],
+    platform: Platform,
+) -> ExportPlan:
+    """Decides which manifests of an export are complete enough to serve.
+
+    An index is served when the child for `platform` is complete (clients of other platforms get 404 for
+    their absent children and fall back upstream); a manifest only when all its blobs are present.
+    """
+    plan = ExportPlan(root=root)
+    raw = read(root.digest)
+    if raw is None:
+        raise IncompleteImage(f"the export lacks its own manifest {root.digest}")
+    media_type, data = _parse_manifest(raw, root.media_type, root.digest)
+    if media_type in INDEX_TYPES:
+        children = data.get("manifests", [])
+        wanted = None
+        for child in children:
+            entry = _complete_manifest(child, read, has_blob)
+            if entry is None:
+                continue
+            plan.manifests[child["digest"]] = entry
+            if wanted is None and platform.matches(child.get("platform")):
+                wanted = child["digest"]
+        if wanted is None:
+            listed = ", ".join(_platform_text(c.get("platform")) for c in children) or "nothing"
+            raise IncompleteImage(
+                f"index {root.digest} has no complete manifest for {platform} (it lists {listed}; "
+                "the export lacks the blobs of the others)"
+            )
+        plan.manifests[root.digest] = ManifestEntry(media_type, len(raw), [c["digest"] for c in children])
+        return plan
+    entry = _complete_manifest({"digest": root.digest, "mediaType": media_type}, read, has_blob)
+    if entry is None:
+        raise IncompleteImage(f"manifest {root.digest} references blobs the export does not contain")
+    plan.manifests[root.digest] = entry
+    return plan
+
+
+def _platform_text(platform: dict[str, Any] | None) -> str:
+    if not platform:
+        return "unknown"
+    return "/".join(str(platform[k]) for k in ("os", "architecture", "variant") if platform.get(k))
+
+
+def _parse_manifest(raw: bytes, media_type: str, digest: str) -> tuple[str, dict[str, Any]]:
+    if len(raw) > MAX_MANIFEST_SIZE:
+        raise IncompleteImage(f"manifest {digest} is {len(raw)} bytes, larger than clients accept")
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise IncompleteImage(f"manifest {digest} is not JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise IncompleteImage(f"manifest {digest} is not a JSON object")
+    return data.get("mediaType") or media_type, data
+
+
+def _complete_manifest(
+    descriptor: dict[str, Any], read: Callable[[str], bytes | None], has_blob: Callable[[str], bool]
+) -> ManifestEntry | None:
+    """The entry for an image manifest whose config and layers are all present, else None."""
+    raw = read(descriptor["digest"])
+    if raw is None:
+        return None
+    media_type, data = _parse_manifest(raw, descriptor.get("mediaType", OCI_MANIFEST), descriptor["digest"])
+    if media_type not in MANIFEST_TYPES:
+        return None
+    references = [data["config"]["digest"], *(layer["digest"] for layer in data.get("layers", []))]
+    if not all(has_blob(digest) for digest in references):
+        return None
+    return ManifestEntry(media_type, len(raw), references)

@@ -1,0 +1,320 @@
+"""Makes a requested image present in the store: inspect, maybe pull, export; once per image at a time.
+
+Freshness rule: a tag is answered from the store only while Docker still maps it to the image ID the
+cached answer was exported from, so a rebuilt local tag is re-exported on its next request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiohttp
+
+from .docker import (
+    Credentials,
+    DaemonInfo,
+    DockerClient,
+    DockerFailed,
+    DockerUnavailable,
+    PullDenied,
+    PullFailed,
+    PullNotFound,
+)
+from .errors import RegistryError
+from .export import (
+    ExportError,
+    ExportPlan,
+    IncompleteImage,
+    ThreadedStream,
+    plan_manifests,
+    read_save_stream,
+    select_root,
+)
+from .reference import Digest, Repository
+from .store import ManifestEntry, RepositoryRecord, Store, TagEntry
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ServedManifest:
+    digest: str
+    media_type: str
+    body: bytes
+
+
+class SingleFlight:
+    """Runs one task per key; concurrent callers share its result. A waiter leaving does not cancel it."""
+
+    def __init__(self) -> None:
+        self._tasks: dict[str, asyncio.Task[Any]] = {}
+
+    async def run(self, key: str, factory: Callable[[], Awaitable[T]]) -> T:
+        task = self._tasks.get(key)
+        if task is None:
+            task = asyncio.ensure_future(factory())
+            self._tasks[key] = task
+            task.add_done_callback(lambda _: self._tasks.pop(key, None))
+        return await asyncio.shield(task)
+
+
+class Mirror:
+    def __init__(self, store: Store, docker: DockerClient, refresh_tags: float | None = None) -> None:
+        self.store = store
+        self.docker = docker
+        self.refresh_tags = refresh_tags
+        self._flights = SingleFlight()
+        self.exports = 0
+        self.pulls = 0
+        # Digests a Docker image was found not to contain, so repeated requests cost no new export.
+        self._absent: dict[tuple[str, str], str] = {}
+        self._record_lock = asyncio.Lock()
+
+    # ---- manifests -------------------------------------------------------------------------------
+
+    async def manifest_by_tag(
+        self, repo: Repository, tag: str, credentials: Credentials | None
+    ) -> ServedManifest:
+        record = self.store.record(repo.docker_name)
+        cached = record.tags.get(tag) if record else None
+        ref = repo.docker_ref(tag)
+        try:
+            image, pulled_at = await self._current_image(repo, tag, cached, credentials)
+        except DockerUnavailable as exc:
+            if cached is not None and self.store.has_blob(cached.digest):
+                log.warning("serving cached %s (%s): %s", repo.familiar(tag), cached.digest, exc)
+                return self._served(cached.digest, cached.media_type)
+            raise RegistryError("UNAVAILABLE", str(exc)) from exc
+        image_id = image["Id"]
+        if cached is not None and cached.image_id == image_id and self.store.has_blob(cached.digest):
+            if pulled_at is not None:
+                await self._update(repo, {}, {tag: replace(cached, pulled_at=pulled_at)})
+            return self._served(cached.digest, cached.media_type)
+        entry = await self._flights.run(
+            f"export {ref} {image_id}", lambda: self._export_tag(repo, tag, image_id, pulled_at)
+        )
+        return self._served(entry.digest, entry.media_type)
+
+    async def manifest_by_digest(
+        self, repo: Repository, digest: Digest, credentials: Credentials | None
+    ) -> ServedManifest:
+        text = str(digest)
+        record = self.store.record(repo.docker_name)
+        if record and text in record.manifests and self.store.has_blob(text):
+            return self._served(text, record.manifests[text].media_type)
+        ref = repo.docker_ref(text)
+        try:
+            found = await self._flights.run(
+                f"digest {ref}", lambda: self._export_digest(repo, digest, credentials)
+            )
+        except DockerUnavailable as exc:
+            raise RegistryError("UNAVAILABLE", str(exc)) from exc
+        if not found:
+            raise RegistryError("MANIFEST_UNKNOWN", f"manifest unknown: {repo.familiar(text)}")
+        record = self.store.record(repo.docker_name)
+        assert record is not None
+        return self._served(text, record.manifests[text].media_type)
+
+    def _served(self, digest: str, media_type: str) -> ServedManifest:
+        body = self.store.read_blob(digest)
+        if body is None:
+            raise RegistryError("MANIFEST_UNKNOWN", f"manifest {digest} is no longer in the cache")
+        return ServedManifest(digest, media_type, body)
+
+    # ---- Docker: inspect and pull ---------------------------------------------------------------
+
+    async def _current_image(
+        self, repo: Repository, tag: str, cached: TagEntry | None, credentials: Credentials | None
+    ) -> tuple[dict[str, Any], float | None]:
+        """Docker's image for the tag (pulled if missing or due for refresh) and when it was pulled."""
+        ref = repo.docker_ref(tag)
+        image = await self.docker.inspect(ref)
+        if image is None:
+            if not repo.remote:
+                raise RegistryError("MANIFEST_UNKNOWN", f"Docker has no image {repo.familiar(tag)}")
+            pulled_at = await self._pull(repo, ref, credentials)
+            image = await self.docker.inspect(ref)
+            if image is None:
+                raise RegistryError("MANIFEST_UNKNOWN", f"Docker pulled {ref} but does not list it")
+            return image, pulled_at
+        if not (repo.remote and self._refresh_due(cached, image)):
+            return image, None
+        try:
+            pulled_at = await self._pull(repo, ref, credentials)
+        except RegistryError as exc:
+            log.warning("refreshing %s failed, serving Docker's copy: %s", ref, exc.message)
+            return image, None
+        return await self.docker.inspect(ref) or image, pulled_at
+
+    def _refresh_due(self, cached: TagEntry | None, image: dict[str, Any]) -> bool:
+        if self.refresh_tags is None:
+            return False
+        if cached is None or cached.image_id != image["Id"] or cached.pulled_at is None:
+            return True
+        return time.time() - cached.pulled_at > self.refresh_tags
+
+    async def _pull(self, repo: Repository, ref: str, credentials: Credentials | None) -> float:
+        key = f"pull {ref} {credentials.username if credentials else ''}"
+        await self._flights.run(key, lambda: self._do_pull(repo, ref, credentials))
+        return time.time()
+
+    async def _do_pull(self, repo: Repository, ref: str, credentials: Credentials | None) -> None:
+        self.pulls += 1
+        try:
+            await self.docker.pull(ref, credentials)
+        except PullDenied as exc:
+            log.warning("pull of %s refused by %s: %s", ref, repo.domain, exc)
+            if credentials is None:
+                raise RegistryError(
+                    "UNAUTHORIZED",
+                    f"{repo.domain} requires authentication to pull {ref}",
+                    detail=str(exc),
+                    headers={"WWW-Authenticate": f'Basic realm="{repo.domain}"'},
+                ) from exc
+            # Refused credentials get 403, not another challenge, so containerd moves on instead of retrying.
+            raise RegistryError(
+                "DENIED", f"{repo.domain} refused the credentials for {ref}", detail=str(exc)
+            ) from exc
+        except PullNotFound as exc:
+            log.info("pull of %s: not found upstream: %s", ref, exc)
+            raise RegistryError("MANIFEST_UNKNOWN", f"{ref} not found upstream", detail=str(exc)) from exc
+        except PullFailed as exc:
+            log.warning("pull of %s failed: %s", ref, exc)
+            raise RegistryError(
+                "UNAVAILABLE", f"pulling {ref} through Docker failed", status=502, detail=str(exc)
+            ) from exc
+
+    # ---- export ---------------------------------------------------------------------------------
+
+    async def _export_tag(
+        self, repo: Repository, tag: str, image_id: str, pulled_at: float | None
+    ) -> TagEntry:
+        ref = repo.docker_ref(tag)
+        info = await self.docker.daemon()
+        plan = await self._export(ref, info, (ref, repo.familiar(tag), tag))
+        entry = TagEntry(
+            digest=plan.root.digest,
+            media_type=plan.manifests[plan.root.digest].media_type,
+            image_id=image_id,
+            exported_at=time.time(),
+            pulled_at=pulled_at or self._previous_pull(repo, tag, image_id),
+        )
+        await self._update(repo, plan.manifests, {tag: entry})
+        return entry
+
+    def _previous_pull(self, repo: Repository, tag: str, image_id: str) -> float | None:
+        record = self.store.record(repo.docker_name)
+        previous = record.tags.get(tag) if record else None
+        return previous.pulled_at if previous and previous.image_id == image_id else None
+
+    async def _export_digest(self, repo: Repository, digest: Digest, credentials: Credentials | None) -> bool:
+        """Finds a digest in Docker's export of that image; False (logged) when it cannot be served."""
+        text, ref = str(digest), repo.docker_ref(str(digest))
+        image = await self.docker.inspect(ref)
+        info = await self.docker.daemon()
+        if image is None and repo.remote and info.containerd_store:
+            try:
+                await self._pull(repo, ref, credentials)
+            except RegistryError as exc:
+                if exc.code == "MANIFEST_UNKNOWN":
+                    return False
+                raise
+            image = await self.docker.inspect(ref)
+        if image is None:
+            log.info("manifest %s: Docker has no image with that digest", repo.familiar(text))
+            return False
+        if self._absent.get((repo.docker_name, text)) == image["Id"]:
+            return False
+        try:
+            plan = await self._export(ref, info, (ref,))
+        except RegistryError:
+            self._absent[(repo.docker_name, text)] = image["Id"]
+            raise
+        await self._update(repo, plan.manifests, {})
+        if text in plan.manifests:
+            return True
+        self._absent[(repo.docker_name, text)] = image["Id"]
+        why = (
+            "Docker's classic image store generates its own manifests on export, so the upstream's digests "
+            "cannot be served (the client falls back to the upstream registry)"
+            if not info.containerd_store
+            else "the export does not contain it"
+        )
+        log.warning(
+            "manifest %s: not in Docker's export of image %s: %s", repo.familiar(text), image["Id"], why
+        )
+        return False
+
+    async def _update(
+        self, repo: Repository, manifests: dict[str, ManifestEntry], tags: dict[str, TagEntry]
+    ) -> None:
+        """Adds manifests and tags to a repository's record; manifests once served stay servable."""
+        async with self._record_lock:
+            current = self.store.record(repo.docker_name)
+            record = RepositoryRecord(
+                name=repo.docker_name,
+                tags={**(current.tags if current else {}), **tags},
+                manifests={**(current.manifests if current else {}), **manifests},
+            )
+            await asyncio.to_thread(self.store.save_record, record)
+
+    async def _export(self, ref: str, info: DaemonInfo, names: tuple[str, ...]) -> ExportPlan:
+        """Streams `docker save` of one image into the store and plans what of it can be served."""
+        self.exports += 1
+        started = time.monotonic()
+        log.info("exporting %s from Docker (export #%d)", ref, self.exports)
+        loop = asyncio.get_running_loop()
+        try:
+            async with self.docker.save(ref, info.platform) as stream:
+                contents = await asyncio.to_thread(read_save_stream, ThreadedStream(stream, loop), self.store)
+            root = select_root(contents.roots, names)
+            plan = plan_manifests(root, self.store.read_blob, self.store.has_blob, info.platform)
+        except (DockerUnavailable, RegistryError):
+            raise
+        except DockerFailed as exc:
+            log.error("export of %s failed: %s", ref, exc)
+            raise RegistryError(
+                "UNAVAILABLE", f"Docker could not export {ref}", status=502, detail=str(exc)
+            ) from exc
+        except (aiohttp.ClientError, ConnectionError) as exc:
+            log.error("export of %s failed: the stream from Docker broke: %s", ref, exc)
+            raise RegistryError("UNAVAILABLE", f"export of {ref} from Docker failed: {exc}") from exc
+        except ExportError as exc:
+            log.error("export of %s rejected: %s", ref, exc)
+            raise RegistryError(
+                "UNAVAILABLE", f"export of {ref} from Docker was rejected", status=502, detail=str(exc)
+            ) from exc
+        except IncompleteImage as exc:
+            log.error("cannot serve %s: %s; answering 404 so the client falls back to the upstream", ref, exc)
+            raise RegistryError(
+                "MANIFEST_UNKNOWN", f"{ref}: Docker's export is incomplete", detail=str(exc)
+            ) from exc
+        elapsed = time.monotonic() - started
+        log.info(
+            "exported %s in %.1fs: %s layout, %d new blobs, %.1f MB written, serving %s",
+            ref,
+            elapsed,
+            contents.layout,
+            contents.blobs_written,
+            contents.bytes_written / 1e6,
+            plan.root.digest,
+        )
+        return plan
+
+    # ---- blobs ----------------------------------------------------------------------------------
+
+    def blob(self, repo: Repository, digest: Digest) -> tuple[Path, int]:
+        """The path and size of a blob, if this repository's manifests reference it."""
+        text = str(digest)
+        record = self.store.record(repo.docker_name)
+        size = self.store.blob_size(text)
+        if record is None or size is None or not record.serves_blob(text):
+            raise RegistryError("BLOB_UNKNOWN", f"blob unknown to {repo.name}: {text}")
+        return self.store.blob_path(digest), size

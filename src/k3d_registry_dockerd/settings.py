@@ -1,0 +1,100 @@
+"""Every setting, resolved from flags and the environment (a flag wins), with where each value came from."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+ENV_ADDR = "REGISTRY_HTTP_ADDR"
+ENV_CACHE_DIR = "K3D_REGISTRY_DOCKERD_CACHE_DIR"
+ENV_LOG_LEVEL = "K3D_REGISTRY_DOCKERD_LOG_LEVEL"
+ENV_REFRESH_TAGS = "K3D_REGISTRY_DOCKERD_REFRESH_TAGS"
+DEFAULT_ADDR = ":5000"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+class SettingError(ValueError):
+    """A flag or environment variable has a value that cannot be used."""
+
+
+def default_cache_dir(env: Mapping[str, str]) -> Path:
+    """``$XDG_CACHE_HOME/k3d-registry-dockerd``, else ``~/.cache/k3d-registry-dockerd``."""
+    base = env.get("XDG_CACHE_HOME") or str(Path(env.get("HOME") or Path.home()) / ".cache")
+    return Path(base) / "k3d-registry-dockerd"
+
+
+def parse_addr(text: str) -> tuple[str | None, int]:
+    """``HOST:PORT``, ``:PORT`` (all interfaces) or ``[IPv6]:PORT``, as distribution's registry reads it."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise SettingError(f"address {text!r} is not HOST:PORT")
+    host = host.removeprefix("[").removesuffix("]")
+    return host or None, int(port)
+
+
+def parse_duration(text: str) -> float:
+    """Go-style durations (``90s``, ``5m``, ``1h30m``, ``1d``) or plain seconds."""
+    text = text.strip()
+    if re.fullmatch(r"\d+(?:\.\d+)?", text):
+        return float(text)
+    parts = _DURATION_PART.findall(text)
+    if not parts or "".join(number + unit for number, unit in parts) != text:
+        raise SettingError(f"duration {text!r} is not like 30s, 5m, 1h30m or 1d")
+    return sum(float(number) * _UNIT_SECONDS[unit] for number, unit in parts)
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str | None
+    port: int
+    cache_dir: Path
+    log_level: str
+    refresh_tags: float | None
+    # setting name -> "flag --addr", "env REGISTRY_HTTP_ADDR" or "default"
+    sources: Mapping[str, str]
+
+    @property
+    def addr(self) -> str:
+        host = self.host or ""
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
+
+def resolve(
+    *,
+    addr: str | None,
+    cache_dir: str | None,
+    log_level: str | None,
+    refresh_tags: str | None,
+    env: Mapping[str, str] = os.environ,
+) -> Settings:
+    sources: dict[str, str] = {}
+
+    def pick(name: str, flag: str, value: str | None, env_name: str, default: str | None) -> str | None:
+        if value is not None:
+            sources[name] = f"flag {flag}"
+            return value
+        if env.get(env_name):
+            sources[name] = f"env {env_name}"
+            return env[env_name]
+        sources[name] = "default"
+        return default
+
+    host, port = parse_addr(pick("addr", "--addr", addr, ENV_ADDR, DEFAULT_ADDR) or DEFAULT_ADDR)
+    cache = pick("cache_dir", "--cache-dir", cache_dir, ENV_CACHE_DIR, None)
+    level = (pick("log_level", "--log-level", log_level, ENV_LOG_LEVEL, "info") or "info").lower()
+    if level not in LOG_LEVELS:
+        raise SettingError(f"log level {level!r} is not one of {', '.join(LOG_LEVELS)}")
+    refresh = pick("refresh_tags", "--refresh-tags", refresh_tags, ENV_REFRESH_TAGS, None)
+    return Settings(
+        host=host,
+        port=port,
+        cache_dir=Path(cache).expanduser() if cache else default_cache_dir(env),
+        log_level=level,
+        refresh_tags=parse_duration(refresh) if refresh else None,
+        sources=sources,
+    )

@@ -1,0 +1,201 @@
+"""The content-addressed cache on disk: verified blobs and per-repository tag/manifest records.
+
+Crash safety comes from one rule: a file reaches its final name only by ``rename`` after its bytes were
+hashed and fsynced, so at any kill point a blob either does not exist or matches its digest, and a
+record is either the old or the new version. Temp files of a crashed run are removed at the next start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .reference import Digest
+
+log = logging.getLogger(__name__)
+
+RECORD_VERSION = 1
+
+
+class DigestMismatch(Exception):
+    """Bytes did not hash to the digest they were delivered under."""
+
+
+@dataclass
+class ManifestEntry:
+    media_type: str
+    size: int
+    # Every digest a client may fetch because of this manifest: config, layers, child manifests.
+    references: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TagEntry:
+    digest: str
+    media_type: str
+    image_id: str
+    exported_at: float
+    # When this registry last had Docker pull the tag; None if Docker already had it.
+    pulled_at: float | None = None
+
+
+@dataclass
+class RepositoryRecord:
+    """What this registry serves under one repository name."""
+
+    name: str
+    tags: dict[str, TagEntry] = field(default_factory=dict)
+    manifests: dict[str, ManifestEntry] = field(default_factory=dict)
+
+    def serves_blob(self, digest: str) -> bool:
+        return digest in self.manifests or any(digest in m.references for m in self.manifests.values())
+
+    def to_json(self) -> bytes:
+        data = {"version": RECORD_VERSION, **asdict(self)}
+        return json.dumps(data, indent=1, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> RepositoryRecord:
+        data: dict[str, Any] = json.loads(raw)
+        if data.get("version") != RECORD_VERSION:
+            raise ValueError(f"unknown record version {data.get('version')!r}")
+        return cls(
+            name=data["name"],
+            tags={tag: TagEntry(**entry) for tag, entry in data["tags"].items()},
+            manifests={digest: ManifestEntry(**entry) for digest, entry in data["manifests"].items()},
+        )
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class BlobWriter:
+    """Streams one blob into a temp file, hashing as it goes; `commit` verifies and publishes it."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        fd, name = tempfile.mkstemp(dir=store.tmp_dir, prefix="blob-")
+        self._file = os.fdopen(fd, "wb")
+        self._path = Path(name)
+        self._hash = hashlib.sha256()
+        self.size = 0
+
+    def write(self, chunk: bytes | memoryview) -> None:
+        self._hash.update(chunk)
+        self._file.write(chunk)
+        self.size += len(chunk)
+
+    def commit(self, expected: str | None = None) -> str:
+        """Publishes the blob under its sha256 digest; refuses it when `expected` differs."""
+        digest = f"sha256:{self._hash.hexdigest()}"
+        try:
+            if expected is not None and digest != expected:
+                raise DigestMismatch(f"content hashes to {digest}, expected {expected}")
+            final = self._store.blob_path(Digest(digest[7:]))
+            if final.exists():
+                return digest
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(self._path, final)
+            _fsync_dir(final.parent)
+            return digest
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        self._file.close()
+        with contextlib.suppress(FileNotFoundError):
+            self._path.unlink()
+
+
+class Store:
+    """Blobs under ``blobs/sha256/<xx>/<hex>``, records under ``repositories/<sha256(name)>.json``.
+
+    Record file names are hashes, so no request path ever becomes a file name.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.blobs_dir = root / "blobs" / "sha256"
+        self.records_dir = root / "repositories"
+        self.tmp_dir = root / "tmp"
+        self._records: dict[str, RepositoryRecord] = {}
+
+    def open(self) -> None:
+        """Creates the layout, drops temp files a crash left behind, and loads the records."""
+        for directory in (self.blobs_dir, self.records_dir, self.tmp_dir):
+            directory.mkdir(parents=True, exist_ok=True)
+        leftovers = list(self.tmp_dir.iterdir())
+        for leftover in leftovers:
+            leftover.unlink()
+        if leftovers:
+            log.info("removed %d temp files left by an earlier run", len(leftovers))
+        for path in sorted(self.records_dir.glob("*.json")):
+            try:
+                record = RepositoryRecord.from_json(path.read_bytes())
+            except (ValueError, KeyError, TypeError) as exc:
+                log.warning("ignoring unreadable record %s: %s", path, exc)
+                continue
+            self._records[record.name] = record
+        log.info("cache %s: %d repositories", self.root, len(self._records))
+
+    def blob_path(self, digest: Digest) -> Path:
+        return self.blobs_dir / digest.hex[:2] / digest.hex
+
+    def has_blob(self, digest: str) -> bool:
+        return self.blob_path(Digest.parse(digest)).is_file()
+
+    def blob_size(self, digest: str) -> int | None:
+        try:
+            return self.blob_path(Digest.parse(digest)).stat().st_size
+        except FileNotFoundError:
+            return None
+
+    def read_blob(self, digest: str) -> bytes | None:
+        try:
+            return self.blob_path(Digest.parse(digest)).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def writer(self) -> BlobWriter:
+        return BlobWriter(self)
+
+    def put_bytes(self, data: bytes, expected: str | None = None) -> str:
+        writer = self.writer()
+        writer.write(data)
+        return writer.commit(expected)
+
+    def record(self, name: str) -> RepositoryRecord | None:
+        return self._records.get(name)
+
+    def save_record(self, record: RepositoryRecord) -> None:
+        """Replaces the record on disk atomically (blocking: call it off the event loop)."""
+        payload = record.to_json()
+        path = self.records_dir / f"{hashlib.sha256(record.name.encode()).hexdigest()}.json"
+        fd, tmp = tempfile.mkstemp(dir=self.tmp_dir, prefix="record-")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(payload)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+            _fsync_dir(self.records_dir)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        self._records[record.name] = record
