@@ -46,12 +46,12 @@ async def _add_api_version(_request: web.Request, response: web.StreamResponse) 
 def _credentials(request: web.Request) -> Credentials | None:
     """HTTP Basic credentials containerd sends after our challenge: the cluster's pull secret."""
     header = request.headers.get(hdrs.AUTHORIZATION)
-    if not header:
+    if not header or not header.lower().startswith("basic "):
         return None
     try:
         auth = BasicAuth.decode(header)
     except ValueError as exc:
-        raise RegistryError("UNAUTHORIZED", "malformed Authorization header: only Basic is accepted") from exc
+        raise RegistryError("UNAUTHORIZED", "malformed Basic Authorization header") from exc
     return Credentials(auth.login, auth.password)
 
 

@@ -103,8 +103,11 @@ def classify_pull_error(message: str) -> type[Exception]:
     return PullFailed
 
 
+DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
+
+
 def docker_host_description() -> str:
-    return f"DOCKER_HOST={os.environ.get('DOCKER_HOST') or 'unix:///var/run/docker.sock'}"
+    return f"DOCKER_HOST={os.environ.get('DOCKER_HOST') or DEFAULT_DOCKER_HOST}"
 
 
 class DockerClient:
@@ -117,7 +120,11 @@ class DockerClient:
     def _client(self) -> aiodocker.Docker:
         if self._docker is None:
             # "auto" asks the daemon for its API version: Docker 29 refuses < 1.44, Docker 20.10 speaks 1.41.
-            self._docker = aiodocker.Docker(api_version="auto")
+            try:
+                self._docker = aiodocker.Docker(api_version="auto")
+            except (ValueError, AssertionError):
+                # No DOCKER_HOST, context or socket yet: aim at the default socket, dockerd may start later.
+                self._docker = aiodocker.Docker(url=DEFAULT_DOCKER_HOST, api_version="auto")
         return self._docker
 
     async def close(self) -> None:

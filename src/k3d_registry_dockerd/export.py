@@ -10,12 +10,15 @@ Docker and Podman (``manifest.json`` + config + layer tars), for which an OCI ma
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import posixpath
+import queue
 import re
 import tarfile
 from collections.abc import Callable
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -100,30 +103,65 @@ class ExportPlan:
 class ThreadedStream(io.RawIOBase):
     """A blocking file object over an asyncio stream, for `tarfile` running in a worker thread.
 
-    Reads are large (tarfile asks for its buffer size), so one hop to the event loop per MiB is cheap.
+    A pump task on the event loop reads ahead up to `read_ahead` chunks into a thread-safe queue, so Docker
+    keeps writing while the worker hashes and writes to disk, and the worker's reads cost no loop round
+    trip. `close()` (on the loop) stops the pump if the worker gave up early.
     """
 
-    def __init__(self, stream: asyncio.StreamReader | Any, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, stream: Any, loop: asyncio.AbstractEventLoop, read_ahead: int = 16) -> None:
         super().__init__()
         self._stream = stream
         self._loop = loop
+        self._chunks: queue.SimpleQueue[bytes | BaseException] = queue.SimpleQueue()
+        self._room = asyncio.Semaphore(read_ahead)
+        self._pending = memoryview(b"")
+        self._eof = False
+        self._pump = loop.create_task(self._fill())
+
+    async def _fill(self) -> None:
+        try:
+            while True:
+                await self._room.acquire()
+                # read(n) hands over everything buffered (up to n) without waiting for n bytes.
+                chunk = await self._stream.read(CHUNK)
+                self._chunks.put(chunk)
+                if not chunk:
+                    return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._chunks.put(exc)
 
     def readable(self) -> bool:
         return True
 
-    async def _read(self, size: int) -> bytes:
-        try:
-            return bytes(await self._stream.readexactly(size))
-        except asyncio.IncompleteReadError as partial:
-            return bytes(partial.partial)
-
     def readinto(self, buffer: Any) -> int:
-        data = asyncio.run_coroutine_threadsafe(self._read(len(buffer)), self._loop).result()
-        buffer[: len(data)] = data
-        return len(data)
+        while not self._pending:
+            if self._eof:
+                return 0
+            item = self._chunks.get()
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nothing left to pump
+                self._loop.call_soon_threadsafe(self._room.release)
+            if isinstance(item, BaseException):
+                raise item
+            self._eof = not item
+            self._pending = memoryview(item)
+        size = min(len(buffer), len(self._pending))
+        buffer[:size] = self._pending[:size]
+        self._pending = self._pending[size:]
+        return size
+
+    def close(self) -> None:
+        self._pump.cancel()
+        # Wakes a worker still waiting for data, so its thread ends instead of blocking forever.
+        self._chunks.put(ExportError("the save stream was closed"))
+        super().close()
 
 
-def _copy_member(tar: tarfile.TarFile, member: tarfile.TarInfo, store: Store, expected: str | None) -> str:
+def _copy_member(
+    tar: tarfile.TarFile, member: tarfile.TarInfo, store: Store, expected: str | None, committer: Executor
+) -> Future[str]:
+    """Writes a member to a temp file, hashing on the way; fsync and rename happen on `committer`."""
     source = tar.extractfile(member)
     if source is None:
         raise ExportError(f"cannot read {member.name} from the save stream")
@@ -137,56 +175,60 @@ def _copy_member(tar: tarfile.TarFile, member: tarfile.TarInfo, store: Store, ex
     if writer.size != member.size:
         writer.abort()
         raise ExportError(f"{member.name}: got {writer.size} of {member.size} bytes")
-    try:
-        return writer.commit(expected)
-    except DigestMismatch as exc:
-        raise ExportError(f"{member.name}: {exc}") from exc
+    return committer.submit(writer.commit, expected)
 
 
 def read_save_stream(fileobj: IO[bytes], store: Store) -> SaveContents:
     """Stores every blob of a save stream (verified) and returns the images it names.
 
-    Nothing is buffered beyond one chunk except the small metadata files.
+    Nothing is buffered beyond a few chunks except the small metadata files. fsyncs run on a second
+    thread while the stream is read on, so the disk and Docker work at the same time.
     """
     metadata: dict[str, bytes] = {}
-    files: dict[str, tuple[str, int]] = {}
+    pending: dict[str, tuple[Future[str], int]] = {}
     links: dict[str, str] = {}
     written = written_bytes = 0
-    try:
-        with tarfile.open(fileobj=fileobj, mode="r|", bufsize=CHUNK) as tar:
-            for member in tar:
-                path = posixpath.normpath(member.name.lstrip("/"))
-                if member.issym() or member.islnk():
-                    base = posixpath.dirname(path) if member.issym() else ""
-                    links[path] = posixpath.normpath(posixpath.join(base, member.linkname))
-                    continue
-                if not member.isfile():
-                    continue
-                if path in _METADATA_FILES:
-                    if member.size > MAX_METADATA_SIZE:
-                        raise ExportError(f"{path} is {member.size} bytes, too large")
-                    source = tar.extractfile(member)
-                    metadata[path] = source.read() if source else b""
-                    continue
-                blob = _LAYOUT_BLOB_RE.fullmatch(path)
-                legacy_config = _LEGACY_CONFIG_RE.fullmatch(path)
-                if blob:
-                    expected: str | None = f"sha256:{blob.group(1)}"
-                    if store.has_blob(expected):
-                        files[path] = (expected, member.size)
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="blob-commit") as committer:
+        try:
+            with tarfile.open(fileobj=fileobj, mode="r|", bufsize=CHUNK) as tar:
+                for member in tar:
+                    path = posixpath.normpath(member.name.lstrip("/"))
+                    if member.issym() or member.islnk():
+                        base = posixpath.dirname(path) if member.issym() else ""
+                        links[path] = posixpath.normpath(posixpath.join(base, member.linkname))
                         continue
-                elif legacy_config:
-                    expected = f"sha256:{legacy_config.group(1)}"
-                elif path.endswith(".tar"):
-                    expected = None
-                else:
-                    continue
-                digest = _copy_member(tar, member, store, expected)
-                files[path] = (digest, member.size)
-                written += 1
-                written_bytes += member.size
-    except tarfile.TarError as exc:
-        raise ExportError(f"malformed or truncated save stream: {exc}") from exc
+                    if not member.isfile():
+                        continue
+                    if path in _METADATA_FILES:
+                        if member.size > MAX_METADATA_SIZE:
+                            raise ExportError(f"{path} is {member.size} bytes, too large")
+                        source = tar.extractfile(member)
+                        metadata[path] = source.read() if source else b""
+                        continue
+                    blob = _LAYOUT_BLOB_RE.fullmatch(path)
+                    legacy_config = _LEGACY_CONFIG_RE.fullmatch(path)
+                    if blob:
+                        expected: str | None = f"sha256:{blob.group(1)}"
+                        if store.has_blob(expected):
+                            pending[path] = (_done(expected), member.size)
+                            continue
+                    elif legacy_config:
+                        expected = f"sha256:{legacy_config.group(1)}"
+                    elif path.endswith(".tar"):
+                        expected = None
+                    else:
+                        continue
+                    pending[path] = (_copy_member(tar, member, store, expected, committer), member.size)
+                    written += 1
+                    written_bytes += member.size
+        except tarfile.TarError as exc:
+            raise ExportError(f"malformed or truncated save stream: {exc}") from exc
+        files: dict[str, tuple[str, int]] = {}
+        for path, (future, size) in pending.items():
+            try:
+                files[path] = (future.result(), size)
+            except DigestMismatch as exc:
+                raise ExportError(f"{path}: {exc}") from exc
 
     if "index.json" in metadata:
         roots = _layout_roots(metadata["index.json"])
@@ -197,6 +239,12 @@ def read_save_stream(fileobj: IO[bytes], store: Store) -> SaveContents:
     else:
         raise ExportError("save stream has neither index.json nor manifest.json")
     return SaveContents(layout=layout, roots=roots, blobs_written=written, bytes_written=written_bytes)
+
+
+def _done(value: str) -> Future[str]:
+    future: Future[str] = Future()
+    future.set_result(value)
+    return future
 
 
 def _load_json(raw: bytes, what: str) -> Any:

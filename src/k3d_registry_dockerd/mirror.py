@@ -75,6 +75,7 @@ class Mirror:
         self.pulls = 0
         # Digests a Docker image was found not to contain, so repeated requests cost no new export.
         self._absent: dict[tuple[str, str], str] = {}
+        self._absent_limit = 4096
         self._record_lock = asyncio.Lock()
 
     # ---- manifests -------------------------------------------------------------------------------
@@ -82,23 +83,33 @@ class Mirror:
     async def manifest_by_tag(
         self, repo: Repository, tag: str, credentials: Credentials | None
     ) -> ServedManifest:
-        record = self.store.record(repo.docker_name)
-        cached = record.tags.get(tag) if record else None
-        ref = repo.docker_ref(tag)
+        cached = self._cached_tag(repo, tag)
         try:
-            image, pulled_at = await self._current_image(repo, tag, cached, credentials)
+            return await self._fresh_tag(repo, tag, cached, credentials)
         except DockerUnavailable as exc:
             if cached is not None and self.store.has_blob(cached.digest):
-                log.warning("serving cached %s (%s): %s", repo.familiar(tag), cached.digest, exc)
+                log.warning("serving cached %s (%s) as it was: %s", repo.familiar(tag), cached.digest, exc)
                 return self._served(cached.digest, cached.media_type)
             raise RegistryError("UNAVAILABLE", str(exc)) from exc
+
+    def _cached_tag(self, repo: Repository, tag: str) -> TagEntry | None:
+        record = self.store.record(repo.docker_name)
+        return record.tags.get(tag) if record else None
+
+    async def _fresh_tag(
+        self, repo: Repository, tag: str, cached: TagEntry | None, credentials: Credentials | None
+    ) -> ServedManifest:
+        image, pulled_at = await self._current_image(repo, tag, cached, credentials)
         image_id = image["Id"]
+        # Another request may have finished exporting this image while we inspected it.
+        cached = self._cached_tag(repo, tag)
         if cached is not None and cached.image_id == image_id and self.store.has_blob(cached.digest):
             if pulled_at is not None:
                 await self._update(repo, {}, {tag: replace(cached, pulled_at=pulled_at)})
             return self._served(cached.digest, cached.media_type)
         entry = await self._flights.run(
-            f"export {ref} {image_id}", lambda: self._export_tag(repo, tag, image_id, pulled_at)
+            f"export {repo.docker_ref(tag)} {image_id}",
+            lambda: self._export_tag(repo, tag, image_id, pulled_at),
         )
         return self._served(entry.digest, entry.media_type)
 
@@ -235,12 +246,12 @@ class Mirror:
         try:
             plan = await self._export(ref, info, (ref,))
         except RegistryError:
-            self._absent[(repo.docker_name, text)] = image["Id"]
+            self._remember_absent(repo, text, image["Id"])
             raise
         await self._update(repo, plan.manifests, {})
         if text in plan.manifests:
             return True
-        self._absent[(repo.docker_name, text)] = image["Id"]
+        self._remember_absent(repo, text, image["Id"])
         why = (
             "Docker's classic image store generates its own manifests on export, so the upstream's digests "
             "cannot be served (the client falls back to the upstream registry)"
@@ -251,6 +262,11 @@ class Mirror:
             "manifest %s: not in Docker's export of image %s: %s", repo.familiar(text), image["Id"], why
         )
         return False
+
+    def _remember_absent(self, repo: Repository, digest: str, image_id: str) -> None:
+        if len(self._absent) >= self._absent_limit:
+            self._absent.pop(next(iter(self._absent)))
+        self._absent[(repo.docker_name, digest)] = image_id
 
     async def _update(
         self, repo: Repository, manifests: dict[str, ManifestEntry], tags: dict[str, TagEntry]
@@ -273,7 +289,11 @@ class Mirror:
         loop = asyncio.get_running_loop()
         try:
             async with self.docker.save(ref, info.platform) as stream:
-                contents = await asyncio.to_thread(read_save_stream, ThreadedStream(stream, loop), self.store)
+                reader = ThreadedStream(stream, loop)
+                try:
+                    contents = await asyncio.to_thread(read_save_stream, reader, self.store)
+                finally:
+                    reader.close()
             root = select_root(contents.roots, names)
             plan = plan_manifests(root, self.store.read_blob, self.store.has_blob, info.platform)
         except (DockerUnavailable, RegistryError):
@@ -286,6 +306,11 @@ class Mirror:
         except (aiohttp.ClientError, ConnectionError) as exc:
             log.error("export of %s failed: the stream from Docker broke: %s", ref, exc)
             raise RegistryError("UNAVAILABLE", f"export of {ref} from Docker failed: {exc}") from exc
+        except OSError as exc:
+            log.error("export of %s failed writing to the cache %s: %s", ref, self.store.root, exc)
+            raise RegistryError(
+                "UNAVAILABLE", f"cannot store {ref} in the cache {self.store.root}: {exc.strerror or exc}"
+            ) from exc
         except ExportError as exc:
             log.error("export of %s rejected: %s", ref, exc)
             raise RegistryError(

@@ -121,7 +121,7 @@ def parse_repository(name: str, ns: str | None) -> Repository:
     else:
         registry = None
         found, path = _split_domain(name)
-        domain = found or DOCKER_HUB
+        domain = DOCKER_HUB if found is None or found in _DOCKER_HUB_ALIASES else found
     if domain == DOCKER_HUB and "/" not in path:
         path = f"library/{path}"
     docker_name = f"{domain}/{path}"

@@ -33,7 +33,10 @@ def parse_addr(text: str) -> tuple[str | None, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
         raise SettingError(f"address {text!r} is not HOST:PORT")
-    host = host.removeprefix("[").removesuffix("]")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host or "[" in host or "]" in host:
+        raise SettingError(f"address {text!r}: an IPv6 host needs brackets, as in [::1]:5000")
     return host or None, int(port)
 
 

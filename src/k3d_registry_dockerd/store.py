@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -141,13 +142,16 @@ class Store:
             directory.mkdir(parents=True, exist_ok=True)
         leftovers = list(self.tmp_dir.iterdir())
         for leftover in leftovers:
-            leftover.unlink()
+            if leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover)
+            else:
+                leftover.unlink()
         if leftovers:
             log.info("removed %d temp files left by an earlier run", len(leftovers))
         for path in sorted(self.records_dir.glob("*.json")):
             try:
                 record = RepositoryRecord.from_json(path.read_bytes())
-            except (ValueError, KeyError, TypeError) as exc:
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
                 log.warning("ignoring unreadable record %s: %s", path, exc)
                 continue
             self._records[record.name] = record

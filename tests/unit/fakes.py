@@ -1,0 +1,88 @@
+"""A fake of the DockerClient surface the mirror uses: daemon(), inspect(), pull(), save()."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from k3d_registry_dockerd.docker import (
+    Credentials,
+    DaemonInfo,
+    DockerUnavailable,
+    PullNotFound,
+    docker_host_description,
+)
+from k3d_registry_dockerd.export import Platform
+
+from .saves import Image, classic_save, make_image
+
+
+@dataclass
+class LocalImage:
+    """An image Docker has: its ID and the bytes `docker save` streams for it."""
+
+    id: str
+    save: bytes
+    image: Image | None = None
+
+
+def local_image(seed: str, name: str) -> LocalImage:
+    """An image whose save stream is the classic-store OCI layout, annotated with `name`."""
+    image = make_image(seed)
+    image_id = f"sha256:{hashlib.sha256(seed.encode()).hexdigest()}"
+    return LocalImage(id=image_id, save=classic_save(image, name), image=image)
+
+
+@dataclass
+class FakeDocker:
+    """`images` is what Docker has (by full reference), `upstream` what a pull would fetch."""
+
+    platform: Platform = field(default_factory=lambda: Platform("linux", "amd64"))
+    containerd_store: bool = False
+    images: dict[str, LocalImage] = field(default_factory=dict)
+    upstream: dict[str, LocalImage] = field(default_factory=dict)
+    unavailable: bool = False
+    pull_error: Exception | None = None
+    save_error: Exception | None = None
+    # When set, save() waits for it before streaming (to hold an export in flight).
+    save_gate: asyncio.Event | None = None
+    inspects: list[str] = field(default_factory=list)
+    pulls: list[tuple[str, Credentials | None]] = field(default_factory=list)
+    saves: list[str] = field(default_factory=list)
+
+    async def daemon(self) -> DaemonInfo:
+        if self.unavailable:
+            raise DockerUnavailable(f"Docker is unreachable at {docker_host_description()}: fake is down")
+        return DaemonInfo("27.5.1", "1.47", self.platform, "overlay2", self.containerd_store)
+
+    async def inspect(self, ref: str) -> dict[str, Any] | None:
+        await self.daemon()
+        self.inspects.append(ref)
+        found = self.images.get(ref)
+        return {"Id": found.id, "RepoTags": [ref]} if found else None
+
+    async def pull(self, ref: str, credentials: Credentials | None) -> None:
+        await self.daemon()
+        self.pulls.append((ref, credentials))
+        if self.pull_error is not None:
+            raise self.pull_error
+        if ref not in self.upstream:
+            raise PullNotFound(f"manifest for {ref} not found: manifest unknown: manifest unknown")
+        self.images[ref] = self.upstream[ref]
+
+    @asynccontextmanager
+    async def save(self, ref: str, platform: Platform | None) -> AsyncIterator[asyncio.StreamReader]:
+        await self.daemon()
+        self.saves.append(ref)
+        if self.save_gate is not None:
+            await self.save_gate.wait()
+        if self.save_error is not None:
+            raise self.save_error
+        reader = asyncio.StreamReader()
+        reader.feed_data(self.images[ref].save)
+        reader.feed_eof()
+        yield reader

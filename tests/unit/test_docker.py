@@ -1,0 +1,123 @@
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from k3d_registry_dockerd import docker as docker_module
+from k3d_registry_dockerd.docker import (
+    Credentials,
+    DaemonInfo,
+    DockerClient,
+    DockerUnavailable,
+    PullDenied,
+    PullFailed,
+    PullNotFound,
+    _PullProgress,
+    classify_pull_error,
+    docker_host_description,
+)
+from k3d_registry_dockerd.export import Platform
+
+
+@pytest.mark.parametrize(
+    ("message", "kind"),
+    [
+        (
+            "pull access denied for foo, repository does not exist or may require 'docker login': "
+            "denied: requested access to the resource is denied",
+            PullDenied,
+        ),
+        ('Head "http://127.0.0.1:5002/v2/x/manifests/y": no basic auth credentials', PullDenied),
+        ("unauthorized: authentication required", PullDenied),
+        (
+            'Head "https://registry-1.docker.io/v2/library/x/manifests/1": unauthorized: incorrect username '
+            "or password",
+            PullDenied,
+        ),
+        ('Error response from daemon: Get "https://ghcr.io/v2/": denied: denied', PullDenied),
+        ("manifest for 127.0.0.1:5001/x:y not found: manifest unknown: manifest unknown", PullNotFound),
+        ("manifest unknown", PullNotFound),
+        ("name unknown: repository name not known to registry", PullNotFound),
+        ('Get "http://127.0.0.1:9/v2/": dial tcp 127.0.0.1:9: connect: connection refused', PullFailed),
+        (
+            "toomanyrequests: You have reached your pull rate limit. You may increase the limit by "
+            "authenticating and upgrading",
+            PullFailed,
+        ),
+        ('Get "https://nosuch.example/v2/": dial tcp: lookup nosuch.example: no such host', PullFailed),
+        ("", PullFailed),
+    ],
+)
+def test_classify_pull_error(message: str, kind: type[Exception]) -> None:
+    assert classify_pull_error(message) is kind
+    assert classify_pull_error(message.upper()) is kind
+
+
+def test_credentials_repr_hides_the_password() -> None:
+    credentials = Credentials("puller", "s3cret-pw")
+    for text in (
+        repr(credentials),
+        str(credentials),
+        f"{credentials}",
+        f"{credentials!r}",
+        repr([credentials]),
+    ):
+        assert "s3cret-pw" not in text
+        assert "puller" in text
+    assert credentials == Credentials("puller", "s3cret-pw")
+    assert credentials.password == "s3cret-pw"
+
+
+def test_daemon_info() -> None:
+    info = DaemonInfo("28.0.1", "1.48", Platform("linux", "arm64", "v8"), "overlayfs", True)
+    assert info.api == (1, 48)
+    assert info.api >= docker_module.SAVE_PLATFORM_API
+    assert DaemonInfo("20.10.24", "1.41", Platform("linux", "amd64"), "overlay2", False).api < (1, 48)
+    assert info.storage == "containerd image store (overlayfs)"
+    assert "classic" in DaemonInfo("1", "1.41", Platform("linux", "amd64"), "overlay2", False).storage
+
+
+def test_docker_host_description(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DOCKER_HOST", raising=False)
+    assert docker_host_description() == "DOCKER_HOST=unix:///var/run/docker.sock"
+    monkeypatch.setenv("DOCKER_HOST", "tcp://10.0.0.1:2375")
+    assert docker_host_description() == "DOCKER_HOST=tcp://10.0.0.1:2375"
+
+
+async def test_client_without_a_daemon_is_unavailable(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    socket = tmp_path / "no-docker.sock"
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{socket}")
+    client = DockerClient()
+    try:
+        with pytest.raises(DockerUnavailable, match=f"DOCKER_HOST=unix://{socket}"):
+            await client.daemon()
+        with pytest.raises(DockerUnavailable):
+            await client.inspect("alpine:latest")
+        with pytest.raises(DockerUnavailable):
+            await client.pull("alpine:latest", None)
+        with pytest.raises(DockerUnavailable):
+            async with client.save("alpine:latest", None):
+                pass
+    finally:
+        await client.close()
+
+
+def test_pull_progress_logs(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(docker_module, "PROGRESS_INTERVAL", 0.0)
+    progress = _PullProgress("docker.io/library/alpine:latest")
+    with caplog.at_level(logging.INFO, logger="k3d_registry_dockerd.docker"):
+        progress.update(
+            {"id": "a", "status": "Downloading", "progressDetail": {"current": 500_000, "total": 1_000_000}}
+        )
+        progress.update({"id": "b", "status": "Already exists"})
+        progress.update({"id": "a", "status": "Pull complete"})
+        progress.update({"status": "Digest: sha256:abc"})
+        progress.done()
+    assert progress.done_layers == {"a", "b"}
+    assert progress.layers == {"a": (500_000, 1_000_000)}
+    assert any("2 layers complete, 0.5/1.0 MB" in message for message in caplog.messages)
+    assert any(message.startswith("pulled docker.io/library/alpine:latest") for message in caplog.messages)

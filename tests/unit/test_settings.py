@@ -1,0 +1,173 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from k3d_registry_dockerd.settings import (
+    ENV_ADDR,
+    ENV_CACHE_DIR,
+    ENV_LOG_LEVEL,
+    ENV_REFRESH_TAGS,
+    SettingError,
+    Settings,
+    default_cache_dir,
+    parse_addr,
+    parse_duration,
+    resolve,
+)
+
+NO_FLAGS = {"addr": None, "cache_dir": None, "log_level": None, "refresh_tags": None}
+
+
+def test_defaults() -> None:
+    settings = resolve(**NO_FLAGS, env={"HOME": "/home/u"})
+    assert (settings.host, settings.port) == (None, 5000)
+    assert settings.addr == ":5000"
+    assert settings.cache_dir == Path("/home/u/.cache/k3d-registry-dockerd")
+    assert settings.log_level == "info"
+    assert settings.refresh_tags is None
+    assert dict(settings.sources) == {
+        "addr": "default",
+        "cache_dir": "default",
+        "log_level": "default",
+        "refresh_tags": "default",
+    }
+
+
+def test_env_beats_default() -> None:
+    env = {
+        ENV_ADDR: "127.0.0.1:5001",
+        ENV_CACHE_DIR: "/var/cache/r",
+        ENV_LOG_LEVEL: "DEBUG",
+        ENV_REFRESH_TAGS: "10m",
+    }
+    settings = resolve(**NO_FLAGS, env=env)
+    assert (settings.host, settings.port) == ("127.0.0.1", 5001)
+    assert settings.cache_dir == Path("/var/cache/r")
+    assert settings.log_level == "debug"
+    assert settings.refresh_tags == 600
+    assert dict(settings.sources) == {
+        "addr": f"env {ENV_ADDR}",
+        "cache_dir": f"env {ENV_CACHE_DIR}",
+        "log_level": f"env {ENV_LOG_LEVEL}",
+        "refresh_tags": f"env {ENV_REFRESH_TAGS}",
+    }
+
+
+def test_flag_beats_env() -> None:
+    env = {ENV_ADDR: "127.0.0.1:5001", ENV_CACHE_DIR: "/env", ENV_LOG_LEVEL: "debug", ENV_REFRESH_TAGS: "1h"}
+    settings = resolve(addr="[::1]:6000", cache_dir="/flag", log_level="error", refresh_tags="30s", env=env)
+    assert (settings.host, settings.port) == ("::1", 6000)
+    assert settings.addr == "[::1]:6000"
+    assert settings.cache_dir == Path("/flag")
+    assert settings.log_level == "error"
+    assert settings.refresh_tags == 30
+    assert dict(settings.sources) == {
+        "addr": "flag --addr",
+        "cache_dir": "flag --cache-dir",
+        "log_level": "flag --log-level",
+        "refresh_tags": "flag --refresh-tags",
+    }
+
+
+def test_empty_env_values_count_as_unset() -> None:
+    settings = resolve(**NO_FLAGS, env={ENV_ADDR: "", ENV_LOG_LEVEL: "", "HOME": "/h"})
+    assert settings.port == 5000
+    assert settings.sources["addr"] == "default"
+    assert settings.sources["log_level"] == "default"
+
+
+def test_cache_dir_expands_user() -> None:
+    settings = resolve(**{**NO_FLAGS, "cache_dir": "~/registry-cache"}, env={})
+    assert settings.cache_dir == Path("~/registry-cache").expanduser()
+
+
+@pytest.mark.parametrize("level", ["verbose", "trace", "critical"])
+def test_invalid_log_level(level: str) -> None:
+    with pytest.raises(SettingError, match="log level"):
+        resolve(**{**NO_FLAGS, "log_level": level}, env={})
+    with pytest.raises(SettingError, match="log level"):
+        resolve(**NO_FLAGS, env={ENV_LOG_LEVEL: level})
+
+
+def test_invalid_values_from_env_are_errors() -> None:
+    with pytest.raises(SettingError):
+        resolve(**NO_FLAGS, env={ENV_ADDR: "nonsense"})
+    with pytest.raises(SettingError):
+        resolve(**NO_FLAGS, env={ENV_REFRESH_TAGS: "5x"})
+
+
+def test_default_cache_dir() -> None:
+    assert default_cache_dir({"XDG_CACHE_HOME": "/xdg", "HOME": "/home/u"}) == Path(
+        "/xdg/k3d-registry-dockerd"
+    )
+    assert default_cache_dir({"HOME": "/home/u"}) == Path("/home/u/.cache/k3d-registry-dockerd")
+    assert default_cache_dir({"XDG_CACHE_HOME": "", "HOME": "/home/u"}) == Path(
+        "/home/u/.cache/k3d-registry-dockerd"
+    )
+    assert default_cache_dir({}) == Path.home() / ".cache" / "k3d-registry-dockerd"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (":5000", (None, 5000)),
+        ("0.0.0.0:5000", ("0.0.0.0", 5000)),
+        ("127.0.0.1:1", ("127.0.0.1", 1)),
+        ("localhost:65535", ("localhost", 65535)),
+        ("[::1]:5000", ("::1", 5000)),
+        ("[::]:5000", ("::", 5000)),
+    ],
+)
+def test_parse_addr(text: str, expected: tuple[str | None, int]) -> None:
+    assert parse_addr(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text", ["", "5000", "localhost", "host:", ":0", ":65536", ":-1", ":http", "host:50 00", "[::1]", ":"]
+)
+def test_parse_addr_rejects(text: str) -> None:
+    with pytest.raises(SettingError):
+        parse_addr(text)
+
+
+def test_parse_addr_rejects_bare_ipv6() -> None:
+    with pytest.raises(SettingError):
+        parse_addr("::1")
+
+
+@pytest.mark.parametrize(
+    ("host", "port", "addr"), [(None, 5000, ":5000"), ("::1", 1, "[::1]:1"), ("h", 2, "h:2")]
+)
+def test_settings_addr(host: str | None, port: int, addr: str) -> None:
+    settings = Settings(
+        host=host, port=port, cache_dir=Path("/c"), log_level="info", refresh_tags=None, sources={}
+    )
+    assert settings.addr == addr
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("90", 90.0),
+        ("0", 0.0),
+        ("1.5", 1.5),
+        ("30s", 30.0),
+        ("5m", 300.0),
+        ("1h30m", 5400.0),
+        ("1h30m15s", 5415.0),
+        ("1d", 86400.0),
+        ("250ms", 0.25),
+        ("1.5h", 5400.0),
+        (" 10m ", 600.0),
+    ],
+)
+def test_parse_duration(text: str, seconds: float) -> None:
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["5x", "", "  ", "s", "1h 30m", "-5s", "1hh", "30s5", "m5", "1.s"])
+def test_parse_duration_rejects(text: str) -> None:
+    with pytest.raises(SettingError):
+        parse_duration(text)
