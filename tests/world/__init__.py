@@ -1,0 +1,1 @@
+"""Real-world tests: private daemons on loopback, see conftest.py."""

@@ -1,0 +1,194 @@
+"""Fixtures of the real test world: private dockerds, upstream registries, a containerd node.
+
+Daemons are session-scoped and start lazily, the first time a test asks for them. A missing binary
+skips the tests that need it, loudly: the reason is listed at the end of the run, and with
+K3RD_WORLD_REQUIRED=1 (what CI should set) it fails them instead.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import NoReturn
+
+import pytest
+
+from .daemons import (
+    Containerd,
+    Dockerd,
+    RegistryFactory,
+    RegistryProcess,
+    UpstreamRegistry,
+    WorldUnavailable,
+    sweep_stale_dirs,
+)
+
+HERE = Path(__file__).resolve().parent
+REQUIRED = os.environ.get("K3RD_WORLD_REQUIRED", "") not in ("", "0")
+UPSTREAM_USER = "puller"
+UPSTREAM_PASSWORD = "s3cret-pw"
+
+_unavailable: dict[str, str] = {}
+_timings: dict[str, float] = {}
+_started: list[Dockerd | UpstreamRegistry | Containerd] = []
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "world: needs the real test world (dockerd, registry, containerd)")
+    # A CI timeout sends SIGTERM, which would skip finalizers and atexit: make it an interrupt.
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _interrupt)
+    for path in sweep_stale_dirs():
+        print(f"[world] removed {path}, left behind by a killed test run", file=sys.stderr)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.is_relative_to(HERE):
+            item.add_marker(pytest.mark.world)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _timings:
+        terminalreporter.section("k3rd test world: start-up times")
+        for name, seconds in _timings.items():
+            terminalreporter.write_line(f"{name}: {seconds:.2f}s")
+    if _unavailable:
+        terminalreporter.section("k3rd test world: UNAVAILABLE (tests skipped)", red=True)
+        for name, reason in _unavailable.items():
+            terminalreporter.write_line(f"{name}: {reason}", red=True)
+
+
+def _missing(name: str, exc: WorldUnavailable) -> NoReturn:
+    _unavailable[name] = str(exc)
+    if REQUIRED:
+        pytest.fail(f"{name} unavailable but K3RD_WORLD_REQUIRED is set: {exc}", pytrace=False)
+    pytest.skip(f"test world: {name} unavailable: {exc}")
+
+
+def _dockerd(variant: str) -> Iterator[Dockerd]:
+    try:
+        Dockerd.check_available(variant)
+    except WorldUnavailable as exc:
+        _missing(variant, exc)
+    daemon = Dockerd(variant)
+    try:
+        daemon.start()
+        _timings[f"{variant} (dockerd {daemon.version}, API {daemon.api_version}, {daemon.driver})"] = (
+            daemon.start_seconds or 0.0
+        )
+        _started.append(daemon)
+        yield daemon
+    finally:
+        daemon.close()
+
+
+@pytest.fixture(scope="session")
+def docker26() -> Iterator[Dockerd]:
+    """Docker 26.1 (API 1.45), classic graph-driver store (overlay2, or vfs where overlay fails)."""
+    yield from _dockerd("docker26")
+
+
+@pytest.fixture(scope="session")
+def docker26_containerd() -> Iterator[Dockerd]:
+    """Docker 26.1 with the containerd image store (containerd-snapshotter feature)."""
+    yield from _dockerd("docker26-containerd")
+
+
+@pytest.fixture(scope="session")
+def docker20() -> Iterator[Dockerd]:
+    """Docker 20.10 (API 1.41): legacy `docker save` format."""
+    yield from _dockerd("docker20")
+
+
+def _upstream(name: str, user: str | None = None, password: str | None = None) -> Iterator[UpstreamRegistry]:
+    try:
+        UpstreamRegistry.check_available(auth=user is not None)
+    except WorldUnavailable as exc:
+        _missing(name, exc)
+    registry = UpstreamRegistry(user=user, password=password)
+    try:
+        registry.start()
+        _timings[name] = registry.start_seconds or 0.0
+        _started.append(registry)
+        yield registry
+    finally:
+        registry.close()
+
+
+@pytest.fixture(scope="session")
+def upstream() -> Iterator[UpstreamRegistry]:
+    """An open distribution registry on 127.0.0.1 (`.addr`, `.requests()` from its access log)."""
+    yield from _upstream("upstream")
+
+
+@pytest.fixture(scope="session")
+def upstream_auth() -> Iterator[UpstreamRegistry]:
+    """A distribution registry requiring HTTP Basic auth: puller / s3cret-pw (`.credentials`)."""
+    yield from _upstream("upstream_auth", user=UPSTREAM_USER, password=UPSTREAM_PASSWORD)
+
+
+@pytest.fixture(scope="session")
+def node() -> Iterator[Containerd]:
+    """A containerd 1.7 'k3s node'. Emptied (images, content, mirrors) before each test using it."""
+    try:
+        Containerd.check_available()
+    except WorldUnavailable as exc:
+        _missing("node (containerd 1.7)", exc)
+    ctd = Containerd()
+    try:
+        ctd.start()
+        _timings[f"node (containerd {ctd.version})"] = ctd.start_seconds or 0.0
+        _started.append(ctd)
+        yield ctd
+    finally:
+        ctd.close()
+
+
+@pytest.fixture(autouse=True)
+def _world_reset(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Give each test a clean node, and bring back any daemon an earlier test left stopped."""
+    for daemon in _started:
+        if not daemon.running:
+            daemon.start()
+    if "node" in request.fixturenames:
+        ctd: Containerd = request.getfixturevalue("node")
+        ctd.clean()
+        ctd.clear_mirrors()
+    yield
+
+
+@pytest.fixture
+def registry_under_test() -> Iterator[RegistryFactory]:
+    """Factory: ``registry_under_test(daemon)`` runs ``python -m k3d_registry_dockerd`` against it.
+
+    Returns a started RegistryProcess (`.url`, `.addr`, `.cache_dir`, `.log_text()`, `.stop()`,
+    `.kill()`, `.start()`); all are stopped and their temp dirs removed when the test ends.
+    """
+    made: list[RegistryProcess] = []
+
+    def factory(
+        daemon: Dockerd | str,
+        *,
+        cache_dir: Path | None = None,
+        port: int | None = None,
+        extra_args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        start: bool = True,
+        timeout: float = 30.0,
+    ) -> RegistryProcess:
+        host = daemon.host if isinstance(daemon, Dockerd) else daemon
+        proc = RegistryProcess(host, cache_dir=cache_dir, port=port, extra_args=extra_args, env=env)
+        made.append(proc)
+        return proc.start(timeout=timeout) if start else proc
+
+    yield factory
+    for proc in made:
+        proc.close()

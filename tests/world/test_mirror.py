@@ -1,0 +1,358 @@
+"""The registry against real dockerds, real registries and a real containerd node.
+
+containerd falls back to the image's own registry when the mirror fails, so every ctr pull here is
+checked to have come through the registry under test: either the image exists only in dockerd (docker.io
+is unreachable from this machine) or the registry's own access log shows the blobs it served.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from . import oci_client
+from .daemons import Containerd, Dockerd, RegistryFactory, RegistryProcess, UpstreamRegistry
+from .images import MiB, build_image, push_image, push_multiplatform, rebuild_image, skopeo
+
+ACCEPT = {"Accept": oci_client.MANIFEST_ACCEPT}
+
+
+def exports(registry: RegistryProcess) -> int:
+    return len(re.findall(r"exporting \S+ from Docker", registry.log_text()))
+
+
+def served_blobs(registry: RegistryProcess, user_agent: str = "containerd") -> set[str]:
+    """Digests of blobs the registry answered 200/206 for, to clients with this user agent."""
+    found = set()
+    for line in registry.log_text().splitlines():
+        match = re.search(r'"GET /v2/\S+/blobs/(sha256:[0-9a-f]{64})\S* HTTP/1\.1" 20[06] ', line)
+        if match and user_agent in line:
+            found.add(match.group(1))
+    return found
+
+
+def ctr_ok(node: Containerd, ref: str, **kwargs: object) -> None:
+    result = node.pull(ref, **kwargs)  # type: ignore[arg-type]
+    assert result.returncode == 0, f"ctr pull {ref} failed:\n{result.stdout}\n{result.stderr}"
+
+
+def node_digest(node: Containerd, ref: str) -> str:
+    out = node.ctr("images", "ls").stdout
+    for line in out.splitlines():
+        if line.startswith(ref + " "):
+            return next(word for word in line.split() if word.startswith("sha256:"))
+    raise AssertionError(f"{ref} not in ctr images ls:\n{out}")
+
+
+@pytest.mark.parametrize("variant", ["docker26", "docker26_containerd", "docker20"])
+def test_local_only_image_pulls_through_mirror_on_every_docker_variant(
+    variant: str, request: pytest.FixtureRequest, node: Containerd, registry_under_test: RegistryFactory
+) -> None:
+    daemon: Dockerd = request.getfixturevalue(variant)
+    image = build_image(
+        daemon, f"local-{variant.replace('_', '-')}:dev", layers=3, size=3 * MiB, seed=variant
+    )
+    registry = registry_under_test(daemon)
+    node.set_mirror(registry.addr)
+
+    ctr_ok(node, f"docker.io/library/{image.ref}")
+
+    pulled = oci_client.pull(registry.url, f"library/{image.ref.split(':')[0]}", "dev", ns="docker.io")
+    assert node_digest(node, f"docker.io/library/{image.ref}") == pulled.digest
+    # Only dockerd has this image (docker.io is unreachable here): the node's layers came from us.
+    layers = {layer["digest"] for layer in pulled.manifest["layers"]}
+    assert layers <= served_blobs(registry)
+    assert exports(registry) == 1
+
+
+def test_own_namespace_and_digest_pull(
+    docker26: Dockerd, node: Containerd, registry_under_test: RegistryFactory
+) -> None:
+    build_image(docker26, "my-app:dev", layers=2, size=2 * MiB, seed="own")
+    registry = registry_under_test(docker26)
+    node.set_mirror(registry.addr)
+
+    # An image that names the registry itself arrives without ns: Docker's local my-app:dev.
+    head = oci_client.request(f"{registry.url}/v2/my-app/manifests/dev", method="HEAD", headers=ACCEPT)
+    get = oci_client.request(f"{registry.url}/v2/my-app/manifests/dev", headers=ACCEPT)
+    assert head.status == get.status == 200
+    assert head.body == b""
+    for header in ("docker-content-digest", "content-length", "content-type"):
+        assert head.headers[header] == get.headers[header]
+    digest = get.headers["docker-content-digest"]
+    assert digest == f"sha256:{hashlib.sha256(get.body).hexdigest()}"
+    ctr_ok(node, f"{registry.addr}/my-app:dev")
+
+    # library/my-app is the same Docker image; a digest pull needs no tag.
+    node.clean()
+    ctr_ok(node, f"docker.io/library/my-app@{digest}")
+    assert exports(registry) == 1
+
+
+def test_pull_through_upstream(
+    docker26: Dockerd,
+    docker20: Dockerd,
+    upstream: UpstreamRegistry,
+    node: Containerd,
+    registry_under_test: RegistryFactory,
+) -> None:
+    built = build_image(docker20, "pt-src:1", layers=2, size=2 * MiB, seed="pull-through")
+    pushed = push_image(docker20, built, upstream, "team/pulled", "v1")
+    registry = registry_under_test(docker26)
+    node.set_mirror(registry.addr)
+    mark = upstream.log_mark()
+
+    ctr_ok(node, pushed.ref)
+
+    # dockerd pulled it (it now lists it), the node got its layers from us, not from the upstream.
+    assert docker26.image_id(pushed.ref)
+    pulled = oci_client.pull(registry.url, "team/pulled", "v1", ns=upstream.addr)
+    assert {layer["digest"] for layer in pulled.manifest["layers"]} <= served_blobs(registry)
+    node_requests = [line for line in upstream.log_text().splitlines()[mark:] if "containerd/" in line]
+    assert node_requests == []
+    assert "pulling " + pushed.ref in registry.log_text()
+
+
+def test_missing_upstream_image_is_404_and_own_namespace_never_pulls(
+    docker26: Dockerd, upstream: UpstreamRegistry, registry_under_test: RegistryFactory
+) -> None:
+    registry = registry_under_test(docker26)
+    missing = oci_client.request(
+        f"{registry.url}/v2/team/nothing/manifests/v1?ns={upstream.addr}", headers=ACCEPT
+    )
+    assert missing.status == 404
+    assert missing.json()["errors"][0]["code"] == "MANIFEST_UNKNOWN"
+    local = oci_client.request(f"{registry.url}/v2/nothing-here/manifests/v1", headers=ACCEPT)
+    assert local.status == 404
+    assert local.json()["errors"][0]["code"] == "MANIFEST_UNKNOWN"
+    assert "pulling docker.io/library/nothing-here" not in registry.log_text()
+
+
+def test_private_upstream_challenge_and_credentialed_pull(
+    docker26: Dockerd,
+    docker20: Dockerd,
+    upstream_auth: UpstreamRegistry,
+    node: Containerd,
+    registry_under_test: RegistryFactory,
+) -> None:
+    built = build_image(docker20, "private-src:1", layers=1, size=1 * MiB, seed="private")
+    pushed = push_image(docker20, built, upstream_auth, "secret/app", "v1")
+    registry = registry_under_test(docker26)
+    node.set_mirror(registry.addr)
+    url = f"{registry.url}/v2/secret/app/manifests/v1?ns={upstream_auth.addr}"
+
+    challenge = oci_client.request(url, headers=ACCEPT)
+    assert challenge.status == 401
+    assert challenge.headers["www-authenticate"] == f'Basic realm="{upstream_auth.addr}"'
+    assert challenge.json()["errors"][0]["code"] == "UNAUTHORIZED"
+
+    bad = "Basic " + base64.b64encode(b"puller:wrong").decode()
+    refused = oci_client.request(url, headers={**ACCEPT, "Authorization": bad})
+    assert refused.status == 403
+    assert "www-authenticate" not in refused.headers
+
+    user, password = upstream_auth.credentials or ("", "")
+    ctr_ok(node, pushed.ref, user=f"{user}:{password}")
+    assert docker26.image_id(pushed.ref)
+    assert password not in registry.log_text()
+
+
+def test_rebuilt_tag_is_served_fresh(
+    docker26: Dockerd, node: Containerd, registry_under_test: RegistryFactory
+) -> None:
+    image = build_image(docker26, "fresh-app:dev", layers=2, size=2 * MiB, seed="fresh")
+    registry = registry_under_test(docker26)
+    node.set_mirror(registry.addr)
+    ctr_ok(node, "docker.io/library/fresh-app:dev")
+    first = node_digest(node, "docker.io/library/fresh-app:dev")
+
+    rebuild_image(docker26, image, salt="second")
+    node.clean()
+    ctr_ok(node, "docker.io/library/fresh-app:dev")
+    second = node_digest(node, "docker.io/library/fresh-app:dev")
+
+    assert first != second
+    assert exports(registry) == 2
+    # What was served before stays servable by digest.
+    assert oci_client.request(f"{registry.url}/v2/fresh-app/manifests/{first}", headers=ACCEPT).status == 200
+
+
+def test_ten_simultaneous_pulls_cause_one_export(
+    docker26: Dockerd, registry_under_test: RegistryFactory
+) -> None:
+    build_image(docker26, "crowd:1", layers=4, size=24 * MiB, seed="crowd")
+    registry = registry_under_test(docker26)
+    barrier = threading.Barrier(10)
+
+    def one_pull(_: int) -> str:
+        barrier.wait()
+        return oci_client.pull(registry.url, "library/crowd", "1", ns="docker.io").digest
+
+    with ThreadPoolExecutor(10) as pool:
+        digests = set(pool.map(one_pull, range(10)))
+    assert len(digests) == 1
+    assert exports(registry) == 1
+
+
+def test_restart_with_warm_cache_needs_no_export(
+    docker26: Dockerd, node: Containerd, registry_under_test: RegistryFactory
+) -> None:
+    build_image(docker26, "warm:1", layers=2, size=4 * MiB, seed="warm")
+    registry = registry_under_test(docker26)
+    first = oci_client.pull(registry.url, "warm", "1")
+    registry.stop()
+    registry.start()
+    node.set_mirror(registry.addr)
+
+    ctr_ok(node, "docker.io/library/warm:1")
+    assert node_digest(node, "docker.io/library/warm:1") == first.digest
+    assert registry.log_text().count("exporting docker.io/library/warm:1") == 1
+
+
+def test_blob_range_requests(docker26: Dockerd, registry_under_test: RegistryFactory) -> None:
+    build_image(docker26, "ranged:1", layers=1, size=2 * MiB, seed="range")
+    registry = registry_under_test(docker26)
+    pulled = oci_client.pull(registry.url, "ranged", "1")
+    layer = pulled.manifest["layers"][0]
+    url = f"{registry.url}/v2/ranged/blobs/{layer['digest']}"
+    whole = oci_client.request(url).body
+    assert len(whole) == layer["size"]
+
+    size = len(whole)
+    cases = {
+        "bytes=0-": (0, size - 1),
+        "bytes=500-1499": (500, 1499),
+        "bytes=500-": (500, size - 1),
+        "bytes=-500": (size - 500, size - 1),
+    }
+    for header, (start, end) in cases.items():
+        resp = oci_client.request(url, headers={"Range": header, "Accept-Encoding": "gzip"})
+        assert resp.status == 206, header
+        assert resp.headers["content-range"] == f"bytes {start}-{end}/{size}"
+        assert resp.body == whole[start : end + 1]
+        assert "content-encoding" not in resp.headers
+    assert oci_client.request(url, headers={"Range": f"bytes={size + 10}-"}).status == 416
+    head = oci_client.request(url, method="HEAD")
+    assert head.headers["content-length"] == str(size)
+    assert head.headers["docker-content-digest"] == layer["digest"]
+    assert head.headers["accept-ranges"] == "bytes"
+    # The blob belongs to "ranged" only.
+    other = oci_client.request(f"{registry.url}/v2/other/blobs/{layer['digest']}")
+    assert other.status == 404
+    assert other.json()["errors"][0]["code"] == "BLOB_UNKNOWN"
+
+
+def test_large_multilayer_image(
+    docker26: Dockerd, node: Containerd, registry_under_test: RegistryFactory
+) -> None:
+    image = build_image(docker26, "large:1", layers=5, size=110 * MiB, seed="large")
+    registry = registry_under_test(docker26)
+    node.set_mirror(registry.addr)
+    ctr_ok(node, "docker.io/library/large:1")
+    pulled = oci_client.pull(registry.url, "library/large", "1", ns="docker.io")
+    assert len(pulled.manifest["layers"]) == image.layer_count
+    assert pulled.bytes > 100 * MiB
+
+
+def test_containerd_store_serves_original_index_for_host_platform(
+    docker26_containerd: Dockerd,
+    upstream: UpstreamRegistry,
+    node: Containerd,
+    registry_under_test: RegistryFactory,
+) -> None:
+    multi = push_multiplatform(upstream, "multi/arch", "1")
+    registry = registry_under_test(docker26_containerd)
+    node.set_mirror(registry.addr)
+
+    ctr_ok(node, f"{upstream.addr}/multi/arch:1")
+
+    index = oci_client.request(f"{registry.url}/v2/multi/arch/manifests/1?ns={upstream.addr}", headers=ACCEPT)
+    assert index.headers["docker-content-digest"] == multi.index_digest
+    amd64 = multi.manifests["linux/amd64"]
+    assert set(amd64.layer_digests) <= served_blobs(registry)
+
+    # Docker pulled only its own platform. In the registry's own namespace (no pulls) the arm64 child is
+    # absent from the export: a 404, never a manifest whose blobs cannot be served.
+    docker26_containerd.docker("tag", f"{upstream.addr}/multi/arch:1", "multi-local:1")
+    arm64 = multi.manifests["linux/arm64"]
+    local_index = oci_client.request(f"{registry.url}/v2/multi-local/manifests/1", headers=ACCEPT)
+    assert local_index.headers["docker-content-digest"] == multi.index_digest
+    absent = oci_client.request(f"{registry.url}/v2/multi-local/manifests/{arm64.digest}", headers=ACCEPT)
+    assert absent.status == 404
+    assert absent.json()["errors"][0]["code"] == "MANIFEST_UNKNOWN"
+
+    # As a mirror (ns given) the containerd store can pull the missing child by digest, original bytes.
+    pulled = oci_client.pull(registry.url, "multi/arch", arm64.digest, ns=upstream.addr)
+    assert pulled.digest == arm64.digest
+    assert set(pulled.blobs) == {arm64.config_digest, *arm64.layer_digests}
+
+
+def test_classic_store_upstream_digest_falls_back(
+    docker26: Dockerd, docker20: Dockerd, upstream: UpstreamRegistry, registry_under_test: RegistryFactory
+) -> None:
+    built = build_image(docker20, "pinned-src:1", layers=1, size=1 * MiB, seed="pinned")
+    pushed = push_image(docker20, built, upstream, "team/pinned", "v1")
+    docker26.docker("pull", pushed.ref)
+    registry = registry_under_test(docker26)
+    resp = oci_client.request(
+        f"{registry.url}/v2/team/pinned/manifests/{pushed.digest}?ns={upstream.addr}", headers=ACCEPT
+    )
+    assert resp.status == 404
+    assert "classic image store generates its own manifests" in registry.log_text()
+
+
+def test_docker_down_then_back(docker26: Dockerd, registry_under_test: RegistryFactory) -> None:
+    build_image(docker26, "survivor:1", layers=1, size=1 * MiB, seed="down")
+    registry = registry_under_test(docker26)
+    cached = oci_client.pull(registry.url, "survivor", "1")
+    docker26.stop()
+    try:
+        assert oci_client.pull(registry.url, "survivor", "1").digest == cached.digest
+        resp = oci_client.request(f"{registry.url}/v2/other-image/manifests/1", headers=ACCEPT)
+        assert resp.status == 503
+        error = resp.json()["errors"][0]
+        assert error["code"] == "UNAVAILABLE"
+        assert docker26.host in error["message"]
+    finally:
+        docker26.start()
+    deadline = time.monotonic() + 30
+    while oci_client.request(f"{registry.url}/v2/survivor/manifests/1", headers=ACCEPT).status != 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+
+
+def test_registry_starts_without_docker_and_recovers(
+    docker26: Dockerd, registry_under_test: RegistryFactory
+) -> None:
+    build_image(docker26, "late:1", layers=1, size=1 * MiB, seed="late")
+    docker26.stop()
+    try:
+        registry = registry_under_test(docker26)
+        assert "Docker is unreachable" in registry.log_text()
+        resp = oci_client.request(f"{registry.url}/v2/late/manifests/1", headers=ACCEPT)
+        assert resp.status == 503
+    finally:
+        docker26.start()
+    assert oci_client.pull(registry.url, "late", "1").digest
+    assert "Docker 26" in registry.log_text()
+
+
+def test_docker_pull_from_second_daemon_and_skopeo(
+    docker26: Dockerd, docker20: Dockerd, registry_under_test: RegistryFactory, tmp_path: Path
+) -> None:
+    build_image(docker26, "shared-app:2", layers=2, size=2 * MiB, seed="second")
+    registry = registry_under_test(docker26)
+    docker20.docker("pull", f"{registry.addr}/shared-app:2")
+    assert docker20.image_id(f"{registry.addr}/shared-app:2") == docker26.image_id("shared-app:2")
+
+    layout = tmp_path / "copy"
+    skopeo("copy", "--src-tls-verify=false", f"docker://{registry.addr}/shared-app:2", f"oci:{layout}:x")
+    for blob in (layout / "blobs" / "sha256").iterdir():
+        assert hashlib.sha256(blob.read_bytes()).hexdigest() == blob.name
