@@ -356,3 +356,58 @@ def test_docker_pull_from_second_daemon_and_skopeo(
     skopeo("copy", "--src-tls-verify=false", f"docker://{registry.addr}/shared-app:2", f"oci:{layout}:x")
     for blob in (layout / "blobs" / "sha256").iterdir():
         assert hashlib.sha256(blob.read_bytes()).hexdigest() == blob.name
+
+
+def test_remote_tags_are_served_as_docker_has_them_unless_refresh_is_set(
+    docker26: Dockerd, docker20: Dockerd, upstream: UpstreamRegistry, registry_under_test: RegistryFactory
+) -> None:
+    v1 = build_image(docker20, "moving-src:1", layers=1, size=1 * MiB, seed="moving-1")
+    push_image(docker20, v1, upstream, "team/moving", "latest")
+    plain = registry_under_test(docker26)
+    first = oci_client.pull(plain.url, "team/moving", "latest", ns=upstream.addr)
+
+    v2 = build_image(docker20, "moving-src:2", layers=1, size=1 * MiB, seed="moving-2")
+    push_image(docker20, v2, upstream, "team/moving", "latest")
+    mark = upstream.log_mark()
+    assert oci_client.pull(plain.url, "team/moving", "latest", ns=upstream.addr).digest == first.digest
+    assert upstream.requests(mark) == []
+
+    refreshing = registry_under_test(docker26, extra_args=["--refresh-tags", "0s"])
+    second = oci_client.pull(refreshing.url, "team/moving", "latest", ns=upstream.addr)
+    assert second.digest != first.digest
+    assert docker26.image_id(f"{upstream.addr}/team/moving:latest") == docker20.image_id(v2.ref)
+
+    upstream.stop()
+    try:
+        third = oci_client.pull(refreshing.url, "team/moving", "latest", ns=upstream.addr)
+    finally:
+        upstream.start()
+    assert third.digest == second.digest
+    assert "serving Docker's copy" in refreshing.log_text()
+
+
+def test_kill_during_export_leaves_only_verified_blobs(
+    docker26: Dockerd, registry_under_test: RegistryFactory
+) -> None:
+    build_image(docker26, "killed:1", layers=4, size=160 * MiB, seed="killed")
+    registry = registry_under_test(docker26)
+    tmp = registry.cache_dir / "tmp"
+    with ThreadPoolExecutor(1) as pool:
+        attempt = pool.submit(
+            oci_client.request, f"{registry.url}/v2/killed/manifests/1", headers=ACCEPT, timeout=60
+        )
+        deadline = time.monotonic() + 60
+        while not any(path.name.startswith("blob-") for path in tmp.iterdir()):
+            assert time.monotonic() < deadline, "the export never started writing"
+            time.sleep(0.005)
+        registry.kill()
+        with pytest.raises(OSError):
+            attempt.result()
+
+    for blob in (registry.cache_dir / "blobs" / "sha256").rglob("*"):
+        if blob.is_file():
+            digest = hashlib.sha256(blob.read_bytes()).hexdigest()
+            assert digest == blob.name, f"{blob} does not match its name"
+    registry.start()
+    assert list(tmp.iterdir()) == []
+    assert oci_client.pull(registry.url, "killed", "1").bytes > 160 * MiB

@@ -1,0 +1,120 @@
+"""DockerClient against a stand-in Engine API on a unix socket: version negotiation and save parameters."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from k3d_registry_dockerd.docker import DockerClient
+from k3d_registry_dockerd.export import Platform
+
+
+def _tar() -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        info = tarfile.TarInfo("oci-layout")
+        data = b'{"imageLayoutVersion":"1.0.0"}'
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+class Engine:
+    """Records what the client asked; answers like dockerd of a given API version."""
+
+    def __init__(self, api_version: str) -> None:
+        self.api_version = api_version
+        self.requests: list[tuple[str, dict[str, str]]] = []
+
+    def app(self) -> web.Application:
+        async def version(request: web.Request) -> web.Response:
+            self.requests.append((request.path, dict(request.query)))
+            return web.json_response(
+                {"Version": "99.0.0", "ApiVersion": self.api_version, "Os": "linux", "Arch": "arm64"}
+            )
+
+        async def info(request: web.Request) -> web.Response:
+            self.requests.append((request.path, dict(request.query)))
+            return web.json_response(
+                {"Driver": "overlayfs", "DriverStatus": [["driver-type", "io.containerd.snapshotter.v1"]]}
+            )
+
+        async def save(request: web.Request) -> web.Response:
+            self.requests.append((request.path, dict(request.query)))
+            return web.Response(body=_tar(), content_type="application/x-tar")
+
+        app = web.Application()
+        app.router.add_get("/version", version)
+        app.router.add_get("/v{api}/version", version)
+        app.router.add_get("/v{api}/info", info)
+        app.router.add_get("/v{api}/images/{name:.+}/get", save)
+        return app
+
+
+@pytest.fixture
+async def engine_at(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Callable[[str], Any]]:
+    runners: list[web.AppRunner] = []
+
+    async def start(api_version: str) -> Engine:
+        engine = Engine(api_version)
+        runner = web.AppRunner(engine.app())
+        await runner.setup()
+        socket = tmp_path / f"engine-{len(runners)}.sock"
+        await web.UnixSite(runner, str(socket)).start()
+        runners.append(runner)
+        monkeypatch.setenv("DOCKER_HOST", f"unix://{socket}")
+        monkeypatch.delenv("DOCKER_CONTEXT", raising=False)
+        return engine
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+async def _save(client: DockerClient) -> bytes:
+    async with client.save("docker.io/library/app:1", Platform("linux", "arm64", "v8")) as stream:
+        return await stream.read()
+
+
+async def test_negotiates_the_daemons_api_version_and_reads_its_storage(engine_at: Any) -> None:
+    engine = await engine_at("1.41")
+    client = DockerClient()
+    try:
+        info = await client.daemon()
+    finally:
+        await client.close()
+    assert (info.server_version, info.api_version, info.api) == ("99.0.0", "1.41", (1, 41))
+    assert info.containerd_store
+    assert info.platform == Platform("linux", "arm64", "v8")
+    assert ("/v1.41/info", {}) in engine.requests
+
+
+async def test_save_asks_for_one_platform_from_api_1_48(engine_at: Any) -> None:
+    engine = await engine_at("1.48")
+    client = DockerClient()
+    try:
+        assert await _save(client) == _tar()
+    finally:
+        await client.close()
+    path, query = engine.requests[-1]
+    assert path == "/v1.48/images/docker.io/library/app:1/get"
+    assert json.loads(query["platform"]) == {"os": "linux", "architecture": "arm64", "variant": "v8"}
+
+
+async def test_save_exports_everything_before_api_1_48(engine_at: Any) -> None:
+    engine = await engine_at("1.45")
+    client = DockerClient()
+    try:
+        await _save(client)
+    finally:
+        await client.close()
+    path, query = engine.requests[-1]
+    assert path == "/v1.45/images/docker.io/library/app:1/get"
+    assert "platform" not in query
