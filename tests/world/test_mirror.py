@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import http.client
 import re
 import threading
 import time
@@ -411,3 +412,33 @@ def test_kill_during_export_leaves_only_verified_blobs(
     registry.start()
     assert list(tmp.iterdir()) == []
     assert oci_client.pull(registry.url, "killed", "1").bytes > 160 * MiB
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v2/../../etc/passwd/manifests/latest",
+        "/v2/%2e%2e/%2e%2e/etc/passwd/manifests/latest",
+        "/v2/library%2F..%2F..%2Fetc/manifests/latest",
+        "/v2/alpine/blobs/sha256:..%2F..%2F..%2Fetc%2Fpasswd",
+        "/v2/alpine/blobs/../../../../etc/passwd",
+        "/v2//etc/passwd/manifests/latest",
+        "/v2/alpine%00/manifests/latest",
+        "/v2/alpine/manifests/latest%00",
+        "/v2/alpine/manifests/latest?ns=..%2F..%2Fetc",
+        "/v2/alpine/manifests/latest?ns=%2Fetc%2Fpasswd",
+    ],
+)
+def test_hostile_paths_get_client_errors(
+    path: str, docker26: Dockerd, registry_under_test: RegistryFactory
+) -> None:
+    registry = registry_under_test(docker26)
+    before = sorted(p.name for p in registry.cache_dir.parent.iterdir())
+    connection = http.client.HTTPConnection("127.0.0.1", registry.port, timeout=30)
+    connection.putrequest("GET", path, skip_accept_encoding=True)
+    connection.endheaders()
+    response = connection.getresponse()
+    body = response.read()
+    assert 400 <= response.status < 500, (response.status, body)
+    assert b"root:" not in body
+    assert sorted(p.name for p in registry.cache_dir.parent.iterdir()) == before
