@@ -72,7 +72,6 @@ class Mirror:
         self.refresh_tags = refresh_tags
         self._flights = SingleFlight()
         self.exports = 0
-        self.pulls = 0
         # Digests a Docker image was found not to contain, so repeated requests cost no new export.
         self._absent: dict[tuple[str, str], str] = {}
         self._absent_limit = 4096
@@ -177,7 +176,6 @@ class Mirror:
         return time.time()
 
     async def _do_pull(self, repo: Repository, ref: str, credentials: Credentials | None) -> None:
-        self.pulls += 1
         try:
             await self.docker.pull(ref, credentials)
         except PullDenied as exc:
