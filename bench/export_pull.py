@@ -1,0 +1,504 @@
+#!/usr/bin/env python3
+"""Cold export and pull through k3d-registry-dockerd against a `docker save` baseline, in one run.
+
+    python bench/export_pull.py [--size-mb 240] [--repeat 3] [--variant docker26]
+
+Starts a private dockerd (and a containerd "k3s node"), builds one deterministic image of ``--size-mb``
+MiB (4 incompressible data layers + busybox), then measures, ``--repeat`` rounds, interleaved (the order of
+the three groups rotates every round, so machine noise and page-cache effects hit all of them alike):
+
+- ``docker save``: ``GET /images/{name}/get`` on the Engine API, read to the end (the floor of a cold export);
+- client: a fresh registry (empty cache), then tests/world/oci_client.pull (manifest + all blobs in
+  parallel, digests verified) cold, and again warm on the same registry;
+- ctr: another fresh registry as the node's mirror for every registry (``certs.d/_default/hosts.toml``),
+  ``ctr content fetch docker.io/library/IMAGE`` cold, then warm (node emptied, registry warm).
+
+After each registry's runs its peak RSS (VmHWM from /proc/PID/status) and its log (exports, warnings,
+non-2xx answers) are read. Prints a table and ratios, writes the numbers to
+bench/results/export_pull-TIMESTAMP.json. Only prints: no timing assertions. Everything listens on
+loopback or unix sockets and is stopped at the end, also on Ctrl-C, SIGTERM and exceptions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import http.client
+import json
+import os
+import platform
+import re
+import signal
+import socket
+import statistics
+import sys
+import time
+import urllib.parse
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from tests.world import oci_client  # noqa: E402
+from tests.world.daemons import (  # noqa: E402
+    VARIANTS,
+    Containerd,
+    Dockerd,
+    RegistryProcess,
+    WorldUnavailable,
+    sweep_stale_dirs,
+)
+from tests.world.images import MiB, build_image  # noqa: E402
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+IMAGE_NAME = "k3rd-bench-export"
+"""Tag in dockerd; the node pulls docker.io/library/k3rd-bench-export:TAG (mirror request, ns=docker.io)."""
+DATA_LAYERS = 4
+SEED = "export-pull"
+SAVE_TIMEOUT = 900.0
+CTR_TIMEOUT = 900.0
+COLD_TARGET = 1.3
+RSS_TARGET_MIB = 150.0
+
+METRICS: dict[str, str] = {
+    "docker_save": "docker save -> /dev/null",
+    "client_cold": "pull, cold (fresh registry)",
+    "client_warm": "pull, warm (cache filled)",
+    "ctr_cold": "ctr content fetch, cold",
+    "ctr_warm": "ctr content fetch, warm",
+}
+GROUPS = ("docker_save", "client", "ctr")
+
+_EXPORTING = re.compile(r"exporting \S+ from Docker \(export #\d+\)")
+_EXPORTED = re.compile(r"exported \S+ in ([0-9.]+)s: (\w+) layout, (\d+) new blobs, ([0-9.]+) MB written")
+_ACCESS = re.compile(r'"(?P<method>[A-Z]+) (?P<path>\S+) HTTP/[0-9.]+" (?P<status>\d{3}) ')
+_TROUBLE = re.compile(r" (WARNING|ERROR|CRITICAL) |Traceback")
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- measurements
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, socket_path: Path, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._socket_path = str(socket_path)
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self._socket_path)
+        self.sock = sock
+
+
+def docker_save(daemon: Dockerd, ref: str) -> tuple[float, int]:
+    """Seconds and bytes of ``GET /images/{ref}/get`` read to the end (what `docker save` streams)."""
+    conn = _UnixConnection(daemon.socket, timeout=SAVE_TIMEOUT)
+    try:
+        began = time.perf_counter()
+        conn.request("GET", f"/images/{urllib.parse.quote(ref, safe=':/@')}/get")
+        resp = conn.getresponse()
+        if resp.status != 200:
+            raise RuntimeError(f"docker save {ref}: {resp.status} {resp.read(500)!r}")
+        size = 0
+        while chunk := resp.read(1 << 20):
+            size += len(chunk)
+        return time.perf_counter() - began, size
+    finally:
+        conn.close()
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    began = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - began, result
+
+
+def proc_status_mib(pid: int, key: str) -> float:
+    """A kB field of /proc/PID/status (VmHWM, VmRSS) in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{key}:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {key} in /proc/{pid}/status")
+
+
+def registry_pid(registry: RegistryProcess) -> int:
+    """PID of the registry's Python process (setpriv execs it, so it is the spawned PID); checked."""
+    pid = registry.pid
+    if pid is None:
+        raise RuntimeError(f"{registry} is not running")
+    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+    if b"k3d_registry_dockerd" not in cmdline or b"setpriv" in cmdline.split(b" ", 1)[0]:
+        raise RuntimeError(f"pid {pid} is not the registry process: {cmdline!r}")
+    return pid
+
+
+@dataclass
+class RegistryRun:
+    """What one registry process did: peak RSS, exports and anything odd in its log."""
+
+    role: str
+    idle_rss_mib: float = 0.0
+    peak_rss_mib: float = 0.0
+    exports_cold: int = 0
+    exports_warm: int = 0
+    export_seconds: list[float] = field(default_factory=list)
+    export_lines: list[str] = field(default_factory=list)
+    requests: int = 0
+    non_2xx: list[str] = field(default_factory=list)
+    trouble: list[str] = field(default_factory=list)
+
+
+def read_log(registry: RegistryProcess, since: int) -> str:
+    with open(registry.log_path, "rb") as f:
+        f.seek(since)
+        return f.read().decode(errors="replace")
+
+
+def log_size(registry: RegistryProcess) -> int:
+    return registry.log_path.stat().st_size if registry.log_path.exists() else 0
+
+
+def scan_log(run: RegistryRun, text: str, phase: str) -> None:
+    exports = len(_EXPORTING.findall(text))
+    if phase == "cold":
+        run.exports_cold += exports
+    else:
+        run.exports_warm += exports
+    for line in text.splitlines():
+        if match := _EXPORTED.search(line):
+            run.export_seconds.append(float(match.group(1)))
+            run.export_lines.append(line.strip())
+        if match := _ACCESS.search(line):
+            run.requests += 1
+            if not match["status"].startswith("2"):
+                run.non_2xx.append(f"{phase}: {line.strip()}")
+        if _TROUBLE.search(line):
+            run.trouble.append(f"{phase}: {line.strip()}")
+
+
+@contextlib.contextmanager
+def fresh_registry(daemon: Dockerd, role: str) -> Iterator[tuple[RegistryProcess, RegistryRun]]:
+    """A registry with a new, empty cache dir; stopped and removed (cache included) afterwards."""
+    registry = RegistryProcess(daemon.host, log_level="info")
+    try:
+        registry.start(timeout=60)
+        run = RegistryRun(role, idle_rss_mib=proc_status_mib(registry_pid(registry), "VmRSS"))
+        yield registry, run
+    finally:
+        registry.close()
+
+
+@dataclass
+class Image:
+    ref: str
+    node_ref: str
+    repository: str
+    tag: str
+    layers: int
+    data_bytes: int
+    manifest_digest: str = ""
+    blob_bytes: int = 0
+    save_bytes: int = 0
+    digests: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Round:
+    number: int
+    order: list[str]
+    seconds: dict[str, float] = field(default_factory=dict)
+    registries: list[RegistryRun] = field(default_factory=list)
+
+
+def run_save(daemon: Dockerd, image: Image, rnd: Round) -> None:
+    seconds, size = docker_save(daemon, image.ref)
+    if size != image.save_bytes:
+        raise RuntimeError(f"docker save streamed {size} bytes, earlier {image.save_bytes}")
+    rnd.seconds["docker_save"] = seconds
+
+
+def check_pulled(image: Image, pulled: oci_client.Pulled, what: str) -> None:
+    if pulled.digest != image.manifest_digest or pulled.bytes != image.blob_bytes:
+        raise RuntimeError(
+            f"{what}: got {pulled.digest} ({pulled.bytes} blob bytes), "
+            f"expected {image.manifest_digest} ({image.blob_bytes})"
+        )
+
+
+def run_client(daemon: Dockerd, image: Image, rnd: Round) -> None:
+    with fresh_registry(daemon, "client") as (registry, run):
+        pid = registry_pid(registry)
+
+        def pull() -> oci_client.Pulled:
+            return oci_client.pull(registry.url, image.repository, image.tag, ns="docker.io")
+
+        for phase in ("cold", "warm"):
+            mark = log_size(registry)
+            seconds, pulled = timed(pull)
+            check_pulled(image, pulled, f"{phase} pull")
+            rnd.seconds[f"client_{phase}"] = seconds
+            scan_log(run, read_log(registry, mark), phase)
+        run.peak_rss_mib = proc_status_mib(pid, "VmHWM")
+        rnd.registries.append(run)
+
+
+def run_ctr(daemon: Dockerd, node: Containerd, image: Image, rnd: Round) -> None:
+    with fresh_registry(daemon, "ctr") as (registry, run):
+        pid = registry_pid(registry)
+        node.set_mirror(registry.addr)
+        for phase in ("cold", "warm"):
+            node.clean()
+            mark = log_size(registry)
+            seconds, _ = timed(lambda: node.content_fetch(image.node_ref, check=True, timeout=CTR_TIMEOUT))
+            missing = set(image.digests) - set(node.content())
+            if missing:
+                raise RuntimeError(f"ctr content fetch ({phase}) left out {sorted(missing)}")
+            rnd.seconds[f"ctr_{phase}"] = seconds
+            scan_log(run, read_log(registry, mark), phase)
+        run.peak_rss_mib = proc_status_mib(pid, "VmHWM")
+        rnd.registries.append(run)
+        node.clean()
+        node.clear_mirrors()
+
+
+# --------------------------------------------------------------------------- setup
+
+
+def prepare_image(daemon: Dockerd, size_mib: int) -> Image:
+    tag = f"{size_mib}m"
+    ref = f"{IMAGE_NAME}:{tag}"
+    log(f"building {ref}: {DATA_LAYERS} data layers, {size_mib} MiB, + busybox")
+    built = build_image(daemon, ref, layers=DATA_LAYERS, size=size_mib * MiB, seed=SEED)
+    image = Image(
+        ref=ref,
+        node_ref=f"docker.io/library/{ref}",
+        repository=f"library/{IMAGE_NAME}",
+        tag=tag,
+        layers=built.layer_count,
+        data_bytes=built.data_bytes,
+    )
+    # Untimed warm-up: the baseline's first round should not pay for cold page cache alone.
+    seconds, image.save_bytes = docker_save(daemon, ref)
+    log(f"warm-up docker save: {image.save_bytes / MiB:.1f} MiB in {seconds:.2f}s")
+    # The digests to expect, from a throwaway registry (not part of any measurement).
+    with fresh_registry(daemon, "probe") as (registry, _):
+        pulled = oci_client.pull(registry.url, image.repository, image.tag, ns="docker.io")
+    image.manifest_digest = pulled.digest
+    image.blob_bytes = pulled.bytes
+    image.digests = [pulled.digest, *pulled.blobs]
+    return image
+
+
+def environment(daemon: Dockerd, node: Containerd) -> dict[str, Any]:
+    return {
+        "variant": daemon.name,
+        "docker_version": daemon.version,
+        "docker_api": daemon.api_version,
+        "docker_storage": daemon.driver,
+        "node_containerd": node.version,
+        "cpus": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "mem_total_mib": proc_meminfo_mib("MemTotal"),
+    }
+
+
+def proc_meminfo_mib(key: str) -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith(f"{key}:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+# --------------------------------------------------------------------------- report
+
+
+def summary(rounds: list[Round]) -> dict[str, dict[str, float]]:
+    out = {}
+    for key in METRICS:
+        values = [r.seconds[key] for r in rounds]
+        out[key] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
+    return out
+
+
+def paired(rounds: list[Round], key: str) -> dict[str, float]:
+    """key / docker_save of the same round: median and min over rounds."""
+    ratios = [r.seconds[key] / r.seconds["docker_save"] for r in rounds]
+    return {"median": statistics.median(ratios), "best": min(ratios)}
+
+
+def report(
+    args: argparse.Namespace, env: dict[str, Any], image: Image, rounds: list[Round]
+) -> tuple[dict[str, Any], list[str]]:
+    stats = summary(rounds)
+    ratios = {key: paired(rounds, key) for key in ("client_cold", "client_warm", "ctr_cold", "ctr_warm")}
+    warm_mib_s = [image.blob_bytes / MiB / r.seconds["client_warm"] for r in rounds]
+    save_mib_s = [image.save_bytes / MiB / r.seconds["docker_save"] for r in rounds]
+    runs = [run for r in rounds for run in r.registries]
+    peak_rss = max(run.peak_rss_mib for run in runs)
+    export_s = [s for run in runs for s in run.export_seconds]
+    odd = [
+        f"{run.role} registry, round {r.number}: {problem}"
+        for r in rounds
+        for run in r.registries
+        for problem in (
+            ([f"{run.exports_cold} exports in the cold run (expected 1)"] if run.exports_cold != 1 else [])
+            + ([f"{run.exports_warm} exports in the warm run (expected 0)"] if run.exports_warm else [])
+            + run.non_2xx
+            + run.trouble
+        )
+    ]
+
+    lines = [
+        f"export_pull: {env['variant']} (Docker {env['docker_version']}, API {env['docker_api']}, "
+        f"{env['docker_storage']}), node containerd {env['node_containerd']}, {env['cpus']} CPUs, "
+        f"Linux {env['kernel']}",
+        f"image {image.node_ref}: {image.layers} layers, {image.blob_bytes / MiB:.1f} MiB of blobs "
+        f"(docker save stream {image.save_bytes / MiB:.1f} MiB); {len(rounds)} round(s), order rotated",
+        "",
+        f"{'seconds':<34}{'median':>9}{'min':>9}{'max':>9}",
+    ]
+    for key, label in METRICS.items():
+        s = stats[key]
+        lines.append(f"{label:<34}{s['median']:>9.2f}{s['min']:>9.2f}{s['max']:>9.2f}")
+
+    def row(label: str, median: float, best: float, fmt: str = ".2f", note: str = "") -> str:
+        return f"{label:<34}{median:>9{fmt}}{best:>9{fmt}}{note}"
+
+    def ratio_row(label: str, key: str, note: str = "") -> str:
+        return row(label, ratios[key]["median"], ratios[key]["best"], note=note)
+
+    lines += [
+        "",
+        f"{'ratios (per round, paired)':<34}{'median':>9}{'best':>9}",
+        ratio_row("cold pull / docker save", "client_cold", f"   target <= {COLD_TARGET}"),
+        ratio_row("ctr cold / docker save", "ctr_cold"),
+        ratio_row("ctr warm / docker save", "ctr_warm"),
+        ratio_row("warm pull / docker save", "client_warm"),
+        "",
+        f"{'MiB/s':<34}{'median':>9}{'best':>9}",
+        row("warm pull (blob bytes / time)", statistics.median(warm_mib_s), max(warm_mib_s), ".0f"),
+        row("docker save (stream bytes / time)", statistics.median(save_mib_s), max(save_mib_s), ".0f"),
+        "",
+        f"registry peak RSS (VmHWM, cold + warm): {peak_rss:.1f} MiB, max of {len(runs)} registry runs"
+        f"   target <= {RSS_TARGET_MIB:.0f} at 1 GiB",
+    ]
+    for role in ("client", "ctr"):
+        mine = [run for run in runs if run.role == role]
+        lines.append(
+            f"  {role:<7} peak {', '.join(f'{run.peak_rss_mib:.1f}' for run in mine)}"
+            f"   idle after start {', '.join(f'{run.idle_rss_mib:.1f}' for run in mine)}"
+        )
+    lines.append(
+        "exports per registry (cold/warm): "
+        + ", ".join(f"{run.role} {run.exports_cold}/{run.exports_warm}" for run in runs)
+        + (f"; registry's own export time median {statistics.median(export_s):.2f}s" if export_s else "")
+    )
+    lines.append(f"registry log: {sum(run.requests for run in runs)} requests, {len(odd)} oddities")
+    lines += [f"  ODD: {item}" for item in odd[:40]]
+
+    data: dict[str, Any] = {
+        "benchmark": "export_pull",
+        "timestamp": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "command": [sys.executable, *sys.argv],
+        "args": vars(args),
+        "environment": env,
+        "image": {k: v for k, v in asdict(image).items() if k != "digests"},
+        "units": {"time": "seconds", "size": "MiB (2^20 bytes)"},
+        "summary_seconds": stats,
+        "ratios_to_docker_save": ratios,
+        "warm_pull_mib_s": {"median": statistics.median(warm_mib_s), "best": max(warm_mib_s)},
+        "docker_save_mib_s": {"median": statistics.median(save_mib_s), "best": max(save_mib_s)},
+        "peak_rss_mib": peak_rss,
+        "targets": {"cold_over_save": COLD_TARGET, "peak_rss_mib_at_1GiB": RSS_TARGET_MIB},
+        "oddities": odd,
+        "rounds": [asdict(r) for r in rounds],
+    }
+    return data, lines
+
+
+# --------------------------------------------------------------------------- main
+
+
+def _terminate(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--size-mb", type=int, default=240, help="image data size in MiB (default 240)")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds of all measurements (default 3)")
+    parser.add_argument(
+        "--variant", default="docker26", choices=sorted(VARIANTS), help="private dockerd (default docker26)"
+    )
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where the JSON goes")
+    args = parser.parse_args(argv)
+    if args.size_mb < 1 or args.repeat < 1:
+        parser.error("--size-mb and --repeat must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
+    for path in sweep_stale_dirs():
+        log(f"removed {path}, left behind by a killed run")
+    daemon: Dockerd | None = None
+    node: Containerd | None = None
+    try:
+        Dockerd.check_available(args.variant)
+        Containerd.check_available()
+        log(f"starting dockerd ({args.variant}) and the containerd node")
+        daemon = Dockerd(args.variant).start()
+        node = Containerd().start()
+        image = prepare_image(daemon, args.size_mb)
+        env = environment(daemon, node)
+        rounds: list[Round] = []
+        for number in range(1, args.repeat + 1):
+            shift = (number - 1) % len(GROUPS)
+            rnd = Round(number, [*GROUPS[shift:], *GROUPS[:shift]])
+            for group in rnd.order:
+                if group == "docker_save":
+                    run_save(daemon, image, rnd)
+                elif group == "client":
+                    run_client(daemon, image, rnd)
+                else:
+                    run_ctr(daemon, node, image, rnd)
+            rounds.append(rnd)
+            log(
+                f"round {number}/{args.repeat}: "
+                + ", ".join(f"{key} {rnd.seconds[key]:.2f}s" for key in METRICS)
+                + ", peak RSS "
+                + "/".join(f"{run.peak_rss_mib:.0f}" for run in rnd.registries)
+                + " MiB"
+            )
+        data, lines = report(args, env, image, rounds)
+        args.results_dir.mkdir(parents=True, exist_ok=True)
+        out = args.results_dir / f"export_pull-{time.strftime('%Y%m%dT%H%M%S')}.json"
+        out.write_text(json.dumps(data, indent=1, default=str) + "\n")
+        print("\n".join([*lines, f"results: {out}"]), flush=True)
+        return 0
+    except WorldUnavailable as exc:
+        print(f"export_pull: test world unavailable: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("export_pull: interrupted, stopping daemons", file=sys.stderr)
+        return 130
+    finally:
+        for closing in (node, daemon):
+            if closing is not None:
+                with contextlib.suppress(Exception):
+                    closing.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
