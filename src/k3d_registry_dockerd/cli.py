@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
+import ctypes.util
 import logging
 import sys
 from collections.abc import AsyncIterator, Sequence
@@ -28,6 +30,9 @@ from .store import Store
 
 log = logging.getLogger("k3d_registry_dockerd")
 ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tfs "%{User-Agent}i"'
+# glibc mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,6 +69,22 @@ def _configure_logging(level: str) -> None:
         logging.getLogger(noisy).setLevel(max(logging.INFO, logging.getLogger().level))
 
 
+def _tune_allocator() -> None:
+    """Keeps glibc from mapping and unmapping every MiB-sized buffer an export passes around.
+
+    By default each such buffer gets its own mmap and is unmapped when freed (and arenas are trimmed), so
+    a 1 GiB export costs a million page faults and about a third more time; memory use stays the same.
+    """
+    libc_name = ctypes.util.find_library("c")
+    if libc_name is None:
+        return
+    libc = ctypes.CDLL(libc_name)
+    mallopt = getattr(libc, "mallopt", None)
+    if mallopt is not None:  # glibc only: musl and others have no mallopt
+        mallopt(_M_MMAP_THRESHOLD, 4 << 20)
+        mallopt(_M_TRIM_THRESHOLD, 32 << 20)
+
+
 def _build_app(settings: Settings) -> web.Application:
     store = Store(settings.cache_dir)
     docker = DockerClient()
@@ -94,6 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"k3d-registry-dockerd: {exc}", file=sys.stderr)
         return 2
     _configure_logging(settings.log_level)
+    _tune_allocator()
     log.info("k3d-registry-dockerd %s", __version__)
     log.info("listen address %s (%s)", settings.addr, settings.sources["addr"])
     log.info("cache dir %s (%s)", settings.cache_dir, settings.sources["cache_dir"])
