@@ -159,13 +159,18 @@ class ThreadedStream(io.RawIOBase):
 
 
 def _copy_member(
-    tar: tarfile.TarFile, member: tarfile.TarInfo, store: Store, expected: str | None, committer: Executor
+    tar: tarfile.TarFile,
+    member: tarfile.TarInfo,
+    store: Store,
+    expected: str | None,
+    committer: Executor,
+    flusher: Executor,
 ) -> Future[str]:
     """Writes a member to a temp file, hashing on the way; fsync and rename happen on `committer`."""
     source = tar.extractfile(member)
     if source is None:
         raise ExportError(f"cannot read {member.name} from the save stream")
-    writer = store.writer()
+    writer = store.writer(flusher)
     try:
         while chunk := source.read(CHUNK):
             writer.write(chunk)
@@ -188,7 +193,10 @@ def read_save_stream(fileobj: IO[bytes], store: Store) -> SaveContents:
     pending: dict[str, tuple[Future[str], int]] = {}
     links: dict[str, str] = {}
     written = written_bytes = 0
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="blob-commit") as committer:
+    with (
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="blob-flush") as flusher,
+        ThreadPoolExecutor(max_workers=2, thread_name_prefix="blob-commit") as committer,
+    ):
         try:
             with tarfile.open(fileobj=fileobj, mode="r|", bufsize=CHUNK) as tar:
                 for member in tar:
@@ -218,7 +226,10 @@ def read_save_stream(fileobj: IO[bytes], store: Store) -> SaveContents:
                         expected = None
                     else:
                         continue
-                    pending[path] = (_copy_member(tar, member, store, expected, committer), member.size)
+                    pending[path] = (
+                        _copy_member(tar, member, store, expected, committer, flusher),
+                        member.size,
+                    )
                     written += 1
                     written_bytes += member.size
         except tarfile.TarError as exc:
