@@ -442,3 +442,31 @@ def test_hostile_paths_get_client_errors(
     assert 400 <= response.status < 500, (response.status, body)
     assert b"root:" not in body
     assert sorted(p.name for p in registry.cache_dir.parent.iterdir()) == before
+
+
+def test_dockerd_dying_mid_export_ends_the_request_with_503(
+    docker26: Dockerd, registry_under_test: RegistryFactory
+) -> None:
+    build_image(docker26, "orphan:1", layers=4, size=160 * MiB, seed="orphan")
+    registry = registry_under_test(docker26)
+    tmp = registry.cache_dir / "tmp"
+    with ThreadPoolExecutor(1) as pool:
+        attempt = pool.submit(
+            oci_client.request, f"{registry.url}/v2/orphan/manifests/1", headers=ACCEPT, timeout=60
+        )
+        deadline = time.monotonic() + 60
+        while not any(path.name.startswith("blob-") for path in tmp.iterdir()):
+            assert time.monotonic() < deadline, "the export never started writing"
+            time.sleep(0.005)
+        docker26.kill()
+        try:
+            response = attempt.result(timeout=30)
+        finally:
+            docker26.start()
+    assert response.status == 503
+    assert response.json()["errors"][0]["code"] == "UNAVAILABLE"
+    assert list(tmp.iterdir()) == []
+    for blob in (registry.cache_dir / "blobs" / "sha256").rglob("*"):
+        if blob.is_file():
+            assert hashlib.sha256(blob.read_bytes()).hexdigest() == blob.name
+    assert oci_client.pull(registry.url, "orphan", "1").bytes > 160 * MiB
