@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from aiohttp import BasicAuth, hdrs, web
+from aiohttp.abc import AbstractAccessLogger
 
 from .docker import Credentials
 from .errors import RegistryError
@@ -15,6 +16,30 @@ log = logging.getLogger(__name__)
 
 MIRROR: web.AppKey[Mirror] = web.AppKey("mirror", Mirror)
 API_VERSION = ("Docker-Distribution-API-Version", "registry/2.0")
+
+
+class AccessLogger(AbstractAccessLogger):
+    """One line per request: client, request line, status, body bytes, seconds, user agent.
+
+    aiohttp's own `%b` counts only headers for sendfile responses, so blob sizes come from Content-Length.
+    """
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        sent = response.content_length if response.content_length is not None else response.body_length
+        if request.method == hdrs.METH_HEAD:
+            sent = 0
+        self.logger.info(
+            '%s "%s %s HTTP/%d.%d" %d %d %.6fs "%s"',
+            request.remote,
+            request.method,
+            request.path_qs,
+            request.version.major,
+            request.version.minor,
+            response.status,
+            sent,
+            time,
+            request.headers.get(hdrs.USER_AGENT, "-"),
+        )
 
 
 def _error_response(request: web.Request, error: RegistryError) -> web.Response:

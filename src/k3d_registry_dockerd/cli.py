@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Sequence
 from aiohttp import web
 
 from . import __version__
-from .api import create_app
+from .api import AccessLogger, create_app
 from .docker import DockerClient, DockerUnavailable
 from .mirror import Mirror
 from .settings import (
@@ -29,7 +29,6 @@ from .settings import (
 from .store import Store
 
 log = logging.getLogger("k3d_registry_dockerd")
-ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tfs "%{User-Agent}i"'
 # glibc mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -129,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         host=settings.host,
         port=settings.port,
         print=None,
-        access_log_format=ACCESS_LOG_FORMAT,
+        access_log_class=AccessLogger,
         shutdown_timeout=5,
     )
     return 0
