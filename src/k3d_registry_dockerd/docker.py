@@ -63,6 +63,8 @@ class DaemonInfo:
     platform: Platform
     storage_driver: str
     containerd_store: bool
+    # "Docker Engine", or "Podman Engine" behind Podman's compatible API.
+    product: str = "Docker Engine"
 
     @property
     def api(self) -> tuple[int, int]:
@@ -108,6 +110,14 @@ DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
 
 def docker_host_description() -> str:
     return f"DOCKER_HOST={os.environ.get('DOCKER_HOST') or DEFAULT_DOCKER_HOST}"
+
+
+def _product(version: dict[str, Any]) -> str:
+    """The engine's name from /version: Docker reports a component "Engine", Podman "Podman Engine"."""
+    names = [str(c.get("Name")) for c in version.get("Components") or [] if isinstance(c, dict)]
+    if not names or names[0] == "Engine":
+        return "Docker Engine"
+    return names[0]
 
 
 class DockerClient:
@@ -160,9 +170,11 @@ class DockerClient:
             platform=Platform(version.get("Os") or "linux", arch, "v8" if arch == "arm64" else None),
             storage_driver=str(info.get("Driver")),
             containerd_store="snapshotter" in driver_status.get("driver-type", ""),
+            product=_product(version),
         )
         log.info(
-            "Docker %s (API %s, %s) at %s, storage: %s",
+            "%s %s (API %s, %s) at %s, storage: %s",
+            self._info.product,
             self._info.server_version,
             self._info.api_version,
             self._info.platform,

@@ -37,7 +37,13 @@ class Engine:
         async def version(request: web.Request) -> web.Response:
             self.requests.append((request.path, dict(request.query)))
             return web.json_response(
-                {"Version": "99.0.0", "ApiVersion": self.api_version, "Os": "linux", "Arch": "arm64"}
+                {
+                    "Version": "99.0.0",
+                    "ApiVersion": self.api_version,
+                    "Os": "linux",
+                    "Arch": "arm64",
+                    "Components": [{"Name": "Podman Engine", "Version": "99.0.0"}],
+                }
             )
 
         async def info(request: web.Request) -> web.Response:
@@ -93,6 +99,7 @@ async def test_negotiates_the_daemons_api_version_and_reads_its_storage(engine_a
     assert (info.server_version, info.api_version, info.api) == ("99.0.0", "1.41", (1, 41))
     assert info.containerd_store
     assert info.platform == Platform("linux", "arm64", "v8")
+    assert info.product == "Podman Engine"
     assert ("/v1.41/info", {}) in engine.requests
 
 

@@ -19,6 +19,7 @@ import pytest
 from .daemons import (
     Containerd,
     Dockerd,
+    Podman,
     RegistryFactory,
     RegistryProcess,
     UpstreamRegistry,
@@ -33,7 +34,7 @@ UPSTREAM_PASSWORD = "s3cret-pw"
 
 _unavailable: dict[str, str] = {}
 _timings: dict[str, float] = {}
-_started: list[Dockerd | UpstreamRegistry | Containerd] = []
+_started: list[Dockerd | UpstreamRegistry | Containerd | Podman] = []
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -106,6 +107,23 @@ def docker26_containerd() -> Iterator[Dockerd]:
 def docker20() -> Iterator[Dockerd]:
     """Docker 20.10 (API 1.41): legacy `docker save` format."""
     yield from _dockerd("docker20")
+
+
+@pytest.fixture(scope="session")
+def podman() -> Iterator[Podman]:
+    """Podman 4.3's Docker-compatible API service (legacy save format), private store and socket."""
+    try:
+        Podman.check_available()
+    except WorldUnavailable as exc:
+        _missing("podman", exc)
+    service = Podman()
+    try:
+        service.start()
+        _timings[f"podman ({service.version})"] = service.start_seconds or 0.0
+        _started.append(service)
+        yield service
+    finally:
+        service.close()
 
 
 def _upstream(name: str, user: str | None = None, password: str | None = None) -> Iterator[UpstreamRegistry]:

@@ -821,6 +821,95 @@ class UpstreamRegistry:
         return f"<UpstreamRegistry {self.addr}{' auth' if self.credentials else ''}>"
 
 
+# --------------------------------------------------------------------------- podman
+
+
+class Podman:
+    """``podman system service``: Podman's Docker-compatible Engine API on a private socket and store.
+
+    Its image save is the legacy ``docker save`` format (top-level ``<digest>.tar`` layers, with the old
+    ``<id>/layer.tar`` paths as symlinks to them).
+    """
+
+    binary = "/usr/bin/podman"
+
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = root or make_temp_dir("podman")
+        self.socket = self.root / "podman.sock"
+        self.host = f"unix://{self.socket}"
+        self.storage_conf = self.root / "storage.conf"
+        self.log_path = self.root / "podman.log"
+        self.version = ""
+        self.start_seconds: float | None = None
+        self._proc: ManagedProcess | None = None
+
+    @classmethod
+    def check_available(cls) -> None:
+        require_binary(cls.binary)
+
+    def _env(self) -> dict[str, str]:
+        return {**os.environ, "CONTAINERS_STORAGE_CONF": str(self.storage_conf)}
+
+    def _global_args(self) -> list[str]:
+        return [self.binary, "--root", str(self.root / "store"), "--runroot", str(self.root / "run")]
+
+    def start(self, timeout: float = 30.0) -> Self:
+        if self._proc and self._proc.running:
+            return self
+        self.check_available()
+        self.storage_conf.write_text(
+            f'[storage]\ndriver = "overlay"\nrunroot = "{self.root / "run"}"\n'
+            f'graphroot = "{self.root / "store"}"\n'
+        )
+        began = time.monotonic()
+        self._proc = ManagedProcess(
+            [*self._global_args(), "system", "service", "--time=0", self.host],
+            log_path=self.log_path,
+            env=self._env(),
+            name="podman",
+        )
+        self._proc.start()
+
+        def ready() -> bool:
+            if self._proc and self._proc.popen and self._proc.popen.poll() is not None:
+                raise RuntimeError(f"podman exited:\n{_tail(self.log_text())}")
+            try:
+                status, body = unix_http(self.socket, "GET", "/version")
+            except OSError:
+                return False
+            if status == 200:
+                self.version = json.loads(body).get("Version", "")
+            return status == 200
+
+        try:
+            wait_until(ready, timeout=timeout, what="podman system service")
+        except BaseException:
+            self.stop()
+            raise
+        self.start_seconds = time.monotonic() - began
+        return self
+
+    def podman(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+        """The podman CLI on this service's store."""
+        return run([*self._global_args(), *args], env=self._env(), timeout=timeout)
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.running
+
+    def stop(self) -> None:
+        if self._proc:
+            self._proc.stop(timeout=10)
+        kill_strays(self.root)
+
+    def close(self) -> None:
+        self.stop()
+        remove_tree(self.root)
+
+    def log_text(self) -> str:
+        return self._proc.log_text() if self._proc else ""
+
+
 # --------------------------------------------------------------------------- containerd node
 
 

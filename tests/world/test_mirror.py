@@ -11,6 +11,7 @@ import base64
 import hashlib
 import http.client
 import re
+import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,8 +20,17 @@ from pathlib import Path
 import pytest
 
 from . import oci_client
-from .daemons import Containerd, Dockerd, RegistryFactory, RegistryProcess, UpstreamRegistry
-from .images import MiB, build_image, push_image, push_multiplatform, rebuild_image, skopeo
+from .daemons import Containerd, Dockerd, Podman, RegistryFactory, RegistryProcess, UpstreamRegistry
+from .images import (
+    BUSYBOX,
+    MiB,
+    build_image,
+    push_image,
+    push_multiplatform,
+    rebuild_image,
+    seeded_bytes,
+    skopeo,
+)
 
 ACCEPT = {"Accept": oci_client.MANIFEST_ACCEPT}
 
@@ -342,7 +352,7 @@ def test_registry_starts_without_docker_and_recovers(
     finally:
         docker26.start()
     assert oci_client.pull(registry.url, "late", "1").digest
-    assert "Docker 26" in registry.log_text()
+    assert "Docker Engine 26" in registry.log_text()
 
 
 def test_docker_pull_from_second_daemon_and_skopeo(
@@ -470,3 +480,28 @@ def test_dockerd_dying_mid_export_ends_the_request_with_503(
         if blob.is_file():
             assert hashlib.sha256(blob.read_bytes()).hexdigest() == blob.name
     assert oci_client.pull(registry.url, "orphan", "1").bytes > 160 * MiB
+
+
+def test_podman_compatible_api(
+    podman: Podman, node: Containerd, registry_under_test: RegistryFactory, tmp_path: Path
+) -> None:
+    context = tmp_path / "context"
+    context.mkdir()
+    shutil.copy(BUSYBOX, context / "busybox")
+    (context / "data").write_bytes(seeded_bytes("podman", 3 * MiB))
+    (context / "Containerfile").write_text("FROM scratch\nCOPY busybox /bin/busybox\nCOPY data /data\n")
+    podman.podman("build", "-q", "-t", "localhost/pm-app:1", str(context))
+    registry = registry_under_test(podman.host)
+    node.set_mirror(registry.addr)
+
+    # localhost/… names the registry "localhost", so containerd asks the mirror with ns=localhost; there
+    # is no registry on localhost:443 to fall back to, so a pull that works came through the mirror.
+    ctr_ok(node, "localhost/pm-app:1")
+    assert "Podman Engine 4" in registry.log_text()
+    assert "legacy layout" in registry.log_text()
+    pulled = oci_client.pull(registry.url, "pm-app", "1", ns="localhost")
+    assert {layer["digest"] for layer in pulled.manifest["layers"]} <= served_blobs(registry)
+    assert (
+        pulled.manifest["config"]["digest"].removeprefix("sha256:")
+        in podman.podman("image", "inspect", "--format", "{{.Id}}", "localhost/pm-app:1").stdout
+    )
