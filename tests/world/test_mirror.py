@@ -169,10 +169,21 @@ def test_private_upstream_challenge_and_credentialed_pull(
     assert refused.status == 403
     assert "www-authenticate" not in refused.headers
 
+    # containerd with a wrong pull secret: one challenge, one refusal, then it gives up on the mirror.
+    wrong = node.pull(pushed.ref, user="puller:wrong-pw", timeout=60)
+    assert wrong.returncode != 0
+    node_requests = [
+        re.search(r'" (\d{3}) ', line).group(1)  # type: ignore[union-attr]
+        for line in registry.log_text().splitlines()
+        if "aiohttp.access" in line and "/secret/app/manifests/v1" in line and "containerd/" in line
+    ]
+    assert node_requests == ["401", "403"]
+
     user, password = upstream_auth.credentials or ("", "")
     ctr_ok(node, pushed.ref, user=f"{user}:{password}")
     assert docker26.image_id(pushed.ref)
     assert password not in registry.log_text()
+    assert "wrong-pw" not in registry.log_text()
 
 
 def test_rebuilt_tag_is_served_fresh(
