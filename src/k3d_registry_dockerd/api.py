@@ -121,6 +121,19 @@ async def blob(request: web.Request) -> web.StreamResponse:
     )
 
 
+async def healthz(_request: web.Request) -> web.Response:
+    """The process is alive and answering."""
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Docker reachable and the cache writable: what serving a new image needs."""
+    problems = await request.app[MIRROR].readiness()
+    if problems:
+        return web.json_response({"status": "unavailable", "problems": problems}, status=503)
+    return web.json_response({"status": "ok"})
+
+
 async def unsupported(request: web.Request) -> web.Response:
     if request.method in (hdrs.METH_GET, hdrs.METH_HEAD):
         raise RegistryError("NAME_UNKNOWN", f"no such endpoint: {request.path}", status=404)
@@ -131,6 +144,8 @@ def create_app(mirror: Mirror) -> web.Application:
     app = web.Application(middlewares=[_oci_errors])
     app[MIRROR] = mirror
     app.on_response_prepare.append(_add_api_version)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
     app.router.add_get("/v2/", base)
     app.router.add_get("/v2", base)
     app.router.add_get("/v2/{name:.+}/manifests/{reference}", manifest)

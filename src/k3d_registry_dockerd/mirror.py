@@ -41,6 +41,7 @@ from .store import ManifestEntry, RepositoryRecord, Store, TagEntry
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+READY_TIMEOUT = 5.0
 
 
 @dataclass(frozen=True)
@@ -330,6 +331,24 @@ class Mirror:
             plan.root.digest,
         )
         return plan
+
+    # ---- readiness ------------------------------------------------------------------------------
+
+    async def readiness(self) -> dict[str, str]:
+        """Problems that stop this registry from serving new images, by component; empty when ready."""
+        problems: dict[str, str] = {}
+        try:
+            async with asyncio.timeout(READY_TIMEOUT):
+                await self.docker.daemon()
+        except DockerUnavailable as exc:
+            problems["docker"] = str(exc)
+        except TimeoutError:
+            problems["docker"] = f"Docker did not answer within {READY_TIMEOUT:.0f}s"
+        try:
+            await asyncio.to_thread(self.store.check_writable)
+        except OSError as exc:
+            problems["cache"] = f"cache {self.store.root} is not writable: {exc.strerror or exc}"
+        return problems
 
     # ---- blobs ----------------------------------------------------------------------------------
 

@@ -205,6 +205,12 @@ class Store:
         writer.write(data)
         return writer.commit(expected)
 
+    def check_writable(self) -> None:
+        """Raises OSError unless a file can be created (and removed) where blobs are written first."""
+        fd, name = tempfile.mkstemp(dir=self.tmp_dir, prefix="ready-")
+        os.close(fd)
+        os.unlink(name)
+
     def record(self, name: str) -> RepositoryRecord | None:
         return self._records.get(name)
 

@@ -605,3 +605,26 @@ async def test_digest_absent_from_the_export_is_remembered(client: TestClient, d
     for _ in range(2):
         await error_of(await client.get(f"/v2/alpine/manifests/{upstream_digest}"), 404, "MANIFEST_UNKNOWN")
     assert docker.saves == [f"docker.io/library/alpine@{upstream_digest}"]
+
+
+async def test_healthz_and_readyz(client: TestClient, docker: FakeDocker, store: Store) -> None:
+    assert (await client.get("/healthz")).status == 200
+    ready = await client.get("/readyz")
+    assert ready.status == 200
+    assert (await ready.json()) == {"status": "ok"}
+
+    docker.unavailable = True
+    down = await client.get("/readyz")
+    assert down.status == 503
+    assert "DOCKER_HOST" in (await down.json())["problems"]["docker"]
+    assert (await client.get("/healthz")).status == 200
+
+
+async def test_readyz_reports_an_unwritable_cache(client: TestClient, store: Store) -> None:
+    store.tmp_dir.rmdir()
+    try:
+        response = await client.get("/readyz")
+    finally:
+        store.tmp_dir.mkdir()
+    assert response.status == 503
+    assert str(store.root) in (await response.json())["problems"]["cache"]

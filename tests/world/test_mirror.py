@@ -342,12 +342,17 @@ def test_docker_down_then_back(docker26: Dockerd, registry_under_test: RegistryF
         error = resp.json()["errors"][0]
         assert error["code"] == "UNAVAILABLE"
         assert docker26.host in error["message"]
+        ready = oci_client.request(f"{registry.url}/readyz")
+        assert ready.status == 503
+        assert docker26.host in ready.json()["problems"]["docker"]
+        assert oci_client.request(f"{registry.url}/healthz").status == 200
     finally:
         docker26.start()
     deadline = time.monotonic() + 30
     while oci_client.request(f"{registry.url}/v2/survivor/manifests/1", headers=ACCEPT).status != 200:
         assert time.monotonic() < deadline
         time.sleep(0.5)
+    assert oci_client.request(f"{registry.url}/readyz").status == 200
 
 
 def test_registry_starts_without_docker_and_recovers(
