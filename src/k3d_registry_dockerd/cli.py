@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Sequence
 
 from aiohttp import web
 
-from . import __version__
+from . import __version__, doctor
 from .api import AccessLogger, create_app
 from .docker import DockerClient, DockerUnavailable
 from .mirror import Mirror
@@ -34,25 +34,45 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 
 
+def _add_settings(parser: argparse.ArgumentParser, default: object = None) -> None:
+    parser.add_argument(
+        "--addr", default=default, help=f"HOST:PORT to listen on (env {ENV_ADDR}; default :5000)"
+    )
+    parser.add_argument(
+        "--cache-dir",
+        default=default,
+        help=f"where blobs and records are kept (env {ENV_CACHE_DIR}; "
+        "default $XDG_CACHE_HOME/k3d-registry-dockerd or ~/.cache/k3d-registry-dockerd)",
+    )
+    parser.add_argument(
+        "--log-level", default=default, choices=LOG_LEVELS, help=f"(env {ENV_LOG_LEVEL}; default info)"
+    )
+    parser.add_argument(
+        "--refresh-tags",
+        default=default,
+        metavar="DURATION",
+        help="re-pull a cached remote tag through Docker when it was last pulled longer ago than this "
+        f"(e.g. 10m, 1h; env {ENV_REFRESH_TAGS}; default: never, serve Docker's copy)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="k3d-registry-dockerd",
         description="An OCI registry mirror that serves images out of the local Docker daemon "
-        "(DOCKER_HOST, DOCKER_TLS_VERIFY, DOCKER_CERT_PATH as the docker CLI reads them).",
+        "(DOCKER_HOST, DOCKER_TLS_VERIFY, DOCKER_CERT_PATH as the docker CLI reads them). "
+        "Without a command it serves.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("--addr", help=f"HOST:PORT to listen on (env {ENV_ADDR}; default :5000)")
-    parser.add_argument(
-        "--cache-dir",
-        help=f"where blobs and records are kept (env {ENV_CACHE_DIR}; "
-        "default $XDG_CACHE_HOME/k3d-registry-dockerd or ~/.cache/k3d-registry-dockerd)",
-    )
-    parser.add_argument("--log-level", choices=LOG_LEVELS, help=f"(env {ENV_LOG_LEVEL}; default info)")
-    parser.add_argument(
-        "--refresh-tags",
-        metavar="DURATION",
-        help="re-pull a cached remote tag through Docker when it was last pulled longer ago than this "
-        f"(e.g. 10m, 1h; env {ENV_REFRESH_TAGS}; default: never, serve Docker's copy)",
+    _add_settings(parser)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    # SUPPRESS keeps options given before the command from being reset by the command's own defaults.
+    _add_settings(commands.add_parser("serve", help="serve the registry (the default)"), argparse.SUPPRESS)
+    _add_settings(
+        commands.add_parser(
+            "doctor", help="check Docker, the cache dir and the listen port, and explain what they mean"
+        ),
+        argparse.SUPPRESS,
     )
     return parser
 
@@ -113,6 +133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingError as exc:
         print(f"k3d-registry-dockerd: {exc}", file=sys.stderr)
         return 2
+    if args.command == "doctor":
+        return asyncio.run(doctor.run(settings))
     _configure_logging(settings.log_level)
     _tune_allocator()
     log.info("k3d-registry-dockerd %s", __version__)

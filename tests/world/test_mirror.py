@@ -10,8 +10,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import http.client
+import os
 import re
 import shutil
+import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +24,15 @@ from pathlib import Path
 import pytest
 
 from . import oci_client
-from .daemons import Containerd, Dockerd, Podman, RegistryFactory, RegistryProcess, UpstreamRegistry
+from .daemons import (
+    Containerd,
+    Dockerd,
+    Podman,
+    RegistryFactory,
+    RegistryProcess,
+    UpstreamRegistry,
+    free_port,
+)
 from .images import (
     BUSYBOX,
     MiB,
@@ -521,3 +533,59 @@ def test_podman_compatible_api(
         pulled.manifest["config"]["digest"].removeprefix("sha256:")
         in podman.podman("image", "inspect", "--format", "{{.Id}}", "localhost/pm-app:1").stdout
     )
+
+
+@pytest.mark.parametrize(
+    ("variant", "expected"),
+    [
+        ("docker26", "classic graph driver"),
+        ("docker26_containerd", "containerd image store"),
+        ("docker20", "legacy `docker save` format"),
+    ],
+)
+def test_doctor_explains_each_docker(
+    variant: str, expected: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    daemon: Dockerd = request.getfixturevalue(variant)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "k3d_registry_dockerd",
+            "doctor",
+            "--addr",
+            f"127.0.0.1:{free_port()}",
+            "--cache-dir",
+            str(tmp_path),
+        ],
+        env={**os.environ, "DOCKER_HOST": daemon.host},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"{daemon.version} reachable at DOCKER_HOST={daemon.host}" in result.stdout
+    assert expected in result.stdout
+    assert "✗" not in result.stdout
+
+
+def test_doctor_fails_without_docker_and_on_a_busy_port(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "k3d_registry_dockerd", "doctor", "--cache-dir", str(tmp_path)],
+            env={
+                **os.environ,
+                "DOCKER_HOST": f"unix://{tmp_path}/no.sock",
+                "REGISTRY_HTTP_ADDR": f"127.0.0.1:{port}",
+            },
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 1
+    assert f"✗ Docker is unreachable at DOCKER_HOST=unix://{tmp_path}/no.sock" in result.stdout
+    assert f"✗ listen address 127.0.0.1:{port}: already in use" in result.stdout
+    assert "✓ cache dir" in result.stdout
