@@ -7,6 +7,7 @@ import asyncio
 import ctypes
 import ctypes.util
 import logging
+import ssl
 import sys
 from collections.abc import AsyncIterator, Sequence
 
@@ -21,6 +22,8 @@ from .settings import (
     ENV_CACHE_DIR,
     ENV_LOG_LEVEL,
     ENV_REFRESH_TAGS,
+    ENV_TLS_CERT,
+    ENV_TLS_KEY,
     LOG_LEVELS,
     SettingError,
     Settings,
@@ -53,6 +56,18 @@ def _add_settings(parser: argparse.ArgumentParser, default: object = None) -> No
         metavar="DURATION",
         help="re-pull a cached remote tag through Docker when it was last pulled longer ago than this "
         f"(e.g. 10m, 1h; env {ENV_REFRESH_TAGS}; default: never, serve Docker's copy)",
+    )
+    parser.add_argument(
+        "--tls-cert",
+        default=default,
+        metavar="FILE",
+        help=f"serve HTTPS with this certificate (env {ENV_TLS_CERT})",
+    )
+    parser.add_argument(
+        "--tls-key",
+        default=default,
+        metavar="FILE",
+        help=f"the certificate's private key (env {ENV_TLS_KEY})",
     )
 
 
@@ -104,6 +119,19 @@ def _tune_allocator() -> None:
         mallopt(_M_TRIM_THRESHOLD, 32 << 20)
 
 
+def _ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise SettingError(
+            f"cannot load TLS certificate {settings.tls_cert} / key {settings.tls_key}: {exc}"
+        ) from exc
+    return context
+
+
 def _build_app(settings: Settings) -> web.Application:
     store = Store(settings.cache_dir)
     docker = DockerClient()
@@ -128,8 +156,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = resolve(
-            addr=args.addr, cache_dir=args.cache_dir, log_level=args.log_level, refresh_tags=args.refresh_tags
+            addr=args.addr,
+            cache_dir=args.cache_dir,
+            log_level=args.log_level,
+            refresh_tags=args.refresh_tags,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
         )
+        ssl_context = _ssl_context(settings)
     except SettingError as exc:
         print(f"k3d-registry-dockerd: {exc}", file=sys.stderr)
         return 2
@@ -145,10 +179,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.info(
             "refresh remote tags after %.0fs (%s)", settings.refresh_tags, settings.sources["refresh_tags"]
         )
+    if settings.tls_cert is not None:
+        log.info("serving HTTPS with %s (%s)", settings.tls_cert, settings.sources["tls_cert"])
     web.run_app(
         _build_app(settings),
         host=settings.host,
         port=settings.port,
+        ssl_context=ssl_context,
         print=None,
         access_log_class=AccessLogger,
         shutdown_timeout=5,

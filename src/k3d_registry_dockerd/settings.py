@@ -12,6 +12,9 @@ ENV_ADDR = "REGISTRY_HTTP_ADDR"
 ENV_CACHE_DIR = "K3D_REGISTRY_DOCKERD_CACHE_DIR"
 ENV_LOG_LEVEL = "K3D_REGISTRY_DOCKERD_LOG_LEVEL"
 ENV_REFRESH_TAGS = "K3D_REGISTRY_DOCKERD_REFRESH_TAGS"
+# As distribution's registry reads them.
+ENV_TLS_CERT = "REGISTRY_HTTP_TLS_CERTIFICATE"
+ENV_TLS_KEY = "REGISTRY_HTTP_TLS_KEY"
 DEFAULT_ADDR = ":5000"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
@@ -58,6 +61,9 @@ class Settings:
     cache_dir: Path
     log_level: str
     refresh_tags: float | None
+    # Serve HTTPS with this certificate (chain) and key; plain HTTP when None.
+    tls_cert: Path | None
+    tls_key: Path | None
     # setting name -> "flag --addr", "env REGISTRY_HTTP_ADDR" or "default"
     sources: Mapping[str, str]
 
@@ -73,6 +79,8 @@ def resolve(
     cache_dir: str | None,
     log_level: str | None,
     refresh_tags: str | None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
     env: Mapping[str, str] = os.environ,
 ) -> Settings:
     sources: dict[str, str] = {}
@@ -93,11 +101,17 @@ def resolve(
     if level not in LOG_LEVELS:
         raise SettingError(f"log level {level!r} is not one of {', '.join(LOG_LEVELS)}")
     refresh = pick("refresh_tags", "--refresh-tags", refresh_tags, ENV_REFRESH_TAGS, None)
+    cert = pick("tls_cert", "--tls-cert", tls_cert, ENV_TLS_CERT, None)
+    key = pick("tls_key", "--tls-key", tls_key, ENV_TLS_KEY, None)
+    if bool(cert) != bool(key):
+        raise SettingError("TLS needs both a certificate (--tls-cert) and a key (--tls-key)")
     return Settings(
         host=host,
         port=port,
         cache_dir=Path(cache).expanduser() if cache else default_cache_dir(env),
         log_level=level,
         refresh_tags=parse_duration(refresh) if refresh else None,
+        tls_cert=Path(cert).expanduser() if cert else None,
+        tls_key=Path(key).expanduser() if key else None,
         sources=sources,
     )

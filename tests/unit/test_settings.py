@@ -32,6 +32,8 @@ def test_defaults() -> None:
         "cache_dir": "default",
         "log_level": "default",
         "refresh_tags": "default",
+        "tls_cert": "default",
+        "tls_key": "default",
     }
 
 
@@ -52,6 +54,8 @@ def test_env_beats_default() -> None:
         "cache_dir": f"env {ENV_CACHE_DIR}",
         "log_level": f"env {ENV_LOG_LEVEL}",
         "refresh_tags": f"env {ENV_REFRESH_TAGS}",
+        "tls_cert": "default",
+        "tls_key": "default",
     }
 
 
@@ -68,6 +72,8 @@ def test_flag_beats_env() -> None:
         "cache_dir": "flag --cache-dir",
         "log_level": "flag --log-level",
         "refresh_tags": "flag --refresh-tags",
+        "tls_cert": "default",
+        "tls_key": "default",
     }
 
 
@@ -142,7 +148,14 @@ def test_parse_addr_rejects_bare_ipv6() -> None:
 )
 def test_settings_addr(host: str | None, port: int, addr: str) -> None:
     settings = Settings(
-        host=host, port=port, cache_dir=Path("/c"), log_level="info", refresh_tags=None, sources={}
+        host=host,
+        port=port,
+        cache_dir=Path("/c"),
+        log_level="info",
+        refresh_tags=None,
+        tls_cert=None,
+        tls_key=None,
+        sources={},
     )
     assert settings.addr == addr
 
@@ -171,3 +184,20 @@ def test_parse_duration(text: str, seconds: float) -> None:
 def test_parse_duration_rejects(text: str) -> None:
     with pytest.raises(SettingError):
         parse_duration(text)
+
+
+def test_tls_from_distributions_environment_and_flags() -> None:
+    env = {"REGISTRY_HTTP_TLS_CERTIFICATE": "/env/cert.pem", "REGISTRY_HTTP_TLS_KEY": "/env/key.pem"}
+    settings = resolve(**NO_FLAGS, env=env)
+    assert (settings.tls_cert, settings.tls_key) == (Path("/env/cert.pem"), Path("/env/key.pem"))
+    assert settings.sources["tls_cert"] == "env REGISTRY_HTTP_TLS_CERTIFICATE"
+    flagged = resolve(**NO_FLAGS, tls_cert="/f/c.pem", tls_key="/f/k.pem", env=env)
+    assert (flagged.tls_cert, flagged.tls_key) == (Path("/f/c.pem"), Path("/f/k.pem"))
+    assert flagged.sources["tls_key"] == "flag --tls-key"
+
+
+def test_tls_needs_certificate_and_key() -> None:
+    with pytest.raises(SettingError, match="both"):
+        resolve(**NO_FLAGS, tls_cert="/c.pem", env={})
+    with pytest.raises(SettingError, match="both"):
+        resolve(**NO_FLAGS, env={"REGISTRY_HTTP_TLS_KEY": "/k.pem"})

@@ -201,9 +201,12 @@ def registry_under_test() -> Iterator[RegistryFactory]:
         env: Mapping[str, str] | None = None,
         start: bool = True,
         timeout: float = 30.0,
+        ca_file: Path | None = None,
     ) -> RegistryProcess:
         host = daemon.host if isinstance(daemon, Dockerd) else daemon
-        proc = RegistryProcess(host, cache_dir=cache_dir, port=port, extra_args=extra_args, env=env)
+        proc = RegistryProcess(
+            host, cache_dir=cache_dir, port=port, extra_args=extra_args, env=env, ca_file=ca_file
+        )
         made.append(proc)
         return proc.start(timeout=timeout) if start else proc
 

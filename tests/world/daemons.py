@@ -22,6 +22,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -374,10 +375,10 @@ def unix_http(
         conn.close()
 
 
-def http_status(url: str, *, timeout: float = 2.0) -> int:
+def http_status(url: str, *, timeout: float = 2.0, context: ssl.SSLContext | None = None) -> int:
     """Status of a GET on ``url`` (HTTP errors are statuses, not exceptions)."""
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
+        with urllib.request.urlopen(url, timeout=timeout, context=context) as resp:
             return int(resp.status)
     except urllib.error.HTTPError as exc:
         return int(exc.code)
@@ -1115,13 +1116,16 @@ class RegistryProcess:
         extra_args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
         log_level: str = "debug",
+        ca_file: Path | None = None,
     ) -> None:
         self.docker_host = docker_host
         self.root = make_temp_dir("reg")
         self.cache_dir = cache_dir or self.root / "cache"
         self.port = port or free_port()
         self.addr = f"127.0.0.1:{self.port}"
-        self.url = f"http://{self.addr}"
+        # With ca_file the registry serves HTTPS with a certificate that CA signed.
+        self.ssl_context = ssl.create_default_context(cafile=str(ca_file)) if ca_file else None
+        self.url = f"{'https' if ca_file else 'http'}://{self.addr}"
         self.log_path = log_path or self.root / "registry.log"
         self.extra_args = tuple(extra_args)
         self.extra_env = dict(env or {})
@@ -1164,7 +1168,7 @@ class RegistryProcess:
         def ready() -> bool:
             if self._proc and self._proc.popen and self._proc.popen.poll() is not None:
                 raise RuntimeError(f"exited with {self._proc.popen.returncode}")
-            return http_status(f"{self.url}/v2/", timeout=2) == 200
+            return http_status(f"{self.url}/v2/", timeout=2, context=self.ssl_context) == 200
 
         try:
             wait_until(ready, timeout=timeout, what=f"our registry on {self.addr}")
@@ -1216,4 +1220,5 @@ class RegistryFactory(Protocol):
         env: Mapping[str, str] | None = None,
         start: bool = True,
         timeout: float = 30.0,
+        ca_file: Path | None = None,
     ) -> RegistryProcess: ...

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import http.client
+import json
 import os
 import re
 import shutil
@@ -589,3 +590,41 @@ def test_doctor_fails_without_docker_and_on_a_busy_port(tmp_path: Path) -> None:
     assert f"✗ Docker is unreachable at DOCKER_HOST=unix://{tmp_path}/no.sock" in result.stdout
     assert f"✗ listen address 127.0.0.1:{port}: already in use" in result.stdout
     assert "✓ cache dir" in result.stdout
+
+
+def test_https_with_a_self_signed_certificate(
+    docker26: Dockerd, node: Containerd, registry_under_test: RegistryFactory, tmp_path: Path
+) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    build_image(docker26, "tls-app:1", layers=1, size=1 * MiB, seed="tls")
+    tls_env = {"REGISTRY_HTTP_TLS_CERTIFICATE": str(cert), "REGISTRY_HTTP_TLS_KEY": str(key)}
+    registry = registry_under_test(docker26, env=tls_env, ca_file=cert)
+    assert "serving HTTPS with" in registry.log_text()
+
+    # skopeo, trusting the certificate through a cert dir.
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    shutil.copy(cert, certs / "ca.crt")
+    inspected = json.loads(
+        skopeo("inspect", "--no-tags", "--cert-dir", str(certs), f"docker://{registry.addr}/tls-app:1")
+    )
+    assert inspected["Digest"].startswith("sha256:")
+
+    # containerd, with the certificate as the mirror's CA in hosts.toml.
+    hosts = node.hosts_dir / "_default" / "hosts.toml"
+    hosts.parent.mkdir(parents=True, exist_ok=True)
+    hosts.write_text(
+        f'[host."https://{registry.addr}/v2"]\n  capabilities = ["pull", "resolve"]\n  ca = "{cert}"\n'
+    )
+    ctr_ok(node, "docker.io/library/tls-app:1")
+    assert node_digest(node, "docker.io/library/tls-app:1") == inspected["Digest"]
+
+    # No plain HTTP on the TLS port.
+    with pytest.raises(OSError):
+        oci_client.request(f"http://{registry.addr}/v2/", timeout=5)
