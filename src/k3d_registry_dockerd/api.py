@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from aiohttp import BasicAuth, hdrs, web
 from aiohttp.abc import AbstractAccessLogger
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .docker import Credentials
 from .errors import RegistryError
@@ -64,8 +66,15 @@ async def _oci_errors(request: web.Request, handler: web.Handler) -> web.StreamR
         )
 
 
-async def _add_api_version(_request: web.Request, response: web.StreamResponse) -> None:
+async def _on_response(request: web.Request, response: web.StreamResponse) -> None:
+    """Adds the registry API version header and counts the response (status and size are final here)."""
     response.headers[API_VERSION[0]] = API_VERSION[1]
+    handler = request.match_info.handler
+    route = "unmatched" if request.match_info.http_exception else getattr(handler, "__name__", "other")
+    metrics = request.app[MIRROR].metrics
+    metrics.requests.labels(route, request.method, str(response.status)).inc()
+    if request.method != hdrs.METH_HEAD and response.content_length:
+        metrics.served_bytes.labels(route).inc(response.content_length)
 
 
 def _credentials(request: web.Request) -> Credentials | None:
@@ -134,6 +143,12 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text format; the cache gauges walk the blob directory, so off the event loop."""
+    body = await asyncio.to_thread(generate_latest, request.app[MIRROR].metrics.registry)
+    return web.Response(body=body, headers={hdrs.CONTENT_TYPE: CONTENT_TYPE_LATEST})
+
+
 async def unsupported(request: web.Request) -> web.Response:
     if request.method in (hdrs.METH_GET, hdrs.METH_HEAD):
         raise RegistryError("NAME_UNKNOWN", f"no such endpoint: {request.path}", status=404)
@@ -143,9 +158,10 @@ async def unsupported(request: web.Request) -> web.Response:
 def create_app(mirror: Mirror) -> web.Application:
     app = web.Application(middlewares=[_oci_errors])
     app[MIRROR] = mirror
-    app.on_response_prepare.append(_add_api_version)
+    app.on_response_prepare.append(_on_response)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
     app.router.add_get("/v2/", base)
     app.router.add_get("/v2", base)
     app.router.add_get("/v2/{name:.+}/manifests/{reference}", manifest)

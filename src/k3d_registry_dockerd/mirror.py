@@ -36,6 +36,7 @@ from .export import (
     read_save_stream,
     select_root,
 )
+from .metrics import Metrics
 from .reference import Digest, Repository
 from .store import ManifestEntry, RepositoryRecord, Store, TagEntry
 
@@ -67,10 +68,17 @@ class SingleFlight:
 
 
 class Mirror:
-    def __init__(self, store: Store, docker: DockerClient, refresh_tags: float | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        docker: DockerClient,
+        refresh_tags: float | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.store = store
         self.docker = docker
         self.refresh_tags = refresh_tags
+        self.metrics = metrics or Metrics(store.blobs_dir)
         self._flights = SingleFlight()
         self.exports = 0
         # Digests a Docker image was found not to contain, so repeated requests cost no new export.
@@ -89,6 +97,7 @@ class Mirror:
         except DockerUnavailable as exc:
             if cached is not None and self.store.has_blob(cached.digest):
                 log.warning("serving cached %s (%s) as it was: %s", repo.familiar(tag), cached.digest, exc)
+                self.metrics.manifest_cache.labels("stale").inc()
                 return self._served(cached.digest, cached.media_type)
             raise RegistryError("UNAVAILABLE", str(exc)) from exc
 
@@ -106,7 +115,9 @@ class Mirror:
         if cached is not None and cached.image_id == image_id and self.store.has_blob(cached.digest):
             if pulled_at is not None:
                 await self._update(repo, {}, {tag: replace(cached, pulled_at=pulled_at)})
+            self.metrics.manifest_cache.labels("hit").inc()
             return self._served(cached.digest, cached.media_type)
+        self.metrics.manifest_cache.labels("miss").inc()
         entry = await self._flights.run(
             f"export {repo.docker_ref(tag)} {image_id}",
             lambda: self._export_tag(repo, tag, image_id, pulled_at),
@@ -177,9 +188,12 @@ class Mirror:
         return time.time()
 
     async def _do_pull(self, repo: Repository, ref: str, credentials: Credentials | None) -> None:
+        started, outcome = time.monotonic(), "failed"
         try:
             await self.docker.pull(ref, credentials)
+            outcome = "ok"
         except PullDenied as exc:
+            outcome = "denied"
             log.warning("pull of %s refused by %s: %s", ref, repo.domain, exc)
             if credentials is None:
                 raise RegistryError(
@@ -193,6 +207,7 @@ class Mirror:
                 "DENIED", f"{repo.domain} refused the credentials for {ref}", detail=str(exc)
             ) from exc
         except PullNotFound as exc:
+            outcome = "not_found"
             log.info("pull of %s: not found upstream: %s", ref, exc)
             raise RegistryError("MANIFEST_UNKNOWN", f"{ref} not found upstream", detail=str(exc)) from exc
         except PullFailed as exc:
@@ -200,6 +215,8 @@ class Mirror:
             raise RegistryError(
                 "UNAVAILABLE", f"pulling {ref} through Docker failed", status=502, detail=str(exc)
             ) from exc
+        finally:
+            self.metrics.pulls.labels(outcome).observe(time.monotonic() - started)
 
     # ---- export ---------------------------------------------------------------------------------
 
@@ -281,6 +298,17 @@ class Mirror:
             await asyncio.to_thread(self.store.save_record, record)
 
     async def _export(self, ref: str, info: DaemonInfo, names: tuple[str, ...]) -> ExportPlan:
+        self.metrics.exports_in_flight.inc()
+        started, outcome = time.monotonic(), "failed"
+        try:
+            plan = await self._save_into_store(ref, info, names)
+            outcome = "ok"
+            return plan
+        finally:
+            self.metrics.exports_in_flight.dec()
+            self.metrics.exports.labels(outcome).observe(time.monotonic() - started)
+
+    async def _save_into_store(self, ref: str, info: DaemonInfo, names: tuple[str, ...]) -> ExportPlan:
         """Streams `docker save` of one image into the store and plans what of it can be served."""
         self.exports += 1
         started = time.monotonic()

@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 
 from k3d_registry_dockerd.api import create_app
 from k3d_registry_dockerd.docker import (
@@ -628,3 +629,43 @@ async def test_readyz_reports_an_unwritable_cache(client: TestClient, store: Sto
         store.tmp_dir.mkdir()
     assert response.status == 503
     assert str(store.root) in (await response.json())["problems"]["cache"]
+
+
+def _sample(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in Prometheus text format (0 when absent)."""
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return 0.0
+
+
+async def test_metrics(client: TestClient, docker: FakeDocker) -> None:
+    image = docker.images[ALPINE].image
+    assert (await client.get("/v2/alpine/manifests/latest")).status == 200
+    assert (await client.get("/v2/alpine/manifests/latest")).status == 200
+    layer = json.loads(image.manifest)["layers"][0]
+    assert (await client.get(f"/v2/alpine/blobs/{layer['digest']}")).status == 200
+    assert (await client.get("/v2/alpine/manifests/nope")).status == 404
+
+    response = await client.get("/metrics")
+    assert response.status == 200
+    assert response.headers["Content-Type"].startswith("text/plain")
+    text = await response.text()
+    requests = "k3d_registry_requests_total"
+    assert _sample(text, requests, route="manifest", method="GET", status="200") == 2
+    assert _sample(text, requests, route="manifest", method="GET", status="404") == 1
+    assert _sample(text, requests, route="blob", method="GET", status="200") == 1
+    assert _sample(text, "k3d_registry_served_bytes_total", route="blob") == layer["size"]
+    assert _sample(text, "k3d_registry_manifest_cache_total", result="miss") == 1
+    assert _sample(text, "k3d_registry_manifest_cache_total", result="hit") == 1
+    assert _sample(text, "k3d_registry_docker_export_seconds_count", outcome="ok") == 1
+    assert _sample(text, "k3d_registry_exports_in_flight") == 0
+    assert _sample(text, "k3d_registry_cache_blobs") >= 3
+    assert _sample(text, "k3d_registry_cache_bytes") >= layer["size"]
+
+
+async def test_metrics_count_pulls_by_outcome(client: TestClient, docker: FakeDocker) -> None:
+    await client.get(REDIS_PATH)
+    text = await (await client.get("/metrics")).text()
+    assert _sample(text, "k3d_registry_docker_pull_seconds_count", outcome="not_found") == 1

@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from . import oci_client
 from .daemons import (
@@ -234,6 +235,19 @@ def test_ten_simultaneous_pulls_cause_one_export(
         digests = set(pool.map(one_pull, range(10)))
     assert len(digests) == 1
     assert exports(registry) == 1
+    # The same from the registry's own counters.
+    metrics = oci_client.request(f"{registry.url}/metrics").body.decode()
+    families = {family.name: family for family in text_string_to_metric_families(metrics)}
+    export_counts = [
+        s for s in families["k3d_registry_docker_export_seconds"].samples if s.name.endswith("_count")
+    ]
+    assert [(s.labels["outcome"], s.value) for s in export_counts] == [("ok", 1.0)]
+    manifest_200 = [
+        s.value
+        for s in families["k3d_registry_requests"].samples
+        if s.labels.get("route") == "manifest" and s.labels.get("status") == "200"
+    ]
+    assert manifest_200 == [10.0]
 
 
 def test_restart_with_warm_cache_needs_no_export(

@@ -1,0 +1,70 @@
+"""Prometheus metrics of one registry instance (its own CollectorRegistry, so instances never share)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+# Pulls and exports range from milliseconds (cached layers) to minutes (GB images).
+_DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+
+class _CacheCollector(Collector):
+    """Blobs and bytes in the cache, counted when scraped (a walk of the blob directory)."""
+
+    def __init__(self, blobs_dir: Path) -> None:
+        self._blobs_dir = blobs_dir
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        count = size = 0
+        for path in self._blobs_dir.rglob("*"):
+            try:
+                if path.is_file():
+                    count += 1
+                    size += path.stat().st_size
+            except FileNotFoundError:
+                continue
+        yield GaugeMetricFamily("k3d_registry_cache_blobs", "Blobs in the cache", value=count)
+        yield GaugeMetricFamily("k3d_registry_cache_bytes", "Bytes of blobs in the cache", value=size)
+
+
+class Metrics:
+    def __init__(self, blobs_dir: Path) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "k3d_registry_requests",
+            "HTTP requests by route, method and status",
+            ["route", "method", "status"],
+            registry=self.registry,
+        )
+        self.served_bytes = Counter(
+            "k3d_registry_served_bytes", "Body bytes sent, by route", ["route"], registry=self.registry
+        )
+        self.manifest_cache = Counter(
+            "k3d_registry_manifest_cache",
+            "Tag requests answered from the cache (hit) or needing an export (miss)",
+            ["result"],
+            registry=self.registry,
+        )
+        self.pulls = Histogram(
+            "k3d_registry_docker_pull_seconds",
+            "Pulls through dockerd, by outcome",
+            ["outcome"],
+            buckets=_DURATION_BUCKETS,
+            registry=self.registry,
+        )
+        self.exports = Histogram(
+            "k3d_registry_docker_export_seconds",
+            "Exports (docker save) into the cache, by outcome",
+            ["outcome"],
+            buckets=_DURATION_BUCKETS,
+            registry=self.registry,
+        )
+        self.exports_in_flight = Gauge(
+            "k3d_registry_exports_in_flight", "Exports running now", registry=self.registry
+        )
+        self.registry.register(_CacheCollector(blobs_dir))
