@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import ctypes
 import ctypes.util
+import json
 import logging
 import ssl
 import sys
@@ -20,10 +21,12 @@ from .mirror import Mirror
 from .settings import (
     ENV_ADDR,
     ENV_CACHE_DIR,
+    ENV_LOG_FORMAT,
     ENV_LOG_LEVEL,
     ENV_REFRESH_TAGS,
     ENV_TLS_CERT,
     ENV_TLS_KEY,
+    LOG_FORMATS,
     LOG_LEVELS,
     SettingError,
     Settings,
@@ -49,6 +52,12 @@ def _add_settings(parser: argparse.ArgumentParser, default: object = None) -> No
     )
     parser.add_argument(
         "--log-level", default=default, choices=LOG_LEVELS, help=f"(env {ENV_LOG_LEVEL}; default info)"
+    )
+    parser.add_argument(
+        "--log-format",
+        default=default,
+        choices=LOG_FORMATS,
+        help=f"text lines or one JSON object per line (env {ENV_LOG_FORMAT}; default text)",
     )
     parser.add_argument(
         "--refresh-tags",
@@ -92,12 +101,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, for log collectors."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def _configure_logging(level: str, log_format: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
     # aiodocker and aiohttp's own debug output would drown the registry's.
     for noisy in ("aiohttp.internal", "aiohttp.server", "asyncio"):
         logging.getLogger(noisy).setLevel(max(logging.INFO, logging.getLogger().level))
@@ -160,6 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             cache_dir=args.cache_dir,
             log_level=args.log_level,
             refresh_tags=args.refresh_tags,
+            log_format=args.log_format,
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
         )
@@ -169,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command == "doctor":
         return asyncio.run(doctor.run(settings))
-    _configure_logging(settings.log_level)
+    _configure_logging(settings.log_level, settings.log_format)
     _tune_allocator()
     log.info("k3d-registry-dockerd %s", __version__)
     log.info("listen address %s (%s)", settings.addr, settings.sources["addr"])

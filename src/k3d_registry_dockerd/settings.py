@@ -11,12 +11,14 @@ from pathlib import Path
 ENV_ADDR = "REGISTRY_HTTP_ADDR"
 ENV_CACHE_DIR = "K3D_REGISTRY_DOCKERD_CACHE_DIR"
 ENV_LOG_LEVEL = "K3D_REGISTRY_DOCKERD_LOG_LEVEL"
+ENV_LOG_FORMAT = "K3D_REGISTRY_DOCKERD_LOG_FORMAT"
 ENV_REFRESH_TAGS = "K3D_REGISTRY_DOCKERD_REFRESH_TAGS"
 # As distribution's registry reads them.
 ENV_TLS_CERT = "REGISTRY_HTTP_TLS_CERTIFICATE"
 ENV_TLS_KEY = "REGISTRY_HTTP_TLS_KEY"
 DEFAULT_ADDR = ":5000"
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
@@ -60,6 +62,7 @@ class Settings:
     port: int
     cache_dir: Path
     log_level: str
+    log_format: str
     refresh_tags: float | None
     # Serve HTTPS with this certificate (chain) and key; plain HTTP when None.
     tls_cert: Path | None
@@ -79,6 +82,7 @@ def resolve(
     cache_dir: str | None,
     log_level: str | None,
     refresh_tags: str | None,
+    log_format: str | None = None,
     tls_cert: str | None = None,
     tls_key: str | None = None,
     env: Mapping[str, str] = os.environ,
@@ -100,6 +104,9 @@ def resolve(
     level = (pick("log_level", "--log-level", log_level, ENV_LOG_LEVEL, "info") or "info").lower()
     if level not in LOG_LEVELS:
         raise SettingError(f"log level {level!r} is not one of {', '.join(LOG_LEVELS)}")
+    log_format_ = (pick("log_format", "--log-format", log_format, ENV_LOG_FORMAT, "text") or "text").lower()
+    if log_format_ not in LOG_FORMATS:
+        raise SettingError(f"log format {log_format_!r} is not one of {', '.join(LOG_FORMATS)}")
     refresh = pick("refresh_tags", "--refresh-tags", refresh_tags, ENV_REFRESH_TAGS, None)
     cert = pick("tls_cert", "--tls-cert", tls_cert, ENV_TLS_CERT, None)
     key = pick("tls_key", "--tls-key", tls_key, ENV_TLS_KEY, None)
@@ -110,6 +117,7 @@ def resolve(
         port=port,
         cache_dir=Path(cache).expanduser() if cache else default_cache_dir(env),
         log_level=level,
+        log_format=log_format_,
         refresh_tags=parse_duration(refresh) if refresh else None,
         tls_cert=Path(cert).expanduser() if cert else None,
         tls_key=Path(key).expanduser() if key else None,

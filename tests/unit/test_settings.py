@@ -31,6 +31,7 @@ def test_defaults() -> None:
         "addr": "default",
         "cache_dir": "default",
         "log_level": "default",
+        "log_format": "default",
         "refresh_tags": "default",
         "tls_cert": "default",
         "tls_key": "default",
@@ -53,6 +54,7 @@ def test_env_beats_default() -> None:
         "addr": f"env {ENV_ADDR}",
         "cache_dir": f"env {ENV_CACHE_DIR}",
         "log_level": f"env {ENV_LOG_LEVEL}",
+        "log_format": "default",
         "refresh_tags": f"env {ENV_REFRESH_TAGS}",
         "tls_cert": "default",
         "tls_key": "default",
@@ -71,6 +73,7 @@ def test_flag_beats_env() -> None:
         "addr": "flag --addr",
         "cache_dir": "flag --cache-dir",
         "log_level": "flag --log-level",
+        "log_format": "default",
         "refresh_tags": "flag --refresh-tags",
         "tls_cert": "default",
         "tls_key": "default",
@@ -152,6 +155,7 @@ def test_settings_addr(host: str | None, port: int, addr: str) -> None:
         port=port,
         cache_dir=Path("/c"),
         log_level="info",
+        log_format="text",
         refresh_tags=None,
         tls_cert=None,
         tls_key=None,
@@ -201,3 +205,14 @@ def test_tls_needs_certificate_and_key() -> None:
         resolve(**NO_FLAGS, tls_cert="/c.pem", env={})
     with pytest.raises(SettingError, match="both"):
         resolve(**NO_FLAGS, env={"REGISTRY_HTTP_TLS_KEY": "/k.pem"})
+
+
+def test_log_format() -> None:
+    assert resolve(**NO_FLAGS, env={}).log_format == "text"
+    assert resolve(**NO_FLAGS, env={"K3D_REGISTRY_DOCKERD_LOG_FORMAT": "JSON"}).log_format == "json"
+    assert (
+        resolve(**NO_FLAGS, log_format="text", env={"K3D_REGISTRY_DOCKERD_LOG_FORMAT": "json"}).log_format
+        == "text"
+    )
+    with pytest.raises(SettingError, match="log format"):
+        resolve(**NO_FLAGS, log_format="xml", env={})

@@ -642,3 +642,15 @@ def test_https_with_a_self_signed_certificate(
     # No plain HTTP on the TLS port.
     with pytest.raises(OSError):
         oci_client.request(f"http://{registry.addr}/v2/", timeout=5)
+
+
+def test_json_logs(docker26: Dockerd, registry_under_test: RegistryFactory) -> None:
+    build_image(docker26, "json-logs:1", layers=1, size=1 * MiB, seed="json")
+    registry = registry_under_test(docker26, extra_args=["--log-format", "json"])
+    pulled = oci_client.pull(registry.url, "json-logs", "1")
+    entries = [json.loads(line) for line in registry.log_text().splitlines() if line.startswith("{")]
+    assert {"time", "level", "logger", "message"} <= set(entries[0])
+    access = [e["message"] for e in entries if e["logger"] == "aiohttp.access"]
+    layer = pulled.manifest["layers"][0]
+    assert any(f'/blobs/{layer["digest"]} HTTP/1.1" 200 {layer["size"]} ' in message for message in access)
+    assert any(e["logger"] == "k3d_registry_dockerd.mirror" and "exported" in e["message"] for e in entries)
