@@ -1,0 +1,122 @@
+"""The Dockerfile's image, built by a test dockerd and run the way k3d runs a registry.
+
+No public base image is reachable here, so the base is a Debian bookworm root filesystem made with
+debootstrap (python3 + venv) and imported under a local name; the package and its dependencies come from
+wheels built on this machine and passed in the build context. The Dockerfile itself stays an ordinary one:
+both are build arguments.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from . import oci_client
+from .daemons import (
+    REPO_ROOT,
+    Containerd,
+    Dockerd,
+    free_port,
+    make_temp_dir,
+    remove_tree,
+    require_binary,
+    run,
+    wait_until,
+)
+from .images import MiB, build_image
+
+BASE_IMAGE = "k3rd-python-base:bookworm"
+IMAGE = "k3d-registry-dockerd:test"
+
+
+def _debian_mirror() -> str:
+    """The Debian mirror this machine's apt uses, for debootstrap."""
+    sources = Path("/etc/apt/sources.list.d/debian.sources")
+    if sources.exists():
+        for line in sources.read_text().splitlines():
+            if line.startswith("URIs:"):
+                return line.split()[1]
+    for line in Path("/etc/apt/sources.list").read_text().splitlines():
+        if line.startswith("deb ") and " bookworm" in line:
+            return line.split()[1]
+    raise RuntimeError("no Debian mirror configured for apt")
+
+
+@pytest.fixture(scope="module")
+def registry_image(docker26: Dockerd) -> Iterator[str]:
+    """Builds the Dockerfile with the test dockerd, offline, from a debootstrapped base."""
+    try:
+        debootstrap = require_binary("debootstrap")
+    except Exception as exc:  # WorldUnavailable: the fixtures' loud skip
+        pytest.skip(f"test world: {exc}")
+    work = make_temp_dir("image")
+    try:
+        rootfs = work / "rootfs"
+        run([debootstrap, "--variant=minbase", "--include=python3,python3-venv", "bookworm", rootfs,
+             _debian_mirror()], timeout=900)  # fmt: skip
+        with tarfile.open(work / "rootfs.tar", "w") as tar:
+            tar.add(rootfs, arcname=".")
+        shutil.rmtree(rootfs)
+        docker26.docker("import", str(work / "rootfs.tar"), BASE_IMAGE)
+
+        context = work / "context"
+        shutil.copytree(
+            REPO_ROOT,
+            context,
+            ignore=shutil.ignore_patterns(
+                ".git", "__pycache__", "*.egg-info", ".pytest_cache", ".ruff_cache"
+            ),
+        )
+        run([sys.executable, "-m", "pip", "wheel", "-q", "-w", context / "wheels", REPO_ROOT], timeout=900)
+        docker26.docker(
+            "build", "-q", "-t", IMAGE,
+            "--build-arg", f"BASE={BASE_IMAGE}",
+            "--build-arg", "PIP_INSTALL=--no-index --find-links /src/wheels k3d-registry-dockerd",
+            str(context),
+            env={"DOCKER_BUILDKIT": "0"},
+            timeout=900,
+        )  # fmt: skip
+        shutil.rmtree(context)
+        yield IMAGE
+    finally:
+        remove_tree(work)
+
+
+def test_image_runs_as_k3d_runs_a_registry(docker26: Dockerd, node: Containerd, registry_image: str) -> None:
+    build_image(docker26, "in-cluster-app:1", layers=2, size=2 * MiB, seed="container")
+    port = free_port()
+    name = f"k3rd-registry-{port}"
+    docker26.docker(
+        "run", "-d", "--name", name, "--network", "host",
+        "-e", f"REGISTRY_HTTP_ADDR=127.0.0.1:{port}",
+        "-v", f"{docker26.socket}:/var/run/docker.sock",
+        registry_image,
+    )  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_until(
+            lambda: oci_client.request(f"{url}/v2/", timeout=2).status == 200,
+            timeout=60,
+            what="the registry container",
+        )
+        node.set_mirror(f"127.0.0.1:{port}")
+        result = node.pull("docker.io/library/in-cluster-app:1")
+        assert result.returncode == 0, result.stdout + result.stderr
+        logs = docker26.docker("logs", name).stderr
+        assert "listen address 127.0.0.1:" in logs and "(env REGISTRY_HTTP_ADDR)" in logs
+        assert "cache dir /var/cache/k3d-registry-dockerd (env K3D_REGISTRY_DOCKERD_CACHE_DIR)" in logs
+        assert "exported docker.io/library/in-cluster-app:1" in logs
+        # The HEALTHCHECK's own command, run in the container.
+        health = docker26.docker("inspect", "--format", "{{json .Config.Healthcheck.Test}}", name).stdout
+        command = json.loads(health)
+        assert command[0] == "CMD"
+        docker26.docker("exec", name, *command[1:])
+    finally:
+        subprocess.run(["docker", "-H", docker26.host, "rm", "-f", name], capture_output=True, check=False)
