@@ -24,6 +24,7 @@ from .daemons import (
     RegistryProcess,
     UpstreamRegistry,
     WorldUnavailable,
+    require_binary,
     sweep_stale_dirs,
 )
 
@@ -124,6 +125,15 @@ def podman() -> Iterator[Podman]:
         yield service
     finally:
         service.close()
+
+
+@pytest.fixture(scope="session")
+def debootstrap() -> str:
+    """Path of debootstrap, which makes the base image for the container-image test."""
+    try:
+        return require_binary("debootstrap")
+    except WorldUnavailable as exc:
+        _missing("debootstrap", exc)
 
 
 def _upstream(name: str, user: str | None = None, password: str | None = None) -> Iterator[UpstreamRegistry]:

@@ -26,7 +26,6 @@ from .daemons import (
     free_port,
     make_temp_dir,
     remove_tree,
-    require_binary,
     run,
     wait_until,
 )
@@ -50,12 +49,8 @@ def _debian_mirror() -> str:
 
 
 @pytest.fixture(scope="module")
-def registry_image(docker26: Dockerd) -> Iterator[str]:
+def registry_image(docker26: Dockerd, debootstrap: str) -> Iterator[str]:
     """Builds the Dockerfile with the test dockerd, offline, from a debootstrapped base."""
-    try:
-        debootstrap = require_binary("debootstrap")
-    except Exception as exc:  # WorldUnavailable: the fixtures' loud skip
-        pytest.skip(f"test world: {exc}")
     work = make_temp_dir("image")
     try:
         rootfs = work / "rootfs"
