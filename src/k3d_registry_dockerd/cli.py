@@ -11,10 +11,11 @@ import logging
 import ssl
 import sys
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 
 from aiohttp import web
 
-from . import __version__, doctor
+from . import __version__, configs, doctor
 from .api import AccessLogger, create_app
 from .docker import DockerClient, DockerUnavailable
 from .mirror import Mirror
@@ -98,7 +99,44 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         argparse.SUPPRESS,
     )
+    config = commands.add_parser("config", help="print a cluster configuration that uses this registry")
+    config.add_argument(
+        "target",
+        choices=("k3d", "kind", "registries"),
+        help="k3d: a k3d Simple config; kind: a kind Cluster config (and writes hosts.toml into "
+        "--hosts-dir); registries: a k3s registries.yaml",
+    )
+    config.add_argument("--name", help="the registry's container name (default k3d-registry, kind-registry)")
+    config.add_argument("--port", type=int, default=5000, help="its port (default 5000)")
+    config.add_argument("--image", default=configs.DEFAULT_IMAGE, help=f"(default {configs.DEFAULT_IMAGE})")
+    config.add_argument(
+        "--shared",
+        action="store_true",
+        help="k3d: use a registry made once with `k3d registry create` instead of one per cluster",
+    )
+    config.add_argument(
+        "--hosts-dir",
+        default="certs.d",
+        help="kind: where to write _default/hosts.toml, mounted into the nodes (default ./certs.d)",
+    )
     return parser
+
+
+def _print_config(args: argparse.Namespace) -> int:
+    if args.target == "k3d":
+        name = args.name or "k3d-registry"
+        render = configs.k3d_shared if args.shared else configs.k3d_create
+        print(render(name, args.port, args.image), end="")
+    elif args.target == "kind":
+        name = args.name or "kind-registry"
+        hosts = Path(args.hosts_dir).resolve() / "_default" / "hosts.toml"
+        hosts.parent.mkdir(parents=True, exist_ok=True)
+        hosts.write_text(configs.hosts_toml(f"http://{name}:{args.port}"))
+        print(f"# wrote {hosts}")
+        print(configs.kind_cluster(str(hosts.parent.parent)), end="")
+    else:
+        print(configs.registries_yaml(f"http://{args.name or 'k3d-registry'}:{args.port}"), end="")
+    return 0
 
 
 class JsonFormatter(logging.Formatter):
@@ -179,6 +217,8 @@ def _build_app(settings: Settings) -> web.Application:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "config":
+        return _print_config(args)
     try:
         settings = resolve(
             addr=args.addr,

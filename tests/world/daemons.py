@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, Self, TypeVar
 
+from k3d_registry_dockerd import configs
+
 T = TypeVar("T")
 
 WORLD_DIR = Path(os.environ.get("K3D_REGISTRY_DOCKERD_WORLD", "/opt/k3d-registry-dockerd-world"))
@@ -954,9 +956,15 @@ class Containerd:
         override_path: bool = False,
         path: str = "/v2",
     ) -> Path:
-        """(Re)write HOST/hosts.toml with one mirror endpoint, like k3s does; returns the file."""
+        """(Re)write HOST/hosts.toml with one mirror endpoint, like k3s does; returns the file.
+
+        With the defaults this is the file `k3d-registry-dockerd config kind` writes.
+        """
         caps = ", ".join(f'"{c}"' for c in capabilities)
-        text = f'[host."http://{addr}{path}"]\n  capabilities = [{caps}]\n'
+        if (tuple(capabilities), path, override_path) == (("pull", "resolve"), "/v2", False):
+            text = configs.hosts_toml(f"http://{addr}")
+        else:
+            text = f'[host."http://{addr}{path}"]\n  capabilities = [{caps}]\n'
         if override_path:
             text += "  override_path = true\n"
         target = self.hosts_dir / host / "hosts.toml"
