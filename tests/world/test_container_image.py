@@ -23,13 +23,14 @@ from .daemons import (
     REPO_ROOT,
     Containerd,
     Dockerd,
+    Podman,
     free_port,
     make_temp_dir,
     remove_tree,
     run,
     wait_until,
 )
-from .images import MiB, build_image
+from .images import BUSYBOX, MiB, build_image, seeded_bytes
 
 BASE_IMAGE = "k3rd-python-base:bookworm"
 IMAGE = "k3d-registry-dockerd:test"
@@ -113,5 +114,38 @@ def test_image_runs_as_k3d_runs_a_registry(docker26: Dockerd, node: Containerd, 
         command = json.loads(health)
         assert command[0] == "CMD"
         docker26.docker("exec", name, *command[1:])
+    finally:
+        subprocess.run(["docker", "-H", docker26.host, "rm", "-f", name], capture_output=True, check=False)
+
+
+def test_image_with_podmans_socket(
+    docker26: Dockerd, podman: Podman, node: Containerd, registry_image: str, tmp_path: Path
+) -> None:
+    context = tmp_path / "context"
+    context.mkdir()
+    shutil.copy(BUSYBOX, context / "busybox")
+    (context / "data").write_bytes(seeded_bytes("podman-in-container", 2 * MiB))
+    (context / "Containerfile").write_text("FROM scratch\nCOPY busybox /bin/busybox\nCOPY data /data\n")
+    podman.podman("build", "-q", "-t", "localhost/podman-built:1", str(context))
+    port = free_port()
+    name = f"k3rd-registry-podman-{port}"
+    docker26.docker(
+        "run", "-d", "--name", name, "--network", "host",
+        "-e", f"REGISTRY_HTTP_ADDR=127.0.0.1:{port}",
+        "-v", f"{podman.socket}:/var/run/docker.sock",
+        registry_image,
+    )  # fmt: skip
+    try:
+        wait_until(
+            lambda: oci_client.request(f"http://127.0.0.1:{port}/v2/", timeout=2).status == 200,
+            timeout=60,
+            what="the registry container on Podman's socket",
+        )
+        node.set_mirror(f"127.0.0.1:{port}")
+        result = node.pull("localhost/podman-built:1")
+        assert result.returncode == 0, result.stdout + result.stderr
+        logs = docker26.docker("logs", name).stderr
+        assert "Podman Engine" in logs
+        assert "exported localhost/podman-built:1" in logs
     finally:
         subprocess.run(["docker", "-H", docker26.host, "rm", "-f", name], capture_output=True, check=False)
