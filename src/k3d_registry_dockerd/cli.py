@@ -10,12 +10,13 @@ import json
 import logging
 import ssl
 import sys
+import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 from aiohttp import web
 
-from . import __version__, configs, doctor
+from . import __version__, cache, configs, doctor
 from .api import AccessLogger, create_app
 from .docker import DockerClient, DockerUnavailable
 from .mirror import Mirror
@@ -31,6 +32,7 @@ from .settings import (
     LOG_LEVELS,
     SettingError,
     Settings,
+    parse_duration,
     resolve,
 )
 from .store import Store
@@ -99,6 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         argparse.SUPPRESS,
     )
+    cache_parser = commands.add_parser(
+        "cache", help="list, verify or prune the cache (run while the registry is stopped)"
+    )
+    _add_settings(cache_parser, argparse.SUPPRESS)
+    cache_parser.add_argument("action", choices=("ls", "verify", "prune"))
+    cache_parser.add_argument("--all", action="store_true", help="prune: remove every cached image")
+    cache_parser.add_argument(
+        "--older-than", metavar="DURATION", help="prune: images not used for this long (e.g. 7d, 12h)"
+    )
     config = commands.add_parser("config", help="print a cluster configuration that uses this registry")
     config.add_argument(
         "target",
@@ -120,6 +131,47 @@ def build_parser() -> argparse.ArgumentParser:
         help="kind: where to write _default/hosts.toml, mounted into the nodes (default ./certs.d)",
     )
     return parser
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit} ago"
+    return "just now"
+
+
+def _cache_command(args: argparse.Namespace, settings: Settings) -> int:
+    store = Store(settings.cache_dir)
+    store.open()
+    if args.action == "ls":
+        print(f"{'REPOSITORY':40} {'TAGS':20} {'DIGEST':19} {'SIZE':>10}  LAST USED")
+        now = time.time()
+        for image in cache.images(store):
+            print(
+                f"{image.repository:40} {','.join(image.tags):20} {image.digest[:19]} "
+                f"{image.size / 1e6:>8.1f}MB  {_age(now - image.last_used)}"
+            )
+        return 0
+    if args.action == "verify":
+        checked, corrupt = cache.verify(store)
+        for path in corrupt:
+            print(f"✗ removed {path}: its bytes do not match its digest")
+        print(f"checked {checked} blobs, {len(corrupt)} corrupt")
+        return 1 if corrupt else 0
+    if not args.all and args.older_than is None:
+        print("k3d-registry-dockerd: cache prune needs --all or --older-than DURATION", file=sys.stderr)
+        return 2
+    try:
+        older_than = parse_duration(args.older_than) if args.older_than else None
+    except SettingError as exc:
+        print(f"k3d-registry-dockerd: {exc}", file=sys.stderr)
+        return 2
+    result = cache.prune(store, older_than=older_than, everything=args.all)
+    print(
+        f"pruned {result.tags} tags, {result.manifests} manifests, {result.blobs} blobs "
+        f"({result.bytes / 1e6:.1f} MB freed)"
+    )
+    return 0
 
 
 def _print_config(args: argparse.Namespace) -> int:
@@ -235,6 +287,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command == "doctor":
         return asyncio.run(doctor.run(settings))
+    if args.command == "cache":
+        return _cache_command(args, settings)
     _configure_logging(settings.log_level, settings.log_format)
     _tune_allocator()
     log.info("k3d-registry-dockerd %s", __version__)

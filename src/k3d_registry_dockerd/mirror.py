@@ -43,6 +43,7 @@ from .store import ManifestEntry, RepositoryRecord, Store, TagEntry
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 READY_TIMEOUT = 5.0
+LAST_USE_RESOLUTION = 60.0
 
 
 @dataclass(frozen=True)
@@ -113,8 +114,12 @@ class Mirror:
         # Another request may have finished exporting this image while we inspected it.
         cached = self._cached_tag(repo, tag)
         if cached is not None and cached.image_id == image_id and self.store.has_blob(cached.digest):
-            if pulled_at is not None:
-                await self._update(repo, {}, {tag: replace(cached, pulled_at=pulled_at)})
+            now = time.time()
+            used_long_ago = cached.last_used is None or now - cached.last_used > LAST_USE_RESOLUTION
+            if pulled_at is not None or used_long_ago:
+                # Recorded at most once a minute per tag: a record write per pull would be wasted I/O.
+                changed = replace(cached, pulled_at=pulled_at or cached.pulled_at, last_used=now)
+                await self._update(repo, {}, {tag: changed})
             self.metrics.manifest_cache.labels("hit").inc()
             return self._served(cached.digest, cached.media_type)
         self.metrics.manifest_cache.labels("miss").inc()
@@ -226,12 +231,14 @@ class Mirror:
         ref = repo.docker_ref(tag)
         info = await self.docker.daemon()
         plan = await self._export(ref, info, (ref, repo.familiar(tag), tag))
+        now = time.time()
         entry = TagEntry(
             digest=plan.root.digest,
             media_type=plan.manifests[plan.root.digest].media_type,
             image_id=image_id,
-            exported_at=time.time(),
+            exported_at=now,
             pulled_at=pulled_at or self._previous_pull(repo, tag, image_id),
+            last_used=now,
         )
         await self._update(repo, plan.manifests, {tag: entry})
         return entry

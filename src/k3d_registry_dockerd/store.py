@@ -47,6 +47,8 @@ class TagEntry:
     exported_at: float
     # When this registry last had Docker pull the tag; None if Docker already had it.
     pulled_at: float | None = None
+    # When a client last asked for the tag (to the minute), for `cache ls` and `cache prune`.
+    last_used: float | None = None
 
 
 @dataclass
@@ -210,6 +212,9 @@ class Store:
         fd, name = tempfile.mkstemp(dir=self.tmp_dir, prefix="ready-")
         os.close(fd)
         os.unlink(name)
+
+    def records(self) -> list[RepositoryRecord]:
+        return list(self._records.values())
 
     def record(self, name: str) -> RepositoryRecord | None:
         return self._records.get(name)

@@ -654,3 +654,49 @@ def test_json_logs(docker26: Dockerd, registry_under_test: RegistryFactory) -> N
     layer = pulled.manifest["layers"][0]
     assert any(f'/blobs/{layer["digest"]} HTTP/1.1" 200 {layer["size"]} ' in message for message in access)
     assert any(e["logger"] == "k3d_registry_dockerd.mirror" and "exported" in e["message"] for e in entries)
+
+
+def test_cache_ls_verify_prune(docker26: Dockerd, registry_under_test: RegistryFactory) -> None:
+    build_image(docker26, "cached-app:1", layers=2, size=2 * MiB, seed="cache-cmds")
+    registry = registry_under_test(docker26)
+    pulled = oci_client.pull(registry.url, "cached-app", "1")
+    registry.stop()
+
+    def cache_command(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "k3d_registry_dockerd",
+                "cache",
+                *args,
+                "--cache-dir",
+                str(registry.cache_dir),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    listing = cache_command("ls")
+    assert listing.returncode == 0, listing.stderr
+    assert "docker.io/library/cached-app" in listing.stdout
+    assert pulled.digest[:19] in listing.stdout
+
+    layer = pulled.manifest["layers"][0]["digest"].removeprefix("sha256:")
+    blob = registry.cache_dir / "blobs" / "sha256" / layer[:2] / layer
+    blob.write_bytes(b"corrupted on disk")
+    verified = cache_command("verify")
+    assert verified.returncode == 1
+    assert f"removed {blob}" in verified.stdout
+    assert not blob.exists()
+
+    assert cache_command("prune").returncode == 2
+    pruned = cache_command("prune", "--all")
+    assert pruned.returncode == 0
+    assert "pruned 1 tags" in pruned.stdout
+    assert not any(path.is_file() for path in (registry.cache_dir / "blobs").rglob("*"))
+
+    registry.start()
+    assert oci_client.pull(registry.url, "cached-app", "1").digest == pulled.digest
+    assert exports(registry) == 2

@@ -1,0 +1,116 @@
+"""`k3d-registry-dockerd cache ls|verify|prune`: inspecting and trimming the cache directory.
+
+These work on the cache dir directly; run them while the registry is stopped (a running registry keeps
+its records in memory and would not see what was pruned).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .store import RepositoryRecord, Store
+
+CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class CachedImage:
+    repository: str
+    tags: tuple[str, ...]
+    digest: str
+    size: int
+    last_used: float
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    tags: int
+    manifests: int
+    blobs: int
+    bytes: int
+
+
+def _closure(record: RepositoryRecord, digest: str) -> set[str]:
+    """A manifest and everything a client may fetch because of it (children of an index included)."""
+    seen: set[str] = set()
+    pending = [digest]
+    while pending:
+        current = pending.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        entry = record.manifests.get(current)
+        if entry is not None:
+            pending.extend(entry.references)
+    return seen
+
+
+def images(store: Store) -> list[CachedImage]:
+    """Tagged images in the cache, most recently used first; size counts the blobs present."""
+    found = []
+    for record in store.records():
+        by_digest: dict[str, list[str]] = {}
+        last_used: dict[str, float] = {}
+        for tag, entry in record.tags.items():
+            by_digest.setdefault(entry.digest, []).append(tag)
+            used = entry.last_used or entry.exported_at
+            last_used[entry.digest] = max(last_used.get(entry.digest, 0.0), used)
+        for digest, tags in by_digest.items():
+            size = sum(store.blob_size(d) or 0 for d in _closure(record, digest))
+            found.append(CachedImage(record.name, tuple(sorted(tags)), digest, size, last_used[digest]))
+    return sorted(found, key=lambda image: image.last_used, reverse=True)
+
+
+def verify(store: Store) -> tuple[int, list[Path]]:
+    """Re-hashes every blob; removes those whose bytes no longer match their name. (checked, removed)"""
+    checked, corrupt = 0, []
+    for path in sorted(store.blobs_dir.glob("*/*")):
+        hasher = hashlib.sha256()
+        with open(path, "rb") as blob:
+            while chunk := blob.read(CHUNK):
+                hasher.update(chunk)
+        checked += 1
+        if hasher.hexdigest() != path.name:
+            path.unlink()
+            corrupt.append(path)
+    return checked, corrupt
+
+
+def prune(store: Store, *, older_than: float | None = None, everything: bool = False) -> PruneResult:
+    """Drops tags unused for `older_than` seconds (or all), the manifests only they kept, and every blob
+    no remaining manifest references."""
+    cutoff = time.time() - older_than if older_than is not None else None
+    tags = manifests = 0
+    kept: set[str] = set()
+    for record in store.records():
+        if everything:
+            dropped = set(record.tags)
+        elif cutoff is not None:
+            dropped = {t for t, e in record.tags.items() if (e.last_used or e.exported_at) < cutoff}
+        else:
+            dropped = set()
+        remaining = {t: e for t, e in record.tags.items() if t not in dropped}
+        # Untagged manifests (served by digest once) go with the tags that were dropped.
+        live: set[str] = set()
+        for entry in remaining.values():
+            live |= _closure(record, entry.digest)
+        pruned = RepositoryRecord(
+            record.name, remaining, {d: m for d, m in record.manifests.items() if d in live}
+        )
+        tags += len(dropped)
+        manifests += len(record.manifests) - len(pruned.manifests)
+        if (pruned.tags, pruned.manifests) != (record.tags, record.manifests):
+            store.save_record(pruned)
+        for entry in pruned.manifests.values():
+            kept |= set(entry.references)
+        kept |= set(pruned.manifests)
+    blobs = freed = 0
+    for path in store.blobs_dir.glob("*/*"):
+        if f"sha256:{path.name}" not in kept:
+            freed += path.stat().st_size
+            path.unlink()
+            blobs += 1
+    return PruneResult(tags, manifests, blobs, freed)

@@ -1,0 +1,81 @@
+"""cache ls / verify / prune on a store filled by hand."""
+
+from __future__ import annotations
+
+import time
+
+from k3d_registry_dockerd import cache
+from k3d_registry_dockerd.reference import Digest
+from k3d_registry_dockerd.store import ManifestEntry, RepositoryRecord, Store, TagEntry
+
+MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+
+
+def _image(store: Store, seed: str, shared: str | None = None) -> tuple[str, list[str]]:
+    """Stores a config and a layer (plus an optional shared layer) and a manifest naming them."""
+    blobs = [store.put_bytes(f"{seed}-config".encode()), store.put_bytes(f"{seed}-layer".encode() * 100)]
+    if shared is not None:
+        blobs.append(store.put_bytes(shared.encode()))
+    manifest = store.put_bytes(f"manifest of {seed} {blobs}".encode())
+    return manifest, blobs
+
+
+def _record(store: Store, name: str, tags: dict[str, tuple[str, list[str], float]]) -> None:
+    record = RepositoryRecord(name)
+    for tag, (manifest, blobs, used) in tags.items():
+        record.tags[tag] = TagEntry(manifest, MANIFEST, f"sha256:{tag}", used - 10, None, used)
+        record.manifests[manifest] = ManifestEntry(MANIFEST, store.blob_size(manifest) or 0, blobs)
+    store.save_record(record)
+
+
+def test_ls_lists_tagged_images_by_last_use(store: Store) -> None:
+    now = time.time()
+    old, old_blobs = _image(store, "old")
+    new, new_blobs = _image(store, "new")
+    _record(store, "docker.io/library/app", {"1": (old, old_blobs, now - 86400), "2": (new, new_blobs, now)})
+    listed = cache.images(store)
+    assert [(i.tags, i.digest) for i in listed] == [(("2",), new), (("1",), old)]
+    assert listed[0].size == sum(store.blob_size(d) or 0 for d in [new, *new_blobs])
+
+
+def test_verify_removes_corrupt_blobs(store: Store) -> None:
+    manifest, blobs = _image(store, "v")
+    path = store.blob_path(Digest.parse(blobs[1]))
+    path.write_bytes(b"bit rot")
+    checked, corrupt = cache.verify(store)
+    assert checked == 3
+    assert corrupt == [path]
+    assert not path.exists()
+    assert store.has_blob(manifest)
+
+
+def test_prune_older_than_keeps_shared_blobs(store: Store) -> None:
+    now = time.time()
+    old, old_blobs = _image(store, "old", shared="base layer")
+    new, new_blobs = _image(store, "new", shared="base layer")
+    _record(
+        store, "docker.io/library/app", {"old": (old, old_blobs, now - 3600), "new": (new, new_blobs, now)}
+    )
+    result = cache.prune(store, older_than=600)
+    assert (result.tags, result.manifests) == (1, 1)
+    assert not store.has_blob(old)
+    assert not store.has_blob(old_blobs[0])
+    assert store.has_blob(old_blobs[2])  # the shared layer stays: "new" references it
+    assert all(store.has_blob(d) for d in [new, *new_blobs])
+    reopened = Store(store.root)
+    reopened.open()
+    record = reopened.record("docker.io/library/app")
+    assert record is not None and set(record.tags) == {"new"}
+
+
+def test_prune_all_and_orphans(store: Store) -> None:
+    now = time.time()
+    manifest, blobs = _image(store, "x")
+    orphan = store.put_bytes(b"left by an export that was rejected")
+    _record(store, "docker.io/library/x", {"1": (manifest, blobs, now)})
+    assert cache.prune(store, older_than=3600).blobs == 1  # only the orphan
+    assert not store.has_blob(orphan)
+    result = cache.prune(store, everything=True)
+    assert (result.tags, result.blobs) == (1, 3)
+    assert list(store.blobs_dir.glob("*/*")) == []
+    assert cache.images(store) == []
