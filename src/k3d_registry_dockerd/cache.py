@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .reference import Digest
 from .store import RepositoryRecord, Store
 
 CHUNK = 1 << 20
@@ -62,6 +63,59 @@ def images(store: Store) -> list[CachedImage]:
             size = sum(store.blob_size(d) or 0 for d in _closure(record, digest))
             found.append(CachedImage(record.name, tuple(sorted(tags)), digest, size, last_used[digest]))
     return sorted(found, key=lambda image: image.last_used, reverse=True)
+
+
+def cache_bytes(store: Store) -> int:
+    return sum(path.stat().st_size for path in store.blobs_dir.glob("*/*"))
+
+
+def _referenced(store: Store) -> set[str]:
+    referenced: set[str] = set()
+    for record in store.records():
+        referenced |= set(record.manifests)
+        for entry in record.manifests.values():
+            referenced |= set(entry.references)
+    return referenced
+
+
+def _drop_image(store: Store, image: CachedImage) -> int:
+    """Removes an image's tags and manifests, and the blobs no other cached image references."""
+    record = store.record(image.repository)
+    if record is None:
+        return 0
+    closure = _closure(record, image.digest)
+    remaining = {t: e for t, e in record.tags.items() if e.digest != image.digest}
+    live: set[str] = set()
+    for entry in remaining.values():
+        live |= _closure(record, entry.digest)
+    store.save_record(
+        RepositoryRecord(record.name, remaining, {d: m for d, m in record.manifests.items() if d in live})
+    )
+    referenced = _referenced(store)
+    freed = 0
+    for digest in closure - referenced:
+        size = store.blob_size(digest)
+        if size is not None:
+            store.blob_path(Digest.parse(digest)).unlink(missing_ok=True)
+            freed += size
+    return freed
+
+
+def evict(store: Store, limit: int, protected: set[tuple[str, str]]) -> list[CachedImage]:
+    """Drops least recently used images until the cache fits `limit` bytes; returns what was dropped.
+
+    `protected` (repository, digest) pairs are kept whatever their age: the image just served.
+    """
+    total = cache_bytes(store)
+    dropped = []
+    for image in reversed(images(store)):
+        if total <= limit:
+            break
+        if (image.repository, image.digest) in protected:
+            continue
+        total -= _drop_image(store, image)
+        dropped.append(image)
+    return dropped
 
 
 def verify(store: Store) -> tuple[int, list[Path]]:

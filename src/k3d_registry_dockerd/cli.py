@@ -23,6 +23,7 @@ from .mirror import Mirror
 from .settings import (
     ENV_ADDR,
     ENV_CACHE_DIR,
+    ENV_CACHE_MAX_SIZE,
     ENV_LOG_FORMAT,
     ENV_LOG_LEVEL,
     ENV_REFRESH_TAGS,
@@ -68,6 +69,13 @@ def _add_settings(parser: argparse.ArgumentParser, default: object = None) -> No
         metavar="DURATION",
         help="re-pull a cached remote tag through Docker when it was last pulled longer ago than this "
         f"(e.g. 10m, 1h; env {ENV_REFRESH_TAGS}; default: never, serve Docker's copy)",
+    )
+    parser.add_argument(
+        "--cache-max-size",
+        default=default,
+        metavar="SIZE",
+        help="evict least recently used images when the cache grows past this (e.g. 20GiB; "
+        f"env {ENV_CACHE_MAX_SIZE}; default: no limit)",
     )
     parser.add_argument(
         "--tls-cert",
@@ -250,7 +258,7 @@ def _ssl_context(settings: Settings) -> ssl.SSLContext | None:
 def _build_app(settings: Settings) -> web.Application:
     store = Store(settings.cache_dir)
     docker = DockerClient()
-    mirror = Mirror(store, docker, refresh_tags=settings.refresh_tags)
+    mirror = Mirror(store, docker, refresh_tags=settings.refresh_tags, cache_max_size=settings.cache_max_size)
     app = create_app(mirror)
 
     async def lifecycle(_app: web.Application) -> AsyncIterator[None]:
@@ -278,6 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             log_level=args.log_level,
             refresh_tags=args.refresh_tags,
             log_format=args.log_format,
+            cache_max_size=args.cache_max_size,
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
         )
@@ -298,6 +307,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if settings.refresh_tags is not None:
         log.info(
             "refresh remote tags after %.0fs (%s)", settings.refresh_tags, settings.sources["refresh_tags"]
+        )
+    if settings.cache_max_size is not None:
+        log.info(
+            "cache limit %.1f MB (%s)", settings.cache_max_size / 1e6, settings.sources["cache_max_size"]
         )
     if settings.tls_cert is not None:
         log.info("serving HTTPS with %s (%s)", settings.tls_cert, settings.sources["tls_cert"])

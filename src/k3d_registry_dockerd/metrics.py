@@ -64,6 +64,11 @@ class Metrics:
             buckets=_DURATION_BUCKETS,
             registry=self.registry,
         )
+        self.evictions = Counter(
+            "k3d_registry_evicted_images",
+            "Images evicted to keep the cache under its limit",
+            registry=self.registry,
+        )
         self.exports_in_flight = Gauge(
             "k3d_registry_exports_in_flight", "Exports running now", registry=self.registry
         )

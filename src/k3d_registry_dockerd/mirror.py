@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 
+from . import cache
 from .docker import (
     Credentials,
     DaemonInfo,
@@ -75,10 +76,13 @@ class Mirror:
         docker: DockerClient,
         refresh_tags: float | None = None,
         metrics: Metrics | None = None,
+        cache_max_size: int | None = None,
     ) -> None:
         self.store = store
         self.docker = docker
         self.refresh_tags = refresh_tags
+        self.cache_max_size = cache_max_size
+        self._exporting = 0
         self.metrics = metrics or Metrics(store.blobs_dir)
         self._flights = SingleFlight()
         self.exports = 0
@@ -241,6 +245,7 @@ class Mirror:
             last_used=now,
         )
         await self._update(repo, plan.manifests, {tag: entry})
+        await self._enforce_limit(repo, entry.digest)
         return entry
 
     def _previous_pull(self, repo: Repository, tag: str, image_id: str) -> float | None:
@@ -272,6 +277,7 @@ class Mirror:
             self._remember_absent(repo, text, image["Id"])
             raise
         await self._update(repo, plan.manifests, {})
+        await self._enforce_limit(repo, plan.root.digest)
         if text in plan.manifests:
             return True
         self._remember_absent(repo, text, image["Id"])
@@ -285,6 +291,29 @@ class Mirror:
             "manifest %s: not in Docker's export of image %s: %s", repo.familiar(text), image["Id"], why
         )
         return False
+
+    async def _enforce_limit(self, repo: Repository, digest: str) -> None:
+        """Evicts least recently used images past --cache-max-size, keeping the one just exported.
+
+        Skipped while another export runs (it may be reusing blobs an eviction would pick); the last
+        export to finish does it, so the cache exceeds the limit by at most the images in flight.
+        """
+        if self.cache_max_size is None or self._exporting:
+            return
+        async with self._record_lock:
+            dropped = await asyncio.to_thread(
+                cache.evict, self.store, self.cache_max_size, {(repo.docker_name, digest)}
+            )
+        for image in dropped:
+            self.metrics.evictions.inc()
+            log.info(
+                "evicted %s %s (%.1f MB, tags %s) to keep the cache under %.1f MB",
+                image.repository,
+                image.digest,
+                image.size / 1e6,
+                ",".join(image.tags),
+                self.cache_max_size / 1e6,
+            )
 
     def _remember_absent(self, repo: Repository, digest: str, image_id: str) -> None:
         if len(self._absent) >= self._absent_limit:
@@ -306,12 +335,14 @@ class Mirror:
 
     async def _export(self, ref: str, info: DaemonInfo, names: tuple[str, ...]) -> ExportPlan:
         self.metrics.exports_in_flight.inc()
+        self._exporting += 1
         started, outcome = time.monotonic(), "failed"
         try:
             plan = await self._save_into_store(ref, info, names)
             outcome = "ok"
             return plan
         finally:
+            self._exporting -= 1
             self.metrics.exports_in_flight.dec()
             self.metrics.exports.labels(outcome).observe(time.monotonic() - started)
 

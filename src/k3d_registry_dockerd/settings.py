@@ -13,6 +13,7 @@ ENV_CACHE_DIR = "K3D_REGISTRY_DOCKERD_CACHE_DIR"
 ENV_LOG_LEVEL = "K3D_REGISTRY_DOCKERD_LOG_LEVEL"
 ENV_LOG_FORMAT = "K3D_REGISTRY_DOCKERD_LOG_FORMAT"
 ENV_REFRESH_TAGS = "K3D_REGISTRY_DOCKERD_REFRESH_TAGS"
+ENV_CACHE_MAX_SIZE = "K3D_REGISTRY_DOCKERD_CACHE_MAX_SIZE"
 # As distribution's registry reads them.
 ENV_TLS_CERT = "REGISTRY_HTTP_TLS_CERTIFICATE"
 ENV_TLS_KEY = "REGISTRY_HTTP_TLS_KEY"
@@ -21,6 +22,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?", re.IGNORECASE)
 
 
 class SettingError(ValueError):
@@ -56,6 +58,16 @@ def parse_duration(text: str) -> float:
     return sum(float(number) * _UNIT_SECONDS[unit] for number, unit in parts)
 
 
+def parse_size(text: str) -> int:
+    """Bytes from ``20GiB``, ``500MB``, ``1.5G`` (decimal units, or binary with ``i``) or a plain number."""
+    match = _SIZE_RE.fullmatch(text.strip())
+    if not match:
+        raise SettingError(f"size {text!r} is not like 500MB, 20GiB or 1.5G")
+    number, unit, binary = match.groups()
+    power = " kmgt".index(unit.lower() or " ")
+    return int(float(number) * (1024 if binary else 1000) ** power)
+
+
 @dataclass(frozen=True)
 class Settings:
     host: str | None
@@ -64,6 +76,8 @@ class Settings:
     log_level: str
     log_format: str
     refresh_tags: float | None
+    # Evict least recently used images when the cache grows past this many bytes; None: no limit.
+    cache_max_size: int | None
     # Serve HTTPS with this certificate (chain) and key; plain HTTP when None.
     tls_cert: Path | None
     tls_key: Path | None
@@ -83,6 +97,7 @@ def resolve(
     log_level: str | None,
     refresh_tags: str | None,
     log_format: str | None = None,
+    cache_max_size: str | None = None,
     tls_cert: str | None = None,
     tls_key: str | None = None,
     env: Mapping[str, str] = os.environ,
@@ -108,6 +123,7 @@ def resolve(
     if log_format_ not in LOG_FORMATS:
         raise SettingError(f"log format {log_format_!r} is not one of {', '.join(LOG_FORMATS)}")
     refresh = pick("refresh_tags", "--refresh-tags", refresh_tags, ENV_REFRESH_TAGS, None)
+    max_size = pick("cache_max_size", "--cache-max-size", cache_max_size, ENV_CACHE_MAX_SIZE, None)
     cert = pick("tls_cert", "--tls-cert", tls_cert, ENV_TLS_CERT, None)
     key = pick("tls_key", "--tls-key", tls_key, ENV_TLS_KEY, None)
     if bool(cert) != bool(key):
@@ -119,6 +135,7 @@ def resolve(
         log_level=level,
         log_format=log_format_,
         refresh_tags=parse_duration(refresh) if refresh else None,
+        cache_max_size=parse_size(max_size) if max_size else None,
         tls_cert=Path(cert).expanduser() if cert else None,
         tls_key=Path(key).expanduser() if key else None,
         sources=sources,

@@ -79,3 +79,35 @@ def test_prune_all_and_orphans(store: Store) -> None:
     assert (result.tags, result.blobs) == (1, 3)
     assert list(store.blobs_dir.glob("*/*")) == []
     assert cache.images(store) == []
+
+
+def test_evict_drops_least_recently_used_but_not_the_protected(store: Store) -> None:
+    now = time.time()
+    oldest, oldest_blobs = _image(store, "oldest", shared="base")
+    middle, middle_blobs = _image(store, "middle", shared="base")
+    newest, newest_blobs = _image(store, "newest", shared="base")
+    _record(
+        store,
+        "docker.io/library/app",
+        {
+            "a": (oldest, oldest_blobs, now - 300),
+            "b": (middle, middle_blobs, now - 200),
+            "c": (newest, newest_blobs, now),
+        },
+    )
+    total = cache.cache_bytes(store)
+    one_image = (
+        total - cache.cache_bytes(store) + sum(store.blob_size(d) or 0 for d in [newest, *newest_blobs[:2]])
+    )
+    # Room for two images' own blobs: only the least recently used one has to go.
+    dropped = cache.evict(store, total - one_image + 1, protected=set())
+    assert [image.digest for image in dropped] == [oldest]
+    assert not store.has_blob(oldest_blobs[0])
+    assert store.has_blob(oldest_blobs[2])  # shared with the images that stay
+
+    # The protected image stays even when the limit asks for everything to go.
+    dropped = cache.evict(store, 0, protected={("docker.io/library/app", middle)})
+    assert [image.digest for image in dropped] == [newest]
+    assert all(store.has_blob(d) for d in [middle, *middle_blobs])
+    record = store.record("docker.io/library/app")
+    assert record is not None and set(record.tags) == {"b"}

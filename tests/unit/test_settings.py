@@ -14,6 +14,7 @@ from k3d_registry_dockerd.settings import (
     default_cache_dir,
     parse_addr,
     parse_duration,
+    parse_size,
     resolve,
 )
 
@@ -33,6 +34,7 @@ def test_defaults() -> None:
         "log_level": "default",
         "log_format": "default",
         "refresh_tags": "default",
+        "cache_max_size": "default",
         "tls_cert": "default",
         "tls_key": "default",
     }
@@ -56,6 +58,7 @@ def test_env_beats_default() -> None:
         "log_level": f"env {ENV_LOG_LEVEL}",
         "log_format": "default",
         "refresh_tags": f"env {ENV_REFRESH_TAGS}",
+        "cache_max_size": "default",
         "tls_cert": "default",
         "tls_key": "default",
     }
@@ -75,6 +78,7 @@ def test_flag_beats_env() -> None:
         "log_level": "flag --log-level",
         "log_format": "default",
         "refresh_tags": "flag --refresh-tags",
+        "cache_max_size": "default",
         "tls_cert": "default",
         "tls_key": "default",
     }
@@ -157,6 +161,7 @@ def test_settings_addr(host: str | None, port: int, addr: str) -> None:
         log_level="info",
         log_format="text",
         refresh_tags=None,
+        cache_max_size=None,
         tls_cert=None,
         tls_key=None,
         sources={},
@@ -216,3 +221,29 @@ def test_log_format() -> None:
     )
     with pytest.raises(SettingError, match="log format"):
         resolve(**NO_FLAGS, log_format="xml", env={})
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [
+        ("20GiB", 20 << 30),
+        ("500MB", 500_000_000),
+        ("1.5G", 1_500_000_000),
+        ("1024", 1024),
+        ("10mib", 10 << 20),
+    ],
+)
+def test_parse_size(text: str, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "lots", "5XB", "-1GB"])
+def test_parse_size_rejects(text: str) -> None:
+    with pytest.raises(SettingError):
+        parse_size(text)
+
+
+def test_cache_max_size_from_env() -> None:
+    settings = resolve(**NO_FLAGS, env={"K3D_REGISTRY_DOCKERD_CACHE_MAX_SIZE": "2GiB"})
+    assert settings.cache_max_size == 2 << 30
+    assert settings.sources["cache_max_size"] == "env K3D_REGISTRY_DOCKERD_CACHE_MAX_SIZE"

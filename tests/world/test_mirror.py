@@ -700,3 +700,23 @@ def test_cache_ls_verify_prune(docker26: Dockerd, registry_under_test: RegistryF
     registry.start()
     assert oci_client.pull(registry.url, "cached-app", "1").digest == pulled.digest
     assert exports(registry) == 2
+
+
+def test_cache_max_size_evicts_least_recently_used(
+    docker26: Dockerd, registry_under_test: RegistryFactory
+) -> None:
+    build_image(docker26, "evict-a:1", layers=1, size=4 * MiB, seed="evict-a", busybox=False)
+    build_image(docker26, "evict-b:1", layers=1, size=4 * MiB, seed="evict-b", busybox=False)
+    registry = registry_under_test(docker26, extra_args=["--cache-max-size", "6MiB"])
+    first = oci_client.pull(registry.url, "evict-a", "1")
+    second = oci_client.pull(registry.url, "evict-b", "1")
+    blobs = registry.cache_dir / "blobs" / "sha256"
+    stored = sum(path.stat().st_size for path in blobs.rglob("*") if path.is_file())
+    assert stored <= 6 * MiB
+    assert "evicted docker.io/library/evict-a" in registry.log_text()
+    layer_a = first.manifest["layers"][0]["digest"]
+    assert oci_client.request(f"{registry.url}/v2/evict-a/blobs/{layer_a}").status == 404
+    assert oci_client.pull(registry.url, "evict-b", "1").digest == second.digest
+    # An evicted image comes back with a new export.
+    assert oci_client.pull(registry.url, "evict-a", "1").digest == first.digest
+    assert exports(registry) == 3
