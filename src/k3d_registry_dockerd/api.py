@@ -13,10 +13,12 @@ from .docker import Credentials
 from .errors import RegistryError
 from .mirror import Mirror
 from .reference import Digest, is_digest, parse_repository, parse_tag
+from .status import PAGE, RecentProblems, snapshot
 
 log = logging.getLogger(__name__)
 
 MIRROR: web.AppKey[Mirror] = web.AppKey("mirror", Mirror)
+PROBLEMS: web.AppKey[RecentProblems] = web.AppKey("problems", RecentProblems)
 API_VERSION = ("Docker-Distribution-API-Version", "registry/2.0")
 
 
@@ -149,6 +151,14 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={hdrs.CONTENT_TYPE: CONTENT_TYPE_LATEST})
 
 
+async def status_page(_request: web.Request) -> web.Response:
+    return web.Response(text=PAGE, content_type="text/html")
+
+
+async def status_json(request: web.Request) -> web.Response:
+    return web.json_response(await snapshot(request.app[MIRROR], request.app[PROBLEMS]))
+
+
 async def unsupported(request: web.Request) -> web.Response:
     if request.method in (hdrs.METH_GET, hdrs.METH_HEAD):
         raise RegistryError("NAME_UNKNOWN", f"no such endpoint: {request.path}", status=404)
@@ -158,7 +168,18 @@ async def unsupported(request: web.Request) -> web.Response:
 def create_app(mirror: Mirror) -> web.Application:
     app = web.Application(middlewares=[_oci_errors])
     app[MIRROR] = mirror
+    # The status page shows the registry's recent warnings and errors.
+    problems = app[PROBLEMS] = RecentProblems()
+    package_logger = logging.getLogger(__package__)
+    package_logger.addHandler(problems)
+
+    async def detach(_app: web.Application) -> None:
+        package_logger.removeHandler(problems)
+
+    app.on_cleanup.append(detach)
     app.on_response_prepare.append(_on_response)
+    app.router.add_get("/", status_page)
+    app.router.add_get("/status.json", status_json)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

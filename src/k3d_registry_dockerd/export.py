@@ -116,6 +116,8 @@ class ThreadedStream(io.RawIOBase):
         self._room = asyncio.Semaphore(read_ahead)
         self._pending = memoryview(b"")
         self._eof = False
+        # Bytes handed to the reader so far: an export's progress, for the status page.
+        self.bytes_read = 0
         self._pump = loop.create_task(self._fill())
 
     async def _fill(self) -> None:
@@ -155,8 +157,10 @@ class ThreadedStream(io.RawIOBase):
             return b""
         if size < 0 or size >= len(self._pending):
             data, self._pending = self._pending, memoryview(b"")
+            self.bytes_read += len(data)
             return data.obj if data.nbytes == len(data.obj) else data.tobytes()  # type: ignore[arg-type]
         data, self._pending = self._pending[:size], self._pending[size:]
+        self.bytes_read += size
         return data.tobytes()
 
     def readinto(self, buffer: Any) -> int:
@@ -165,6 +169,7 @@ class ThreadedStream(io.RawIOBase):
         size = min(len(buffer), len(self._pending))
         buffer[:size] = self._pending[:size]
         self._pending = self._pending[size:]
+        self.bytes_read += size
         return size
 
     def close(self) -> None:

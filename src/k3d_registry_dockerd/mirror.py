@@ -47,6 +47,21 @@ READY_TIMEOUT = 5.0
 LAST_USE_RESOLUTION = 60.0
 
 
+@dataclass
+class ExportProgress:
+    """An export running now, for the status page."""
+
+    ref: str
+    started: float
+    # Docker's figure for the image's size; the save stream is about as long.
+    expected_bytes: int
+    reader: ThreadedStream | None = None
+
+    @property
+    def bytes_read(self) -> int:
+        return self.reader.bytes_read if self.reader else 0
+
+
 @dataclass(frozen=True)
 class ServedManifest:
     digest: str
@@ -83,6 +98,7 @@ class Mirror:
         self.refresh_tags = refresh_tags
         self.cache_max_size = cache_max_size
         self._exporting = 0
+        self.in_progress: dict[str, ExportProgress] = {}
         self.metrics = metrics or Metrics(store.blobs_dir)
         self._flights = SingleFlight()
         self.exports = 0
@@ -127,9 +143,10 @@ class Mirror:
             self.metrics.manifest_cache.labels("hit").inc()
             return self._served(cached.digest, cached.media_type)
         self.metrics.manifest_cache.labels("miss").inc()
+        size = int(image.get("Size") or 0)
         entry = await self._flights.run(
             f"export {repo.docker_ref(tag)} {image_id}",
-            lambda: self._export_tag(repo, tag, image_id, pulled_at),
+            lambda: self._export_tag(repo, tag, image_id, pulled_at, size),
         )
         return self._served(entry.digest, entry.media_type)
 
@@ -230,11 +247,11 @@ class Mirror:
     # ---- export ---------------------------------------------------------------------------------
 
     async def _export_tag(
-        self, repo: Repository, tag: str, image_id: str, pulled_at: float | None
+        self, repo: Repository, tag: str, image_id: str, pulled_at: float | None, size: int
     ) -> TagEntry:
         ref = repo.docker_ref(tag)
         info = await self.docker.daemon()
-        plan = await self._export(ref, info, (ref, repo.familiar(tag), tag))
+        plan = await self._export(ref, info, (ref, repo.familiar(tag), tag), size)
         now = time.time()
         entry = TagEntry(
             digest=plan.root.digest,
@@ -272,7 +289,7 @@ class Mirror:
         if self._absent.get((repo.docker_name, text)) == image["Id"]:
             return False
         try:
-            plan = await self._export(ref, info, (ref,))
+            plan = await self._export(ref, info, (ref,), int(image.get("Size") or 0))
         except RegistryError:
             self._remember_absent(repo, text, image["Id"])
             raise
@@ -333,20 +350,24 @@ class Mirror:
             )
             await asyncio.to_thread(self.store.save_record, record)
 
-    async def _export(self, ref: str, info: DaemonInfo, names: tuple[str, ...]) -> ExportPlan:
+    async def _export(self, ref: str, info: DaemonInfo, names: tuple[str, ...], size: int) -> ExportPlan:
         self.metrics.exports_in_flight.inc()
         self._exporting += 1
+        progress = self.in_progress[ref] = ExportProgress(ref, time.time(), size)
         started, outcome = time.monotonic(), "failed"
         try:
-            plan = await self._save_into_store(ref, info, names)
+            plan = await self._save_into_store(ref, info, names, progress)
             outcome = "ok"
             return plan
         finally:
             self._exporting -= 1
+            self.in_progress.pop(ref, None)
             self.metrics.exports_in_flight.dec()
             self.metrics.exports.labels(outcome).observe(time.monotonic() - started)
 
-    async def _save_into_store(self, ref: str, info: DaemonInfo, names: tuple[str, ...]) -> ExportPlan:
+    async def _save_into_store(
+        self, ref: str, info: DaemonInfo, names: tuple[str, ...], progress: ExportProgress
+    ) -> ExportPlan:
         """Streams `docker save` of one image into the store and plans what of it can be served."""
         self.exports += 1
         started = time.monotonic()
@@ -354,7 +375,7 @@ class Mirror:
         loop = asyncio.get_running_loop()
         try:
             async with self.docker.save(ref, info.platform) as stream:
-                reader = ThreadedStream(stream, loop)
+                reader = progress.reader = ThreadedStream(stream, loop)
                 try:
                     contents = await asyncio.to_thread(read_save_stream, reader, self.store)
                 finally:

@@ -191,7 +191,7 @@ async def test_writes_are_unsupported(client: TestClient, method: str, path: str
     assert method in error["message"]
 
 
-@pytest.mark.parametrize("path", ["/v2/alpine/tags/list", "/v2/_catalog", "/v3/", "/"])
+@pytest.mark.parametrize("path", ["/v2/alpine/tags/list", "/v2/_catalog", "/v3/", "/nothing"])
 async def test_unknown_endpoints(client: TestClient, path: str) -> None:
     await error_of(await client.get(path), 404, "NAME_UNKNOWN")
 
@@ -669,3 +669,26 @@ async def test_metrics_count_pulls_by_outcome(client: TestClient, docker: FakeDo
     await client.get(REDIS_PATH)
     text = await (await client.get("/metrics")).text()
     assert _sample(text, "k3d_registry_docker_pull_seconds_count", outcome="not_found") == 1
+
+
+async def test_status_page_and_json(client: TestClient, docker: FakeDocker) -> None:
+    page = await client.get("/")
+    assert page.status == 200
+    assert page.content_type == "text/html"
+    html = await page.text()
+    assert "status.json" in html
+    assert "http://" not in html and "https://" not in html  # no external assets
+
+    assert (await client.get("/v2/alpine/manifests/latest")).status == 200
+    assert (await client.get("/v2/alpine/manifests/nope")).status == 404
+    docker.unavailable = True
+    assert (await client.get("/v2/alpine/manifests/other")).status == 503
+    status = await (await client.get("/status.json")).json()
+    (image,) = status["images"]
+    assert image["repository"] == "docker.io/library/alpine"
+    assert image["tags"] == ["latest"]
+    assert image["bytes"] > 0
+    assert status["cache"]["bytes"] >= image["bytes"]
+    assert status["cache"]["hit_rate"] == 0.0
+    assert status["exports"] == []
+    assert any("Docker" in problem["message"] for problem in status["problems"])

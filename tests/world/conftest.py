@@ -136,6 +136,15 @@ def debootstrap() -> str:
         _missing("debootstrap", exc)
 
 
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's headless Chromium, for the status page test."""
+    try:
+        return require_binary("chromium")
+    except WorldUnavailable as exc:
+        _missing("chromium", exc)
+
+
 def _upstream(name: str, user: str | None = None, password: str | None = None) -> Iterator[UpstreamRegistry]:
     try:
         UpstreamRegistry.check_available(auth=user is not None)

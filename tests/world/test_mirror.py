@@ -720,3 +720,35 @@ def test_cache_max_size_evicts_least_recently_used(
     # An evicted image comes back with a new export.
     assert oci_client.pull(registry.url, "evict-a", "1").digest == first.digest
     assert exports(registry) == 3
+
+
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+
+
+def test_status_page_in_a_browser(
+    chromium: str, docker26: Dockerd, registry_under_test: RegistryFactory, tmp_path: Path
+) -> None:
+    build_image(docker26, "shown-on-status:1", layers=2, size=3 * MiB, seed="status")
+    registry = registry_under_test(docker26, extra_args=["--cache-max-size", "1GiB"])
+    oci_client.pull(registry.url, "shown-on-status", "1")
+    oci_client.request(f"{registry.url}/v2/not-in-docker/manifests/1")
+    browser = [
+        chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000",
+    ]  # fmt: skip
+    dom = subprocess.run(
+        [*browser, "--dump-dom", f"{registry.url}/"], capture_output=True, text=True, timeout=120
+    ).stdout
+    assert "docker.io/library/shown-on-status" in dom
+    assert "of 1.07 GB limit" in dom
+    assert '<span class="tag">1</span>' in dom  # the tag, rendered by the page's script
+    ARTIFACTS.mkdir(exist_ok=True)
+    screenshot = ARTIFACTS / "status-page.png"
+    subprocess.run(
+        [*browser, "--window-size=1280,900", f"--screenshot={screenshot}", f"{registry.url}/"],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
+    assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
