@@ -78,8 +78,8 @@ def _referenced(store: Store) -> set[str]:
     return referenced
 
 
-def _drop_image(store: Store, image: CachedImage) -> int:
-    """Removes an image's tags and manifests, and the blobs no other cached image references."""
+def _drop_image(store: Store, image: CachedImage, keep: set[str]) -> int:
+    """Removes an image's tags and manifests, and the blobs no other cached image (nor `keep`) needs."""
     record = store.record(image.repository)
     if record is None:
         return 0
@@ -91,7 +91,7 @@ def _drop_image(store: Store, image: CachedImage) -> int:
     store.save_record(
         RepositoryRecord(record.name, remaining, {d: m for d, m in record.manifests.items() if d in live})
     )
-    referenced = _referenced(store)
+    referenced = _referenced(store) | keep
     freed = 0
     for digest in closure - referenced:
         size = store.blob_size(digest)
@@ -101,10 +101,13 @@ def _drop_image(store: Store, image: CachedImage) -> int:
     return freed
 
 
-def evict(store: Store, limit: int, protected: set[tuple[str, str]]) -> list[CachedImage]:
+def evict(
+    store: Store, limit: int, protected: set[tuple[str, str]], keep_blobs: set[str] | None = None
+) -> list[CachedImage]:
     """Drops least recently used images until the cache fits `limit` bytes; returns what was dropped.
 
-    `protected` (repository, digest) pairs are kept whatever their age: the image just served.
+    `protected` (repository, digest) pairs are kept whatever their age (the image just served), and so
+    are `keep_blobs` (what exports still running rely on).
     """
     total = cache_bytes(store)
     dropped = []
@@ -113,7 +116,7 @@ def evict(store: Store, limit: int, protected: set[tuple[str, str]]) -> list[Cac
             break
         if (image.repository, image.digest) in protected:
             continue
-        total -= _drop_image(store, image)
+        total -= _drop_image(store, image, keep_blobs or set())
         dropped.append(image)
     return dropped
 

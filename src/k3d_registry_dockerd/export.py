@@ -206,12 +206,16 @@ def _copy_member(
     return committer.submit(writer.commit, expected)
 
 
-def read_save_stream(fileobj: IO[bytes], store: Store) -> SaveContents:
+def read_save_stream(fileobj: IO[bytes], store: Store, claimed: set[str] | None = None) -> SaveContents:
     """Stores every blob of a save stream (verified) and returns the images it names.
+
+    Digests the export relies on go into `claimed` before they are relied on, so a cache eviction running
+    meanwhile keeps them (it cannot know yet that this export's record will reference them).
 
     Nothing is buffered beyond a few chunks except the small metadata files. fsyncs run on a second
     thread while the stream is read on, so the disk and Docker work at the same time.
     """
+    claim = claimed.add if claimed is not None else (lambda _digest: None)
     metadata: dict[str, bytes] = {}
     pending: dict[str, tuple[Future[str], int]] = {}
     links: dict[str, str] = {}
@@ -240,11 +244,13 @@ def read_save_stream(fileobj: IO[bytes], store: Store) -> SaveContents:
                     legacy_config = _LEGACY_CONFIG_RE.fullmatch(path)
                     if blob:
                         expected: str | None = f"sha256:{blob.group(1)}"
+                        claim(expected)
                         if store.has_blob(expected):
                             pending[path] = (_done(expected), member.size)
                             continue
                     elif legacy_config:
                         expected = f"sha256:{legacy_config.group(1)}"
+                        claim(expected)
                     elif path.endswith(".tar"):
                         expected = None
                     else:
@@ -263,6 +269,7 @@ def read_save_stream(fileobj: IO[bytes], store: Store) -> SaveContents:
                 files[path] = (future.result(), size)
             except DigestMismatch as exc:
                 raise ExportError(f"{path}: {exc}") from exc
+            claim(files[path][0])
 
     if "index.json" in metadata:
         roots = _layout_roots(metadata["index.json"])

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -56,6 +56,8 @@ class ExportProgress:
     # Docker's figure for the image's size; the save stream is about as long.
     expected_bytes: int
     reader: ThreadedStream | None = None
+    # Blobs this export relies on; evictions leave them alone.
+    claimed: set[str] = field(default_factory=set)
 
     @property
     def bytes_read(self) -> int:
@@ -97,7 +99,6 @@ class Mirror:
         self.docker = docker
         self.refresh_tags = refresh_tags
         self.cache_max_size = cache_max_size
-        self._exporting = 0
         self.in_progress: dict[str, ExportProgress] = {}
         self.metrics = metrics or Metrics(store.blobs_dir)
         self._flights = SingleFlight()
@@ -310,16 +311,14 @@ class Mirror:
         return False
 
     async def _enforce_limit(self, repo: Repository, digest: str) -> None:
-        """Evicts least recently used images past --cache-max-size, keeping the one just exported.
-
-        Skipped while another export runs (it may be reusing blobs an eviction would pick); the last
-        export to finish does it, so the cache exceeds the limit by at most the images in flight.
-        """
-        if self.cache_max_size is None or self._exporting:
+        """Evicts least recently used images past --cache-max-size, keeping the one just exported and
+        every blob an export still running relies on: the cache exceeds the limit only by those."""
+        if self.cache_max_size is None:
             return
+        in_use: set[str] = set().union(*(export.claimed for export in self.in_progress.values()))
         async with self._record_lock:
             dropped = await asyncio.to_thread(
-                cache.evict, self.store, self.cache_max_size, {(repo.docker_name, digest)}
+                cache.evict, self.store, self.cache_max_size, {(repo.docker_name, digest)}, in_use
             )
         for image in dropped:
             self.metrics.evictions.inc()
@@ -352,7 +351,6 @@ class Mirror:
 
     async def _export(self, ref: str, info: DaemonInfo, names: tuple[str, ...], size: int) -> ExportPlan:
         self.metrics.exports_in_flight.inc()
-        self._exporting += 1
         progress = self.in_progress[ref] = ExportProgress(ref, time.time(), size)
         started, outcome = time.monotonic(), "failed"
         try:
@@ -360,7 +358,6 @@ class Mirror:
             outcome = "ok"
             return plan
         finally:
-            self._exporting -= 1
             self.in_progress.pop(ref, None)
             self.metrics.exports_in_flight.dec()
             self.metrics.exports.labels(outcome).observe(time.monotonic() - started)
@@ -377,7 +374,7 @@ class Mirror:
             async with self.docker.save(ref, info.platform) as stream:
                 reader = progress.reader = ThreadedStream(stream, loop)
                 try:
-                    contents = await asyncio.to_thread(read_save_stream, reader, self.store)
+                    contents = await asyncio.to_thread(read_save_stream, reader, self.store, progress.claimed)
                 finally:
                     reader.close()
             root = select_root(contents.roots, names)

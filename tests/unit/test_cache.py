@@ -111,3 +111,13 @@ def test_evict_drops_least_recently_used_but_not_the_protected(store: Store) -> 
     assert all(store.has_blob(d) for d in [middle, *middle_blobs])
     record = store.record("docker.io/library/app")
     assert record is not None and set(record.tags) == {"b"}
+
+
+def test_evict_keeps_blobs_a_running_export_relies_on(store: Store) -> None:
+    now = time.time()
+    old, old_blobs = _image(store, "old")
+    _record(store, "docker.io/library/app", {"old": (old, old_blobs, now - 60)})
+    dropped = cache.evict(store, 0, protected=set(), keep_blobs={old_blobs[1]})
+    assert [image.digest for image in dropped] == [old]
+    assert not store.has_blob(old_blobs[0])
+    assert store.has_blob(old_blobs[1])

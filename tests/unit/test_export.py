@@ -555,3 +555,15 @@ def test_stream_cut_between_members_is_caught_by_the_plan(store: Store) -> None:
     (root,) = read(cut, store).roots
     with pytest.raises(IncompleteImage):
         plan(store, root)
+
+
+def test_an_export_claims_every_blob_it_relies_on(store: Store) -> None:
+    image = make_image("claims")
+    data = classic_save(image, "docker.io/library/claims:1")
+    claimed: set[str] = set()
+    read_save_stream(io.BytesIO(data), store, claimed)
+    assert claimed == set(image.blobs())
+    # Present already: still claimed, before the export relies on them.
+    again: set[str] = set()
+    read_save_stream(io.BytesIO(data), store, again)
+    assert again == set(image.blobs())
