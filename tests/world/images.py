@@ -27,6 +27,7 @@ from typing import Any
 from .daemons import (
     CommandError,
     Dockerd,
+    Podman,
     UpstreamRegistry,
     make_temp_dir,
     remove_tree,
@@ -395,3 +396,12 @@ def inspect_raw(ref: str, *, credentials: tuple[str, str] | None = None) -> byte
     if proc.returncode != 0:
         raise CommandError(proc.returncode, proc.args, proc.stdout, proc.stderr)
     return proc.stdout
+
+
+def build_with_podman(podman: Podman, ref: str, context: Path, *, seed: str, size: int = 2 * MiB) -> None:
+    """A FROM scratch image (busybox + seeded data) built by Podman under ``ref``."""
+    context.mkdir(parents=True)
+    shutil.copy(BUSYBOX, context / "busybox")
+    (context / "data").write_bytes(seeded_bytes(seed, size))
+    (context / "Containerfile").write_text("FROM scratch\nCOPY busybox /bin/busybox\nCOPY data /data\n")
+    podman.podman("build", "-q", "-t", ref, str(context))

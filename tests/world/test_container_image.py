@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tarfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,7 @@ from .daemons import (
     run,
     wait_until,
 )
-from .images import BUSYBOX, MiB, build_image, seeded_bytes
+from .images import MiB, build_image, build_with_podman
 
 BASE_IMAGE = "k3rd-python-base:bookworm"
 IMAGE = "k3d-registry-dockerd:test"
@@ -85,24 +86,33 @@ def registry_image(docker26: Dockerd, debootstrap: str) -> Iterator[str]:
         remove_tree(work)
 
 
-def test_image_runs_as_k3d_runs_a_registry(docker26: Dockerd, node: Containerd, registry_image: str) -> None:
-    build_image(docker26, "in-cluster-app:1", layers=2, size=2 * MiB, seed="container")
+@contextmanager
+def registry_container(docker26: Dockerd, image: str, socket: Path) -> Iterator[tuple[str, str]]:
+    """Runs the image as k3d does (engine socket mounted, REGISTRY_HTTP_ADDR set, host network on
+    loopback); yields the container's name and the registry's address, and removes it afterwards."""
     port = free_port()
     name = f"k3rd-registry-{port}"
     docker26.docker(
         "run", "-d", "--name", name, "--network", "host",
         "-e", f"REGISTRY_HTTP_ADDR=127.0.0.1:{port}",
-        "-v", f"{docker26.socket}:/var/run/docker.sock",
-        registry_image,
+        "-v", f"{socket}:/var/run/docker.sock",
+        image,
     )  # fmt: skip
     try:
-        url = f"http://127.0.0.1:{port}"
         wait_until(
-            lambda: oci_client.request(f"{url}/v2/", timeout=2).status == 200,
+            lambda: oci_client.request(f"http://127.0.0.1:{port}/v2/", timeout=2).status == 200,
             timeout=60,
             what="the registry container",
         )
-        node.set_mirror(f"127.0.0.1:{port}")
+        yield name, f"127.0.0.1:{port}"
+    finally:
+        subprocess.run(["docker", "-H", docker26.host, "rm", "-f", name], capture_output=True, check=False)
+
+
+def test_image_runs_as_k3d_runs_a_registry(docker26: Dockerd, node: Containerd, registry_image: str) -> None:
+    build_image(docker26, "in-cluster-app:1", layers=2, size=2 * MiB, seed="container")
+    with registry_container(docker26, registry_image, docker26.socket) as (name, addr):
+        node.set_mirror(addr)
         result = node.pull("docker.io/library/in-cluster-app:1")
         assert result.returncode == 0, result.stdout + result.stderr
         logs = docker26.docker("logs", name).stderr
@@ -114,38 +124,16 @@ def test_image_runs_as_k3d_runs_a_registry(docker26: Dockerd, node: Containerd, 
         command = json.loads(health)
         assert command[0] == "CMD"
         docker26.docker("exec", name, *command[1:])
-    finally:
-        subprocess.run(["docker", "-H", docker26.host, "rm", "-f", name], capture_output=True, check=False)
 
 
 def test_image_with_podmans_socket(
     docker26: Dockerd, podman: Podman, node: Containerd, registry_image: str, tmp_path: Path
 ) -> None:
-    context = tmp_path / "context"
-    context.mkdir()
-    shutil.copy(BUSYBOX, context / "busybox")
-    (context / "data").write_bytes(seeded_bytes("podman-in-container", 2 * MiB))
-    (context / "Containerfile").write_text("FROM scratch\nCOPY busybox /bin/busybox\nCOPY data /data\n")
-    podman.podman("build", "-q", "-t", "localhost/podman-built:1", str(context))
-    port = free_port()
-    name = f"k3rd-registry-podman-{port}"
-    docker26.docker(
-        "run", "-d", "--name", name, "--network", "host",
-        "-e", f"REGISTRY_HTTP_ADDR=127.0.0.1:{port}",
-        "-v", f"{podman.socket}:/var/run/docker.sock",
-        registry_image,
-    )  # fmt: skip
-    try:
-        wait_until(
-            lambda: oci_client.request(f"http://127.0.0.1:{port}/v2/", timeout=2).status == 200,
-            timeout=60,
-            what="the registry container on Podman's socket",
-        )
-        node.set_mirror(f"127.0.0.1:{port}")
+    build_with_podman(podman, "localhost/podman-built:1", tmp_path / "context", seed="podman-in-container")
+    with registry_container(docker26, registry_image, podman.socket) as (name, addr):
+        node.set_mirror(addr)
         result = node.pull("localhost/podman-built:1")
         assert result.returncode == 0, result.stdout + result.stderr
         logs = docker26.docker("logs", name).stderr
         assert "Podman Engine" in logs
         assert "exported localhost/podman-built:1" in logs
-    finally:
-        subprocess.run(["docker", "-H", docker26.host, "rm", "-f", name], capture_output=True, check=False)

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -36,13 +36,12 @@ from .daemons import (
     free_port,
 )
 from .images import (
-    BUSYBOX,
     MiB,
     build_image,
+    build_with_podman,
     push_image,
     push_multiplatform,
     rebuild_image,
-    seeded_bytes,
     skopeo,
 )
 
@@ -74,6 +73,20 @@ def node_digest(node: Containerd, ref: str) -> str:
         if line.startswith(ref + " "):
             return next(word for word in line.split() if word.startswith("sha256:"))
     raise AssertionError(f"{ref} not in ctr images ls:\n{out}")
+
+
+def request_while_exporting(
+    pool: ThreadPoolExecutor, registry: RegistryProcess, name: str
+) -> Future[oci_client.Response]:
+    """Asks for NAME:1 in the background and returns once its export is writing blobs."""
+    attempt = pool.submit(
+        oci_client.request, f"{registry.url}/v2/{name}/manifests/1", headers=ACCEPT, timeout=60
+    )
+    deadline = time.monotonic() + 60
+    while not any(path.name.startswith("blob-") for path in (registry.cache_dir / "tmp").iterdir()):
+        assert time.monotonic() < deadline, "the export never started writing"
+        time.sleep(0.005)
+    return attempt
 
 
 @pytest.mark.parametrize("variant", ["docker26", "docker26_containerd", "docker20"])
@@ -447,13 +460,7 @@ def test_kill_during_export_leaves_only_verified_blobs(
     registry = registry_under_test(docker26)
     tmp = registry.cache_dir / "tmp"
     with ThreadPoolExecutor(1) as pool:
-        attempt = pool.submit(
-            oci_client.request, f"{registry.url}/v2/killed/manifests/1", headers=ACCEPT, timeout=60
-        )
-        deadline = time.monotonic() + 60
-        while not any(path.name.startswith("blob-") for path in tmp.iterdir()):
-            assert time.monotonic() < deadline, "the export never started writing"
-            time.sleep(0.005)
+        attempt = request_while_exporting(pool, registry, "killed")
         registry.kill()
         with pytest.raises(OSError):
             attempt.result()
@@ -504,13 +511,7 @@ def test_dockerd_dying_mid_export_ends_the_request_with_503(
     registry = registry_under_test(docker26)
     tmp = registry.cache_dir / "tmp"
     with ThreadPoolExecutor(1) as pool:
-        attempt = pool.submit(
-            oci_client.request, f"{registry.url}/v2/orphan/manifests/1", headers=ACCEPT, timeout=60
-        )
-        deadline = time.monotonic() + 60
-        while not any(path.name.startswith("blob-") for path in tmp.iterdir()):
-            assert time.monotonic() < deadline, "the export never started writing"
-            time.sleep(0.005)
+        attempt = request_while_exporting(pool, registry, "orphan")
         docker26.kill()
         try:
             response = attempt.result(timeout=30)
@@ -528,12 +529,7 @@ def test_dockerd_dying_mid_export_ends_the_request_with_503(
 def test_podman_compatible_api(
     podman: Podman, node: Containerd, registry_under_test: RegistryFactory, tmp_path: Path
 ) -> None:
-    context = tmp_path / "context"
-    context.mkdir()
-    shutil.copy(BUSYBOX, context / "busybox")
-    (context / "data").write_bytes(seeded_bytes("podman", 3 * MiB))
-    (context / "Containerfile").write_text("FROM scratch\nCOPY busybox /bin/busybox\nCOPY data /data\n")
-    podman.podman("build", "-q", "-t", "localhost/pm-app:1", str(context))
+    build_with_podman(podman, "localhost/pm-app:1", tmp_path / "context", seed="podman", size=3 * MiB)
     registry = registry_under_test(podman.host)
     node.set_mirror(registry.addr)
 
