@@ -18,16 +18,20 @@ def _indented(text: str, spaces: int) -> str:
     return "".join(" " * spaces + line + "\n" for line in text.splitlines())
 
 
+_K3D_HEADER = (
+    "# k3d cluster create --config THIS_FILE\n"
+    "apiVersion: k3d.io/v1alpha5\n"
+    "kind: Simple\n"
+    "metadata:\n"
+    "  name: dev\n"
+    "registries:\n"
+)
+
+
 def k3d_create(name: str, port: int, image: str) -> str:
     """k3d Simple config whose cluster creates and uses the registry container (`registries.create`)."""
     return (
-        "# k3d cluster create --config THIS_FILE\n"
-        "apiVersion: k3d.io/v1alpha5\n"
-        "kind: Simple\n"
-        "metadata:\n"
-        "  name: dev\n"
-        "registries:\n"
-        "  create:\n"
+        _K3D_HEADER + "  create:\n"
         f"    name: {name}\n"
         '    host: "0.0.0.0"\n'
         f'    hostPort: "{port}"\n'
@@ -44,14 +48,7 @@ def k3d_shared(name: str, port: int, image: str) -> str:
     short = name.removeprefix("k3d-")
     return (
         f"# k3d registry create {short} --port {port} -i {image} \\\n"
-        "#   -v /var/run/docker.sock:/var/run/docker.sock\n"
-        "# k3d cluster create --config THIS_FILE\n"
-        "apiVersion: k3d.io/v1alpha5\n"
-        "kind: Simple\n"
-        "metadata:\n"
-        "  name: dev\n"
-        "registries:\n"
-        "  use:\n"
+        "#   -v /var/run/docker.sock:/var/run/docker.sock\n" + _K3D_HEADER + "  use:\n"
         f"    - k3d-{short}:{port}\n"
         "  config: |\n" + _indented(registries_yaml(f"http://k3d-{short}:5000"), 4)
     )
