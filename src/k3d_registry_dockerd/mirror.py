@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 READY_TIMEOUT = 5.0
 LAST_USE_RESOLUTION = 60.0
+ABSENT_LIMIT = 4096
 
 
 @dataclass
@@ -82,8 +83,14 @@ class SingleFlight:
         if task is None:
             task = asyncio.ensure_future(factory())
             self._tasks[key] = task
-            task.add_done_callback(lambda _: self._tasks.pop(key, None))
+            task.add_done_callback(lambda done: self._finished(key, done))
         return await asyncio.shield(task)
+
+    def _finished(self, key: str, task: asyncio.Task[Any]) -> None:
+        self._tasks.pop(key, None)
+        # Waiters that stayed got the exception; one nobody waited for must not be reported as lost.
+        if not task.cancelled():
+            task.exception()
 
 
 class Mirror:
@@ -105,7 +112,6 @@ class Mirror:
         self.exports = 0
         # Digests a Docker image was found not to contain, so repeated requests cost no new export.
         self._absent: dict[tuple[str, str], str] = {}
-        self._absent_limit = 4096
         self._record_lock = asyncio.Lock()
 
     # ---- manifests -------------------------------------------------------------------------------
@@ -332,7 +338,7 @@ class Mirror:
             )
 
     def _remember_absent(self, repo: Repository, digest: str, image_id: str) -> None:
-        if len(self._absent) >= self._absent_limit:
+        if len(self._absent) >= ABSENT_LIMIT:
             self._absent.pop(next(iter(self._absent)))
         self._absent[(repo.docker_name, digest)] = image_id
 
