@@ -106,6 +106,24 @@ def normalize_registry(ns: str) -> str:
     return DOCKER_HUB if lowered in _DOCKER_HUB_ALIASES else lowered
 
 
+def docker_name(name: str) -> str:
+    """Docker's fully qualified form of an image name as `docker images` lists it (`alpine`,
+    `127.0.0.1:5001/app`): the registry domain, and `library/` for Docker Hub's one-part names."""
+    found, path = _split_domain(name)
+    domain = DOCKER_HUB if found is None or found.lower() in _DOCKER_HUB_ALIASES else found
+    if domain == DOCKER_HUB and "/" not in path:
+        path = f"library/{path}"
+    return f"{domain}/{path}"
+
+
+def split_repo_tag(repo_tag: str) -> tuple[str, str] | None:
+    """`name:tag` as Docker lists it (the name may hold a registry port) → (Docker name, tag)."""
+    name, sep, tag = repo_tag.rpartition(":")
+    if not sep or "/" in tag or name == "<none>":
+        return None
+    return docker_name(name), tag
+
+
 def parse_repository(name: str, ns: str | None) -> Repository:
     """Maps a request's repository name (and containerd's ``ns`` mirror parameter) to a Docker name.
 
@@ -115,16 +133,8 @@ def parse_repository(name: str, ns: str | None) -> Repository:
     """
     if len(name) > MAX_NAME_LENGTH or not _NAME_RE.fullmatch(name):
         raise RegistryError("NAME_INVALID", f"invalid repository name {name!r}")
-    if ns:
-        registry: str | None = normalize_registry(ns)
-        domain, path = registry, name
-    else:
-        registry = None
-        found, path = _split_domain(name)
-        domain = DOCKER_HUB if found is None or found in _DOCKER_HUB_ALIASES else found
-    if domain == DOCKER_HUB and "/" not in path:
-        path = f"library/{path}"
-    docker_name = f"{domain}/{path}"
-    if len(docker_name) > MAX_NAME_LENGTH:
-        raise RegistryError("NAME_INVALID", f"repository name too long: {docker_name!r}")
-    return Repository(name=name, registry=registry, docker_name=docker_name)
+    registry = normalize_registry(ns) if ns else None
+    full = docker_name(f"{registry}/{name}" if registry else name)
+    if len(full) > MAX_NAME_LENGTH:
+        raise RegistryError("NAME_INVALID", f"repository name too long: {full!r}")
+    return Repository(name=name, registry=registry, docker_name=full)
