@@ -132,6 +132,36 @@ async def blob(request: web.Request) -> web.StreamResponse:
     )
 
 
+def _page(request: web.Request, items: list[str]) -> tuple[list[str], dict[str, str]]:
+    """The `n`/`last` page of sorted `items`, and a Link header to the next page when there is one."""
+    last = request.query.get("last")
+    if last is not None:
+        items = [item for item in items if item > last]
+    number = request.query.get("n")
+    if number is None:
+        return items, {}
+    if not number.isdigit():
+        raise RegistryError("UNSUPPORTED", f"n must be a non-negative integer, not {number!r}", status=400)
+    limit = int(number)
+    if limit == 0 or len(items) <= limit:
+        return items[:limit], {}
+    page = items[:limit]
+    query = {**request.query, "n": str(limit), "last": page[-1]}
+    link = request.rel_url.with_query(query)
+    return page, {hdrs.LINK: f'<{link}>; rel="next"'}
+
+
+async def tags_list(request: web.Request) -> web.Response:
+    repo = parse_repository(request.match_info["name"], request.query.get("ns"))
+    tags, headers = _page(request, await request.app[MIRROR].tags(repo))
+    return web.json_response({"name": repo.name, "tags": tags}, headers=headers)
+
+
+async def catalog(request: web.Request) -> web.Response:
+    repositories, headers = _page(request, await request.app[MIRROR].catalog())
+    return web.json_response({"repositories": repositories}, headers=headers)
+
+
 async def healthz(_request: web.Request) -> web.Response:
     """The process is alive and answering."""
     return web.json_response({"status": "ok"})
@@ -185,6 +215,8 @@ def create_app(mirror: Mirror) -> web.Application:
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/v2/", base)
     app.router.add_get("/v2", base)
+    app.router.add_get("/v2/_catalog", catalog)
+    app.router.add_get("/v2/{name:.+}/tags/list", tags_list)
     app.router.add_get("/v2/{name:.+}/manifests/{reference}", manifest)
     app.router.add_get("/v2/{name:.+}/blobs/{digest}", blob)
     app.router.add_route("*", "/v2/{tail:.*}", unsupported)

@@ -197,6 +197,19 @@ class DockerClient:
         except (aiohttp.ClientError, OSError) as exc:
             raise self._lost(exc) from exc
 
+    async def repo_tags(self) -> list[str]:
+        """Every `name:tag` Docker has (`docker images`)."""
+        await self.daemon()
+        try:
+            listed = await self._client().images.list()
+        except DockerError as exc:
+            if exc.status == _CONNECTION_ERROR_STATUS:
+                raise self._lost(exc) from exc
+            raise DockerFailed(f"listing images: {exc.message}") from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            raise self._lost(exc) from exc
+        return [tag for image in listed for tag in image.get("RepoTags") or []]
+
     async def pull(self, ref: str, credentials: Credentials | None) -> None:
         """Pulls through dockerd, logging progress every few seconds instead of every JSON line."""
         await self.daemon()

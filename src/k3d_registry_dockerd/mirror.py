@@ -38,7 +38,7 @@ from .export import (
     select_root,
 )
 from .metrics import Metrics
-from .reference import Digest, Repository
+from .reference import DOCKER_HUB, Digest, Repository, parse_repository, split_repo_tag
 from .store import ManifestEntry, RepositoryRecord, Store, TagEntry
 
 log = logging.getLogger(__name__)
@@ -421,6 +421,41 @@ class Mirror:
             plan.root.digest,
         )
         return plan
+
+    # ---- content discovery ----------------------------------------------------------------------
+
+    async def _docker_tags(self) -> list[tuple[str, str]]:
+        """(Docker name, tag) of every image Docker has; none while Docker is unreachable."""
+        try:
+            listed = await self.docker.repo_tags()
+        except (DockerUnavailable, DockerFailed) as exc:
+            log.warning("listing Docker's images failed, answering from the cache only: %s", exc)
+            return []
+        return [pair for pair in map(split_repo_tag, listed) if pair is not None]
+
+    async def tags(self, repo: Repository) -> list[str]:
+        """Tags of a repository: Docker's own and those cached, sorted; NAME_UNKNOWN when none."""
+        record = self.store.record(repo.docker_name)
+        found = set(record.tags) if record else set()
+        found |= {tag for name, tag in await self._docker_tags() if name == repo.docker_name}
+        if not found:
+            raise RegistryError("NAME_UNKNOWN", f"repository unknown: {repo.name}")
+        return sorted(found)
+
+    async def catalog(self) -> list[str]:
+        """Repositories in this registry's own namespace: Docker's and the cached ones, by the name a
+        client uses here (`library/alpine`); names the OCI grammar cannot express are left out."""
+        names = {record.name for record in self.store.records()}
+        names |= {name for name, _ in await self._docker_tags()}
+        found = set()
+        for name in names:
+            path = name.removeprefix(f"{DOCKER_HUB}/")
+            try:
+                if parse_repository(path, None).docker_name == name:
+                    found.add(path)
+            except RegistryError:
+                continue
+        return sorted(found)
 
     # ---- readiness ------------------------------------------------------------------------------
 

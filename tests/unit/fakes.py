@@ -59,6 +59,11 @@ class FakeDocker:
             raise DockerUnavailable(f"Docker is unreachable at {docker_host_description()}: fake is down")
         return DaemonInfo("27.5.1", "1.47", self.platform, "overlay2", self.containerd_store)
 
+    async def repo_tags(self) -> list[str]:
+        await self.daemon()
+        # Docker lists Hub images in their familiar form.
+        return [ref.removeprefix("docker.io/").removeprefix("library/") for ref in self.images]
+
     async def inspect(self, ref: str) -> dict[str, Any] | None:
         await self.daemon()
         self.inspects.append(ref)

@@ -191,7 +191,7 @@ async def test_writes_are_unsupported(client: TestClient, method: str, path: str
     assert method in error["message"]
 
 
-@pytest.mark.parametrize("path", ["/v2/alpine/tags/list", "/v2/_catalog", "/v3/", "/nothing"])
+@pytest.mark.parametrize("path", ["/v2/alpine/things/list", "/v2/_other", "/v3/", "/nothing"])
 async def test_unknown_endpoints(client: TestClient, path: str) -> None:
     await error_of(await client.get(path), 404, "NAME_UNKNOWN")
 
@@ -692,3 +692,35 @@ async def test_status_page_and_json(client: TestClient, docker: FakeDocker) -> N
     assert status["cache"]["hit_rate"] == 0.0
     assert status["exports"] == []
     assert any("Docker" in problem["message"] for problem in status["problems"])
+
+
+async def test_tags_list_and_pagination(client: TestClient, docker: FakeDocker) -> None:
+    for tag in ("3.19", "3.20", "edge"):
+        docker.images[f"docker.io/library/alpine:{tag}"] = docker.images[ALPINE]
+    whole = await client.get("/v2/alpine/tags/list")
+    assert whole.status == 200
+    assert await whole.json() == {"name": "alpine", "tags": ["3.19", "3.20", "edge", "latest"]}
+    assert "Link" not in whole.headers
+
+    first = await client.get("/v2/library/alpine/tags/list?n=2&ns=docker.io")
+    assert (await first.json())["tags"] == ["3.19", "3.20"]
+    link = first.headers["Link"]
+    assert link.startswith("</v2/library/alpine/tags/list?") and link.endswith('>; rel="next"')
+    assert "n=2" in link and "last=3.20" in link and "ns=docker.io" in link
+    second = await client.get(link[1 : link.index(">")])
+    assert (await second.json())["tags"] == ["edge", "latest"]
+    assert "Link" not in second.headers
+
+    await error_of(await client.get("/v2/nothing/tags/list"), 404, "NAME_UNKNOWN")
+    await error_of(await client.get("/v2/alpine/tags/list?n=x"), 400, "UNSUPPORTED")
+
+
+async def test_catalog(client: TestClient, docker: FakeDocker) -> None:
+    docker.images["docker.io/someone/tool:1"] = docker.images[ALPINE]
+    docker.images["127.0.0.1:5001/team/app:1"] = docker.images[ALPINE]
+    docker.images["ghcr.io/org/thing:2"] = docker.images[ALPINE]
+    body = await (await client.get("/v2/_catalog")).json()
+    # A registry with a port cannot be named in this registry's own namespace.
+    assert body == {"repositories": ["ghcr.io/org/thing", "library/alpine", "someone/tool"]}
+    paged = await client.get("/v2/_catalog?n=1&last=library/alpine")
+    assert (await paged.json())["repositories"] == ["someone/tool"]

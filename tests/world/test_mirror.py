@@ -748,3 +748,18 @@ def test_status_page_in_a_browser(
         check=True,
     )
     assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_tags_list_and_catalog(docker26: Dockerd, registry_under_test: RegistryFactory) -> None:
+    build_image(docker26, "listed-app:1", layers=1, size=1 * MiB, seed="listed")
+    docker26.docker("tag", "listed-app:1", "listed-app:2")
+    registry = registry_under_test(docker26)
+    listed = json.loads(skopeo("list-tags", "--tls-verify=false", f"docker://{registry.addr}/listed-app"))
+    assert listed["Tags"] == ["1", "2"]
+    inspected = json.loads(skopeo("inspect", "--tls-verify=false", f"docker://{registry.addr}/listed-app:2"))
+    assert inspected["RepoTags"] == ["1", "2"]
+    catalog = oci_client.request(f"{registry.url}/v2/_catalog").json()
+    assert "library/listed-app" in catalog["repositories"]
+    page = oci_client.request(f"{registry.url}/v2/listed-app/tags/list?n=1")
+    assert page.json()["tags"] == ["1"]
+    assert 'rel="next"' in page.headers["link"]
