@@ -1,4 +1,4 @@
-"""The OCI distribution pull API over aiohttp. Handlers only translate HTTP to mirror calls and back."""
+"""The HTTP side: OCI distribution endpoints, status page, metrics, health. Handlers only translate HTTP."""
 
 from __future__ import annotations
 
