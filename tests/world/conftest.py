@@ -10,9 +10,9 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
 import pytest
 
@@ -75,21 +75,41 @@ def _missing(name: str, exc: WorldUnavailable) -> NoReturn:
     pytest.skip(f"test world: {name} unavailable: {exc}")
 
 
-def _dockerd(variant: str) -> Iterator[Dockerd]:
+Service = TypeVar("Service", Dockerd, UpstreamRegistry, Containerd, Podman)
+
+
+def _service(
+    label: str, check: Callable[[], None], make: Callable[[], Service], timing: Callable[[Service], str]
+) -> Iterator[Service]:
+    """A session daemon: skipped loudly when its binaries are missing, timed, stopped at the end."""
     try:
-        Dockerd.check_available(variant)
+        check()
     except WorldUnavailable as exc:
-        _missing(variant, exc)
-    daemon = Dockerd(variant)
+        _missing(label, exc)
+    service = make()
     try:
-        daemon.start()
-        _timings[f"{variant} (dockerd {daemon.version}, API {daemon.api_version}, {daemon.driver})"] = (
-            daemon.start_seconds or 0.0
-        )
-        _started.append(daemon)
-        yield daemon
+        service.start()
+        _timings[timing(service)] = service.start_seconds or 0.0
+        _started.append(service)
+        yield service
     finally:
-        daemon.close()
+        service.close()
+
+
+def _binary(name: str) -> str:
+    try:
+        return require_binary(name)
+    except WorldUnavailable as exc:
+        _missing(name, exc)
+
+
+def _dockerd(variant: str) -> Iterator[Dockerd]:
+    yield from _service(
+        variant,
+        lambda: Dockerd.check_available(variant),
+        lambda: Dockerd(variant),
+        lambda d: f"{variant} (dockerd {d.version}, API {d.api_version}, {d.driver})",
+    )
 
 
 @pytest.fixture(scope="session")
@@ -113,51 +133,28 @@ def docker20() -> Iterator[Dockerd]:
 @pytest.fixture(scope="session")
 def podman() -> Iterator[Podman]:
     """Podman 4.3's Docker-compatible API service (legacy save format), private store and socket."""
-    try:
-        Podman.check_available()
-    except WorldUnavailable as exc:
-        _missing("podman", exc)
-    service = Podman()
-    try:
-        service.start()
-        _timings[f"podman ({service.version})"] = service.start_seconds or 0.0
-        _started.append(service)
-        yield service
-    finally:
-        service.close()
+    yield from _service("podman", Podman.check_available, Podman, lambda p: f"podman ({p.version})")
 
 
 @pytest.fixture(scope="session")
 def debootstrap() -> str:
     """Path of debootstrap, which makes the base image for the container-image test."""
-    try:
-        return require_binary("debootstrap")
-    except WorldUnavailable as exc:
-        _missing("debootstrap", exc)
+    return _binary("debootstrap")
 
 
 @pytest.fixture(scope="session")
 def chromium() -> str:
     """Debian's headless Chromium, for the status page test."""
-    try:
-        return require_binary("chromium")
-    except WorldUnavailable as exc:
-        _missing("chromium", exc)
+    return _binary("chromium")
 
 
 def _upstream(name: str, user: str | None = None, password: str | None = None) -> Iterator[UpstreamRegistry]:
-    try:
-        UpstreamRegistry.check_available(auth=user is not None)
-    except WorldUnavailable as exc:
-        _missing(name, exc)
-    registry = UpstreamRegistry(user=user, password=password)
-    try:
-        registry.start()
-        _timings[name] = registry.start_seconds or 0.0
-        _started.append(registry)
-        yield registry
-    finally:
-        registry.close()
+    yield from _service(
+        name,
+        lambda: UpstreamRegistry.check_available(auth=user is not None),
+        lambda: UpstreamRegistry(user=user, password=password),
+        lambda _registry: name,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -175,18 +172,12 @@ def upstream_auth() -> Iterator[UpstreamRegistry]:
 @pytest.fixture(scope="session")
 def node() -> Iterator[Containerd]:
     """A containerd 1.7 'k3s node'. Emptied (images, content, mirrors) before each test using it."""
-    try:
-        Containerd.check_available()
-    except WorldUnavailable as exc:
-        _missing("node (containerd 1.7)", exc)
-    ctd = Containerd()
-    try:
-        ctd.start()
-        _timings[f"node (containerd {ctd.version})"] = ctd.start_seconds or 0.0
-        _started.append(ctd)
-        yield ctd
-    finally:
-        ctd.close()
+    yield from _service(
+        "node (containerd 1.7)",
+        Containerd.check_available,
+        Containerd,
+        lambda ctd: f"node (containerd {ctd.version})",
+    )
 
 
 @pytest.fixture(autouse=True)

@@ -827,7 +827,30 @@ class UpstreamRegistry:
 # --------------------------------------------------------------------------- podman
 
 
-class Podman:
+class _SingleProcessService:
+    """Lifecycle of a daemon that is one ManagedProcess in its own temp dir (Podman, containerd)."""
+
+    root: Path
+    _proc: ManagedProcess | None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.running
+
+    def stop(self) -> None:
+        if self._proc:
+            self._proc.stop(timeout=10)
+        kill_strays(self.root)
+
+    def close(self) -> None:
+        self.stop()
+        remove_tree(self.root)
+
+    def log_text(self) -> str:
+        return self._proc.log_text() if self._proc else ""
+
+
+class Podman(_SingleProcessService):
     """``podman system service``: Podman's Docker-compatible Engine API on a private socket and store.
 
     Its image save is the legacy ``docker save`` format (top-level ``<digest>.tar`` layers, with the old
@@ -896,27 +919,11 @@ class Podman:
         """The podman CLI on this service's store."""
         return run([*self._global_args(), *args], env=self._env(), timeout=timeout)
 
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.running
-
-    def stop(self) -> None:
-        if self._proc:
-            self._proc.stop(timeout=10)
-        kill_strays(self.root)
-
-    def close(self) -> None:
-        self.stop()
-        remove_tree(self.root)
-
-    def log_text(self) -> str:
-        return self._proc.log_text() if self._proc else ""
-
 
 # --------------------------------------------------------------------------- containerd node
 
 
-class Containerd:
+class Containerd(_SingleProcessService):
     """containerd 1.7 as a k3s node uses it (no CRI), pulled through ``ctr`` with a hosts dir.
 
     ``hosts_dir/_default/hosts.toml`` is exactly what k3s writes for ``mirrors: "*"``; pulls use
@@ -1011,22 +1018,6 @@ class Containerd:
         match = re.search(r"Server:\s+Version:\s+(\S+)", self.ctr("version").stdout)
         self.version = match.group(1) if match else ""
         return self
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.running
-
-    def stop(self) -> None:
-        if self._proc:
-            self._proc.stop(timeout=10)
-        kill_strays(self.root)
-
-    def close(self) -> None:
-        self.stop()
-        remove_tree(self.root)
-
-    def log_text(self) -> str:
-        return self._proc.log_text() if self._proc else ""
 
     def ctr(self, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess[str]:
         """Run ``ctr --address … -n NAMESPACE ARGS``."""
