@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .reference import Digest
-from .store import RepositoryRecord, Store
+from .store import RepositoryRecord, Store, TagEntry
 
 CHUNK = 1 << 20
 
@@ -78,19 +78,22 @@ def _referenced(store: Store) -> set[str]:
     return referenced
 
 
+def _with_tags(record: RepositoryRecord, tags: dict[str, TagEntry]) -> RepositoryRecord:
+    """The record keeping only `tags` and the manifests they reach; untagged manifests (served by
+    digest once) go with the tags that are dropped."""
+    live: set[str] = set()
+    for entry in tags.values():
+        live |= _closure(record, entry.digest)
+    return RepositoryRecord(record.name, tags, {d: m for d, m in record.manifests.items() if d in live})
+
+
 def _drop_image(store: Store, image: CachedImage, keep: set[str]) -> int:
     """Removes an image's tags and manifests, and the blobs no other cached image (nor `keep`) needs."""
     record = store.record(image.repository)
     if record is None:
         return 0
     closure = _closure(record, image.digest)
-    remaining = {t: e for t, e in record.tags.items() if e.digest != image.digest}
-    live: set[str] = set()
-    for entry in remaining.values():
-        live |= _closure(record, entry.digest)
-    store.save_record(
-        RepositoryRecord(record.name, remaining, {d: m for d, m in record.manifests.items() if d in live})
-    )
+    store.save_record(_with_tags(record, {t: e for t, e in record.tags.items() if e.digest != image.digest}))
     referenced = _referenced(store) | keep
     freed = 0
     for digest in closure - referenced:
@@ -141,7 +144,6 @@ def prune(store: Store, *, older_than: float | None = None, everything: bool = F
     no remaining manifest references."""
     cutoff = time.time() - older_than if older_than is not None else None
     tags = manifests = 0
-    kept: set[str] = set()
     for record in store.records():
         if everything:
             dropped = set(record.tags)
@@ -149,21 +151,12 @@ def prune(store: Store, *, older_than: float | None = None, everything: bool = F
             dropped = {t for t, e in record.tags.items() if (e.last_used or e.exported_at) < cutoff}
         else:
             dropped = set()
-        remaining = {t: e for t, e in record.tags.items() if t not in dropped}
-        # Untagged manifests (served by digest once) go with the tags that were dropped.
-        live: set[str] = set()
-        for entry in remaining.values():
-            live |= _closure(record, entry.digest)
-        pruned = RepositoryRecord(
-            record.name, remaining, {d: m for d, m in record.manifests.items() if d in live}
-        )
+        pruned = _with_tags(record, {t: e for t, e in record.tags.items() if t not in dropped})
         tags += len(dropped)
         manifests += len(record.manifests) - len(pruned.manifests)
         if (pruned.tags, pruned.manifests) != (record.tags, record.manifests):
             store.save_record(pruned)
-        for entry in pruned.manifests.values():
-            kept |= set(entry.references)
-        kept |= set(pruned.manifests)
+    kept = _referenced(store)
     blobs = freed = 0
     for path in store.blobs_dir.glob("*/*"):
         if f"sha256:{path.name}" not in kept:
