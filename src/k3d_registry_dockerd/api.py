@@ -118,7 +118,7 @@ async def blob(request: web.Request) -> web.StreamResponse:
     mirror = request.app[MIRROR]
     repo = parse_repository(request.match_info["name"], request.query.get("ns"))
     digest = Digest.parse(request.match_info["digest"])
-    path, _size = mirror.blob(repo, digest)
+    path = mirror.blob(repo, digest)
     # FileResponse streams with sendfile and answers Range/If-Range itself (206, 416). Blobs are stored
     # without a .gz/.br sibling, so it never picks a Content-Encoding.
     return web.FileResponse(

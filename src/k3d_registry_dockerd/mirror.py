@@ -477,11 +477,10 @@ class Mirror:
 
     # ---- blobs ----------------------------------------------------------------------------------
 
-    def blob(self, repo: Repository, digest: Digest) -> tuple[Path, int]:
-        """The path and size of a blob, if this repository's manifests reference it."""
+    def blob(self, repo: Repository, digest: Digest) -> Path:
+        """The path of a blob, if this repository's manifests reference it."""
         text = str(digest)
         record = self.store.record(repo.docker_name)
-        size = self.store.blob_size(text)
-        if record is None or size is None or not record.serves_blob(text):
+        if record is None or not record.serves_blob(text) or not self.store.has_blob(text):
             raise RegistryError("BLOB_UNKNOWN", f"blob unknown to {repo.name}: {text}")
-        return self.store.blob_path(digest), size
+        return self.store.blob_path(digest)
