@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
 
 from aiohttp import BasicAuth, hdrs, web
 from aiohttp.abc import AbstractAccessLogger
@@ -11,14 +12,19 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .docker import Credentials
 from .errors import RegistryError
+from .export import MAX_MANIFEST_SIZE, OCI_INDEX
 from .mirror import Mirror
-from .reference import Digest, is_digest, parse_repository, parse_tag
+from .push import Pushes
+from .reference import Digest, Repository, is_digest, parse_repository, parse_tag
 from .status import PAGE, RecentProblems, snapshot
+from .uploads import Upload, Uploads
 
 log = logging.getLogger(__name__)
 
 MIRROR: web.AppKey[Mirror] = web.AppKey("mirror", Mirror)
 PROBLEMS: web.AppKey[RecentProblems] = web.AppKey("problems", RecentProblems)
+UPLOADS: web.AppKey[Uploads] = web.AppKey("uploads", Uploads)
+PUSHES: web.AppKey[Pushes] = web.AppKey("pushes", Pushes)
 API_VERSION = ("Docker-Distribution-API-Version", "registry/2.0")
 
 
@@ -114,6 +120,132 @@ async def manifest(request: web.Request) -> web.Response:
     )
 
 
+def _repository(request: web.Request) -> Repository:
+    return parse_repository(request.match_info["name"], request.query.get("ns"))
+
+
+async def put_manifest(request: web.Request) -> web.Response:
+    repo = _repository(request)
+    request.app[PUSHES].check_writable(repo)
+    body = await request.content.read(MAX_MANIFEST_SIZE + 1)
+    while len(body) <= MAX_MANIFEST_SIZE and (
+        more := await request.content.read(MAX_MANIFEST_SIZE + 1 - len(body))
+    ):
+        body += more
+    digest, pushed = await request.app[PUSHES].put_manifest(
+        repo, request.match_info["reference"], body, request.headers.get(hdrs.CONTENT_TYPE)
+    )
+    headers = {hdrs.LOCATION: f"/v2/{repo.name}/manifests/{digest}", "Docker-Content-Digest": digest}
+    if pushed.subject:
+        headers["OCI-Subject"] = pushed.subject
+    return web.Response(status=201, headers=headers)
+
+
+async def delete_manifest(request: web.Request) -> web.Response:
+    await request.app[PUSHES].delete_manifest(_repository(request), request.match_info["reference"])
+    return web.Response(status=202)
+
+
+async def referrers(request: web.Request) -> web.Response:
+    repo = _repository(request)
+    digest = Digest.parse(request.match_info["digest"])
+    artifact_type = request.query.get("artifactType")
+    found = await request.app[PUSHES].referrers(repo, digest, artifact_type)
+    headers = {hdrs.CONTENT_TYPE: OCI_INDEX}
+    if artifact_type is not None:
+        headers["OCI-Filters-Applied"] = "artifactType"
+    body = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": found}
+    return web.json_response(body, headers=headers, content_type=None)
+
+
+def _upload_path(repo: Repository, upload: Upload) -> str:
+    return f"/v2/{repo.name}/blobs/uploads/{upload.id}"
+
+
+def _blob_created(repo: Repository, digest: Digest) -> web.Response:
+    return web.Response(
+        status=201,
+        headers={hdrs.LOCATION: f"/v2/{repo.name}/blobs/{digest}", "Docker-Content-Digest": str(digest)},
+    )
+
+
+async def _receive(request: web.Request, repo: Repository, upload: Upload, digest: Digest | None) -> None:
+    """Appends the request body to the upload and, given a digest, finishes it; one request at a time
+    per upload. A 416 tells the client where the upload stands, so it can resume."""
+    uploads = request.app[UPLOADS]
+    async with upload.lock:
+        try:
+            if request.body_exists:
+                await uploads.append(
+                    upload, request.content, request.headers.get(hdrs.CONTENT_RANGE), request.content_length
+                )
+            if digest is not None:
+                await uploads.finish(upload, digest)
+        except RegistryError as error:
+            if error.status == 416:
+                error.headers.update(upload.headers(_upload_path(repo, upload)))
+            raise
+    if digest is not None:
+        await request.app[PUSHES].link(repo, digest)
+
+
+async def start_upload(request: web.Request) -> web.Response:
+    repo = _repository(request)
+    pushes = request.app[PUSHES]
+    pushes.check_writable(repo)
+    mount, source = request.query.get("mount"), request.query.get("from")
+    if mount is not None:
+        digest = Digest.parse(mount)
+        if source is not None and await pushes.mount(repo, digest, source):
+            return _blob_created(repo, digest)
+    upload = await request.app[UPLOADS].start(repo.docker_name)
+    if "digest" in request.query:
+        digest = Digest.parse(request.query["digest"])
+        try:
+            await _receive(request, repo, upload, digest)
+        finally:
+            if upload.id in request.app[UPLOADS]:
+                await request.app[UPLOADS].cancel(upload)
+        return _blob_created(repo, digest)
+    return web.Response(status=202, headers=upload.headers(_upload_path(repo, upload)))
+
+
+def _upload(request: web.Request) -> tuple[Repository, Upload]:
+    repo = _repository(request)
+    return repo, request.app[UPLOADS].get(repo.docker_name, request.match_info["upload"])
+
+
+async def upload_status(request: web.Request) -> web.Response:
+    repo, upload = _upload(request)
+    return web.Response(status=204, headers=upload.headers(_upload_path(repo, upload)))
+
+
+async def patch_upload(request: web.Request) -> web.Response:
+    repo, upload = _upload(request)
+    await _receive(request, repo, upload, None)
+    return web.Response(status=202, headers=upload.headers(_upload_path(repo, upload)))
+
+
+async def finish_upload(request: web.Request) -> web.Response:
+    repo, upload = _upload(request)
+    if "digest" not in request.query:
+        raise RegistryError("DIGEST_INVALID", "the final PUT of an upload needs ?digest=")
+    digest = Digest.parse(request.query["digest"])
+    await _receive(request, repo, upload, digest)
+    return _blob_created(repo, digest)
+
+
+async def cancel_upload(request: web.Request) -> web.Response:
+    _repo, upload = _upload(request)
+    await request.app[UPLOADS].cancel(upload)
+    return web.Response(status=204)
+
+
+async def delete_blob(request: web.Request) -> web.Response:
+    await request.app[PUSHES].delete_blob(_repository(request), Digest.parse(request.match_info["digest"]))
+    return web.Response(status=202)
+
+
 async def blob(request: web.Request) -> web.StreamResponse:
     mirror = request.app[MIRROR]
     repo = parse_repository(request.match_info["name"], request.query.get("ns"))
@@ -195,9 +327,22 @@ async def unsupported(request: web.Request) -> web.Response:
     raise RegistryError("UNSUPPORTED", f"{request.method} {request.path} is not supported")
 
 
-def create_app(mirror: Mirror) -> web.Application:
+def create_app(
+    mirror: Mirror, *, load_pushed: bool = True, allow_docker_delete: bool = False
+) -> web.Application:
     app = web.Application(middlewares=[_oci_errors])
     app[MIRROR] = mirror
+    uploads = app[UPLOADS] = Uploads(mirror.store)
+    pushes = app[PUSHES] = Pushes(mirror, load_pushed=load_pushed, allow_docker_delete=allow_docker_delete)
+
+    async def run_uploads(_app: web.Application) -> AsyncIterator[None]:
+        expiry = asyncio.ensure_future(uploads.expire_forever())
+        yield
+        expiry.cancel()
+        await pushes.close()
+        await uploads.close()
+
+    app.cleanup_ctx.append(run_uploads)
     # The status page shows the registry's recent warnings and errors.
     problems = app[PROBLEMS] = RecentProblems()
     package_logger = logging.getLogger(__package__)
@@ -218,6 +363,16 @@ def create_app(mirror: Mirror) -> web.Application:
     app.router.add_get("/v2/_catalog", catalog)
     app.router.add_get("/v2/{name:.+}/tags/list", tags_list)
     app.router.add_get("/v2/{name:.+}/manifests/{reference}", manifest)
+    app.router.add_put("/v2/{name:.+}/manifests/{reference}", put_manifest)
+    app.router.add_delete("/v2/{name:.+}/manifests/{reference}", delete_manifest)
+    app.router.add_get("/v2/{name:.+}/referrers/{digest}", referrers)
+    app.router.add_post("/v2/{name:.+}/blobs/uploads/", start_upload)
+    app.router.add_post("/v2/{name:.+}/blobs/uploads", start_upload)
+    app.router.add_get("/v2/{name:.+}/blobs/uploads/{upload}", upload_status)
+    app.router.add_patch("/v2/{name:.+}/blobs/uploads/{upload}", patch_upload)
+    app.router.add_put("/v2/{name:.+}/blobs/uploads/{upload}", finish_upload)
+    app.router.add_delete("/v2/{name:.+}/blobs/uploads/{upload}", cancel_upload)
     app.router.add_get("/v2/{name:.+}/blobs/{digest}", blob)
+    app.router.add_delete("/v2/{name:.+}/blobs/{digest}", delete_blob)
     app.router.add_route("*", "/v2/{tail:.*}", unsupported)
     return app

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .reference import Digest
@@ -24,6 +24,8 @@ class CachedImage:
     digest: str
     size: int
     last_used: float
+    # Pushed by a client: there is no Docker image to export it from again, so it is never evicted.
+    pushed: bool = False
 
 
 @dataclass(frozen=True)
@@ -55,13 +57,18 @@ def images(store: Store) -> list[CachedImage]:
     for record in store.records():
         by_digest: dict[str, list[str]] = {}
         last_used: dict[str, float] = {}
+        pushed = {entry.digest for entry in record.tags.values() if entry.pushed}
         for tag, entry in record.tags.items():
             by_digest.setdefault(entry.digest, []).append(tag)
             used = entry.last_used or entry.exported_at
             last_used[entry.digest] = max(last_used.get(entry.digest, 0.0), used)
         for digest, tags in by_digest.items():
             size = sum(store.blob_size(d) or 0 for d in _closure(record, digest))
-            found.append(CachedImage(record.name, tuple(sorted(tags)), digest, size, last_used[digest]))
+            found.append(
+                CachedImage(
+                    record.name, tuple(sorted(tags)), digest, size, last_used[digest], digest in pushed
+                )
+            )
     return sorted(found, key=lambda image: image.last_used, reverse=True)
 
 
@@ -72,19 +79,41 @@ def cache_bytes(store: Store) -> int:
 def _referenced(store: Store) -> set[str]:
     referenced: set[str] = set()
     for record in store.records():
-        referenced |= set(record.manifests)
+        referenced |= set(record.manifests) | set(record.blobs)
         for entry in record.manifests.values():
             referenced |= set(entry.references)
     return referenced
 
 
-def _with_tags(record: RepositoryRecord, tags: dict[str, TagEntry]) -> RepositoryRecord:
-    """The record keeping only `tags` and the manifests they reach; untagged manifests (served by
-    digest once) go with the tags that are dropped."""
+def with_tags(record: RepositoryRecord, tags: dict[str, TagEntry]) -> RepositoryRecord:
+    """The record keeping only `tags` and the manifests they reach; untagged exported manifests (served
+    by digest once) go with the tags that are dropped, pushed ones stay until deleted."""
     live: set[str] = set()
-    for entry in tags.values():
-        live |= _closure(record, entry.digest)
-    return RepositoryRecord(record.name, tags, {d: m for d, m in record.manifests.items() if d in live})
+    for digest in [entry.digest for entry in tags.values()] + [
+        d for d, m in record.manifests.items() if m.pushed
+    ]:
+        live |= _closure(record, digest)
+    manifests = {d: m for d, m in record.manifests.items() if d in live}
+    return replace(record, tags=tags, manifests=manifests)
+
+
+def replace_record(store: Store, record: RepositoryRecord, keep: set[str]) -> int:
+    """Saves a trimmed `record` and removes the blobs the old one had that nothing (nor `keep`) needs now;
+    returns the bytes freed."""
+    old = store.record(record.name)
+    candidates: set[str] = set()
+    if old is not None:
+        candidates = set(old.blobs)
+        for digest in old.manifests:
+            candidates |= _closure(old, digest)
+    store.save_record(record)
+    freed = 0
+    for digest in candidates - _referenced(store) - keep:
+        size = store.blob_size(digest)
+        if size is not None:
+            store.blob_path(Digest.parse(digest)).unlink(missing_ok=True)
+            freed += size
+    return freed
 
 
 def _drop_image(store: Store, image: CachedImage, keep: set[str]) -> int:
@@ -92,16 +121,8 @@ def _drop_image(store: Store, image: CachedImage, keep: set[str]) -> int:
     record = store.record(image.repository)
     if record is None:
         return 0
-    closure = _closure(record, image.digest)
-    store.save_record(_with_tags(record, {t: e for t, e in record.tags.items() if e.digest != image.digest}))
-    referenced = _referenced(store) | keep
-    freed = 0
-    for digest in closure - referenced:
-        size = store.blob_size(digest)
-        if size is not None:
-            store.blob_path(Digest.parse(digest)).unlink(missing_ok=True)
-            freed += size
-    return freed
+    remaining = {t: e for t, e in record.tags.items() if e.digest != image.digest}
+    return replace_record(store, with_tags(record, remaining), keep)
 
 
 def evict(
@@ -117,7 +138,7 @@ def evict(
     for image in reversed(images(store)):
         if total <= limit:
             break
-        if (image.repository, image.digest) in protected:
+        if image.pushed or (image.repository, image.digest) in protected:
             continue
         total -= _drop_image(store, image, keep_blobs or set())
         dropped.append(image)
@@ -148,13 +169,17 @@ def prune(store: Store, *, older_than: float | None = None, everything: bool = F
         if everything:
             dropped = set(record.tags)
         elif cutoff is not None:
-            dropped = {t for t, e in record.tags.items() if (e.last_used or e.exported_at) < cutoff}
+            dropped = {
+                t for t, e in record.tags.items() if not e.pushed and (e.last_used or e.exported_at) < cutoff
+            }
         else:
             dropped = set()
-        pruned = _with_tags(record, {t: e for t, e in record.tags.items() if t not in dropped})
+        pruned = with_tags(record, {t: e for t, e in record.tags.items() if t not in dropped})
+        if everything:
+            pruned = replace(pruned, manifests={}, blobs=[])
         tags += len(dropped)
         manifests += len(record.manifests) - len(pruned.manifests)
-        if (pruned.tags, pruned.manifests) != (record.tags, record.manifests):
+        if pruned != record:
             store.save_record(pruned)
     kept = _referenced(store)
     blobs = freed = 0

@@ -22,8 +22,10 @@ from .docker import DockerClient, DockerUnavailable
 from .mirror import Mirror
 from .settings import (
     ENV_ADDR,
+    ENV_ALLOW_DOCKER_DELETE,
     ENV_CACHE_DIR,
     ENV_CACHE_MAX_SIZE,
+    ENV_LOAD_PUSHED,
     ENV_LOG_FORMAT,
     ENV_LOG_LEVEL,
     ENV_REFRESH_TAGS,
@@ -76,6 +78,21 @@ def _add_settings(parser: argparse.ArgumentParser, default: object = None) -> No
         metavar="SIZE",
         help="evict least recently used images when the cache grows past this (e.g. 20GiB; "
         f"env {ENV_CACHE_MAX_SIZE}; default: no limit)",
+    )
+    parser.add_argument(
+        "--no-load-pushed",
+        action="store_const",
+        const=True,
+        default=default,
+        help=f"do not load pushed images into Docker (env {ENV_LOAD_PUSHED}=false)",
+    )
+    parser.add_argument(
+        "--allow-docker-delete",
+        action="store_const",
+        const=True,
+        default=default,
+        help="let DELETE requests remove Docker's own images, not only pushed content "
+        f"(env {ENV_ALLOW_DOCKER_DELETE}=true)",
     )
     parser.add_argument(
         "--tls-cert",
@@ -259,7 +276,9 @@ def _build_app(settings: Settings) -> web.Application:
     store = Store(settings.cache_dir)
     docker = DockerClient()
     mirror = Mirror(store, docker, refresh_tags=settings.refresh_tags, cache_max_size=settings.cache_max_size)
-    app = create_app(mirror)
+    app = create_app(
+        mirror, load_pushed=settings.load_pushed, allow_docker_delete=settings.allow_docker_delete
+    )
 
     async def lifecycle(_app: web.Application) -> AsyncIterator[None]:
         await asyncio.to_thread(store.open)
@@ -289,6 +308,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             cache_max_size=args.cache_max_size,
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
+            no_load_pushed=args.no_load_pushed,
+            allow_docker_delete=args.allow_docker_delete,
         )
         ssl_context = _ssl_context(settings)
     except SettingError as exc:
@@ -312,6 +333,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.info(
             "cache limit %.1f MB (%s)", settings.cache_max_size / 1e6, settings.sources["cache_max_size"]
         )
+    log.info(
+        "pushed images %s loaded into Docker (%s)",
+        "are" if settings.load_pushed else "are not",
+        settings.sources["load_pushed"],
+    )
+    if settings.allow_docker_delete:
+        log.info("DELETE may remove Docker's own images (%s)", settings.sources["allow_docker_delete"])
     if settings.tls_cert is not None:
         log.info("serving HTTPS with %s (%s)", settings.tls_cert, settings.sources["tls_cert"])
     web.run_app(

@@ -1,10 +1,11 @@
-"""The Docker Engine API as this registry needs it: version, inspect, pull with credentials, save stream.
+"""The Docker Engine API as this registry needs it: version, inspect, pull with credentials, save, load.
 
 Failures are turned into a few exception types the mirror can act on; Docker's own message is kept.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -210,6 +211,18 @@ class DockerClient:
             raise self._lost(exc) from exc
         return [tag for image in listed for tag in image.get("RepoTags") or []]
 
+    async def remove(self, ref: str) -> None:
+        """`docker rmi <ref>`: untags it, and deletes the image when that was its last name."""
+        await self.daemon()
+        try:
+            await self._client().images.delete(ref)
+        except DockerError as exc:
+            if exc.status == _CONNECTION_ERROR_STATUS:
+                raise self._lost(exc) from exc
+            raise DockerFailed(f"removing {ref}: {exc.message}") from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            raise self._lost(exc) from exc
+
     async def pull(self, ref: str, credentials: Credentials | None) -> None:
         """Pulls through dockerd, logging progress every few seconds instead of every JSON line."""
         await self.daemon()
@@ -247,6 +260,63 @@ class DockerClient:
             if exc.status == _CONNECTION_ERROR_STATUS:
                 raise self._lost(exc) from exc
             raise DockerFailed(f"saving {ref}: {exc.message}") from exc
+
+    async def load(self, archive: AsyncIterator[bytes]) -> str:
+        """`docker load` of a tar stream, sent as it is produced; the names (or IDs) Docker reports loaded.
+
+        An error raised by `archive` itself comes out as that error, not as a lost connection (aiohttp
+        would wrap it into one).
+        """
+        await self.daemon()
+        client = self._client()
+        source_failed: list[BaseException] = []
+
+        async def body() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in archive:
+                    yield chunk
+            except BaseException as exc:
+                source_failed.append(exc)
+                raise
+
+        loaded: list[str] = []
+        try:
+            # aiodocker's import_image takes no `quiet`; it is this same request. aiohttp streams the body.
+            async with client._query(
+                "images/load",
+                "POST",
+                params={"quiet": True},
+                data=body(),
+                headers={"Content-Type": "application/x-tar"},
+                timeout=None,
+                chunked=True,
+            ) as response:
+                async for line in response.content:
+                    if not line.strip():
+                        continue
+                    event = json.loads(line)
+                    if not isinstance(event, dict):
+                        continue
+                    if "error" in event or "errorDetail" in event:
+                        detail = event.get("errorDetail") or {}
+                        raise DockerFailed(f"loading an image: {detail.get('message') or event.get('error')}")
+                    for text in str(event.get("stream") or "").splitlines():
+                        what, colon, name = text.partition(":")
+                        if colon and what.startswith("Loaded image"):
+                            loaded.append(name.strip())
+        except DockerError as exc:
+            if source_failed:
+                raise source_failed[0] from exc
+            if exc.status == _CONNECTION_ERROR_STATUS:
+                raise self._lost(exc) from exc
+            raise DockerFailed(f"loading an image: {exc.message}") from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            if source_failed:
+                raise source_failed[0] from exc
+            raise self._lost(exc) from exc
+        except ValueError as exc:
+            raise DockerFailed(f"loading an image: Docker answered with something not JSON: {exc}") from exc
+        return ", ".join(loaded)
 
 
 class _PullProgress:

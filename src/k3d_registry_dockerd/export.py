@@ -380,7 +380,7 @@ def plan_manifests(
             if wanted is None and platform.matches(child.get("platform")):
                 wanted = child["digest"]
         if wanted is None:
-            listed = ", ".join(_platform_text(c.get("platform")) for c in children) or "nothing"
+            listed = ", ".join(platform_text(c.get("platform")) for c in children) or "nothing"
             raise IncompleteImage(
                 f"index {root.digest} has no complete manifest for {platform} (it lists {listed}; "
                 "the export lacks the blobs of the others)"
@@ -394,7 +394,7 @@ def plan_manifests(
     return plan
 
 
-def _platform_text(platform: dict[str, Any] | None) -> str:
+def platform_text(platform: dict[str, Any] | None) -> str:
     if not platform:
         return "unknown"
     return "/".join(str(platform[k]) for k in ("os", "architecture", "variant") if platform.get(k))

@@ -113,6 +113,8 @@ class Mirror:
         # Digests a Docker image was found not to contain, so repeated requests cost no new export.
         self._absent: dict[tuple[str, str], str] = {}
         self._record_lock = asyncio.Lock()
+        # Pushed images being loaded into Docker, by Docker reference (see push.py).
+        self.loading: dict[str, asyncio.Task[None]] = {}
 
     # ---- manifests -------------------------------------------------------------------------------
 
@@ -120,6 +122,14 @@ class Mirror:
         self, repo: Repository, tag: str, credentials: Credentials | None
     ) -> ServedManifest:
         cached = self._cached_tag(repo, tag)
+        if (
+            cached is not None
+            and cached.pushed
+            and not repo.remote
+            and await self._pushed_current(repo, tag, cached)
+        ):
+            self.metrics.manifest_cache.labels("hit").inc()
+            return self._served(cached.digest, cached.media_type)
         try:
             return await self._fresh_tag(repo, tag, cached, credentials)
         except DockerUnavailable as exc:
@@ -128,6 +138,21 @@ class Mirror:
                 self.metrics.manifest_cache.labels("stale").inc()
                 return self._served(cached.digest, cached.media_type)
             raise RegistryError("UNAVAILABLE", str(exc)) from exc
+
+    async def _pushed_current(self, repo: Repository, tag: str, pushed: TagEntry) -> bool:
+        """A pushed tag wins over Docker's image of that name unless Docker's was changed after the
+        push (rebuilt or retagged locally): the newest of the two is served."""
+        ref = repo.docker_ref(tag)
+        if ref in self.loading:
+            return True
+        try:
+            image = await self.docker.inspect(ref)
+        except DockerUnavailable:
+            return True
+        if image is None or image["Id"] == pushed.image_id:
+            return True
+        log.info("%s changed in Docker after it was pushed here: serving Docker's image", repo.familiar(tag))
+        return False
 
     def _cached_tag(self, repo: Repository, tag: str) -> TagEntry | None:
         record = self.store.record(repo.docker_name)
@@ -345,15 +370,34 @@ class Mirror:
     async def _update(
         self, repo: Repository, manifests: dict[str, ManifestEntry], tags: dict[str, TagEntry]
     ) -> None:
-        """Adds manifests and tags to a repository's record; manifests once served stay servable."""
-        async with self._record_lock:
-            current = self.store.record(repo.docker_name)
-            record = RepositoryRecord(
-                name=repo.docker_name,
-                tags={**(current.tags if current else {}), **tags},
-                manifests={**(current.manifests if current else {}), **manifests},
+        """Adds manifests and tags to a repository's record; manifests once served stay servable, and
+        pushed ones keep their entry (an export of the same bytes does not make them evictable)."""
+
+        def merge(current: RepositoryRecord) -> RepositoryRecord:
+            pushed = {d: m for d, m in current.manifests.items() if m.pushed}
+            return replace(
+                current,
+                tags={**current.tags, **tags},
+                manifests={**current.manifests, **manifests, **pushed},
             )
-            await asyncio.to_thread(self.store.save_record, record)
+
+        await self.edit_record(repo.docker_name, merge)
+
+    async def edit_record(
+        self, name: str, change: Callable[[RepositoryRecord], RepositoryRecord], *, free_blobs: bool = False
+    ) -> RepositoryRecord:
+        """Applies `change` to a repository's record (an empty one if none) and saves the result, one
+        change at a time; `change` raises to refuse. With `free_blobs`, blobs the record no longer needs
+        and nothing else uses (exports running included) are removed from the cache."""
+        async with self._record_lock:
+            current = self.store.record(name) or RepositoryRecord(name=name)
+            record = change(current)
+            if free_blobs:
+                in_use: set[str] = set().union(*(e.claimed for e in self.in_progress.values()))
+                await asyncio.to_thread(cache.replace_record, self.store, record, in_use)
+            elif record != current:
+                await asyncio.to_thread(self.store.save_record, record)
+            return record
 
     async def _export(self, ref: str, info: DaemonInfo, names: tuple[str, ...], size: int) -> ExportPlan:
         self.metrics.exports_in_flight.inc()
@@ -443,18 +487,22 @@ class Mirror:
         return sorted(found)
 
     async def catalog(self) -> list[str]:
-        """Repositories in this registry's own namespace: Docker's and the cached ones, by the name a
-        client uses here (`library/alpine`); names the OCI grammar cannot express are left out."""
-        names = {record.name for record in self.store.records()}
+        """Repositories in this registry's own namespace: Docker's, the cached and the pushed ones, by
+        the name `docker images` shows (`alpine`, `team/app`); names the OCI grammar cannot express (a
+        registry with a port) are left out."""
+        records = self.store.records()
+        names = {record.name for record in records if record.tags or record.manifests or record.blobs}
         names |= {name for name, _ in await self._docker_tags()}
         found = set()
         for name in names:
             path = name.removeprefix(f"{DOCKER_HUB}/")
-            try:
-                if parse_repository(path, None).docker_name == name:
-                    found.add(path)
-            except RegistryError:
-                continue
+            for candidate in (path.removeprefix("library/"), path):
+                try:
+                    if parse_repository(candidate, None).docker_name == name:
+                        found.add(candidate)
+                        break
+                except RegistryError:
+                    continue
         return sorted(found)
 
     # ---- readiness ------------------------------------------------------------------------------

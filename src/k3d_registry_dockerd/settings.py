@@ -14,6 +14,8 @@ ENV_LOG_LEVEL = "K3D_REGISTRY_DOCKERD_LOG_LEVEL"
 ENV_LOG_FORMAT = "K3D_REGISTRY_DOCKERD_LOG_FORMAT"
 ENV_REFRESH_TAGS = "K3D_REGISTRY_DOCKERD_REFRESH_TAGS"
 ENV_CACHE_MAX_SIZE = "K3D_REGISTRY_DOCKERD_CACHE_MAX_SIZE"
+ENV_LOAD_PUSHED = "K3D_REGISTRY_DOCKERD_LOAD_PUSHED"
+ENV_ALLOW_DOCKER_DELETE = "K3D_REGISTRY_DOCKERD_ALLOW_DOCKER_DELETE"
 # As distribution's registry reads them.
 ENV_TLS_CERT = "REGISTRY_HTTP_TLS_CERTIFICATE"
 ENV_TLS_KEY = "REGISTRY_HTTP_TLS_KEY"
@@ -22,6 +24,16 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_BOOLEANS = {
+    "1": True,
+    "true": True,
+    "yes": True,
+    "on": True,
+    "0": False,
+    "false": False,
+    "no": False,
+    "off": False,
+}
 _SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?", re.IGNORECASE)
 
 
@@ -58,6 +70,13 @@ def parse_duration(text: str) -> float:
     return sum(float(number) * _UNIT_SECONDS[unit] for number, unit in parts)
 
 
+def parse_bool(text: str, name: str) -> bool:
+    try:
+        return _BOOLEANS[text.strip().lower()]
+    except KeyError:
+        raise SettingError(f"{name}={text!r} is not a boolean (true/false, 1/0, yes/no, on/off)") from None
+
+
 def parse_size(text: str) -> int:
     """Bytes from ``20GiB``, ``500MB``, ``1.5G`` (decimal units, or binary with ``i``) or a plain number."""
     match = _SIZE_RE.fullmatch(text.strip())
@@ -81,6 +100,9 @@ class Settings:
     # Serve HTTPS with this certificate (chain) and key; plain HTTP when None.
     tls_cert: Path | None
     tls_key: Path | None
+    # Load pushed images into Docker; let DELETE remove Docker's own images.
+    load_pushed: bool
+    allow_docker_delete: bool
     # setting name -> "flag --addr", "env REGISTRY_HTTP_ADDR" or "default"
     sources: Mapping[str, str]
 
@@ -100,6 +122,8 @@ def resolve(
     cache_max_size: str | None = None,
     tls_cert: str | None = None,
     tls_key: str | None = None,
+    no_load_pushed: bool | None = None,
+    allow_docker_delete: bool | None = None,
     env: Mapping[str, str] = os.environ,
 ) -> Settings:
     sources: dict[str, str] = {}
@@ -128,6 +152,16 @@ def resolve(
     key = pick("tls_key", "--tls-key", tls_key, ENV_TLS_KEY, None)
     if bool(cert) != bool(key):
         raise SettingError("TLS needs both a certificate (--tls-cert) and a key (--tls-key)")
+    load = pick(
+        "load_pushed", "--no-load-pushed", "false" if no_load_pushed else None, ENV_LOAD_PUSHED, "true"
+    )
+    delete = pick(
+        "allow_docker_delete",
+        "--allow-docker-delete",
+        "true" if allow_docker_delete else None,
+        ENV_ALLOW_DOCKER_DELETE,
+        "false",
+    )
     return Settings(
         host=host,
         port=port,
@@ -138,5 +172,7 @@ def resolve(
         cache_max_size=parse_size(max_size) if max_size else None,
         tls_cert=Path(cert).expanduser() if cert else None,
         tls_key=Path(key).expanduser() if key else None,
+        load_pushed=parse_bool(load or "true", ENV_LOAD_PUSHED),
+        allow_docker_delete=parse_bool(delete or "false", ENV_ALLOW_DOCKER_DELETE),
         sources=sources,
     )

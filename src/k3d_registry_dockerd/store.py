@@ -37,6 +37,11 @@ class ManifestEntry:
     size: int
     # Every digest a client may fetch because of this manifest: config, layers, child manifests.
     references: list[str] = field(default_factory=list)
+    # Pushed by a client (not exported from Docker): never evicted, only deleted by request.
+    pushed: bool = False
+    # The manifest's `subject` and artifact type, for the referrers API.
+    subject: str | None = None
+    artifact_type: str | None = None
 
 
 @dataclass
@@ -49,6 +54,10 @@ class TagEntry:
     pulled_at: float | None = None
     # When a client last asked for the tag (to the minute), for `cache ls` and `cache prune`.
     last_used: float | None = None
+    # Pushed by a client; `image_id` is then what Docker had under the tag after the push, and `loaded`
+    # says this registry put it there (so deleting the tag may untag it in Docker again).
+    pushed: bool = False
+    loaded: bool = False
 
 
 @dataclass
@@ -58,9 +67,15 @@ class RepositoryRecord:
     name: str
     tags: dict[str, TagEntry] = field(default_factory=dict)
     manifests: dict[str, ManifestEntry] = field(default_factory=dict)
+    # Blobs pushed (uploaded or mounted) into this repository, whether or not a manifest uses them yet.
+    blobs: list[str] = field(default_factory=list)
 
     def serves_blob(self, digest: str) -> bool:
-        return digest in self.manifests or any(digest in m.references for m in self.manifests.values())
+        return (
+            digest in self.manifests
+            or digest in self.blobs
+            or any(digest in m.references for m in self.manifests.values())
+        )
 
     def to_json(self) -> bytes:
         data = {"version": RECORD_VERSION, **asdict(self)}
@@ -75,6 +90,7 @@ class RepositoryRecord:
             name=data["name"],
             tags={tag: TagEntry(**entry) for tag, entry in data["tags"].items()},
             manifests={digest: ManifestEntry(**entry) for digest, entry in data["manifests"].items()},
+            blobs=list(data.get("blobs", [])),
         )
 
 

@@ -1,9 +1,12 @@
-"""A fake of the DockerClient surface the mirror uses: daemon(), inspect(), pull(), save()."""
+"""A fake of the DockerClient surface the registry uses: daemon, inspect, pull, save, load, remove."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
+import json
+import tarfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -53,6 +56,8 @@ class FakeDocker:
     inspects: list[str] = field(default_factory=list)
     pulls: list[tuple[str, Credentials | None]] = field(default_factory=list)
     saves: list[str] = field(default_factory=list)
+    loads: list[str] = field(default_factory=list)
+    removes: list[str] = field(default_factory=list)
 
     async def daemon(self) -> DaemonInfo:
         if self.unavailable:
@@ -91,3 +96,21 @@ class FakeDocker:
         reader.feed_data(self.images[ref].save)
         reader.feed_eof()
         yield reader
+
+    async def load(self, archive: AsyncIterator[bytes]) -> str:
+        """Keeps the archive as the image's save stream, under the name its index.json gives, with the
+        config digest as ID (as the classic store does)."""
+        await self.daemon()
+        data = b"".join([chunk async for chunk in archive])
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            index = json.load(tar.extractfile("index.json"))  # type: ignore[arg-type]
+            legacy = json.load(tar.extractfile("manifest.json"))  # type: ignore[arg-type]
+        ref = index["manifests"][0]["annotations"]["io.containerd.image.name"]
+        self.loads.append(ref)
+        self.images[ref] = LocalImage(id=f"sha256:{legacy[0]['Config'].rpartition('/')[2]}", save=data)
+        return ref
+
+    async def remove(self, ref: str) -> None:
+        await self.daemon()
+        self.removes.append(ref)
+        self.images.pop(ref, None)

@@ -175,20 +175,38 @@ async def test_invalid_references(client: TestClient, docker: FakeDocker, path: 
     assert docker.inspects == []
 
 
-@pytest.mark.parametrize("method", ["PUT", "POST", "DELETE", "PATCH"])
 @pytest.mark.parametrize(
-    "path",
+    ("method", "path"),
     [
-        "/v2/alpine/manifests/latest",
-        "/v2/alpine/blobs/uploads/",
-        f"/v2/alpine/blobs/{'sha256:' + 'a' * 64}",
-        "/v2/",
+        ("POST", "/v2/alpine/manifests/latest"),
+        ("PATCH", "/v2/alpine/manifests/latest"),
+        ("PUT", f"/v2/alpine/blobs/{'sha256:' + 'a' * 64}"),
+        ("POST", f"/v2/alpine/blobs/{'sha256:' + 'a' * 64}"),
+        ("PATCH", f"/v2/alpine/blobs/{'sha256:' + 'a' * 64}"),
+        ("PUT", "/v2/"),
+        ("POST", "/v2/"),
+        ("DELETE", "/v2/"),
     ],
 )
-async def test_writes_are_unsupported(client: TestClient, method: str, path: str) -> None:
+async def test_methods_an_endpoint_lacks_are_unsupported(client: TestClient, method: str, path: str) -> None:
     response = await client.request(method, path, data=b"{}")
     error = await error_of(response, 405, "UNSUPPORTED")
     assert method in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("PUT", "/v2/library/alpine/manifests/latest?ns=docker.io"),
+        ("POST", "/v2/library/alpine/blobs/uploads/?ns=docker.io"),
+        ("DELETE", f"/v2/library/alpine/blobs/{'sha256:' + 'a' * 64}?ns=docker.io"),
+    ],
+)
+async def test_writes_to_a_mirrored_namespace_are_unsupported(
+    client: TestClient, method: str, path: str
+) -> None:
+    error = await error_of(await client.request(method, path, data=b"{}"), 405, "UNSUPPORTED")
+    assert "own namespace" in error["message"]
 
 
 @pytest.mark.parametrize("path", ["/v2/alpine/things/list", "/v2/_other", "/v3/", "/nothing"])
@@ -721,6 +739,6 @@ async def test_catalog(client: TestClient, docker: FakeDocker) -> None:
     docker.images["ghcr.io/org/thing:2"] = docker.images[ALPINE]
     body = await (await client.get("/v2/_catalog")).json()
     # A registry with a port cannot be named in this registry's own namespace.
-    assert body == {"repositories": ["ghcr.io/org/thing", "library/alpine", "someone/tool"]}
-    paged = await client.get("/v2/_catalog?n=1&last=library/alpine")
+    assert body == {"repositories": ["alpine", "ghcr.io/org/thing", "someone/tool"]}
+    paged = await client.get("/v2/_catalog?n=1&last=ghcr.io/org/thing")
     assert (await paged.json())["repositories"] == ["someone/tool"]

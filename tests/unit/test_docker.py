@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -86,6 +87,11 @@ def test_docker_host_description(monkeypatch: pytest.MonkeyPatch) -> None:
     assert docker_host_description() == "DOCKER_HOST=tcp://10.0.0.1:2375"
 
 
+async def _chunks(*chunks: bytes) -> AsyncIterator[bytes]:
+    for chunk in chunks:
+        yield chunk
+
+
 async def test_client_without_a_daemon_is_unavailable(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
@@ -102,6 +108,8 @@ async def test_client_without_a_daemon_is_unavailable(
         with pytest.raises(DockerUnavailable):
             async with client.save("alpine:latest", None):
                 pass
+        with pytest.raises(DockerUnavailable):
+            await client.load(_chunks(b"tar"))
     finally:
         await client.close()
 

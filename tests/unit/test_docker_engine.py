@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from k3d_registry_dockerd.docker import DockerClient
+from k3d_registry_dockerd.docker import DockerClient, DockerFailed
 from k3d_registry_dockerd.export import Platform
 
 
@@ -32,6 +32,9 @@ class Engine:
     def __init__(self, api_version: str) -> None:
         self.api_version = api_version
         self.requests: list[tuple[str, dict[str, str]]] = []
+        # What `POST /images/load` answers, one JSON line each; the bodies it received.
+        self.load_answer: list[dict[str, Any]] = [{"stream": "Loaded image: app:1\n"}]
+        self.loaded: list[bytes] = []
 
     def app(self) -> web.Application:
         async def version(request: web.Request) -> web.Response:
@@ -56,7 +59,18 @@ class Engine:
             self.requests.append((request.path, dict(request.query)))
             return web.Response(body=_tar(), content_type="application/x-tar")
 
+        async def load(request: web.Request) -> web.StreamResponse:
+            self.requests.append((request.path, dict(request.query)))
+            assert request.headers["Content-Type"] == "application/x-tar"
+            self.loaded.append(await request.read())
+            response = web.StreamResponse(headers={"Content-Type": "application/json"})
+            await response.prepare(request)
+            for line in self.load_answer:
+                await response.write(json.dumps(line).encode() + b"\n")
+            return response
+
         app = web.Application()
+        app.router.add_post("/v{api}/images/load", load)
         app.router.add_get("/version", version)
         app.router.add_get("/v{api}/version", version)
         app.router.add_get("/v{api}/info", info)
@@ -125,3 +139,50 @@ async def test_save_exports_everything_before_api_1_48(engine_at: Any) -> None:
     path, query = engine.requests[-1]
     assert path == "/v1.45/images/docker.io/library/app:1/get"
     assert "platform" not in query
+
+
+async def _chunks(*chunks: bytes) -> AsyncIterator[bytes]:
+    for chunk in chunks:
+        yield chunk
+
+
+async def test_load_streams_the_archive_and_returns_what_docker_loaded(engine_at: Any) -> None:
+    engine = await engine_at("1.45")
+    engine.load_answer = [
+        {"stream": "Loaded image: app:1\n"},
+        {"stream": "Loaded image ID: sha256:" + "a" * 64 + "\n"},
+    ]
+    client = DockerClient()
+    try:
+        assert await client.load(_chunks(b"part one, ", b"part two")) == f"app:1, sha256:{'a' * 64}"
+    finally:
+        await client.close()
+    assert engine.loaded == [b"part one, part two"]
+    assert engine.requests[-1] == ("/v1.45/images/load", {"quiet": "1"})
+
+
+async def test_load_raises_dockers_error(engine_at: Any) -> None:
+    engine = await engine_at("1.45")
+    message = 'invalid diffID for layer 1: expected "sha256:1", got "sha256:2"'
+    engine.load_answer = [{"errorDetail": {"message": message}, "error": message}]
+    client = DockerClient()
+    try:
+        with pytest.raises(DockerFailed, match="invalid diffID for layer 1"):
+            await client.load(_chunks(b"tar"))
+    finally:
+        await client.close()
+
+
+async def test_load_raises_the_archives_own_error(engine_at: Any) -> None:
+    await engine_at("1.45")
+
+    async def failing() -> AsyncIterator[bytes]:
+        yield b"tar"
+        raise FileNotFoundError("blob gone")
+
+    client = DockerClient()
+    try:
+        with pytest.raises(FileNotFoundError, match="blob gone"):
+            await client.load(failing())
+    finally:
+        await client.close()

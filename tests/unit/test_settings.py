@@ -37,6 +37,8 @@ def test_defaults() -> None:
         "cache_max_size": "default",
         "tls_cert": "default",
         "tls_key": "default",
+        "load_pushed": "default",
+        "allow_docker_delete": "default",
     }
 
 
@@ -61,6 +63,8 @@ def test_env_beats_default() -> None:
         "cache_max_size": "default",
         "tls_cert": "default",
         "tls_key": "default",
+        "load_pushed": "default",
+        "allow_docker_delete": "default",
     }
 
 
@@ -81,6 +85,8 @@ def test_flag_beats_env() -> None:
         "cache_max_size": "default",
         "tls_cert": "default",
         "tls_key": "default",
+        "load_pushed": "default",
+        "allow_docker_delete": "default",
     }
 
 
@@ -164,6 +170,8 @@ def test_settings_addr(host: str | None, port: int, addr: str) -> None:
         cache_max_size=None,
         tls_cert=None,
         tls_key=None,
+        load_pushed=True,
+        allow_docker_delete=False,
         sources={},
     )
     assert settings.addr == addr
@@ -247,3 +255,36 @@ def test_cache_max_size_from_env() -> None:
     settings = resolve(**NO_FLAGS, env={"K3D_REGISTRY_DOCKERD_CACHE_MAX_SIZE": "2GiB"})
     assert settings.cache_max_size == 2 << 30
     assert settings.sources["cache_max_size"] == "env K3D_REGISTRY_DOCKERD_CACHE_MAX_SIZE"
+
+
+def test_push_switches() -> None:
+    defaults = resolve(addr=None, cache_dir=None, log_level=None, refresh_tags=None, env={})
+    assert defaults.load_pushed and not defaults.allow_docker_delete
+    from_env = resolve(
+        addr=None,
+        cache_dir=None,
+        log_level=None,
+        refresh_tags=None,
+        env={"K3D_REGISTRY_DOCKERD_LOAD_PUSHED": "false", "K3D_REGISTRY_DOCKERD_ALLOW_DOCKER_DELETE": "yes"},
+    )
+    assert not from_env.load_pushed and from_env.allow_docker_delete
+    assert from_env.sources["load_pushed"] == "env K3D_REGISTRY_DOCKERD_LOAD_PUSHED"
+    flags = resolve(
+        addr=None,
+        cache_dir=None,
+        log_level=None,
+        refresh_tags=None,
+        no_load_pushed=True,
+        allow_docker_delete=True,
+        env={"K3D_REGISTRY_DOCKERD_LOAD_PUSHED": "true"},
+    )
+    assert not flags.load_pushed and flags.allow_docker_delete
+    assert flags.sources["load_pushed"] == "flag --no-load-pushed"
+    with pytest.raises(SettingError, match="not a boolean"):
+        resolve(
+            addr=None,
+            cache_dir=None,
+            log_level=None,
+            refresh_tags=None,
+            env={"K3D_REGISTRY_DOCKERD_LOAD_PUSHED": "maybe"},
+        )

@@ -759,7 +759,7 @@ def test_tags_list_and_catalog(docker26: Dockerd, registry_under_test: RegistryF
     inspected = json.loads(skopeo("inspect", "--tls-verify=false", f"docker://{registry.addr}/listed-app:2"))
     assert inspected["RepoTags"] == ["1", "2"]
     catalog = oci_client.request(f"{registry.url}/v2/_catalog").json()
-    assert "library/listed-app" in catalog["repositories"]
+    assert "listed-app" in catalog["repositories"]
     page = oci_client.request(f"{registry.url}/v2/listed-app/tags/list?n=1")
     assert page.json()["tags"] == ["1"]
     assert 'rel="next"' in page.headers["link"]

@@ -1,0 +1,330 @@
+"""What clients write: pushed blobs and manifests, loading pushed images into Docker, deletes, referrers.
+
+Pushes go to the registry's own namespace only. Pushed content is kept apart from the export cache in
+one respect: it cannot be exported again, so it is never evicted, only deleted by request. Docker's own
+images are never removed unless the operator allows it (`--allow-docker-delete`); an image this registry
+loaded into Docker for a push is untagged again when that push is deleted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import time
+from dataclasses import replace
+from typing import Any
+
+from . import cache
+from .docker import DockerClient, DockerFailed, DockerUnavailable
+from .errors import RegistryError
+from .load import load_into_docker
+from .manifests import PushedManifest, parse_pushed
+from .mirror import Mirror
+from .reference import Digest, Repository, is_digest, parse_repository, parse_tag
+from .store import ManifestEntry, RepositoryRecord, TagEntry
+
+log = logging.getLogger(__name__)
+
+
+def _own(repo: Repository, what: str) -> None:
+    if repo.remote:
+        raise RegistryError(
+            "UNSUPPORTED", f"{what} goes to this registry's own namespace, not to a mirrored one (ns)"
+        )
+
+
+class Pushes:
+    def __init__(
+        self, mirror: Mirror, *, load_pushed: bool = True, allow_docker_delete: bool = False
+    ) -> None:
+        self.mirror = mirror
+        self.store = mirror.store
+        self.docker: DockerClient = mirror.docker
+        self.load_pushed = load_pushed
+        self.allow_docker_delete = allow_docker_delete
+
+    # ---- blobs -----------------------------------------------------------------------------------
+
+    def check_writable(self, repo: Repository) -> None:
+        _own(repo, "a push")
+
+    async def mount(self, repo: Repository, digest: Digest, source: str) -> bool:
+        """Links a blob another repository serves into `repo`; False when it cannot (then: upload)."""
+        try:
+            origin = parse_repository(source, None)
+        except RegistryError:
+            return False
+        record = self.store.record(origin.docker_name)
+        if record is None or not record.serves_blob(str(digest)) or not self.store.has_blob(str(digest)):
+            return False
+        await self.link(repo, digest)
+        log.info("mounted %s from %s into %s", digest, origin.name, repo.name)
+        return True
+
+    async def link(self, repo: Repository, digest: Digest) -> None:
+        """Makes a stored blob part of `repo`, so it is served there and a manifest may use it."""
+        text = str(digest)
+
+        def add(record: RepositoryRecord) -> RepositoryRecord:
+            # A delete elsewhere may have removed the file between its commit and this link.
+            if not self.store.has_blob(text):
+                raise RegistryError(
+                    "BLOB_UPLOAD_INVALID", f"blob {text} vanished before it was linked; retry"
+                )
+            return record if text in record.blobs else replace(record, blobs=[*record.blobs, text])
+
+        await self.mirror.edit_record(repo.docker_name, add)
+
+    # ---- manifests -------------------------------------------------------------------------------
+
+    def _check_references(self, record: RepositoryRecord, pushed: PushedManifest) -> None:
+        """Everything a pushed manifest points at must be in the repository already."""
+        for blob in pushed.blobs:
+            if blob.external:
+                continue
+            if not record.serves_blob(blob.digest) or self.store.blob_size(blob.digest) is None:
+                raise RegistryError(
+                    "MANIFEST_BLOB_UNKNOWN",
+                    f"manifest references blob {blob.digest}, which was not pushed to {record.name}",
+                    status=400,
+                    detail={"digest": blob.digest},
+                )
+            if self.store.blob_size(blob.digest) != blob.size:
+                raise RegistryError(
+                    "MANIFEST_INVALID",
+                    f"manifest says blob {blob.digest} has {blob.size} bytes, "
+                    f"it has {self.store.blob_size(blob.digest)}",
+                )
+        for child in pushed.children:
+            if child.digest not in record.manifests or not self.store.has_blob(child.digest):
+                raise RegistryError(
+                    "MANIFEST_BLOB_UNKNOWN",
+                    f"index references manifest {child.digest}, which was not pushed to {record.name}",
+                    status=400,
+                    detail={"digest": child.digest},
+                )
+
+    async def put_manifest(
+        self, repo: Repository, reference: str, body: bytes, content_type: str | None
+    ) -> tuple[str, PushedManifest]:
+        """Stores a pushed manifest (and tag); returns its digest. Loads a tagged image into Docker."""
+        _own(repo, "a push")
+        pushed = parse_pushed(body, content_type)
+        digest = f"sha256:{hashlib.sha256(body).hexdigest()}"
+        tag = None
+        if is_digest(reference):
+            if str(Digest.parse(reference)) != digest:
+                raise RegistryError("DIGEST_INVALID", f"manifest hashes to {digest}, not {reference}")
+        else:
+            tag = parse_tag(reference)
+        self._check_references(
+            self.store.record(repo.docker_name) or RepositoryRecord(repo.docker_name), pushed
+        )
+        await asyncio.to_thread(self.store.put_bytes, body, digest)
+        image_id = await self._docker_id(repo.docker_ref(tag)) if tag else None
+        now = time.time()
+
+        def add(record: RepositoryRecord) -> RepositoryRecord:
+            self._check_references(record, pushed)
+            entry = ManifestEntry(
+                pushed.media_type,
+                len(body),
+                pushed.references,
+                pushed=True,
+                subject=pushed.subject,
+                artifact_type=pushed.artifact_type,
+            )
+            tags = dict(record.tags)
+            if tag is not None:
+                tags[tag] = TagEntry(
+                    digest, pushed.media_type, image_id or "", exported_at=now, last_used=now, pushed=True
+                )
+            return replace(record, manifests={**record.manifests, digest: entry}, tags=tags)
+
+        await self.mirror.edit_record(repo.docker_name, add)
+        log.info("pushed %s (%s, %d bytes)", repo.familiar(tag or digest), digest, len(body))
+        if tag is not None and self.load_pushed:
+            self._start_load(repo, tag, digest, pushed.media_type)
+        return digest, pushed
+
+    async def _docker_id(self, ref: str) -> str | None:
+        """Docker's image ID for a reference; None when it has none or cannot be asked."""
+        try:
+            image = await self.docker.inspect(ref)
+        except DockerUnavailable:
+            return None
+        return image["Id"] if image else None
+
+    # ---- loading into Docker ---------------------------------------------------------------------
+
+    def _start_load(self, repo: Repository, tag: str, digest: str, media_type: str) -> None:
+        """Loads the pushed image into Docker in the background; loads of one tag run in push order.
+        While it runs, the mirror serves the pushed manifest for the tag whatever Docker has."""
+        ref = repo.docker_ref(tag)
+        previous = self.mirror.loading.get(ref)
+        task = asyncio.ensure_future(self._load(repo, tag, digest, media_type, previous))
+        self.mirror.loading[ref] = task
+        task.add_done_callback(lambda done: self._loaded(ref, done))
+
+    def _loaded(self, ref: str, task: asyncio.Task[None]) -> None:
+        if self.mirror.loading.get(ref) is task:
+            del self.mirror.loading[ref]
+        if not task.cancelled() and task.exception() is not None:
+            log.error("loading %s into Docker failed", ref, exc_info=task.exception())
+
+    async def _load(
+        self, repo: Repository, tag: str, digest: str, media_type: str, previous: asyncio.Task[None] | None
+    ) -> None:
+        ref = repo.docker_ref(tag)
+        if previous is not None:
+            with contextlib.suppress(Exception):
+                await previous
+        try:
+            image_id = await load_into_docker(self.store, self.docker, ref, digest, media_type)
+        except (DockerUnavailable, DockerFailed, OSError) as exc:
+            log.warning("could not load pushed %s into Docker: %s", repo.familiar(tag), exc)
+            return
+        if image_id is None:
+            return
+
+        def mark(record: RepositoryRecord) -> RepositoryRecord:
+            entry = record.tags.get(tag)
+            if entry is None or entry.digest != digest:
+                return record
+            return replace(record, tags={**record.tags, tag: replace(entry, image_id=image_id, loaded=True)})
+
+        await self.mirror.edit_record(repo.docker_name, mark)
+
+    async def _settle_load(self, ref: str) -> None:
+        task = self.mirror.loading.get(ref)
+        if task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(task)
+
+    async def close(self) -> None:
+        for task in list(self.mirror.loading.values()):
+            task.cancel()
+        await asyncio.gather(*self.mirror.loading.values(), return_exceptions=True)
+
+    # ---- deletes ---------------------------------------------------------------------------------
+
+    async def delete_manifest(self, repo: Repository, reference: str) -> None:
+        if is_digest(reference):
+            await self._delete_digest(repo, str(Digest.parse(reference)))
+        else:
+            await self._delete_tag(repo, parse_tag(reference))
+
+    async def _untag(self, ref: str, entry: TagEntry | None, *, docker_owned: bool) -> None:
+        """Removes a tag from Docker when this registry loaded it there (or, for Docker's own images,
+        when deleting them is allowed), provided Docker still maps it to the image recorded."""
+        if entry is not None and not docker_owned and not entry.loaded:
+            return
+        try:
+            image = await self.docker.inspect(ref)
+            if image is None or (entry is not None and image["Id"] != entry.image_id):
+                return
+            await self.docker.remove(ref)
+        except DockerUnavailable as exc:
+            raise RegistryError("UNAVAILABLE", str(exc)) from exc
+        except DockerFailed as exc:
+            raise RegistryError("DENIED", f"Docker refused to remove {ref}", detail=str(exc)) from exc
+        log.info("removed %s from Docker", ref)
+
+    def _docker_delete_refused(self, what: str) -> RegistryError:
+        return RegistryError(
+            "UNSUPPORTED",
+            f"{what} is Docker's own image; the registry removes those only with --allow-docker-delete",
+        )
+
+    async def _delete_tag(self, repo: Repository, tag: str) -> None:
+        ref = repo.docker_ref(tag)
+        await self._settle_load(ref)
+        record = self.store.record(repo.docker_name)
+        entry = record.tags.get(tag) if record else None
+        if repo.remote:
+            if entry is None:
+                raise RegistryError("MANIFEST_UNKNOWN", f"{repo.familiar(tag)} is not cached")
+        elif entry is not None and entry.pushed:
+            await self._untag(ref, entry, docker_owned=False)
+        else:
+            docker_id = await self._docker_id(ref)
+            if docker_id is None and entry is None:
+                raise RegistryError("MANIFEST_UNKNOWN", f"manifest unknown: {repo.familiar(tag)}")
+            if docker_id is not None:
+                if not self.allow_docker_delete:
+                    raise self._docker_delete_refused(repo.familiar(tag))
+                await self._untag(ref, None, docker_owned=True)
+        if entry is not None:
+            await self._forget(
+                repo, lambda r: cache.with_tags(r, {t: e for t, e in r.tags.items() if t != tag})
+            )
+        log.info("deleted %s%s", repo.familiar(tag), " from the cache" if repo.remote else "")
+
+    async def _delete_digest(self, repo: Repository, digest: str) -> None:
+        record = self.store.record(repo.docker_name)
+        if record is None or digest not in record.manifests:
+            raise RegistryError("MANIFEST_UNKNOWN", f"manifest unknown: {repo.familiar(digest)}")
+        tagged = {t: e for t, e in record.tags.items() if e.digest == digest}
+        if not repo.remote:
+            if not record.manifests[digest].pushed and not self.allow_docker_delete:
+                raise self._docker_delete_refused(repo.familiar(digest))
+            for tag, entry in tagged.items():
+                await self._settle_load(repo.docker_ref(tag))
+                await self._untag(repo.docker_ref(tag), entry, docker_owned=not entry.pushed)
+
+        def drop(current: RepositoryRecord) -> RepositoryRecord:
+            kept = cache.with_tags(current, {t: e for t, e in current.tags.items() if e.digest != digest})
+            return replace(kept, manifests={d: m for d, m in kept.manifests.items() if d != digest})
+
+        await self._forget(repo, drop)
+        log.info("deleted %s%s", repo.familiar(digest), " from the cache" if repo.remote else "")
+
+    async def delete_blob(self, repo: Repository, digest: Digest) -> None:
+        _own(repo, "deleting a blob")
+        text = str(digest)
+        record = self.store.record(repo.docker_name)
+        if record is None or not record.serves_blob(text):
+            raise RegistryError("BLOB_UNKNOWN", f"blob unknown to {repo.name}: {text}")
+        if text not in record.blobs:
+            raise RegistryError(
+                "UNSUPPORTED", f"blob {text} belongs to an image in {repo.name}: delete its manifest instead"
+            )
+        await self._forget(repo, lambda r: replace(r, blobs=[b for b in r.blobs if b != text]))
+        log.info("deleted blob %s from %s", text, repo.name)
+
+    async def _forget(self, repo: Repository, change: Any) -> None:
+        await self.mirror.edit_record(repo.docker_name, change, free_blobs=True)
+
+    # ---- referrers -------------------------------------------------------------------------------
+
+    async def referrers(
+        self, repo: Repository, digest: Digest, artifact_type: str | None
+    ) -> list[dict[str, Any]]:
+        """Descriptors of the manifests in `repo` whose subject is `digest`, by digest order."""
+        record = self.store.record(repo.docker_name)
+        if record is None:
+            return []
+        found = []
+        for candidate, entry in sorted(record.manifests.items()):
+            if entry.subject != str(digest):
+                continue
+            if artifact_type is not None and entry.artifact_type != artifact_type:
+                continue
+            body = await asyncio.to_thread(self.store.read_blob, candidate)
+            if body is None:
+                continue
+            descriptor: dict[str, Any] = {
+                "mediaType": entry.media_type,
+                "digest": candidate,
+                "size": entry.size,
+            }
+            if entry.artifact_type:
+                descriptor["artifactType"] = entry.artifact_type
+            annotations = json.loads(body).get("annotations")
+            if annotations:
+                descriptor["annotations"] = annotations
+            found.append(descriptor)
+        return found

@@ -1,0 +1,361 @@
+"""Pushes as this product adds to the spec: loading into Docker, pushed content vs Docker's, deletes that
+respect Docker's own images, cache eviction by DELETE with `ns`, and abandoned uploads."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from k3d_registry_dockerd import cache
+from k3d_registry_dockerd.api import UPLOADS, create_app
+from k3d_registry_dockerd.errors import RegistryError
+from k3d_registry_dockerd.manifests import parse_pushed
+from k3d_registry_dockerd.mirror import Mirror
+from k3d_registry_dockerd.store import Store
+from k3d_registry_dockerd.uploads import Uploads, parse_content_range
+
+from .fakes import FakeDocker, local_image
+from .saves import DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, Image, digest_of, make_image, make_index
+
+APP = "docker.io/library/my-app:dev"
+
+
+@pytest.fixture
+def docker() -> FakeDocker:
+    return FakeDocker()
+
+
+async def make(
+    aiohttp_client: Any, store: Store, docker: FakeDocker, **options: Any
+) -> tuple[TestClient, Mirror]:
+    mirror = Mirror(store, docker)
+    return await aiohttp_client(create_app(mirror, **options)), mirror
+
+
+async def push_blob(client: TestClient, name: str, data: bytes) -> str:
+    digest = digest_of(data)
+    response = await client.post(f"/v2/{name}/blobs/uploads/?digest={digest}", data=data)
+    assert response.status == 201, await response.text()
+    return digest
+
+
+async def push_image(client: TestClient, name: str, image: Image, tag: str) -> str:
+    for data in (image.config, *image.layers):
+        await push_blob(client, name, data)
+    response = await client.put(
+        f"/v2/{name}/manifests/{tag}", data=image.manifest, headers={"Content-Type": image.media_type}
+    )
+    assert response.status == 201, await response.text()
+    return response.headers["Docker-Content-Digest"]
+
+
+async def settle(mirror: Mirror) -> None:
+    """Waits for background loads into Docker."""
+    while mirror.loading:
+        await asyncio.gather(*mirror.loading.values(), return_exceptions=True)
+
+
+async def manifest_digest(client: TestClient, path: str) -> str | None:
+    response = await client.get(path)
+    return response.headers["Docker-Content-Digest"] if response.status == 200 else None
+
+
+# ---- loading into Docker ---------------------------------------------------------------------------
+
+
+async def test_pushed_image_is_loaded_into_docker_and_served_byte_exact(
+    aiohttp_client: Any, store: Store, docker: FakeDocker
+) -> None:
+    client, mirror = await make(aiohttp_client, store, docker)
+    image = make_image("pushed", docker_media_types=True)
+    digest = await push_image(client, "my-app", image, "dev")
+    await settle(mirror)
+    assert docker.loads == [APP]
+    assert docker.images[APP].id == image.config_digest
+    # Docker now has it too, but the pushed bytes are what is served: no export of Docker's copy.
+    got = await client.get("/v2/my-app/manifests/dev")
+    assert await got.read() == image.manifest
+    assert got.headers["Content-Type"] == DOCKER_MANIFEST
+    assert got.headers["Docker-Content-Digest"] == digest
+    assert docker.saves == []
+    assert store.record("docker.io/library/my-app").tags["dev"].loaded
+
+
+async def test_no_load_pushed(aiohttp_client: Any, store: Store, docker: FakeDocker) -> None:
+    client, mirror = await make(aiohttp_client, store, docker, load_pushed=False)
+    await push_image(client, "my-app", make_image("pushed"), "dev")
+    await settle(mirror)
+    assert docker.loads == []
+
+
+async def test_foreign_platform_is_not_loaded_and_says_why(
+    aiohttp_client: Any, store: Store, docker: FakeDocker, caplog: pytest.LogCaptureFixture
+) -> None:
+    client, mirror = await make(aiohttp_client, store, docker)
+    caplog.set_level(logging.INFO)
+    await push_image(client, "my-app", make_image("arm", arch="arm64"), "dev")
+    await settle(mirror)
+    assert docker.loads == []
+    assert "not loading docker.io/library/my-app:dev into Docker" in caplog.text
+    assert "arm64" in caplog.text
+
+
+async def test_index_push_loads_the_host_platform_child(
+    aiohttp_client: Any, store: Store, docker: FakeDocker
+) -> None:
+    client, mirror = await make(aiohttp_client, store, docker)
+    amd, arm = make_image("amd"), make_image("arm", arch="arm64")
+    for child in (amd, arm):
+        await push_image(client, "multi", child, child.digest)
+    index = make_index(
+        [(amd, {"os": "linux", "architecture": "amd64"}), (arm, {"os": "linux", "architecture": "arm64"})]
+    )
+    response = await client.put("/v2/multi/manifests/v1", data=index, headers={"Content-Type": OCI_INDEX})
+    assert response.status == 201
+    await settle(mirror)
+    assert docker.images["docker.io/library/multi:v1"].id == amd.config_digest
+    got = await client.get("/v2/multi/manifests/v1")
+    assert await got.read() == index
+
+
+async def test_docker_unreachable_push_still_lands(
+    aiohttp_client: Any, store: Store, docker: FakeDocker
+) -> None:
+    client, mirror = await make(aiohttp_client, store, docker)
+    docker.unavailable = True
+    image = make_image("offline")
+    digest = await push_image(client, "my-app", image, "dev")
+    await settle(mirror)
+    assert await manifest_digest(client, "/v2/my-app/manifests/dev") == digest
+
+
+# ---- pushed content vs Docker's ----------------------------------------------------------------------
+
+
+async def test_pushed_wins_over_docker_image_of_the_same_name(
+    aiohttp_client: Any, store: Store, docker: FakeDocker
+) -> None:
+    docker.images[APP] = local_image("docker-built", APP)
+    client, _mirror = await make(aiohttp_client, store, docker, load_pushed=False)
+    digest = await push_image(client, "my-app", make_image("pushed"), "dev")
+    assert await manifest_digest(client, "/v2/my-app/manifests/dev") == digest
+    assert docker.saves == []
+
+
+async def test_docker_rebuild_after_the_push_is_served(
+    aiohttp_client: Any, store: Store, docker: FakeDocker
+) -> None:
+    client, mirror = await make(aiohttp_client, store, docker)
+    pushed = await push_image(client, "my-app", make_image("pushed"), "dev")
+    await settle(mirror)
+    docker.images[APP] = rebuilt = local_image("rebuilt", APP)
+    assert await manifest_digest(client, "/v2/my-app/manifests/dev") == rebuilt.image.digest
+    # What was pushed stays servable by digest.
+    assert await manifest_digest(client, f"/v2/my-app/manifests/{pushed}") == pushed
+
+
+async def test_pushed_tags_are_listed_with_dockers(
+    aiohttp_client: Any, store: Store, docker: FakeDocker
+) -> None:
+    docker.images["docker.io/library/my-app:docker"] = local_image("d", "docker.io/library/my-app:docker")
+    client, _mirror = await make(aiohttp_client, store, docker, load_pushed=False)
+    await push_image(client, "my-app", make_image("pushed"), "dev")
+    listed = await (await client.get("/v2/my-app/tags/list")).json()
+    assert listed == {"name": "my-app", "tags": ["dev", "docker"]}
+    assert "my-app" in (await (await client.get("/v2/_catalog")).json())["repositories"]
+
+
+# ---- deletes ---------------------------------------------------------------------------------------
+
+
+async def test_deleting_a_pushed_tag_untags_what_was_loaded(
+    aiohttp_client: Any, store: Store, docker: FakeDocker
+) -> None:
+    client, mirror = await make(aiohttp_client, store, docker)
+    digest = await push_image(client, "my-app", make_image("pushed"), "dev")
+    await settle(mirror)
+    assert (await client.delete("/v2/my-app/manifests/dev")).status == 202
+    assert docker.removes == [APP]
+    assert (await client.get("/v2/my-app/manifests/dev")).status == 404
+    assert await manifest_digest(client, f"/v2/my-app/manifests/{digest}") == digest
+
+
+async def test_deleting_a_pushed_tag_leaves_a_later_docker_image_alone(
+    aiohttp_client: Any, store: Store, docker: FakeDocker
+) -> None:
+    client, mirror = await make(aiohttp_client, store, docker)
+    await push_image(client, "my-app", make_image("pushed"), "dev")
+    await settle(mirror)
+    docker.images[APP] = local_image("rebuilt", APP)
+    assert (await client.delete("/v2/my-app/manifests/dev")).status == 202
+    assert docker.removes == []
+    assert APP in docker.images
+
+
+async def test_docker_images_are_not_deleted_by_default(
+    aiohttp_client: Any, store: Store, docker: FakeDocker
+) -> None:
+    docker.images[APP] = local_image("docker-built", APP)
+    client, _mirror = await make(aiohttp_client, store, docker)
+    served = await manifest_digest(client, "/v2/my-app/manifests/dev")
+    for path in ("/v2/my-app/manifests/dev", f"/v2/my-app/manifests/{served}"):
+        response = await client.delete(path)
+        assert response.status == 405
+        assert "--allow-docker-delete" in (await response.json())["errors"][0]["message"]
+    assert docker.removes == []
+    assert await manifest_digest(client, "/v2/my-app/manifests/dev") == served
+
+
+async def test_allow_docker_delete(aiohttp_client: Any, store: Store, docker: FakeDocker) -> None:
+    docker.images[APP] = local_image("docker-built", APP)
+    client, _mirror = await make(aiohttp_client, store, docker, allow_docker_delete=True)
+    await manifest_digest(client, "/v2/my-app/manifests/dev")
+    assert (await client.delete("/v2/my-app/manifests/dev")).status == 202
+    assert docker.removes == [APP]
+    assert (await client.get("/v2/my-app/manifests/dev")).status == 404
+
+
+async def test_delete_with_ns_evicts_the_cache_only(
+    aiohttp_client: Any, store: Store, docker: FakeDocker
+) -> None:
+    docker.images["docker.io/library/alpine:latest"] = image = local_image(
+        "alpine", "docker.io/library/alpine:latest"
+    )
+    client, _mirror = await make(aiohttp_client, store, docker)
+    path = "/v2/library/alpine/manifests/latest?ns=docker.io"
+    assert await manifest_digest(client, path) == image.image.digest
+    layer = image.image.layer_digests[0]
+    assert store.has_blob(layer)
+    assert (await client.delete(path)).status == 202
+    assert not store.has_blob(layer)
+    assert docker.removes == []
+    assert (await client.delete(path)).status == 404
+    # The next pull exports again.
+    assert await manifest_digest(client, path) == image.image.digest
+    assert docker.saves == ["docker.io/library/alpine:latest"] * 2
+
+
+async def test_pushed_content_is_never_evicted(aiohttp_client: Any, store: Store, docker: FakeDocker) -> None:
+    client, _mirror = await make(aiohttp_client, store, docker, load_pushed=False)
+    image = make_image("pushed")
+    await push_image(client, "my-app", image, "dev")
+    assert cache.evict(store, 0, set()) == []
+    assert all(store.has_blob(d) for d in image.blobs())
+    assert cache.prune(store, older_than=0).blobs == 0
+
+
+# ---- uploads ---------------------------------------------------------------------------------------
+
+
+async def test_abandoned_uploads_are_dropped(store: Store) -> None:
+    uploads = Uploads(store, idle_timeout=0.0)
+    upload = await uploads.start("docker.io/library/x")
+    await asyncio.to_thread(upload.writer.write, b"partial")
+    assert len(list(store.tmp_dir.iterdir())) == 1
+    assert await uploads.expire() == 1
+    assert len(uploads) == 0
+    assert list(store.tmp_dir.iterdir()) == []
+    await uploads.close()
+
+
+async def test_upload_expiry_runs_in_the_app(aiohttp_client: Any, store: Store, docker: FakeDocker) -> None:
+    client, _mirror = await make(aiohttp_client, store, docker)
+    uploads = client.app[UPLOADS]
+    response = await client.post("/v2/my-app/blobs/uploads/")
+    assert response.status == 202
+    uploads.idle_timeout = 0.0
+    assert await uploads.expire() == 1
+    assert (await client.get(response.headers["Location"])).status == 404
+
+
+def test_content_range_forms() -> None:
+    assert parse_content_range("0-99") == (0, 99)
+    assert parse_content_range("bytes 100-199/*") == (100, 199)
+    for bad in ("", "5", "9-1", "a-b"):
+        with pytest.raises(RegistryError):
+            parse_content_range(bad)
+
+
+async def test_wrong_digest_leaves_nothing_behind(
+    aiohttp_client: Any, store: Store, docker: FakeDocker
+) -> None:
+    client, _mirror = await make(aiohttp_client, store, docker)
+    response = await client.post(f"/v2/my-app/blobs/uploads/?digest={digest_of(b'other')}", data=b"data")
+    assert response.status == 400
+    assert (await response.json())["errors"][0]["code"] == "DIGEST_INVALID"
+    assert list(store.tmp_dir.iterdir()) == []
+    assert not store.has_blob(digest_of(b"data"))
+
+
+# ---- manifest validation ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "why"),
+    [
+        (b"not json", OCI_MANIFEST, "not JSON"),
+        (b"[]", OCI_MANIFEST, "object"),
+        (json.dumps({"schemaVersion": 1}).encode(), OCI_MANIFEST, "schemaVersion"),
+        (json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST}).encode(), OCI_MANIFEST, "config"),
+        (json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX}).encode(), OCI_INDEX, "manifests"),
+        (json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST}).encode(), OCI_INDEX, "does not match"),
+        (json.dumps({"schemaVersion": 2, "mediaType": "text/plain"}).encode(), None, "unsupported"),
+        (
+            json.dumps(
+                {"schemaVersion": 2, "config": {"mediaType": "x", "digest": "sha256:abc", "size": 1}}
+            ).encode(),
+            OCI_MANIFEST,
+            "config",
+        ),
+        (
+            json.dumps(
+                {"schemaVersion": 2, "config": {"mediaType": "x", "digest": digest_of(b""), "size": -1}}
+            ).encode(),
+            OCI_MANIFEST,
+            "size",
+        ),
+    ],
+)
+def test_invalid_manifests(body: bytes, content_type: str | None, why: str) -> None:
+    with pytest.raises(RegistryError) as raised:
+        parse_pushed(body, content_type)
+    assert raised.value.code == "MANIFEST_INVALID"
+    assert why in raised.value.message
+
+
+def test_manifest_without_media_type_takes_the_content_type() -> None:
+    image = make_image("bare")
+    data = json.loads(image.manifest)
+    del data["mediaType"]
+    parsed = parse_pushed(json.dumps(data).encode(), f"{OCI_MANIFEST}; charset=utf-8")
+    assert parsed.media_type == OCI_MANIFEST
+    assert parsed.references == [image.config_digest, *image.layer_digests]
+    assert parsed.artifact_type == "application/vnd.oci.image.config.v1+json"
+
+
+def test_records_written_before_push_support_still_load(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    store.open()
+    old = {
+        "version": 1,
+        "name": "docker.io/library/x",
+        "tags": {
+            "a": {
+                "digest": "sha256:" + "1" * 64,
+                "media_type": OCI_MANIFEST,
+                "image_id": "i",
+                "exported_at": 1.0,
+            }
+        },
+        "manifests": {"sha256:" + "1" * 64: {"media_type": OCI_MANIFEST, "size": 3, "references": []}},
+    }
+    (store.records_dir / "x.json").write_text(json.dumps(old))
+    store.open()
+    record = store.record("docker.io/library/x")
+    assert record is not None and record.blobs == [] and not record.tags["a"].pushed
