@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import AsyncIterator
 
@@ -109,7 +110,13 @@ async def manifest(request: web.Request) -> web.Response:
     if is_digest(reference):
         served = await mirror.manifest_by_digest(repo, Digest.parse(reference), credentials)
     else:
-        served = await mirror.manifest_by_tag(repo, parse_tag(reference), credentials)
+        try:
+            tag = parse_tag(reference)
+        except RegistryError as exc:
+            # No manifest can have such a tag: a pull of it is a plain 404, as the conformance suite wants
+            # (TAG_INVALID is for a push naming one).
+            raise RegistryError("MANIFEST_UNKNOWN", f"manifest unknown: {exc.message}") from exc
+        served = await mirror.manifest_by_tag(repo, tag, credentials)
     return web.Response(
         body=served.body,
         headers={
@@ -155,7 +162,7 @@ async def referrers(request: web.Request) -> web.Response:
     if artifact_type is not None:
         headers["OCI-Filters-Applied"] = "artifactType"
     body = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": found}
-    return web.json_response(body, headers=headers, content_type=None)
+    return web.Response(body=json.dumps(body).encode(), headers=headers)
 
 
 def _upload_path(repo: Repository, upload: Upload) -> str:

@@ -112,14 +112,12 @@ class Pushes:
     ) -> tuple[str, PushedManifest]:
         """Stores a pushed manifest (and tag); returns its digest. Loads a tagged image into Docker."""
         _own(repo, "a push")
+        tag = None if is_digest(reference) else parse_tag(reference)
+        named = None if tag else Digest.parse(reference)
         pushed = parse_pushed(body, content_type)
         digest = f"sha256:{hashlib.sha256(body).hexdigest()}"
-        tag = None
-        if is_digest(reference):
-            if str(Digest.parse(reference)) != digest:
-                raise RegistryError("DIGEST_INVALID", f"manifest hashes to {digest}, not {reference}")
-        else:
-            tag = parse_tag(reference)
+        if named is not None and str(named) != digest:
+            raise RegistryError("DIGEST_INVALID", f"manifest hashes to {digest}, not {reference}")
         self._check_references(
             self.store.record(repo.docker_name) or RepositoryRecord(repo.docker_name), pushed
         )
@@ -267,13 +265,16 @@ class Pushes:
         record = self.store.record(repo.docker_name)
         if record is None or digest not in record.manifests:
             raise RegistryError("MANIFEST_UNKNOWN", f"manifest unknown: {repo.familiar(digest)}")
-        tagged = {t: e for t, e in record.tags.items() if e.digest == digest}
         if not repo.remote:
             if not record.manifests[digest].pushed and not self.allow_docker_delete:
                 raise self._docker_delete_refused(repo.familiar(digest))
-            for tag, entry in tagged.items():
+            for tag in [t for t, e in record.tags.items() if e.digest == digest]:
                 await self._settle_load(repo.docker_ref(tag))
-                await self._untag(repo.docker_ref(tag), entry, docker_owned=not entry.pushed)
+            # Loads that just finished changed the tags' entries.
+            record = self.store.record(repo.docker_name) or record
+            for tag, entry in record.tags.items():
+                if entry.digest == digest:
+                    await self._untag(repo.docker_ref(tag), entry, docker_owned=not entry.pushed)
 
         def drop(current: RepositoryRecord) -> RepositoryRecord:
             kept = cache.with_tags(current, {t: e for t, e in current.tags.items() if e.digest != digest})

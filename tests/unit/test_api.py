@@ -153,15 +153,25 @@ async def test_unknown_digest(client: TestClient, docker: FakeDocker) -> None:
     assert docker.saves == []
 
 
+@pytest.mark.parametrize("tag", ["-latest", ".latest", "a" * 129, ".INVALID_MANIFEST_NAME"])
+async def test_pulling_an_invalid_tag_is_not_found(client: TestClient, docker: FakeDocker, tag: str) -> None:
+    error = await error_of(await client.get(f"/v2/alpine/manifests/{tag}"), 404, "MANIFEST_UNKNOWN")
+    assert "invalid tag" in error["message"]
+    assert (await client.head(f"/v2/alpine/manifests/{tag}")).status == 404
+    assert docker.inspects == []
+
+
+async def test_pushing_an_invalid_tag(client: TestClient) -> None:
+    response = await client.put("/v2/alpine/manifests/-latest", data=b"{}")
+    await error_of(response, 400, "TAG_INVALID")
+
+
 @pytest.mark.parametrize(
     ("path", "code"),
     [
         ("/v2/Alpine/manifests/latest", "NAME_INVALID"),
         ("/v2/a..b/manifests/latest", "NAME_INVALID"),
         ("/v2/alpine/manifests/latest?ns=not%20a%20host", "NAME_INVALID"),
-        ("/v2/alpine/manifests/-latest", "TAG_INVALID"),
-        ("/v2/alpine/manifests/.latest", "TAG_INVALID"),
-        ("/v2/alpine/manifests/" + "a" * 129, "TAG_INVALID"),
         ("/v2/alpine/manifests/sha256:abc", "DIGEST_INVALID"),
         ("/v2/alpine/manifests/sha512:" + "a" * 128, "DIGEST_INVALID"),
         ("/v2/alpine/manifests/sha256:" + "A" * 64, "DIGEST_INVALID"),
