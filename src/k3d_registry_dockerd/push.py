@@ -52,13 +52,20 @@ class Pushes:
         _own(repo, "a push")
 
     async def mount(self, repo: Repository, digest: Digest, source: str) -> bool:
-        """Links a blob another repository serves into `repo`; False when it cannot (then: upload)."""
+        """Links a blob pushed to another repository into `repo`; False when it cannot (then: upload).
+
+        Only pushed content can be mounted: a blob exported from Docker may belong to a private upstream
+        image, and mounting must not make it readable under another name."""
+        text = str(digest)
         try:
             origin = parse_repository(source, None)
         except RegistryError:
             return False
         record = self.store.record(origin.docker_name)
-        if record is None or not record.serves_blob(str(digest)) or not self.store.has_blob(str(digest)):
+        pushed = record is not None and (
+            text in record.blobs or any(m.pushed and text in m.references for m in record.manifests.values())
+        )
+        if not pushed or not self.store.has_blob(text):
             return False
         await self.link(repo, digest)
         log.info("mounted %s from %s into %s", digest, origin.name, repo.name)

@@ -359,3 +359,19 @@ def test_records_written_before_push_support_still_load(tmp_path: Path) -> None:
     store.open()
     record = store.record("docker.io/library/x")
     assert record is not None and record.blobs == [] and not record.tags["a"].pushed
+
+
+async def test_mount_only_from_pushed_content(aiohttp_client: Any, store: Store, docker: FakeDocker) -> None:
+    """A blob exported from Docker (maybe a private upstream's) cannot be mounted into another name."""
+    ref = "docker.io/team/private:1"
+    docker.images[ref] = image = local_image("private", ref)
+    client, _mirror = await make(aiohttp_client, store, docker, load_pushed=False)
+    assert await manifest_digest(client, "/v2/team/private/manifests/1") == image.image.digest
+    layer = image.image.layer_digests[0]
+    response = await client.post(f"/v2/elsewhere/blobs/uploads/?mount={layer}&from=team/private")
+    assert response.status == 202
+    assert (await client.get(f"/v2/elsewhere/blobs/{layer}")).status == 404
+    pushed = await push_blob(client, "team/pushed", b"pushed bytes")
+    response = await client.post(f"/v2/elsewhere/blobs/uploads/?mount={pushed}&from=team/pushed")
+    assert response.status == 201
+    assert await (await client.get(f"/v2/elsewhere/blobs/{pushed}")).read() == b"pushed bytes"
