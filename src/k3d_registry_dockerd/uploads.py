@@ -9,6 +9,7 @@ then see BLOB_UPLOAD_UNKNOWN and start over, as the spec allows.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import re
 import time
@@ -111,7 +112,10 @@ class Uploads:
                     f"Content-Length {length} does not match Content-Range {content_range}",
                     status=416,
                 )
-        received = await self._write_body(upload, body)
+        try:
+            received = await self._write_body(upload, body)
+        except OSError as exc:
+            raise await self._storage_failed(upload, exc) from exc
         if expected is not None and received != expected:
             raise RegistryError(
                 "BLOB_UPLOAD_INVALID", f"chunk of {received} bytes, Content-Range said {expected}", status=400
@@ -139,6 +143,25 @@ class Uploads:
         except DigestMismatch as exc:
             log.info("upload %s to %s rejected: %s", upload.id, upload.repository, exc)
             raise RegistryError("DIGEST_INVALID", f"digest invalid: {exc}") from exc
+        except OSError as exc:
+            raise await self._storage_failed(upload, exc) from exc
+
+    async def _storage_failed(self, upload: Upload, exc: OSError) -> RegistryError:
+        """A write or fsync failed (a full disk, most likely): the upload is dropped, not left half-done."""
+        log.error(
+            "upload %s to %s failed writing to the cache %s: %s",
+            upload.id,
+            upload.repository,
+            self.store.root,
+            exc,
+        )
+        await self.cancel(upload)
+        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        return RegistryError(
+            "UNAVAILABLE",
+            f"cannot store the upload in the cache {self.store.root}: {exc.strerror or exc}",
+            status=507 if full else 503,
+        )
 
     async def cancel(self, upload: Upload) -> None:
         self._uploads.pop(upload.id, None)

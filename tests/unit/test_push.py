@@ -4,6 +4,7 @@ respect Docker's own images, cache eviction by DELETE with `ns`, and abandoned u
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 from pathlib import Path
@@ -375,3 +376,20 @@ async def test_mount_only_from_pushed_content(aiohttp_client: Any, store: Store,
     response = await client.post(f"/v2/elsewhere/blobs/uploads/?mount={pushed}&from=team/pushed")
     assert response.status == 201
     assert await (await client.get(f"/v2/elsewhere/blobs/{pushed}")).read() == b"pushed bytes"
+
+
+async def test_full_disk_drops_the_upload_and_names_the_cache(
+    aiohttp_client: Any, store: Store, docker: FakeDocker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client, _mirror = await make(aiohttp_client, store, docker)
+    started = await client.post("/v2/my-app/blobs/uploads/")
+
+    def full(self: Any, chunk: bytes) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("k3d_registry_dockerd.store.BlobWriter.write", full)
+    response = await client.patch(started.headers["Location"], data=b"x" * 100)
+    assert response.status == 507
+    assert str(store.root) in (await response.json())["errors"][0]["message"]
+    assert list(store.tmp_dir.iterdir()) == []
+    assert (await client.get(started.headers["Location"])).status == 404
