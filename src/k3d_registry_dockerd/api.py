@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from collections.abc import AsyncIterator
 
 from aiohttp import BasicAuth, hdrs, web
 from aiohttp.abc import AbstractAccessLogger
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.log import server_logger
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .docker import Credentials
@@ -27,6 +30,7 @@ PROBLEMS: web.AppKey[RecentProblems] = web.AppKey("problems", RecentProblems)
 UPLOADS: web.AppKey[Uploads] = web.AppKey("uploads", Uploads)
 PUSHES: web.AppKey[Pushes] = web.AppKey("pushes", Pushes)
 API_VERSION = ("Docker-Distribution-API-Version", "registry/2.0")
+_EMPTY_SUFFIX_RANGE = re.compile(r"\s*bytes\s*=\s*-0+\s*")
 
 
 class AccessLogger(AbstractAccessLogger):
@@ -51,6 +55,23 @@ class AccessLogger(AbstractAccessLogger):
             time,
             request.headers.get(hdrs.USER_AGENT, "-"),
         )
+
+
+class _MalformedRequests(logging.Filter):
+    """aiohttp logs a request it cannot parse (an over-long line, a bad header) as an ERROR with a
+    traceback; that is the client's mistake, so it becomes one INFO line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg, record.args, record.exc_info, record.exc_text = (
+                "refused a malformed request: %s",
+                (exc,),
+                None,
+                None,
+            )
+        return True
 
 
 def _error_response(request: web.Request, error: RegistryError) -> web.Response:
@@ -205,9 +226,9 @@ async def start_upload(request: web.Request) -> web.Response:
         digest = Digest.parse(mount)
         if source is not None and await pushes.mount(repo, digest, source):
             return _blob_created(repo, digest)
+    digest = Digest.parse(request.query["digest"]) if "digest" in request.query else None
     upload = await request.app[UPLOADS].start(repo.docker_name)
-    if "digest" in request.query:
-        digest = Digest.parse(request.query["digest"])
+    if digest is not None:
         try:
             await _receive(request, repo, upload, digest)
         finally:
@@ -258,6 +279,10 @@ async def blob(request: web.Request) -> web.StreamResponse:
     repo = parse_repository(request.match_info["name"], request.query.get("ns"))
     digest = Digest.parse(request.match_info["digest"])
     path = mirror.blob(repo, digest)
+    if _EMPTY_SUFFIX_RANGE.fullmatch(request.headers.get(hdrs.RANGE, "")):
+        # "the last 0 bytes" is unsatisfiable (RFC 9110 14.1.1); aiohttp would send the whole blob.
+        size = (await asyncio.to_thread(path.stat)).st_size
+        raise web.HTTPRequestRangeNotSatisfiable(headers={hdrs.CONTENT_RANGE: f"bytes */{size}"})
     # FileResponse streams with sendfile and answers Range/If-Range itself (206, 416). Blobs are stored
     # without a .gz/.br sibling, so it never picks a Content-Encoding.
     return web.FileResponse(
@@ -279,8 +304,10 @@ def _page(request: web.Request, items: list[str]) -> tuple[list[str], dict[str, 
     number = request.query.get("n")
     if number is None:
         return items, {}
-    if not number.isdigit():
-        raise RegistryError("UNSUPPORTED", f"n must be a non-negative integer, not {number!r}", status=400)
+    if not re.fullmatch(r"[0-9]{1,9}", number):
+        raise RegistryError(
+            "UNSUPPORTED", f"n must be a non-negative integer, not {number[:20]!r}", status=400
+        )
     limit = int(number)
     if limit == 0 or len(items) <= limit:
         return items[:limit], {}
@@ -354,9 +381,12 @@ def create_app(
     problems = app[PROBLEMS] = RecentProblems()
     package_logger = logging.getLogger(__package__)
     package_logger.addHandler(problems)
+    malformed = _MalformedRequests()
+    server_logger.addFilter(malformed)
 
     async def detach(_app: web.Application) -> None:
         package_logger.removeHandler(problems)
+        server_logger.removeFilter(malformed)
 
     app.on_cleanup.append(detach)
     app.on_response_prepare.append(_on_response)

@@ -76,7 +76,7 @@ def cache_bytes(store: Store) -> int:
     return sum(path.stat().st_size for path in store.blobs_dir.glob("*/*"))
 
 
-def _referenced(store: Store) -> set[str]:
+def referenced(store: Store) -> set[str]:
     referenced: set[str] = set()
     for record in store.records():
         referenced |= set(record.manifests) | set(record.blobs)
@@ -107,8 +107,13 @@ def replace_record(store: Store, record: RepositoryRecord, keep: set[str]) -> in
         for digest in old.manifests:
             candidates |= _closure(old, digest)
     store.save_record(record)
+    return remove_blobs(store, candidates - referenced(store) - keep)
+
+
+def remove_blobs(store: Store, digests: set[str]) -> int:
+    """Deletes these blobs from the cache; returns the bytes freed."""
     freed = 0
-    for digest in candidates - _referenced(store) - keep:
+    for digest in digests:
         size = store.blob_size(digest)
         if size is not None:
             store.blob_path(Digest.parse(digest)).unlink(missing_ok=True)
@@ -181,7 +186,7 @@ def prune(store: Store, *, older_than: float | None = None, everything: bool = F
         manifests += len(record.manifests) - len(pruned.manifests)
         if pruned != record:
             store.save_record(pruned)
-    kept = _referenced(store)
+    kept = referenced(store)
     blobs = freed = 0
     for path in store.blobs_dir.glob("*/*"):
         if f"sha256:{path.name}" not in kept:

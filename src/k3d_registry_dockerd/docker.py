@@ -90,6 +90,8 @@ _AUTH_MARKERS = (
     "403 forbidden",
 )
 _NOT_FOUND_MARKERS = ("not found", "manifest unknown", "name unknown", "does not exist")
+# What a pull reports when dockerd shuts down under it (it cancels its own work).
+_SHUTDOWN_MARKERS = ("client connection is closing", "context canceled")
 
 
 def classify_pull_error(message: str) -> type[Exception]:
@@ -99,6 +101,8 @@ def classify_pull_error(message: str) -> type[Exception]:
     first: a challenge lets the cluster retry with its pull secret, and a 404 follows if that fails too.
     """
     text = message.lower()
+    if any(marker in text for marker in _SHUTDOWN_MARKERS):
+        return DockerUnavailable
     if any(marker in text for marker in _AUTH_MARKERS):
         return PullDenied
     if any(marker in text for marker in _NOT_FOUND_MARKERS):
@@ -234,12 +238,12 @@ class DockerClient:
         try:
             async for event in self._client().images.pull(ref, auth=auth, stream=True):
                 progress.update(event)
-        except DockerStreamError as exc:
-            raise classify_pull_error(exc.message)(exc.message) from exc
-        except DockerError as exc:
-            if exc.status == _CONNECTION_ERROR_STATUS:
-                raise self._lost(exc) from exc
-            raise classify_pull_error(exc.message)(exc.message) from exc
+        except (DockerStreamError, DockerError) as exc:
+            if isinstance(exc, DockerStreamError) or exc.status != _CONNECTION_ERROR_STATUS:
+                kind = classify_pull_error(exc.message)
+                if kind is not DockerUnavailable:
+                    raise kind(exc.message) from exc
+            raise self._lost(exc) from exc
         except (aiohttp.ClientError, OSError) as exc:
             raise self._lost(exc) from exc
         progress.done()

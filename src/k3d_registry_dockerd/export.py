@@ -263,23 +263,47 @@ def read_save_stream(fileobj: IO[bytes], store: Store, claimed: set[str] | None 
                     written_bytes += member.size
         except tarfile.TarError as exc:
             raise ExportError(f"malformed or truncated save stream: {exc}") from exc
-        files: dict[str, tuple[str, int]] = {}
-        for path, (future, size) in pending.items():
-            try:
-                files[path] = (future.result(), size)
-            except DigestMismatch as exc:
-                raise ExportError(f"{path}: {exc}") from exc
-            claim(files[path][0])
+        finally:
+            # Every commit is waited for and claimed, also when the stream broke, so whatever the export
+            # stored can be removed again if it is not used.
+            files, mismatches, failure = _settle(pending, claim)
+        if failure is not None:
+            raise failure
+        if mismatches:
+            raise ExportError("; ".join(mismatches))
 
     if "index.json" in metadata:
         roots = _layout_roots(metadata["index.json"])
         layout = "oci"
     elif "manifest.json" in metadata:
         roots = _legacy_roots(metadata["manifest.json"], files, links, store)
+        for root in roots:
+            claim(root.digest)
         layout = "legacy"
     else:
         raise ExportError("save stream has neither index.json nor manifest.json")
     return SaveContents(layout=layout, roots=roots, blobs_written=written, bytes_written=written_bytes)
+
+
+def _settle(
+    pending: dict[str, tuple[Future[str], int]], claim: Callable[[str], None]
+) -> tuple[dict[str, tuple[str, int]], list[str], OSError | None]:
+    """Waits for every commit: the stored files by tar path (claimed), the digest mismatches, and the
+    first write failure."""
+    files: dict[str, tuple[str, int]] = {}
+    mismatches = []
+    failure = None
+    for path, (future, size) in pending.items():
+        try:
+            files[path] = (future.result(), size)
+        except DigestMismatch as exc:
+            mismatches.append(f"{path}: {exc}")
+            continue
+        except OSError as exc:
+            failure = failure or exc
+            continue
+        claim(files[path][0])
+    return files, mismatches, failure
 
 
 def _done(value: str) -> Future[str]:
@@ -328,7 +352,15 @@ def _legacy_roots(
         config = _load_json(store.read_blob(config_digest) or b"", image["Config"])
         diff_ids = config.get("rootfs", {}).get("diff_ids", [])
         if diff_ids != [digest for digest, _ in layers]:
-            raise ExportError(f"layers of {image['Config']} do not match the config's rootfs.diff_ids")
+            said = [*diff_ids, *["nothing"] * len(layers)]
+            wrong = [
+                f"{path} hashes to {digest}, the config says {said[i]}"
+                for i, (path, (digest, _)) in enumerate(zip(image["Layers"], layers, strict=True))
+                if said[i] != digest
+            ] or [f"the config lists {len(diff_ids)} layers, the image {len(layers)}"]
+            raise ExportError(
+                f"layers of {image['Config']} do not match its rootfs.diff_ids: {'; '.join(wrong)}"
+            )
         manifest = {
             "schemaVersion": 2,
             "mediaType": OCI_MANIFEST,

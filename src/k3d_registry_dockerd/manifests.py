@@ -99,7 +99,7 @@ def parse_pushed(body: bytes, content_type: str | None) -> PushedManifest:
         )
     try:
         data = json.loads(body)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise _invalid(f"not JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise _invalid("not a JSON object")

@@ -283,19 +283,24 @@ class Mirror:
     ) -> TagEntry:
         ref = repo.docker_ref(tag)
         info = await self.docker.daemon()
-        plan = await self._export(ref, info, (ref, repo.familiar(tag), tag), size)
-        now = time.time()
-        entry = TagEntry(
-            digest=plan.root.digest,
-            media_type=plan.manifests[plan.root.digest].media_type,
-            image_id=image_id,
-            exported_at=now,
-            pulled_at=pulled_at or self._previous_pull(repo, tag, image_id),
-            last_used=now,
-        )
-        await self._update(repo, plan.manifests, {tag: entry})
-        await self._enforce_limit(repo, entry.digest)
-        return entry
+        entries: list[TagEntry] = []
+
+        async def keep(plan: ExportPlan) -> None:
+            now = time.time()
+            entry = TagEntry(
+                digest=plan.root.digest,
+                media_type=plan.manifests[plan.root.digest].media_type,
+                image_id=image_id,
+                exported_at=now,
+                pulled_at=pulled_at or self._previous_pull(repo, tag, image_id),
+                last_used=now,
+            )
+            await self._update(repo, plan.manifests, {tag: entry})
+            entries.append(entry)
+
+        await self._export(ref, info, (ref, repo.familiar(tag), tag), size, keep)
+        await self._enforce_limit(repo, entries[0].digest)
+        return entries[0]
 
     def _previous_pull(self, repo: Repository, tag: str, image_id: str) -> float | None:
         record = self.store.record(repo.docker_name)
@@ -321,11 +326,16 @@ class Mirror:
         if self._absent.get((repo.docker_name, text)) == image["Id"]:
             return False
         try:
-            plan = await self._export(ref, info, (ref,), int(image.get("Size") or 0))
+            plan = await self._export(
+                ref,
+                info,
+                (ref,),
+                int(image.get("Size") or 0),
+                lambda plan: self._update(repo, plan.manifests, {}),
+            )
         except RegistryError:
             self._remember_absent(repo, text, image["Id"])
             raise
-        await self._update(repo, plan.manifests, {})
         await self._enforce_limit(repo, plan.root.digest)
         if text in plan.manifests:
             return True
@@ -399,18 +409,38 @@ class Mirror:
                 await asyncio.to_thread(self.store.save_record, record)
             return record
 
-    async def _export(self, ref: str, info: DaemonInfo, names: tuple[str, ...], size: int) -> ExportPlan:
+    async def _export(
+        self,
+        ref: str,
+        info: DaemonInfo,
+        names: tuple[str, ...],
+        size: int,
+        keep: Callable[[ExportPlan], Awaitable[None]],
+    ) -> ExportPlan:
+        """Exports an image into the store and has `keep` record what is served of it; whatever else the
+        export stored (a failed export's blobs, files Docker adds that no manifest uses) is removed."""
         self.metrics.exports_in_flight.inc()
         progress = self.in_progress[ref] = ExportProgress(ref, time.time(), size)
         started, outcome = time.monotonic(), "failed"
         try:
             plan = await self._save_into_store(ref, info, names, progress)
+            await keep(plan)
             outcome = "ok"
             return plan
         finally:
+            await self._discard_unused(ref, progress.claimed)
             self.in_progress.pop(ref, None)
             self.metrics.exports_in_flight.dec()
             self.metrics.exports.labels(outcome).observe(time.monotonic() - started)
+
+    async def _discard_unused(self, ref: str, stored: set[str]) -> None:
+        """Removes blobs an export stored that no record references and no other export relies on."""
+        async with self._record_lock:
+            others = [e.claimed for r, e in self.in_progress.items() if r != ref]
+            unused = stored - cache.referenced(self.store) - set().union(*others)
+            freed = await asyncio.to_thread(cache.remove_blobs, self.store, unused)
+        if freed:
+            log.info("removed %.1f MB the export of %s stored but nothing uses", freed / 1e6, ref)
 
     async def _save_into_store(
         self, ref: str, info: DaemonInfo, names: tuple[str, ...], progress: ExportProgress

@@ -121,8 +121,9 @@ class BlobWriter:
         self.size = 0
 
     def write(self, chunk: bytes | memoryview) -> None:
-        self._hash.update(chunk)
+        # Written first: after a failed write the hash must not include bytes the file lacks.
         self._file.write(chunk)
+        self._hash.update(chunk)
         self.size += len(chunk)
         if self._flusher is not None and self.size - self._flushed >= FLUSH_EVERY:
             self._file.flush()
@@ -158,9 +159,13 @@ class BlobWriter:
 
     def abort(self) -> None:
         self._settle_flushes()
-        self._file.close()
-        with contextlib.suppress(FileNotFoundError):
-            self._path.unlink()
+        try:
+            # On a full disk, close() fails flushing the buffer again; the file goes all the same.
+            with contextlib.suppress(OSError):
+                self._file.close()
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                self._path.unlink()
 
 
 class Store:

@@ -30,7 +30,7 @@ IDLE_TIMEOUT = 30 * 60.0
 EXPIRY_INTERVAL = 60.0
 # Bytes gathered from the socket before one write to disk (off the event loop).
 WRITE_BUFFER = 1 << 20
-_CONTENT_RANGE_RE = re.compile(r"(?:bytes[ =])?(\d+)-(\d+)(?:/(?:\d+|\*))?")
+_CONTENT_RANGE_RE = re.compile(r"(?:bytes[ =])?([0-9]{1,19})-([0-9]{1,19})(?:/(?:[0-9]{1,19}|\*))?")
 
 
 @dataclass
@@ -59,7 +59,7 @@ def parse_content_range(text: str) -> tuple[int, int]:
     """`<start>-<end>` of a PATCH (inclusive); distribution's clients also send a `bytes ` prefix."""
     match = _CONTENT_RANGE_RE.fullmatch(text.strip())
     if not match or int(match[2]) < int(match[1]):
-        raise RegistryError("BLOB_UPLOAD_INVALID", f"invalid Content-Range {text!r}", status=416)
+        raise RegistryError("BLOB_UPLOAD_INVALID", f"invalid Content-Range {text[:60]!r}", status=416)
     return int(match[1]), int(match[2])
 
 
@@ -112,28 +112,38 @@ class Uploads:
                     f"Content-Length {length} does not match Content-Range {content_range}",
                     status=416,
                 )
-        try:
-            received = await self._write_body(upload, body)
-        except OSError as exc:
-            raise await self._storage_failed(upload, exc) from exc
+        received = await self._write_body(upload, body)
         if expected is not None and received != expected:
             raise RegistryError(
                 "BLOB_UPLOAD_INVALID", f"chunk of {received} bytes, Content-Range said {expected}", status=400
             )
 
     async def _write_body(self, upload: Upload, body: StreamReader) -> int:
+        """Writes what arrives; a client going away keeps what arrived before (the upload resumes from
+        there), while a failed disk write ends the upload."""
         received = 0
         pending = bytearray()
-        async for chunk in body.iter_any():
-            pending += chunk
-            received += len(chunk)
-            if len(pending) >= WRITE_BUFFER:
-                await asyncio.to_thread(upload.writer.write, bytes(pending))
-                pending.clear()
-            upload.touched = time.monotonic()
+        try:
+            async for chunk in body.iter_any():
+                pending += chunk
+                received += len(chunk)
+                if len(pending) >= WRITE_BUFFER:
+                    await self._write(upload, pending)
+                upload.touched = time.monotonic()
+        except ConnectionError:
+            if pending:
+                await self._write(upload, pending)
+            raise
         if pending:
-            await asyncio.to_thread(upload.writer.write, bytes(pending))
+            await self._write(upload, pending)
         return received
+
+    async def _write(self, upload: Upload, pending: bytearray) -> None:
+        try:
+            await asyncio.to_thread(upload.writer.write, bytes(pending))
+        except OSError as exc:
+            raise await self._storage_failed(upload, exc) from exc
+        pending.clear()
 
     async def finish(self, upload: Upload, digest: Digest) -> None:
         """Commits the upload under `digest`; a mismatch (DIGEST_INVALID) discards it, nothing stored."""

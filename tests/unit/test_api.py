@@ -605,7 +605,7 @@ async def test_incomplete_export_is_404(client: TestClient, docker: FakeDocker) 
     await error_of(await client.get("/v2/incomplete/manifests/1"), 404, "MANIFEST_UNKNOWN")
 
 
-async def test_corrupt_export_is_502(client: TestClient, docker: FakeDocker) -> None:
+async def test_corrupt_export_is_502(client: TestClient, store: Store, docker: FakeDocker) -> None:
     image = make_image("corrupt")
     name = "docker.io/library/corrupt:1"
     docker.images[name] = LocalImage(
@@ -613,6 +613,22 @@ async def test_corrupt_export_is_502(client: TestClient, docker: FakeDocker) -> 
     )
     error = await error_of(await client.get("/v2/corrupt/manifests/1"), 502, "UNAVAILABLE")
     assert image.layer_digests[0] in error["detail"]
+    # What the rejected export stored before the bad blob showed up is gone again.
+    assert list(store.blobs_dir.glob("*/*")) == []
+    assert list(store.tmp_dir.iterdir()) == []
+
+
+async def test_export_keeps_only_what_is_served(client: TestClient, store: Store, docker: FakeDocker) -> None:
+    """Docker >= 25 also saves v1 layer JSONs under blobs/; no manifest uses them, so they are not kept."""
+    image = make_image("extras")
+    extra = b'{"id": "v1 layer json"}'
+    name = "docker.io/library/extras:1"
+    docker.images[name] = LocalImage(
+        "sha256:" + "2" * 64, classic_save(image, name, blobs={sha(extra): extra})
+    )
+    assert (await client.get("/v2/extras/manifests/1")).status == 200
+    assert not store.has_blob(sha(extra))
+    assert {f"sha256:{p.name}" for p in store.blobs_dir.glob("*/*")} == set(image.blobs())
 
 
 async def test_legacy_export(client: TestClient, docker: FakeDocker) -> None:

@@ -49,6 +49,7 @@ from k3d_registry_dockerd.export import Platform
         ),
         ('Get "https://nosuch.example/v2/": dial tcp: lookup nosuch.example: no such host', PullFailed),
         ("", PullFailed),
+        ("error creating lease: grpc: the client connection is closing: context canceled", DockerUnavailable),
     ],
 )
 def test_classify_pull_error(message: str, kind: type[Exception]) -> None:
