@@ -122,12 +122,9 @@ class Mirror:
         self, repo: Repository, tag: str, credentials: Credentials | None
     ) -> ServedManifest:
         cached = self._cached_tag(repo, tag)
-        if (
-            cached is not None
-            and cached.pushed
-            and not repo.remote
-            and await self._pushed_current(repo, tag, cached)
-        ):
+        # Own namespace and mirror requests share a record (same Docker name): a pushed tag stands for
+        # that Docker image either way, so a mirror request must not replace it with an upstream pull.
+        if cached is not None and cached.pushed and await self._pushed_current(repo, tag, cached):
             self.metrics.manifest_cache.labels("hit").inc()
             return self._served(cached.digest, cached.media_type)
         try:

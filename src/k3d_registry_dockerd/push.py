@@ -296,9 +296,11 @@ class Pushes:
         record = self.store.record(repo.docker_name)
         if record is None or not record.serves_blob(text):
             raise RegistryError("BLOB_UNKNOWN", f"blob unknown to {repo.name}: {text}")
-        if text not in record.blobs:
+        users = [d for d, m in record.manifests.items() if text == d or text in m.references]
+        if users:
+            # Removing it would leave those manifests unservable: never a manifest whose blobs are gone.
             raise RegistryError(
-                "UNSUPPORTED", f"blob {text} belongs to an image in {repo.name}: delete its manifest instead"
+                "UNSUPPORTED", f"blob {text} is used by manifest {users[0]} in {repo.name}: delete that first"
             )
         await self._forget(repo, lambda r: replace(r, blobs=[b for b in r.blobs if b != text]))
         log.info("deleted blob %s from %s", text, repo.name)

@@ -393,3 +393,16 @@ async def test_full_disk_drops_the_upload_and_names_the_cache(
     assert str(store.root) in (await response.json())["errors"][0]["message"]
     assert list(store.tmp_dir.iterdir()) == []
     assert (await client.get(started.headers["Location"])).status == 404
+
+
+async def test_a_mirror_request_for_a_pushed_name_does_not_pull_over_it(
+    aiohttp_client: Any, store: Store, docker: FakeDocker
+) -> None:
+    """`team/app:v1` pushed here is Docker's docker.io/team/app:v1: containerd asking with ns=docker.io
+    gets it, and no upstream pull replaces it."""
+    docker.upstream["docker.io/team/app:v1"] = local_image("hub", "docker.io/team/app:v1")
+    client, _mirror = await make(aiohttp_client, store, docker, load_pushed=False)
+    digest = await push_image(client, "team/app", make_image("pushed"), "v1")
+    assert await manifest_digest(client, "/v2/team/app/manifests/v1?ns=docker.io") == digest
+    assert docker.pulls == []
+    assert await manifest_digest(client, "/v2/team/app/manifests/v1") == digest

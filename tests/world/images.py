@@ -3,7 +3,8 @@
 Docker images are ``FROM scratch`` with Debian's static busybox plus files of seeded random bytes
 (incompressible, so layer sizes are real and gzip cannot hide bugs). The multi-platform image is an
 OCI layout written by Python and pushed with skopeo, because the classic builder cannot make
-indexes and buildx/QEMU are not available offline.
+indexes and buildx/QEMU are not available offline; so is a runnable single-platform image of any size
+(write_image_layout), streamed to disk layer by layer, for push tests.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ FIXED_MTIME = 1_700_000_000
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
 OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 
 
@@ -358,6 +360,193 @@ def write_oci_layout(
     }
     (layout / "index.json").write_text(json.dumps(top))
     return MultiPlatformImage(layout, tag, index_digest, len(index_bytes), manifests)
+
+
+HOST_ARCHITECTURES = {
+    "x86_64": "amd64",
+    "aarch64": "arm64",
+    "armv7l": "arm",
+    "ppc64le": "ppc64le",
+    "s390x": "s390x",
+}
+
+
+def host_platform() -> str:
+    """This machine's platform as Docker names it ("linux/amd64"): what the test daemons run."""
+    machine = os.uname().machine
+    return f"linux/{HOST_ARCHITECTURES.get(machine, machine)}"
+
+
+@dataclass(frozen=True)
+class LayoutImage:
+    """A single-platform image written as an OCI layout by write_image_layout()."""
+
+    layout: Path
+    tag: str
+    digest: str
+    """Digest of the image manifest (what a registry serves for the tag, byte for byte)."""
+    config_digest: str
+    layer_digests: tuple[str, ...]
+    layer_sizes: tuple[int, ...]
+    diff_ids: tuple[str, ...]
+    platform: str
+
+    @property
+    def blob_digests(self) -> tuple[str, ...]:
+        """Config and layers: every blob a push of this image uploads."""
+        return (self.config_digest, *self.layer_digests)
+
+    @property
+    def bytes(self) -> int:
+        """Bytes of the layers as stored (compressed when they are)."""
+        return sum(self.layer_sizes)
+
+    def blob(self, digest: str) -> bytes:
+        return (self.layout / "blobs" / "sha256" / digest.removeprefix("sha256:")).read_bytes()
+
+
+class _HashingWriter:
+    """A write-only file object that hashes and counts what passes through to ``target``."""
+
+    def __init__(self, target: Any) -> None:
+        self.target = target
+        self.hasher = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.hasher.update(data)
+        self.size += len(data)
+        return int(self.target.write(data))
+
+    def tell(self) -> int:
+        return self.size
+
+    def flush(self) -> None:
+        self.target.flush()
+
+    @property
+    def digest(self) -> str:
+        return "sha256:" + self.hasher.hexdigest()
+
+
+class _SeededReader:
+    """seeded_bytes(seed, size) read in pieces, never all in memory (the same bytes as long as every
+    read but the last asks for a multiple of 4 bytes, as tarfile's 8 MiB copy buffer does)."""
+
+    def __init__(self, seed: str, size: int) -> None:
+        self.rng = random.Random(seed)
+        self.remaining = size
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.remaining if n < 0 else min(n, self.remaining)
+        self.remaining -= n
+        return self.rng.randbytes(n)
+
+
+LayerFile = tuple[str, int, bytes | tuple[str, int]]
+"""(path, mode, content): bytes, or (seed, size) for seeded random data streamed to disk."""
+
+
+def _write_layer_blob(blobs: Path, files: Sequence[LayerFile], compress: bool) -> tuple[str, str, int]:
+    """Streams a deterministic layer tar (gzip or not) into ``blobs``; (digest, diff_id, size)."""
+    partial = blobs / ".partial"
+    with open(partial, "wb") as out:
+        stored = _HashingWriter(out)
+        gz = gzip.GzipFile(fileobj=stored, mode="wb", compresslevel=1, mtime=0) if compress else None
+        raw = _HashingWriter(gz or stored)
+        with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT, copybufsize=8 * MiB) as tar:
+            for name, mode, content in files:
+                info = tarfile.TarInfo(name)
+                info.mtime, info.mode = FIXED_MTIME, mode
+                if isinstance(content, bytes):
+                    info.size = len(content)
+                    tar.addfile(info, io.BytesIO(content))
+                else:
+                    seed, info.size = content
+                    tar.addfile(info, _SeededReader(seed, info.size))
+        if gz is not None:
+            gz.close()
+    partial.rename(blobs / stored.digest.removeprefix("sha256:"))
+    return stored.digest, raw.digest, stored.size
+
+
+def write_image_layout(
+    layout: Path,
+    *,
+    tag: str = "1",
+    layer_sizes: Sequence[int] = (1 * MiB, 1 * MiB),
+    seed: str = "image",
+    busybox: bool = True,
+    compress: bool = True,
+    platform: str | None = None,
+) -> LayoutImage:
+    """Write an OCI layout holding one image manifest tagged ``tag``, streaming each layer to disk.
+
+    A busybox layer (``/bin/busybox`` and ``/k3rd/hello.txt``; CMD cats the latter, so the image runs)
+    comes first, then one layer per size with a file of seeded random bytes at
+    ``/data/layer-NNN.bin``. Layers are gzip (level 1) or, with ``compress=False``, plain tars.
+    ``platform`` defaults to the host's. Equal arguments give equal digests.
+    """
+    platform = platform or host_platform()
+    os_name, arch, *variant = platform.split("/")
+    blobs = layout / "blobs" / "sha256"
+    blobs.mkdir(parents=True, exist_ok=True)
+    (layout / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+    layer_files: list[list[LayerFile]] = []
+    if busybox:
+        hello = f"hello from {seed}\n".encode()
+        layer_files.append([("bin/busybox", 0o755, BUSYBOX.read_bytes()), ("k3rd/hello.txt", 0o644, hello)])
+    for i, size in enumerate(layer_sizes):
+        layer_files.append([(f"data/layer-{i:03d}.bin", 0o644, (f"{seed}/{i}", size))])
+    written = [_write_layer_blob(blobs, files, compress) for files in layer_files]
+
+    def put(data: bytes) -> str:
+        digest = sha256_digest(data)
+        (blobs / digest.removeprefix("sha256:")).write_bytes(data)
+        return digest
+
+    config: dict[str, Any] = {
+        "created": "2024-01-01T00:00:00Z",
+        "architecture": arch,
+        "os": os_name,
+        "config": {"Cmd": ["/bin/busybox", "cat", "/k3rd/hello.txt"] if busybox else ["/none"]},
+        "rootfs": {"type": "layers", "diff_ids": [diff_id for _, diff_id, _ in written]},
+        "history": [{"created": "2024-01-01T00:00:00Z", "created_by": "k3rd tests"}] * len(written),
+    }
+    if variant:
+        config["variant"] = variant[0]
+    config_bytes = _canonical(config)
+    media_type = OCI_LAYER_GZIP if compress else OCI_LAYER
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": OCI_CONFIG, "digest": put(config_bytes), "size": len(config_bytes)},
+        "layers": [{"mediaType": media_type, "digest": d, "size": size} for d, _, size in written],
+    }
+    manifest_bytes = _canonical(manifest)
+    digest = put(manifest_bytes)
+    top = {
+        "schemaVersion": 2,
+        "manifests": [
+            {
+                "mediaType": OCI_MANIFEST,
+                "digest": digest,
+                "size": len(manifest_bytes),
+                "annotations": {"org.opencontainers.image.ref.name": tag},
+            }
+        ],
+    }
+    (layout / "index.json").write_text(json.dumps(top))
+    return LayoutImage(
+        layout,
+        tag,
+        digest,
+        sha256_digest(config_bytes),
+        tuple(d for d, _, _ in written),
+        tuple(size for _, _, size in written),
+        tuple(diff_id for _, diff_id, _ in written),
+        platform,
+    )
 
 
 def skopeo(*args: str, timeout: float = 600) -> str:
