@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import re
@@ -93,6 +94,13 @@ async def _oci_errors(request: web.Request, handler: web.Handler) -> web.StreamR
     except web.HTTPMethodNotAllowed:
         return _error_response(
             request, RegistryError("UNSUPPORTED", f"{request.method} is not supported here")
+        )
+    except OSError as exc:
+        if exc.errno not in (errno.EMFILE, errno.ENFILE):
+            raise
+        # Out of descriptors is load, not a bug: the client should retry, not give up on a 500.
+        return _error_response(
+            request, RegistryError("UNAVAILABLE", f"too many open files, retry later: {exc.strerror}")
         )
 
 

@@ -26,6 +26,8 @@ class CachedImage:
     last_used: float
     # Pushed by a client: there is no Docker image to export it from again, so it is never evicted.
     pushed: bool = False
+    # The manifest and every blob a client fetches for it.
+    contents: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -63,10 +65,17 @@ def images(store: Store) -> list[CachedImage]:
             used = entry.last_used or entry.exported_at
             last_used[entry.digest] = max(last_used.get(entry.digest, 0.0), used)
         for digest, tags in by_digest.items():
-            size = sum(store.blob_size(d) or 0 for d in _closure(record, digest))
+            contents = frozenset(_closure(record, digest))
+            size = sum(store.blob_size(d) or 0 for d in contents)
             found.append(
                 CachedImage(
-                    record.name, tuple(sorted(tags)), digest, size, last_used[digest], digest in pushed
+                    record.name,
+                    tuple(sorted(tags)),
+                    digest,
+                    size,
+                    last_used[digest],
+                    digest in pushed,
+                    contents,
                 )
             )
     return sorted(found, key=lambda image: image.last_used, reverse=True)
@@ -135,15 +144,15 @@ def evict(
 ) -> list[CachedImage]:
     """Drops least recently used images until the cache fits `limit` bytes; returns what was dropped.
 
-    `protected` (repository, digest) pairs are kept whatever their age (the image just served), and so
-    are `keep_blobs` (what exports still running rely on).
+    An image is kept whatever its age while any of its (repository, digest) pairs is in `protected` (what
+    clients are fetching now), and so are `keep_blobs` (what exports still running rely on).
     """
     total = cache_bytes(store)
     dropped = []
     for image in reversed(images(store)):
         if total <= limit:
             break
-        if image.pushed or (image.repository, image.digest) in protected:
+        if image.pushed or any((image.repository, d) in protected for d in image.contents):
             continue
         total -= _drop_image(store, image, keep_blobs or set())
         dropped.append(image)

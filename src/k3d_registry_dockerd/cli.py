@@ -8,6 +8,7 @@ import ctypes
 import ctypes.util
 import json
 import logging
+import resource
 import ssl
 import sys
 import time
@@ -44,6 +45,9 @@ log = logging.getLogger("k3d_registry_dockerd")
 # glibc mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+# Enough for thousands of connections and blobs in flight; more only costs kernel memory when used.
+_OPEN_FILES_CAP = 1 << 16
+_LISTEN_BACKLOG = 1024
 
 
 def _add_settings(parser: argparse.ArgumentParser, default: object = None) -> None:
@@ -259,6 +263,22 @@ def _tune_allocator() -> None:
         mallopt(_M_TRIM_THRESHOLD, 32 << 20)
 
 
+def _raise_open_files_limit() -> int:
+    """Lifts the soft open-files limit to the hard one, as Go programs such as distribution's registry do
+    at start: each client connection and each blob being sent holds a descriptor, and the common soft
+    default of 1024 fails a node fleet pulling at once with EMFILE. Returns the limit in effect."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = _OPEN_FILES_CAP if hard == resource.RLIM_INFINITY else min(hard, _OPEN_FILES_CAP)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open-files limit from %d to %d: %s", soft, wanted, exc)
+            return soft
+        return wanted
+    return soft
+
+
 def _ssl_context(settings: Settings) -> ssl.SSLContext | None:
     if settings.tls_cert is None or settings.tls_key is None:
         return None
@@ -321,7 +341,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _cache_command(args, settings)
     _configure_logging(settings.log_level, settings.log_format)
     _tune_allocator()
+    open_files = _raise_open_files_limit()
     log.info("k3d-registry-dockerd %s", __version__)
+    log.info("open-files limit %d", open_files)
     log.info("listen address %s (%s)", settings.addr, settings.sources["addr"])
     log.info("cache dir %s (%s)", settings.cache_dir, settings.sources["cache_dir"])
     log.info("log level %s (%s)", settings.log_level, settings.sources["log_level"])
@@ -350,5 +372,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print=None,
         access_log_class=AccessLogger,
         shutdown_timeout=5,
+        # A cluster start opens hundreds of connections at once; 128 (the default) overflows and the
+        # kernel drops SYNs, which costs clients a one-second retransmit each.
+        backlog=_LISTEN_BACKLOG,
     )
     return 0

@@ -45,6 +45,11 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 READY_TIMEOUT = 5.0
 LAST_USE_RESOLUTION = 60.0
+# How long an image stays safe from --cache-max-size eviction after a client fetched any part of it. A
+# pull fetches manifest, config and layers one after another (containerd three at a time), so the gaps
+# between its requests are a layer's transfer time; a layer being sent survives eviction anyway (the
+# open file outlives its unlink). Five minutes covers 3 GB layers at 10 MB/s.
+IN_USE_GRACE = 300.0
 ABSENT_LIMIT = 4096
 
 
@@ -115,6 +120,8 @@ class Mirror:
         self._record_lock = asyncio.Lock()
         # Pushed images being loaded into Docker, by Docker reference (see push.py).
         self.loading: dict[str, asyncio.Task[None]] = {}
+        # When a client last fetched (Docker name, digest): pulls in progress, kept from eviction.
+        self._fetched: dict[tuple[str, str], float] = {}
 
     # ---- manifests -------------------------------------------------------------------------------
 
@@ -126,14 +133,14 @@ class Mirror:
         # that Docker image either way, so a mirror request must not replace it with an upstream pull.
         if cached is not None and cached.pushed and await self._pushed_current(repo, tag, cached):
             self.metrics.manifest_cache.labels("hit").inc()
-            return self._served(cached.digest, cached.media_type)
+            return self._served(repo, cached.digest, cached.media_type)
         try:
             return await self._fresh_tag(repo, tag, cached, credentials)
         except DockerUnavailable as exc:
             if cached is not None and self.store.has_blob(cached.digest):
                 log.warning("serving cached %s (%s) as it was: %s", repo.familiar(tag), cached.digest, exc)
                 self.metrics.manifest_cache.labels("stale").inc()
-                return self._served(cached.digest, cached.media_type)
+                return self._served(repo, cached.digest, cached.media_type)
             raise RegistryError("UNAVAILABLE", str(exc)) from exc
 
     async def _pushed_current(self, repo: Repository, tag: str, pushed: TagEntry) -> bool:
@@ -170,14 +177,14 @@ class Mirror:
                 changed = replace(cached, pulled_at=pulled_at or cached.pulled_at, last_used=now)
                 await self._update(repo, {}, {tag: changed})
             self.metrics.manifest_cache.labels("hit").inc()
-            return self._served(cached.digest, cached.media_type)
+            return self._served(repo, cached.digest, cached.media_type)
         self.metrics.manifest_cache.labels("miss").inc()
         size = int(image.get("Size") or 0)
         entry = await self._flights.run(
             f"export {repo.docker_ref(tag)} {image_id}",
             lambda: self._export_tag(repo, tag, image_id, pulled_at, size),
         )
-        return self._served(entry.digest, entry.media_type)
+        return self._served(repo, entry.digest, entry.media_type)
 
     async def manifest_by_digest(
         self, repo: Repository, digest: Digest, credentials: Credentials | None
@@ -185,7 +192,7 @@ class Mirror:
         text = str(digest)
         record = self.store.record(repo.docker_name)
         if record and text in record.manifests and self.store.has_blob(text):
-            return self._served(text, record.manifests[text].media_type)
+            return self._served(repo, text, record.manifests[text].media_type)
         ref = repo.docker_ref(text)
         try:
             found = await self._flights.run(
@@ -197,12 +204,13 @@ class Mirror:
             raise RegistryError("MANIFEST_UNKNOWN", f"manifest unknown: {repo.familiar(text)}")
         record = self.store.record(repo.docker_name)
         assert record is not None
-        return self._served(text, record.manifests[text].media_type)
+        return self._served(repo, text, record.manifests[text].media_type)
 
-    def _served(self, digest: str, media_type: str) -> ServedManifest:
+    def _served(self, repo: Repository, digest: str, media_type: str) -> ServedManifest:
         body = self.store.read_blob(digest)
         if body is None:
             raise RegistryError("MANIFEST_UNKNOWN", f"manifest {digest} is no longer in the cache")
+        self._note_fetch(repo, digest)
         return ServedManifest(digest, media_type, body)
 
     # ---- Docker: inspect and pull ---------------------------------------------------------------
@@ -349,14 +357,30 @@ class Mirror:
         return False
 
     async def _enforce_limit(self, repo: Repository, digest: str) -> None:
-        """Evicts least recently used images past --cache-max-size, keeping the one just exported and
-        every blob an export still running relies on: the cache exceeds the limit only by those."""
+        """Evicts least recently used images past --cache-max-size, keeping the one just exported, the
+        ones clients fetched from in the last IN_USE_GRACE seconds and every blob an export still running
+        relies on: the cache exceeds the limit only by those."""
         if self.cache_max_size is None:
             return
+        limit = self.cache_max_size
+        now = time.monotonic()
+        self._fetched[(repo.docker_name, digest)] = now
+        self._fetched = {key: at for key, at in self._fetched.items() if now - at < IN_USE_GRACE}
+        fetched = set(self._fetched)
         in_use: set[str] = set().union(*(export.claimed for export in self.in_progress.values()))
+
+        def evict() -> tuple[list[cache.CachedImage], int]:
+            return cache.evict(self.store, limit, fetched, in_use), cache.cache_bytes(self.store)
+
         async with self._record_lock:
-            dropped = await asyncio.to_thread(
-                cache.evict, self.store, self.cache_max_size, {(repo.docker_name, digest)}, in_use
+            dropped, total = await asyncio.to_thread(evict)
+        if total > limit:
+            log.info(
+                "cache at %.1f MB stays over the %.1f MB limit: the rest is in use (fetched in the last "
+                "%.0fs, or an export running) and is evicted once idle",
+                total / 1e6,
+                limit / 1e6,
+                IN_USE_GRACE,
             )
         for image in dropped:
             self.metrics.evictions.inc()
@@ -368,6 +392,10 @@ class Mirror:
                 ",".join(image.tags),
                 self.cache_max_size / 1e6,
             )
+
+    def _note_fetch(self, repo: Repository, digest: str) -> None:
+        if self.cache_max_size is not None:
+            self._fetched[(repo.docker_name, digest)] = time.monotonic()
 
     def _remember_absent(self, repo: Repository, digest: str, image_id: str) -> None:
         if len(self._absent) >= ABSENT_LIMIT:
@@ -558,4 +586,5 @@ class Mirror:
         record = self.store.record(repo.docker_name)
         if record is None or not record.serves_blob(text) or not self.store.has_blob(text):
             raise RegistryError("BLOB_UNKNOWN", f"blob unknown to {repo.name}: {text}")
+        self._note_fetch(repo, text)
         return self.store.blob_path(digest)

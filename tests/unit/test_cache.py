@@ -121,3 +121,18 @@ def test_evict_keeps_blobs_a_running_export_relies_on(store: Store) -> None:
     assert [image.digest for image in dropped] == [old]
     assert not store.has_blob(old_blobs[0])
     assert store.has_blob(old_blobs[1])
+
+
+def test_evict_keeps_an_image_while_any_of_its_blobs_is_being_fetched(store: Store) -> None:
+    now = time.time()
+    old, old_blobs = _image(store, "old")
+    new, new_blobs = _image(store, "new")
+    _record(store, "docker.io/library/app", {"old": (old, old_blobs, now - 60), "new": (new, new_blobs, now)})
+    # A client fetching a layer of the old image under another repository does not protect it here.
+    dropped = cache.evict(store, 0, protected={("docker.io/library/other", old_blobs[0])})
+    assert [image.digest for image in dropped] == [old, new]
+
+    old, old_blobs = _image(store, "old")
+    _record(store, "docker.io/library/app", {"old": (old, old_blobs, now - 60)})
+    assert cache.evict(store, 0, protected={("docker.io/library/app", old_blobs[-1])}) == []
+    assert all(store.has_blob(d) for d in [old, *old_blobs])

@@ -705,6 +705,9 @@ def test_cache_max_size_evicts_least_recently_used(
     build_image(docker26, "evict-b:1", layers=1, size=4 * MiB, seed="evict-b", busybox=False)
     registry = registry_under_test(docker26, extra_args=["--cache-max-size", "6MiB"])
     first = oci_client.pull(registry.url, "evict-a", "1")
+    # A restart forgets which images pulls are using: nothing keeps evict-a in the cache now.
+    registry.stop()
+    registry.start()
     second = oci_client.pull(registry.url, "evict-b", "1")
     blobs = registry.cache_dir / "blobs" / "sha256"
     stored = sum(path.stat().st_size for path in blobs.rglob("*") if path.is_file())
@@ -716,6 +719,26 @@ def test_cache_max_size_evicts_least_recently_used(
     # An evicted image comes back with a new export.
     assert oci_client.pull(registry.url, "evict-a", "1").digest == first.digest
     assert exports(registry) == 3
+
+
+def test_cache_max_size_keeps_what_a_pull_is_fetching(
+    docker26: Dockerd, registry_under_test: RegistryFactory
+) -> None:
+    """A node that got a manifest and is still fetching layers must get them, even when other exports
+    push the cache past its limit meanwhile: the cache overshoots instead and says so."""
+    build_image(docker26, "in-use-a:1", layers=2, size=4 * MiB, seed="in-use-a", busybox=False)
+    build_image(docker26, "in-use-b:1", layers=1, size=4 * MiB, seed="in-use-b", busybox=False)
+    registry = registry_under_test(docker26, extra_args=["--cache-max-size", "6MiB"])
+    accept = {"Accept": oci_client.MANIFEST_ACCEPT}
+    manifest = oci_client.request(f"{registry.url}/v2/in-use-a/manifests/1", headers=accept).json()
+    assert "layers" in manifest  # Docker 26's classic store exports one manifest, no index
+    oci_client.pull(registry.url, "in-use-b", "1")
+    for blob in [manifest["config"], *manifest["layers"]]:
+        answer = oci_client.request(f"{registry.url}/v2/in-use-a/blobs/{blob['digest']}")
+        assert answer.status == 200
+        assert f"sha256:{hashlib.sha256(answer.body).hexdigest()}" == blob["digest"]
+    assert "stays over the 6.3 MB limit" in registry.log_text()
+    assert "evicted docker.io" not in registry.log_text()
 
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
