@@ -308,8 +308,9 @@ def tree_mib(path: Path) -> float:
 
 
 def quarters(values: list[float]) -> tuple[float, float]:
+    """Means of the second and the last quarter: the first is warm-up (caches, allocator arenas fill)."""
     n = max(1, len(values) // 4)
-    return statistics.mean(values[:n]), statistics.mean(values[-n:])
+    return statistics.mean(values[n : 2 * n] or values[:n]), statistics.mean(values[-n:])
 
 
 def scan_log(text: str) -> dict[str, Any]:
@@ -334,7 +335,8 @@ def scan_log(text: str) -> dict[str, Any]:
 
 
 def explain(text: str, message: str, at: float) -> str:
-    """For a failed pull: the registry's last eviction or delete of that image in the 10 s before."""
+    """For a failed pull: the registry's last eviction or delete of that image in the 10 s before (or
+    just after: the registry logs a delete once it is done, the pull may have hit it halfway)."""
     match = re.search(r"(k3rd-soak-\d+)", message)
     if not match:
         return ""
@@ -344,7 +346,7 @@ def explain(text: str, message: str, at: float) -> str:
         if not stamp or match.group(1) not in line or not ("evicted" in line or "deleted" in line):
             continue
         when = datetime.datetime.strptime(stamp.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
-        if at - 10 <= when <= at:
+        if at - 10 <= when <= at + 2:
             found = line.split(": ", 1)[-1]
     return f" -- after: {found[:200]}" if found else ""
 
@@ -375,7 +377,7 @@ def report(
         f"{env['variant']} (Docker {env['docker_version']}), {env['cpus']} CPUs",
         f"{len(samples)} samples every {args.interval:g}s",
         "",
-        f"{'':<22}{'first quarter':>15}{'last quarter':>15}{'max':>10}",
+        f"{'':<22}{'2nd quarter':>15}{'last quarter':>15}{'max':>10}",
         f"{'RSS MiB':<22}{rss_first:>15.1f}{rss_last:>15.1f}{max(rss, default=0):>10.1f}   "
         + ("flat" if rss_flat else f"GROWING (> {RSS_MARGIN:.0%})"),
         f"{'open fds':<22}{fds_first:>15.1f}{fds_last:>15.1f}{max(fds, default=0):>10.0f}   "
@@ -407,19 +409,25 @@ def report(
     )
     non_2xx = {k: v for k, v in scanned["statuses"].items() if not k.rsplit(" ", 1)[1].startswith("2")}
     lines.append(f"non-2xx answers: {non_2xx or 'none'}")
-    odd = [
-        f"{kind}: {message}{explain(end['log_text'], message, at)}"
-        for kind, counts in soak.counts.items()
-        for message, at in zip(counts.errors, counts.error_times, strict=True)
-    ]
+    odd, cut_by_delete = [], []
+    for kind, counts in soak.counts.items():
+        for message, at in zip(counts.errors, counts.error_times, strict=True):
+            why = explain(end["log_text"], message, at)
+            (cut_by_delete if kind == "pull" and why else odd).append(f"{kind}: {message}{why}")
+    if cut_by_delete:
+        lines.append(
+            f"pulls cut short by a DELETE of their image (expected: a delete removes what a pull in progress "
+            f"still fetches): {len(cut_by_delete)}"
+        )
+        lines += [f"  {item}" for item in cut_by_delete]
     odd += [f"log: {line}" for line in scanned["trouble"][:30]]
     unexpected = {k: v for k, v in non_2xx.items() if k != "DELETE manifests 404"}
     if unexpected:
         odd.append(f"non-2xx answers besides evictions of uncached images: {unexpected}")
     if not rss_flat:
-        odd.append(f"RSS grew: {rss_first:.1f} -> {rss_last:.1f} MiB (first -> last quarter)")
+        odd.append(f"RSS grew: {rss_first:.1f} -> {rss_last:.1f} MiB (2nd -> last quarter)")
     if not fds_flat:
-        odd.append(f"open fds grew: {fds_first:.1f} -> {fds_last:.1f} (first -> last quarter)")
+        odd.append(f"open fds grew: {fds_first:.1f} -> {fds_last:.1f} (2nd -> last quarter)")
     if end["fds_after"] > seen["idle_fds"]:
         odd.append(f"{end['fds_after']} fds after the soak, {seen['idle_fds']} when idle before it")
     if end["tmp_files"] or end["docker_pushed_left"]:

@@ -98,6 +98,51 @@ class SingleFlight:
             task.exception()
 
 
+class FreshFlight:
+    """Shares a call among concurrent callers, but only one that started after each caller arrived, so
+    every answer is as fresh as an own call (a tag rebuilt a moment ago is seen). Callers arriving while
+    a call runs share the next one: a thousand nodes asking about one tag cost two calls, not a thousand."""
+
+    def __init__(self) -> None:
+        self._running: dict[str, asyncio.Task[Any]] = {}
+        self._next: dict[str, asyncio.Task[Any]] = {}
+
+    async def run(self, key: str, factory: Callable[[], Awaitable[T]]) -> T:
+        running = self._running.get(key)
+        if running is None:
+            task = self._start(key, factory)
+        else:
+            task = self._next.get(key) or self._queue(key, running, factory)
+        return await asyncio.shield(task)
+
+    def _start(self, key: str, factory: Callable[[], Awaitable[T]]) -> asyncio.Task[T]:
+        task = asyncio.ensure_future(factory())
+        self._running[key] = task
+        task.add_done_callback(lambda done: self._finished(key, done))
+        return task
+
+    def _queue(
+        self, key: str, running: asyncio.Task[Any], factory: Callable[[], Awaitable[T]]
+    ) -> asyncio.Task[T]:
+        async def after_running() -> T:
+            try:
+                await asyncio.wait({running})
+            finally:
+                self._next.pop(key, None)
+            return await self._start(key, factory)
+
+        task = asyncio.ensure_future(after_running())
+        self._next[key] = task
+        task.add_done_callback(lambda done: None if done.cancelled() else done.exception())
+        return task
+
+    def _finished(self, key: str, task: asyncio.Task[Any]) -> None:
+        if self._running.get(key) is task:
+            del self._running[key]
+        if not task.cancelled():
+            task.exception()
+
+
 class Mirror:
     def __init__(
         self,
@@ -114,6 +159,7 @@ class Mirror:
         self.in_progress: dict[str, ExportProgress] = {}
         self.metrics = metrics or Metrics(store.blobs_dir)
         self._flights = SingleFlight()
+        self._inspects = FreshFlight()
         self.exports = 0
         # Digests a Docker image was found not to contain, so repeated requests cost no new export.
         self._absent: dict[tuple[str, str], str] = {}
@@ -150,7 +196,7 @@ class Mirror:
         if ref in self.loading:
             return True
         try:
-            image = await self.docker.inspect(ref)
+            image = await self._inspect(ref)
         except DockerUnavailable:
             return True
         if image is None or image["Id"] == pushed.image_id:
@@ -220,12 +266,12 @@ class Mirror:
     ) -> tuple[dict[str, Any], float | None]:
         """Docker's image for the tag (pulled if missing or due for refresh) and when it was pulled."""
         ref = repo.docker_ref(tag)
-        image = await self.docker.inspect(ref)
+        image = await self._inspect(ref)
         if image is None:
             if not repo.remote:
                 raise RegistryError("MANIFEST_UNKNOWN", f"Docker has no image {repo.familiar(tag)}")
             pulled_at = await self._pull(repo, ref, credentials)
-            image = await self.docker.inspect(ref)
+            image = await self._inspect(ref)
             if image is None:
                 raise RegistryError("MANIFEST_UNKNOWN", f"Docker pulled {ref} but does not list it")
             return image, pulled_at
@@ -236,7 +282,11 @@ class Mirror:
         except RegistryError as exc:
             log.warning("refreshing %s failed, serving Docker's copy: %s", ref, exc.message)
             return image, None
-        return await self.docker.inspect(ref) or image, pulled_at
+        return await self._inspect(ref) or image, pulled_at
+
+    async def _inspect(self, ref: str) -> dict[str, Any] | None:
+        """Docker's inspect of `ref`, shared by the requests that arrive while one runs (see FreshFlight)."""
+        return await self._inspects.run(ref, lambda: self.docker.inspect(ref))
 
     def _refresh_due(self, cached: TagEntry | None, image: dict[str, Any]) -> bool:
         if self.refresh_tags is None:
@@ -315,7 +365,7 @@ class Mirror:
     async def _export_digest(self, repo: Repository, digest: Digest, credentials: Credentials | None) -> bool:
         """Finds a digest in Docker's export of that image; False (logged) when it cannot be served."""
         text, ref = str(digest), repo.docker_ref(str(digest))
-        image = await self.docker.inspect(ref)
+        image = await self._inspect(ref)
         info = await self.docker.daemon()
         if image is None and repo.remote and info.containerd_store:
             try:
@@ -324,7 +374,7 @@ class Mirror:
                 if exc.code == "MANIFEST_UNKNOWN":
                     return False
                 raise
-            image = await self.docker.inspect(ref)
+            image = await self._inspect(ref)
         if image is None:
             log.info("manifest %s: Docker has no image with that digest", repo.familiar(text))
             return False

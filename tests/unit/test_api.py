@@ -319,12 +319,14 @@ async def test_blob_of_another_repository(client: TestClient, docker: FakeDocker
 async def test_concurrent_requests_share_one_export(client: TestClient, docker: FakeDocker) -> None:
     docker.save_gate = asyncio.Event()
 
-    async def open_gate_after_all_inspected() -> None:
-        while len(docker.inspects) < 10:
+    async def open_gate_once_all_wait() -> None:
+        while not docker.saves:
             await asyncio.sleep(0.001)
+        # Requests still inspecting join the export in progress; later ones would find it cached.
+        await asyncio.sleep(0.05)
         docker.save_gate.set()
 
-    opener = asyncio.ensure_future(open_gate_after_all_inspected())
+    opener = asyncio.ensure_future(open_gate_once_all_wait())
     responses = await asyncio.gather(*(client.get("/v2/alpine/manifests/latest") for _ in range(10)))
     await opener
     digests = {response.headers["Docker-Content-Digest"] for response in responses}
