@@ -25,11 +25,7 @@ import argparse
 import contextlib
 import datetime
 import http.client
-import json
-import os
-import platform
 import re
-import signal
 import socket
 import statistics
 import sys
@@ -44,18 +40,18 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from common import add_world_arguments, begin, log, machine, write_results  # noqa: E402
+from watch import status_mib  # noqa: E402
+
 from tests.world import oci_client  # noqa: E402
 from tests.world.daemons import (  # noqa: E402
-    VARIANTS,
     Containerd,
     Dockerd,
     RegistryProcess,
     WorldUnavailable,
-    sweep_stale_dirs,
 )
 from tests.world.images import MiB, build_image  # noqa: E402
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 IMAGE_NAME = "k3rd-bench-export"
 """Tag in dockerd; the node pulls docker.io/library/k3rd-bench-export:TAG (mirror request, ns=docker.io)."""
 DATA_LAYERS = 4
@@ -78,10 +74,6 @@ _EXPORTING = re.compile(r"exporting \S+ from Docker \(export #\d+\)")
 _EXPORTED = re.compile(r"exported \S+ in ([0-9.]+)s: (\w+) layout, (\d+) new blobs, ([0-9.]+) MB written")
 _ACCESS = re.compile(r'"(?P<method>[A-Z]+) (?P<path>\S+) HTTP/[0-9.]+" (?P<status>\d{3}) ')
 _TROUBLE = re.compile(r" (WARNING|ERROR|CRITICAL) |Traceback")
-
-
-def log(message: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------- measurements
@@ -120,14 +112,6 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     began = time.perf_counter()
     result = fn()
     return time.perf_counter() - began, result
-
-
-def proc_status_mib(pid: int, key: str) -> float:
-    """A kB field of /proc/PID/status (VmHWM, VmRSS) in MiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(f"{key}:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {key} in /proc/{pid}/status")
 
 
 def registry_pid(registry: RegistryProcess) -> int:
@@ -191,7 +175,7 @@ def fresh_registry(daemon: Dockerd, role: str) -> Iterator[tuple[RegistryProcess
     registry = RegistryProcess(daemon.host, log_level="info")
     try:
         registry.start(timeout=60)
-        run = RegistryRun(role, idle_rss_mib=proc_status_mib(registry_pid(registry), "VmRSS"))
+        run = RegistryRun(role, idle_rss_mib=status_mib(registry_pid(registry), "VmRSS"))
         yield registry, run
     finally:
         registry.close()
@@ -247,7 +231,7 @@ def run_client(daemon: Dockerd, image: Image, rnd: Round) -> None:
             check_pulled(image, pulled, f"{phase} pull")
             rnd.seconds[f"client_{phase}"] = seconds
             scan_log(run, read_log(registry, mark), phase)
-        run.peak_rss_mib = proc_status_mib(pid, "VmHWM")
+        run.peak_rss_mib = status_mib(pid, "VmHWM")
         rnd.registries.append(run)
 
 
@@ -264,7 +248,7 @@ def run_ctr(daemon: Dockerd, node: Containerd, image: Image, rnd: Round) -> None
                 raise RuntimeError(f"ctr content fetch ({phase}) left out {sorted(missing)}")
             rnd.seconds[f"ctr_{phase}"] = seconds
             scan_log(run, read_log(registry, mark), phase)
-        run.peak_rss_mib = proc_status_mib(pid, "VmHWM")
+        run.peak_rss_mib = status_mib(pid, "VmHWM")
         rnd.registries.append(run)
         node.clean()
         node.clear_mirrors()
@@ -299,24 +283,7 @@ def prepare_image(daemon: Dockerd, size_mib: int) -> Image:
 
 
 def environment(daemon: Dockerd, node: Containerd) -> dict[str, Any]:
-    return {
-        "variant": daemon.name,
-        "docker_version": daemon.version,
-        "docker_api": daemon.api_version,
-        "docker_storage": daemon.driver,
-        "node_containerd": node.version,
-        "cpus": os.cpu_count(),
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "mem_total_mib": proc_meminfo_mib("MemTotal"),
-    }
-
-
-def proc_meminfo_mib(key: str) -> float:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith(f"{key}:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+    return {**machine(daemon), "node_containerd": node.version}
 
 
 # --------------------------------------------------------------------------- report
@@ -429,18 +396,11 @@ def report(
 # --------------------------------------------------------------------------- main
 
 
-def _terminate(signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--size-mb", type=int, default=240, help="image data size in MiB (default 240)")
     parser.add_argument("--repeat", type=int, default=3, help="rounds of all measurements (default 3)")
-    parser.add_argument(
-        "--variant", default="docker26", choices=sorted(VARIANTS), help="private dockerd (default docker26)"
-    )
-    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where the JSON goes")
+    add_world_arguments(parser)
     args = parser.parse_args(argv)
     if args.size_mb < 1 or args.repeat < 1:
         parser.error("--size-mb and --repeat must be >= 1")
@@ -449,9 +409,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminate)
-    for path in sweep_stale_dirs():
-        log(f"removed {path}, left behind by a killed run")
+    begin()
     daemon: Dockerd | None = None
     node: Containerd | None = None
     try:
@@ -482,10 +440,7 @@ def main(argv: list[str] | None = None) -> int:
                 + " MiB"
             )
         data, lines = report(args, env, image, rounds)
-        args.results_dir.mkdir(parents=True, exist_ok=True)
-        out = args.results_dir / f"export_pull-{time.strftime('%Y%m%dT%H%M%S')}.json"
-        out.write_text(json.dumps(data, indent=1, default=str) + "\n")
-        print("\n".join([*lines, f"results: {out}"]), flush=True)
+        write_results(args.results_dir, "export_pull", data, lines)
         return 0
     except WorldUnavailable as exc:
         print(f"export_pull: test world unavailable: {exc}", file=sys.stderr)

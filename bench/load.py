@@ -31,12 +31,9 @@ import contextlib
 import datetime
 import hashlib
 import json
-import os
-import platform
 import re
 import resource
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -51,7 +48,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 import httpload  # noqa: E402
-from export_pull import log, proc_meminfo_mib  # noqa: E402
+from common import add_world_arguments, begin, log, machine, write_results  # noqa: E402
 from watch import (  # noqa: E402
     Sampler,
     checked_pid,
@@ -67,18 +64,15 @@ from watch import (  # noqa: E402
 
 from tests.world import oci_client  # noqa: E402
 from tests.world.daemons import (  # noqa: E402
-    VARIANTS,
     Dockerd,
     RegistryProcess,
     UpstreamRegistry,
     WorldUnavailable,
     make_temp_dir,
     require_binary,
-    sweep_stale_dirs,
 )
 from tests.world.images import MiB, build_image, skopeo  # noqa: E402
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 LUA_SCRIPT = Path(__file__).resolve().parent / "load.lua"
 HOT_SIZES = (8 * 1024, 128 * 1024, 512 * 1024, 2 * MiB)
 """Data bytes of each hot image (2 layers each, no busybox): blobs of 4 KiB to 1 MiB plus the configs."""
@@ -452,17 +446,9 @@ def environment(daemon: Dockerd) -> dict[str, Any]:
     )
     wrk_text = (wrk.stdout or wrk.stderr).strip()
     return {
-        "variant": daemon.name,
-        "docker_version": daemon.version,
-        "docker_api": daemon.api_version,
-        "docker_storage": daemon.driver,
+        **machine(daemon),
         "distribution": registry.stdout.strip().rsplit(" ", 1)[-1],
         "wrk": wrk_text.splitlines()[0] if wrk_text else "",
-        "cpus": os.cpu_count(),
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "mem_total_mib": proc_meminfo_mib("MemTotal"),
-        "loadavg_at_start": Path("/proc/loadavg").read_text().split()[:3],
     }
 
 
@@ -625,10 +611,6 @@ def oddities(args: argparse.Namespace, runs: list[Run]) -> list[str]:
 # --------------------------------------------------------------------------- main
 
 
-def _terminate(signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--connections", type=int, default=1000, help="keep-alive connections (default 1000)")
@@ -649,10 +631,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--registry-nofile", type=int, default=None, help="a different limit for our registry (e.g. 1024)"
     )
-    parser.add_argument(
-        "--variant", default="docker26", choices=sorted(VARIANTS), help="private dockerd (default docker26)"
-    )
-    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where the JSON goes")
+    add_world_arguments(parser)
     args = parser.parse_args(argv)
     if args.connections < 1 or args.threads < 1 or args.duration <= 0 or args.cold < 0:
         parser.error("--connections, --threads and --duration must be positive, --cold >= 0")
@@ -661,9 +640,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminate)
-    for path in sweep_stale_dirs():
-        log(f"removed {path}, left behind by a killed run")
+    begin()
     daemon: Dockerd | None = None
     registry: RegistryProcess | None = None
     upstream: UpstreamRegistry | None = None
@@ -713,10 +690,7 @@ def main(argv: list[str] | None = None) -> int:
             plan.append(("ours+cold", "httpload", ours, True))
         runs = [measure(args, label, tool, target, setup, cold) for label, tool, target, cold in plan]
         data, lines = report(args, env, hot, runs)
-        args.results_dir.mkdir(parents=True, exist_ok=True)
-        out = args.results_dir / f"load-{time.strftime('%Y%m%dT%H%M%S')}.json"
-        out.write_text(json.dumps(data, indent=1, default=str) + "\n")
-        print("\n".join([*lines, f"results: {out}"]), flush=True)
+        write_results(args.results_dir, "load", data, lines)
         return 0
     except WorldUnavailable as exc:
         print(f"load: test world unavailable: {exc}", file=sys.stderr)

@@ -32,10 +32,8 @@ import datetime
 import hashlib
 import json
 import os
-import platform
 import random
 import re
-import signal
 import statistics
 import sys
 import threading
@@ -51,7 +49,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from export_pull import log, proc_meminfo_mib  # noqa: E402
+from common import add_world_arguments, begin, log, machine, write_results  # noqa: E402
 from watch import (  # noqa: E402
     Sampler,
     checked_pid,
@@ -66,17 +64,14 @@ from watch import (  # noqa: E402
 
 from tests.world import oci_client  # noqa: E402
 from tests.world.daemons import (  # noqa: E402
-    VARIANTS,
     Dockerd,
     RegistryProcess,
     WorldUnavailable,
     make_temp_dir,
     remove_tree,
-    sweep_stale_dirs,
 )
 from tests.world.images import LayoutImage, MiB, build_image, write_image_layout  # noqa: E402
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 IMAGE_NAME = "k3rd-soak-{:02d}"
 TAG = "1"
 NS = "docker.io"
@@ -467,10 +462,6 @@ def report(
 # --------------------------------------------------------------------------- main
 
 
-def _terminate(signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--minutes", type=float, default=10, help="how long (default 10)")
@@ -485,10 +476,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--evict-every", type=float, default=10, help="seconds between DELETE ?ns= evictions")
     parser.add_argument("--push-mb", type=int, default=3, help="MiB of data per pushed image (0: no pushes)")
     parser.add_argument("--push-pause", type=float, default=1, help="seconds between push rounds")
-    parser.add_argument(
-        "--variant", default="docker26", choices=sorted(VARIANTS), help="private dockerd (default docker26)"
-    )
-    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where the JSON goes")
+    add_world_arguments(parser)
     args = parser.parse_args(argv)
     if args.minutes <= 0 or args.interval <= 0 or args.images < 1 or args.pullers < 0:
         parser.error("--minutes, --interval and --images must be positive")
@@ -497,9 +485,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminate)
-    for path in sweep_stale_dirs():
-        log(f"removed {path}, left behind by a killed run")
+    begin()
     daemon: Dockerd | None = None
     registry: RegistryProcess | None = None
     work: Path | None = None
@@ -525,16 +511,7 @@ def main(argv: list[str] | None = None) -> int:
         images = build_images(daemon, args.images, args.image_mb)
         work = make_temp_dir("soak")
         layouts = write_layouts(work, args.push_mb) if args.push_mb else []
-        env = {
-            "variant": daemon.name,
-            "docker_version": daemon.version,
-            "docker_storage": daemon.driver,
-            "cpus": os.cpu_count(),
-            "kernel": platform.release(),
-            "python": platform.python_version(),
-            "mem_total_mib": proc_meminfo_mib("MemTotal"),
-            "loadavg_at_start": Path("/proc/loadavg").read_text().split()[:3],
-        }
+        env = machine(daemon)
         blobs_dir = registry.cache_dir / "blobs"
 
         def probe() -> dict[str, Any]:
@@ -579,10 +556,7 @@ def main(argv: list[str] | None = None) -> int:
             "log_text": text,
         }
         data, lines = report(args, env, soak, sampler, seen, end)
-        args.results_dir.mkdir(parents=True, exist_ok=True)
-        out = args.results_dir / f"soak-{time.strftime('%Y%m%dT%H%M%S')}.json"
-        out.write_text(json.dumps(data, indent=1, default=str) + "\n")
-        print("\n".join([*lines, f"results: {out}"]), flush=True)
+        write_results(args.results_dir, "soak", data, lines)
         return 0
     except WorldUnavailable as exc:
         print(f"soak: test world unavailable: {exc}", file=sys.stderr)

@@ -1,0 +1,71 @@
+"""What every benchmark here shares: progress lines, the machine's description, stopping on SIGTERM and
+writing the results JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tests.world.daemons import VARIANTS, sweep_stale_dirs
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def _terminate(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def begin() -> None:
+    """SIGTERM unwinds like Ctrl-C, so the `finally` that stops the daemons runs; what a killed run left
+    behind goes first."""
+    signal.signal(signal.SIGTERM, _terminate)
+    for path in sweep_stale_dirs():
+        log(f"removed {path}, left behind by a killed run")
+
+
+def add_world_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--variant", default="docker26", choices=sorted(VARIANTS), help="private dockerd (default docker26)"
+    )
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where the JSON goes")
+
+
+def proc_meminfo_mib(key: str) -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith(f"{key}:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def machine(daemon: Any) -> dict[str, Any]:
+    """The dockerd under test (a tests.world.daemons.Dockerd) and the machine, for the results JSON."""
+    return {
+        "variant": daemon.name,
+        "docker_version": daemon.version,
+        "docker_api": daemon.api_version,
+        "docker_storage": daemon.driver,
+        "cpus": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "mem_total_mib": proc_meminfo_mib("MemTotal"),
+        "loadavg_at_start": Path("/proc/loadavg").read_text().split()[:3],
+    }
+
+
+def write_results(results_dir: Path, benchmark: str, data: dict[str, Any], lines: list[str]) -> None:
+    """Writes RESULTS_DIR/<benchmark>-<time>.json and prints the report with its path."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    out = results_dir / f"{benchmark}-{time.strftime('%Y%m%dT%H%M%S')}.json"
+    out.write_text(json.dumps(data, indent=1, default=str) + "\n")
+    print("\n".join([*lines, f"results: {out}"]), flush=True)
