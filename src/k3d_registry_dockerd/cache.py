@@ -31,6 +31,13 @@ class CachedImage:
 
 
 @dataclass(frozen=True)
+class Eviction:
+    dropped: list[CachedImage]
+    # What the cache holds afterwards: over the limit when what is left is in use.
+    remaining: int
+
+
+@dataclass(frozen=True)
 class PruneResult:
     tags: int
     manifests: int
@@ -141,8 +148,8 @@ def _drop_image(store: Store, image: CachedImage, keep: set[str]) -> int:
 
 def evict(
     store: Store, limit: int, protected: set[tuple[str, str]], keep_blobs: set[str] | None = None
-) -> list[CachedImage]:
-    """Drops least recently used images until the cache fits `limit` bytes; returns what was dropped.
+) -> Eviction:
+    """Drops least recently used images until the cache fits `limit` bytes.
 
     An image is kept whatever its age while any of its (repository, digest) pairs is in `protected` (what
     clients are fetching now), and so are `keep_blobs` (what exports still running rely on).
@@ -156,7 +163,7 @@ def evict(
             continue
         total -= _drop_image(store, image, keep_blobs or set())
         dropped.append(image)
-    return dropped
+    return Eviction(dropped, total)
 
 
 def verify(store: Store) -> tuple[int, list[Path]]:

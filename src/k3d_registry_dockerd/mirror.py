@@ -418,21 +418,17 @@ class Mirror:
         self._fetched = {key: at for key, at in self._fetched.items() if now - at < IN_USE_GRACE}
         fetched = set(self._fetched)
         in_use: set[str] = set().union(*(export.claimed for export in self.in_progress.values()))
-
-        def evict() -> tuple[list[cache.CachedImage], int]:
-            return cache.evict(self.store, limit, fetched, in_use), cache.cache_bytes(self.store)
-
         async with self._record_lock:
-            dropped, total = await asyncio.to_thread(evict)
-        if total > limit:
+            eviction = await asyncio.to_thread(cache.evict, self.store, limit, fetched, in_use)
+        if eviction.remaining > limit:
             log.info(
                 "cache at %.1f MB stays over the %.1f MB limit: the rest is in use (fetched in the last "
                 "%.0fs, or an export running) and is evicted once idle",
-                total / 1e6,
+                eviction.remaining / 1e6,
                 limit / 1e6,
                 IN_USE_GRACE,
             )
-        for image in dropped:
+        for image in eviction.dropped:
             self.metrics.evictions.inc()
             log.info(
                 "evicted %s %s (%.1f MB, tags %s) to keep the cache under %.1f MB",

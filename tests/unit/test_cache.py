@@ -100,13 +100,13 @@ def test_evict_drops_least_recently_used_but_not_the_protected(store: Store) -> 
         total - cache.cache_bytes(store) + sum(store.blob_size(d) or 0 for d in [newest, *newest_blobs[:2]])
     )
     # Room for two images' own blobs: only the least recently used one has to go.
-    dropped = cache.evict(store, total - one_image + 1, protected=set())
+    dropped = cache.evict(store, total - one_image + 1, protected=set()).dropped
     assert [image.digest for image in dropped] == [oldest]
     assert not store.has_blob(oldest_blobs[0])
     assert store.has_blob(oldest_blobs[2])  # shared with the images that stay
 
     # The protected image stays even when the limit asks for everything to go.
-    dropped = cache.evict(store, 0, protected={("docker.io/library/app", middle)})
+    dropped = cache.evict(store, 0, protected={("docker.io/library/app", middle)}).dropped
     assert [image.digest for image in dropped] == [newest]
     assert all(store.has_blob(d) for d in [middle, *middle_blobs])
     record = store.record("docker.io/library/app")
@@ -117,7 +117,7 @@ def test_evict_keeps_blobs_a_running_export_relies_on(store: Store) -> None:
     now = time.time()
     old, old_blobs = _image(store, "old")
     _record(store, "docker.io/library/app", {"old": (old, old_blobs, now - 60)})
-    dropped = cache.evict(store, 0, protected=set(), keep_blobs={old_blobs[1]})
+    dropped = cache.evict(store, 0, protected=set(), keep_blobs={old_blobs[1]}).dropped
     assert [image.digest for image in dropped] == [old]
     assert not store.has_blob(old_blobs[0])
     assert store.has_blob(old_blobs[1])
@@ -129,10 +129,12 @@ def test_evict_keeps_an_image_while_any_of_its_blobs_is_being_fetched(store: Sto
     new, new_blobs = _image(store, "new")
     _record(store, "docker.io/library/app", {"old": (old, old_blobs, now - 60), "new": (new, new_blobs, now)})
     # A client fetching a layer of the old image under another repository does not protect it here.
-    dropped = cache.evict(store, 0, protected={("docker.io/library/other", old_blobs[0])})
+    dropped = cache.evict(store, 0, protected={("docker.io/library/other", old_blobs[0])}).dropped
     assert [image.digest for image in dropped] == [old, new]
 
     old, old_blobs = _image(store, "old")
     _record(store, "docker.io/library/app", {"old": (old, old_blobs, now - 60)})
-    assert cache.evict(store, 0, protected={("docker.io/library/app", old_blobs[-1])}) == []
+    kept = cache.evict(store, 0, protected={("docker.io/library/app", old_blobs[-1])})
+    assert kept.dropped == []
+    assert kept.remaining == cache.cache_bytes(store) > 0
     assert all(store.has_blob(d) for d in [old, *old_blobs])
