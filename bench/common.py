@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import signal
 import sys
 import time
@@ -16,6 +17,11 @@ from typing import Any
 from tests.world.daemons import VARIANTS, sweep_stale_dirs
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+# Lines of our registry's log the benchmarks count.
+ACCESS = re.compile(r'"(?P<method>[A-Z]+) (?P<path>\S+) HTTP/[0-9.]+" (?P<status>\d{3}) ')
+EXPORTING = re.compile(r"exporting (\S+) from Docker \(export #\d+\)")
+TROUBLE = re.compile(r" (WARNING|ERROR|CRITICAL) |Traceback")
 
 
 def log(message: str) -> None:
@@ -61,6 +67,13 @@ def machine(daemon: Any) -> dict[str, Any]:
         "mem_total_mib": proc_meminfo_mib("MemTotal"),
         "loadavg_at_start": Path("/proc/loadavg").read_text().split()[:3],
     }
+
+
+def read_log(path: Path, since: int) -> str:
+    """A log file from byte offset `since` on: what a run added."""
+    with open(path, "rb") as f:
+        f.seek(since)
+        return f.read().decode(errors="replace")
 
 
 def write_results(results_dir: Path, benchmark: str, data: dict[str, Any], lines: list[str]) -> None:

@@ -40,7 +40,17 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from common import add_world_arguments, begin, log, machine, write_results  # noqa: E402
+from common import (  # noqa: E402
+    ACCESS,
+    EXPORTING,
+    TROUBLE,
+    add_world_arguments,
+    begin,
+    log,
+    machine,
+    read_log,
+    write_results,
+)
 from watch import status_mib  # noqa: E402
 
 from tests.world import oci_client  # noqa: E402
@@ -70,10 +80,7 @@ METRICS: dict[str, str] = {
 }
 GROUPS = ("docker_save", "client", "ctr")
 
-_EXPORTING = re.compile(r"exporting \S+ from Docker \(export #\d+\)")
 _EXPORTED = re.compile(r"exported \S+ in ([0-9.]+)s: (\w+) layout, (\d+) new blobs, ([0-9.]+) MB written")
-_ACCESS = re.compile(r'"(?P<method>[A-Z]+) (?P<path>\S+) HTTP/[0-9.]+" (?P<status>\d{3}) ')
-_TROUBLE = re.compile(r" (WARNING|ERROR|CRITICAL) |Traceback")
 
 
 # --------------------------------------------------------------------------- measurements
@@ -141,18 +148,12 @@ class RegistryRun:
     trouble: list[str] = field(default_factory=list)
 
 
-def read_log(registry: RegistryProcess, since: int) -> str:
-    with open(registry.log_path, "rb") as f:
-        f.seek(since)
-        return f.read().decode(errors="replace")
-
-
 def log_size(registry: RegistryProcess) -> int:
     return registry.log_path.stat().st_size if registry.log_path.exists() else 0
 
 
 def scan_log(run: RegistryRun, text: str, phase: str) -> None:
-    exports = len(_EXPORTING.findall(text))
+    exports = len(EXPORTING.findall(text))
     if phase == "cold":
         run.exports_cold += exports
     else:
@@ -161,11 +162,11 @@ def scan_log(run: RegistryRun, text: str, phase: str) -> None:
         if match := _EXPORTED.search(line):
             run.export_seconds.append(float(match.group(1)))
             run.export_lines.append(line.strip())
-        if match := _ACCESS.search(line):
+        if match := ACCESS.search(line):
             run.requests += 1
             if not match["status"].startswith("2"):
                 run.non_2xx.append(f"{phase}: {line.strip()}")
-        if _TROUBLE.search(line):
+        if TROUBLE.search(line):
             run.trouble.append(f"{phase}: {line.strip()}")
 
 
@@ -230,7 +231,7 @@ def run_client(daemon: Dockerd, image: Image, rnd: Round) -> None:
             seconds, pulled = timed(pull)
             check_pulled(image, pulled, f"{phase} pull")
             rnd.seconds[f"client_{phase}"] = seconds
-            scan_log(run, read_log(registry, mark), phase)
+            scan_log(run, read_log(registry.log_path, mark), phase)
         run.peak_rss_mib = status_mib(pid, "VmHWM")
         rnd.registries.append(run)
 
@@ -247,7 +248,7 @@ def run_ctr(daemon: Dockerd, node: Containerd, image: Image, rnd: Round) -> None
             if missing:
                 raise RuntimeError(f"ctr content fetch ({phase}) left out {sorted(missing)}")
             rnd.seconds[f"ctr_{phase}"] = seconds
-            scan_log(run, read_log(registry, mark), phase)
+            scan_log(run, read_log(registry.log_path, mark), phase)
         run.peak_rss_mib = status_mib(pid, "VmHWM")
         rnd.registries.append(run)
         node.clean()

@@ -48,7 +48,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 import httpload  # noqa: E402
-from common import add_world_arguments, begin, log, machine, write_results  # noqa: E402
+from common import EXPORTING, add_world_arguments, begin, log, machine, read_log, write_results  # noqa: E402
 from watch import (  # noqa: E402
     Sampler,
     checked_pid,
@@ -96,7 +96,6 @@ _DIST_DONE = re.compile(
 )
 _DIST_UNITS = {"ns": 1e-9, "µs": 1e-6, "us": 1e-6, "ms": 1e-3, "s": 1.0}
 _TROUBLE = re.compile(r" (WARNING|ERROR|CRITICAL) |Traceback|level=(error|fatal|panic)")
-_EXPORTING = re.compile(r"exporting (\S+) from Docker \(export #\d+\)")
 _EXPORTED = re.compile(r"exported (\S+) in ([0-9.]+)s")
 
 
@@ -359,12 +358,6 @@ def cold_pulls(registry: RegistryProcess, images: list[ColdImage], began: float)
     return results
 
 
-def read_log_from(path: Path, since: int) -> str:
-    with open(path, "rb") as f:
-        f.seek(since)
-        return f.read().decode(errors="replace")
-
-
 @dataclass
 class Setup:
     paths_file: Path
@@ -422,11 +415,11 @@ def measure(args: argparse.Namespace, label: str, tool: str, target: Target, set
     run.mb_per_s = run.load["bytes"] / 1e6 / run.load["duration_s"]
     run.socket_errors = sum(run.load["errors"].values())
     run.non_2xx = run.load["non_2xx"]
-    text = read_log_from(target.log_path, mark)
+    text = read_log(target.log_path, mark)
     scan_log(text, target.registry == "ours", setup.targets, run)
     if cold:
         names = {f"docker.io/library/{image.name}:{TAG}" for image in setup.cold}
-        run.cold_exports = sum(1 for m in _EXPORTING.finditer(text) if m.group(1) in names)
+        run.cold_exports = sum(1 for m in EXPORTING.finditer(text) if m.group(1) in names)
         run.export_seconds = [float(m.group(2)) for m in _EXPORTED.finditer(text) if m.group(1) in names]
     log(
         f"{label}: {run.requests_per_s:.0f} req/s, p99 {run.load['latency_us']['p99'] / 1000:.1f} ms, "

@@ -49,7 +49,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from common import add_world_arguments, begin, log, machine, write_results  # noqa: E402
+from common import ACCESS, EXPORTING, TROUBLE, add_world_arguments, begin, log, machine, write_results  # noqa: E402
 from watch import (  # noqa: E402
     Sampler,
     checked_pid,
@@ -81,9 +81,6 @@ RSS_MARGIN = 0.10
 FD_MARGIN, FD_SLACK = 0.25, 5
 """Flat: the last quarter's mean fd count is within 25% + 5 of the first quarter's (fds follow activity)."""
 SETTLE_TIMEOUT = 60.0
-_ACCESS = re.compile(r'"(?P<method>[A-Z]+) (?P<path>\S+) HTTP/[0-9.]+" (?P<status>\d{3}) ')
-_TROUBLE = re.compile(r" (WARNING|ERROR|CRITICAL) |Traceback")
-_EXPORTING = re.compile(r"exporting \S+ from Docker \(export #\d+\)")
 _EVICTED = re.compile(r"evicted \S+ \S+ \([0-9.]+ MB, tags")
 _LOADED = re.compile(r"loaded \S+ into Docker as ")
 _LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
@@ -312,17 +309,17 @@ def scan_log(text: str) -> dict[str, Any]:
     statuses: collections.Counter[str] = collections.Counter()
     trouble = []
     for line in text.splitlines():
-        if match := _ACCESS.search(line):
+        if match := ACCESS.search(line):
             kind = "manifests" if "/manifests/" in match["path"] else "blobs"
             if "/blobs/uploads" in match["path"]:
                 kind = "uploads"
             statuses[f"{match['method']} {kind} {match['status']}"] += 1
-        if _TROUBLE.search(line):
+        if TROUBLE.search(line):
             trouble.append(line.strip()[:400])
     return {
         "requests": sum(statuses.values()),
         "statuses": dict(sorted(statuses.items())),
-        "exports": len(_EXPORTING.findall(text)),
+        "exports": len(EXPORTING.findall(text)),
         "evictions_by_limit": len(_EVICTED.findall(text)),
         "loads_into_docker": len(_LOADED.findall(text)),
         "trouble": trouble,
