@@ -8,6 +8,8 @@ MiB (4 incompressible data layers + busybox), then measures, ``--repeat`` rounds
 the three groups rotates every round, so machine noise and page-cache effects hit all of them alike):
 
 - ``docker save``: ``GET /images/{name}/get`` on the Engine API, read to the end (the floor of a cold export);
+  and the same stream written to a new file in /tmp, like ``docker save -o`` (the registry has to store the
+  bytes too; on some VMs page cache the guest has not used lately costs more than the rest of the export);
 - client: a fresh registry (empty cache), then tests/world/oci_client.pull (manifest + all blobs in
   parallel, digests verified) cold, and again warm on the same registry;
 - ctr: another fresh registry as the node's mirror for every registry (``certs.d/_default/hosts.toml``),
@@ -34,7 +36,7 @@ import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
@@ -59,6 +61,8 @@ from tests.world.daemons import (  # noqa: E402
     Dockerd,
     RegistryProcess,
     WorldUnavailable,
+    make_temp_dir,
+    remove_tree,
 )
 from tests.world.images import MiB, build_image  # noqa: E402
 
@@ -73,6 +77,7 @@ RSS_TARGET_MIB = 150.0
 
 METRICS: dict[str, str] = {
     "docker_save": "docker save -> /dev/null",
+    "docker_save_file": "docker save -o FILE (/tmp)",
     "client_cold": "pull, cold (fresh registry)",
     "client_warm": "pull, warm (cache filled)",
     "ctr_cold": "ctr content fetch, cold",
@@ -98,8 +103,9 @@ class _UnixConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
-def docker_save(daemon: Dockerd, ref: str) -> tuple[float, int]:
-    """Seconds and bytes of ``GET /images/{ref}/get`` read to the end (what `docker save` streams)."""
+def docker_save(daemon: Dockerd, ref: str, sink: IO[bytes] | None = None) -> tuple[float, int]:
+    """Seconds and bytes of ``GET /images/{ref}/get`` read to the end (what `docker save` streams),
+    written to `sink` if given."""
     conn = _UnixConnection(daemon.socket, timeout=SAVE_TIMEOUT)
     try:
         began = time.perf_counter()
@@ -110,6 +116,10 @@ def docker_save(daemon: Dockerd, ref: str) -> tuple[float, int]:
         size = 0
         while chunk := resp.read(1 << 20):
             size += len(chunk)
+            if sink is not None:
+                sink.write(chunk)
+        if sink is not None:
+            sink.flush()
         return time.perf_counter() - began, size
     finally:
         conn.close()
@@ -209,6 +219,13 @@ def run_save(daemon: Dockerd, image: Image, rnd: Round) -> None:
     if size != image.save_bytes:
         raise RuntimeError(f"docker save streamed {size} bytes, earlier {image.save_bytes}")
     rnd.seconds["docker_save"] = seconds
+    # Like the registry's cache, a new directory in /tmp, removed afterwards.
+    directory = make_temp_dir("save")
+    try:
+        with open(directory / "image.tar", "wb") as sink:
+            rnd.seconds["docker_save_file"], _ = docker_save(daemon, image.ref, sink)
+    finally:
+        remove_tree(directory)
 
 
 def check_pulled(image: Image, pulled: oci_client.Pulled, what: str) -> None:
@@ -298,9 +315,9 @@ def summary(rounds: list[Round]) -> dict[str, dict[str, float]]:
     return out
 
 
-def paired(rounds: list[Round], key: str) -> dict[str, float]:
-    """key / docker_save of the same round: median and min over rounds."""
-    ratios = [r.seconds[key] / r.seconds["docker_save"] for r in rounds]
+def paired(rounds: list[Round], key: str, base: str = "docker_save") -> dict[str, float]:
+    """key / base of the same round: median and min over rounds."""
+    ratios = [r.seconds[key] / r.seconds[base] for r in rounds]
     return {"median": statistics.median(ratios), "best": min(ratios)}
 
 
@@ -309,6 +326,7 @@ def report(
 ) -> tuple[dict[str, Any], list[str]]:
     stats = summary(rounds)
     ratios = {key: paired(rounds, key) for key in ("client_cold", "client_warm", "ctr_cold", "ctr_warm")}
+    to_file = {key: paired(rounds, key, "docker_save_file") for key in ("client_cold", "ctr_cold")}
     warm_mib_s = [image.blob_bytes / MiB / r.seconds["client_warm"] for r in rounds]
     save_mib_s = [image.save_bytes / MiB / r.seconds["docker_save"] for r in rounds]
     runs = [run for r in rounds for run in r.registries]
@@ -345,6 +363,9 @@ def report(
     def ratio_row(label: str, key: str, note: str = "") -> str:
         return row(label, ratios[key]["median"], ratios[key]["best"], note=note)
 
+    def file_row(label: str, key: str) -> str:
+        return row(label, to_file[key]["median"], to_file[key]["best"])
+
     lines += [
         "",
         f"{'ratios (per round, paired)':<34}{'median':>9}{'best':>9}",
@@ -352,6 +373,8 @@ def report(
         ratio_row("ctr cold / docker save", "ctr_cold"),
         ratio_row("ctr warm / docker save", "ctr_warm"),
         ratio_row("warm pull / docker save", "client_warm"),
+        file_row("cold pull / docker save -o FILE", "client_cold"),
+        file_row("ctr cold / docker save -o FILE", "ctr_cold"),
         "",
         f"{'MiB/s':<34}{'median':>9}{'best':>9}",
         row("warm pull (blob bytes / time)", statistics.median(warm_mib_s), max(warm_mib_s), ".0f"),
@@ -384,6 +407,7 @@ def report(
         "units": {"time": "seconds", "size": "MiB (2^20 bytes)"},
         "summary_seconds": stats,
         "ratios_to_docker_save": ratios,
+        "ratios_to_docker_save_file": to_file,
         "warm_pull_mib_s": {"median": statistics.median(warm_mib_s), "best": max(warm_mib_s)},
         "docker_save_mib_s": {"median": statistics.median(save_mib_s), "best": max(save_mib_s)},
         "peak_rss_mib": peak_rss,
