@@ -9,7 +9,8 @@ A cold export must store every byte it gets from Docker, so the page cache grows
 back the guest's free memory (virtio-balloon free page reporting, as on Firecracker), every page the guest
 touches again costs a host page fault. This writes ``--size-mb`` MiB into new files in /tmp:
 
-- grow: ``--repeat`` files, all kept, so each needs memory the page cache did not hold before;
+- grow: ``--repeat`` files, all kept, so each needs memory the page cache did not hold before (the first
+  may still get memory something freed just before: keep ``--repeat`` at 4 or more for a fair median);
 - recycled: then, each file freed and at once written again (the kernel hands out the pages just freed).
 
 It prints both, per MiB, and the ratio. Holds ``--size-mb`` x ``--repeat`` MiB of page cache at the peak.
