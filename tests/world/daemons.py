@@ -40,8 +40,15 @@ from k3d_registry_dockerd import configs
 T = TypeVar("T")
 
 WORLD_DIR = Path(os.environ.get("K3D_REGISTRY_DOCKERD_WORLD", "/opt/k3d-registry-dockerd-world"))
-"""Where scripts/install-test-world unpacked Docker 26 + containerd 1.7 (Debian trixie)."""
+"""Where scripts/install-test-world unpacked the daemons (dpkg -x, nothing installed)."""
+BOOKWORM_USR = WORLD_DIR / "bookworm" / "usr"
+"""Debian 12's Docker 20.10, containerd 1.6, runc, Podman and distribution's registry."""
 DOCKER26_USR = WORLD_DIR / "docker26" / "usr"
+"""Debian trixie's Docker 26.1 and containerd 1.7."""
+RUNC_PATH = (BOOKWORM_USR / "sbin", BOOKWORM_USR / "bin")
+"""Last on every daemon's PATH: bookworm's runc (newer suites' runc needs a newer glibc), tini, shims."""
+DOCKER_CLI = DOCKER26_USR / "bin" / "docker"
+"""The docker CLI of the tests: 26.1 negotiates the API version with every daemon here."""
 REPO_ROOT = Path(__file__).resolve().parents[2]
 KEEP_TEMP = os.environ.get("K3RD_KEEP_TEMP", "") not in ("", "0")
 """Set K3RD_KEEP_TEMP=1 to keep daemon dirs and logs after the run, for debugging."""
@@ -91,6 +98,11 @@ def run(
     if check and proc.returncode != 0:
         raise CommandError(proc.returncode, proc.args, proc.stdout, proc.stderr)
     return proc
+
+
+def search_path(*first: Path, variable: str = "PATH") -> str:
+    """``variable`` of this process with ``first`` put in front (binaries and libraries of the world)."""
+    return os.pathsep.join([*map(str, first), *filter(None, [os.environ.get(variable)])])
 
 
 def free_port() -> int:
@@ -429,7 +441,7 @@ VARIANTS: dict[str, DockerdVariant] = {
         "docker26",
         DOCKER26_USR / "sbin" / "dockerd",
         DOCKER26_USR / "bin" / "containerd",
-        (DOCKER26_USR / "bin", DOCKER26_USR / "sbin"),
+        (DOCKER26_USR / "bin", DOCKER26_USR / "sbin", *RUNC_PATH),
         {},
         containerd_store=False,
     ),
@@ -438,7 +450,7 @@ VARIANTS: dict[str, DockerdVariant] = {
         "docker26-containerd",
         DOCKER26_USR / "sbin" / "dockerd",
         DOCKER26_USR / "bin" / "containerd",
-        (DOCKER26_USR / "bin", DOCKER26_USR / "sbin"),
+        (DOCKER26_USR / "bin", DOCKER26_USR / "sbin", *RUNC_PATH),
         {"features": {"containerd-snapshotter": True}},
         containerd_store=True,
     ),
@@ -446,9 +458,9 @@ VARIANTS: dict[str, DockerdVariant] = {
     # Without deprecated-key-path it would write /etc/docker/key.json.
     "docker20": DockerdVariant(
         "docker20",
-        Path("/usr/sbin/dockerd"),
-        Path("/usr/bin/containerd"),
-        (),
+        BOOKWORM_USR / "sbin" / "dockerd",
+        BOOKWORM_USR / "bin" / "containerd",
+        RUNC_PATH,
         {},
         containerd_store=False,
     ),
@@ -502,11 +514,8 @@ class Dockerd:
         v = VARIANTS[variant]
         require_binary(v.dockerd)
         require_binary(v.containerd)
-        require_binary("docker")
-        require_binary("runc")
-
-    def _path(self) -> str:
-        return os.pathsep.join([*map(str, self.variant.path_prefix), os.environ.get("PATH", "")])
+        require_binary(DOCKER_CLI)
+        require_binary(BOOKWORM_USR / "sbin" / "runc")
 
     def _daemon_config(self) -> dict[str, Any]:
         config = dict(self.variant.config)
@@ -532,7 +541,7 @@ class Dockerd:
                 address=self.containerd_socket,
             )
         )
-        env = {**os.environ, "PATH": self._path()}
+        env = {**os.environ, "PATH": search_path(*self.variant.path_prefix)}
         env.pop("NOTIFY_SOCKET", None)
         began = time.monotonic()
         if not (self._containerd and self._containerd.running):  # kill() leaves containerd up
@@ -654,9 +663,9 @@ class Dockerd:
         timeout: float = 600,
         cwd: str | os.PathLike[str] | None = None,
     ) -> subprocess.CompletedProcess[str]:
-        """Run the docker CLI from PATH against this daemon (the client negotiates the API version)."""
+        """Run the test world's docker CLI against this daemon (the client negotiates the API version)."""
         full_env = {**self.env(), **(env or {})}
-        argv = [require_binary("docker"), "-H", self.host, *map(str, args)]
+        argv = [require_binary(DOCKER_CLI), "-H", self.host, *map(str, args)]
         return run(argv, env=full_env, check=check, input=input, timeout=timeout, cwd=cwd)
 
     def api(
@@ -704,7 +713,7 @@ class UpstreamRegistry:
     a manifest or blob from here.
     """
 
-    binary = "/usr/bin/docker-registry"
+    binary = str(BOOKWORM_USR / "bin" / "docker-registry")
 
     def __init__(
         self,
@@ -857,13 +866,14 @@ class Podman(_SingleProcessService):
     ``<id>/layer.tar`` paths as symlinks to them).
     """
 
-    binary = "/usr/bin/podman"
+    binary = str(BOOKWORM_USR / "bin" / "podman")
 
     def __init__(self, root: Path | None = None) -> None:
         self.root = root or make_temp_dir("podman")
         self.socket = self.root / "podman.sock"
         self.host = f"unix://{self.socket}"
         self.storage_conf = self.root / "storage.conf"
+        self.containers_conf = self.root / "containers.conf"
         self.log_path = self.root / "podman.log"
         self.version = ""
         self.start_seconds: float | None = None
@@ -874,7 +884,15 @@ class Podman(_SingleProcessService):
         require_binary(cls.binary)
 
     def _env(self) -> dict[str, str]:
-        return {**os.environ, "CONTAINERS_STORAGE_CONF": str(self.storage_conf)}
+        """Private store and engine config; the unpacked binaries find their one extra library."""
+        libraries = BOOKWORM_USR / "lib" / "x86_64-linux-gnu"
+        return {
+            **os.environ,
+            "CONTAINERS_STORAGE_CONF": str(self.storage_conf),
+            "CONTAINERS_CONF": str(self.containers_conf),
+            "LD_LIBRARY_PATH": search_path(libraries, variable="LD_LIBRARY_PATH"),
+            "PATH": search_path(*RUNC_PATH),
+        }
 
     def _global_args(self) -> list[str]:
         return [self.binary, "--root", str(self.root / "store"), "--runroot", str(self.root / "run")]
@@ -886,6 +904,10 @@ class Podman(_SingleProcessService):
         self.storage_conf.write_text(
             f'[storage]\ndriver = "overlay"\nrunroot = "{self.root / "run"}"\n'
             f'graphroot = "{self.root / "store"}"\n'
+        )
+        self.containers_conf.write_text(
+            f'[engine]\nconmon_path = ["{BOOKWORM_USR / "bin" / "conmon"}"]\nruntime = "runc"\n'
+            f'[engine.runtimes]\nrunc = ["{BOOKWORM_USR / "sbin" / "runc"}"]\n'
         )
         began = time.monotonic()
         self._proc = ManagedProcess(
@@ -994,7 +1016,7 @@ class Containerd(_SingleProcessService):
         self.config_path.write_text(
             containerd_config(root=self.root / "root", state=self.root / "state", address=self.address)
         )
-        env = {**os.environ, "PATH": os.pathsep.join([str(DOCKER26_USR / "bin"), os.environ.get("PATH", "")])}
+        env = {**os.environ, "PATH": search_path(DOCKER26_USR / "bin", *RUNC_PATH)}
         began = time.monotonic()
         self._proc = ManagedProcess(
             [self.binary, "--config", self.config_path],

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 import tarfile
 from collections.abc import Iterator
@@ -106,7 +105,7 @@ def registry_container(docker26: Dockerd, image: str, socket: Path) -> Iterator[
         )
         yield name, f"127.0.0.1:{port}"
     finally:
-        subprocess.run(["docker", "-H", docker26.host, "rm", "-f", name], capture_output=True, check=False)
+        docker26.docker("rm", "-f", name, check=False)
 
 
 def test_image_runs_as_k3d_runs_a_registry(docker26: Dockerd, node: Containerd, registry_image: str) -> None:
