@@ -8,6 +8,7 @@ import ctypes
 import ctypes.util
 import json
 import logging
+import os
 import resource
 import ssl
 import sys
@@ -20,6 +21,7 @@ from aiohttp import web
 from . import __version__, cache, configs, doctor
 from .api import AccessLogger, create_app
 from .docker import DockerClient, DockerUnavailable
+from .endpoint import DockerEndpoint, EndpointError, resolve_endpoint
 from .mirror import Mirror
 from .settings import (
     ENV_ADDR,
@@ -292,9 +294,9 @@ def _ssl_context(settings: Settings) -> ssl.SSLContext | None:
     return context
 
 
-def _build_app(settings: Settings) -> web.Application:
+def _build_app(settings: Settings, endpoint: DockerEndpoint) -> web.Application:
     store = Store(settings.cache_dir)
-    docker = DockerClient()
+    docker = DockerClient(endpoint)
     mirror = Mirror(store, docker, refresh_tags=settings.refresh_tags, cache_max_size=settings.cache_max_size)
     app = create_app(
         mirror, load_pushed=settings.load_pushed, allow_docker_delete=settings.allow_docker_delete
@@ -332,11 +334,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             allow_docker_delete=args.allow_docker_delete,
         )
         ssl_context = _ssl_context(settings)
-    except SettingError as exc:
+        endpoint = resolve_endpoint(os.environ)
+    except (SettingError, EndpointError) as exc:
         print(f"k3d-registry-dockerd: {exc}", file=sys.stderr)
         return 2
     if args.command == "doctor":
-        return asyncio.run(doctor.run(settings))
+        return asyncio.run(doctor.run(settings, endpoint))
     if args.command == "cache":
         return _cache_command(args, settings)
     _configure_logging(settings.log_level, settings.log_format)
@@ -347,6 +350,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.info("listen address %s (%s)", settings.addr, settings.sources["addr"])
     log.info("cache dir %s (%s)", settings.cache_dir, settings.sources["cache_dir"])
     log.info("log level %s (%s)", settings.log_level, settings.sources["log_level"])
+    log.info("Docker at %s", endpoint.describe())
     if settings.refresh_tags is not None:
         log.info(
             "refresh remote tags after %.0fs (%s)", settings.refresh_tags, settings.sources["refresh_tags"]
@@ -365,7 +369,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if settings.tls_cert is not None:
         log.info("serving HTTPS with %s (%s)", settings.tls_cert, settings.sources["tls_cert"])
     web.run_app(
-        _build_app(settings),
+        _build_app(settings, endpoint),
         host=settings.host,
         port=settings.port,
         ssl_context=ssl_context,

@@ -5,6 +5,7 @@ Failures are turned into a few exception types the mirror can act on; Docker's o
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -18,6 +19,7 @@ import aiodocker
 import aiohttp
 from aiodocker.exceptions import DockerError, DockerStreamError
 
+from .endpoint import DockerEndpoint, resolve_endpoint
 from .export import Platform
 
 log = logging.getLogger(__name__)
@@ -110,11 +112,22 @@ def classify_pull_error(message: str) -> type[Exception]:
     return PullFailed
 
 
-DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
-
-
-def docker_host_description() -> str:
-    return f"DOCKER_HOST={os.environ.get('DOCKER_HOST') or DEFAULT_DOCKER_HOST}"
+def failure_reason(exc: BaseException) -> str:
+    """Why a call to Docker failed, in words a person can act on: the operating system's or Docker's
+    own message, never aiodocker's internal status codes."""
+    if isinstance(exc, DockerError) and exc.status == _CONNECTION_ERROR_STATUS and exc.__context__:
+        exc = exc.__context__
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        exc = exc.os_error
+    if isinstance(exc, DockerError):
+        return exc.message
+    if isinstance(exc, OSError) and exc.strerror:
+        if exc.errno == errno.EACCES:
+            return f"{exc.strerror} (run as a user in the docker group, or as root)"
+        return exc.strerror
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "Docker closed the connection"
+    return str(exc) or type(exc).__name__
 
 
 def _product(version: dict[str, Any]) -> str:
@@ -126,34 +139,50 @@ def _product(version: dict[str, Any]) -> str:
 
 
 class DockerClient:
-    """One long-lived Engine API client; reconnects (and renegotiates the API version) by itself."""
+    """One long-lived Engine API client; reconnects (and renegotiates the API version) by itself.
 
-    def __init__(self) -> None:
+    The endpoint is resolved once, as the docker CLI would (see endpoint.py), and handed to aiodocker with
+    a connector of our own, so aiodocker's own guesses (other socket paths, environment) never apply.
+    """
+
+    def __init__(self, endpoint: DockerEndpoint | None = None) -> None:
+        self.endpoint = endpoint or resolve_endpoint(os.environ)
         self._docker: aiodocker.Docker | None = None
+        self._connector: aiohttp.BaseConnector | None = None
         self._info: DaemonInfo | None = None
 
     def _client(self) -> aiodocker.Docker:
         if self._docker is None:
+            socket_path = self.endpoint.socket_path
+            if socket_path is not None:
+                self._connector = aiohttp.UnixConnector(socket_path)
+            else:
+                self._connector = aiohttp.TCPConnector(ssl=self.endpoint.ssl_context() or True)
             # "auto" asks the daemon for its API version: Docker 29 refuses < 1.44, Docker 20.10 speaks 1.41.
-            try:
-                self._docker = aiodocker.Docker(api_version="auto")
-            except (ValueError, AssertionError):
-                # No DOCKER_HOST, context or socket yet: aim at the default socket, dockerd may start later.
-                self._docker = aiodocker.Docker(url=DEFAULT_DOCKER_HOST, api_version="auto")
+            self._docker = aiodocker.Docker(
+                url=self.endpoint.base_url, connector=self._connector, api_version="auto"
+            )
         return self._docker
 
     async def close(self) -> None:
         if self._docker is not None:
             await self._docker.close()
             self._docker = None
+        if self._connector is not None:
+            await self._connector.close()
+            self._connector = None
+
+    def describe(self) -> str:
+        return self.endpoint.describe()
 
     def _lost(self, exc: BaseException) -> DockerUnavailable:
+        reason = failure_reason(exc)
         if self._info is not None:
-            log.warning("lost contact with Docker at %s: %s", docker_host_description(), exc)
+            log.warning("lost contact with Docker at %s: %s", self.describe(), reason)
         self._info = None
         if self._docker is not None:
             self._docker.api_version = "auto"
-        return DockerUnavailable(f"Docker is unreachable at {docker_host_description()}: {exc}")
+        return DockerUnavailable(f"Docker is unreachable at {self.describe()}: {reason}")
 
     async def daemon(self) -> DaemonInfo:
         """Version, API version and storage of the daemon; logged whenever contact is (re)made."""
@@ -165,7 +194,7 @@ class DockerClient:
             info = await client.system.info()
         except (DockerError, aiohttp.ClientError, OSError) as exc:
             if isinstance(exc, DockerError) and exc.status != _CONNECTION_ERROR_STATUS:
-                raise DockerUnavailable(f"Docker at {docker_host_description()} failed: {exc}") from exc
+                raise DockerUnavailable(f"Docker at {self.describe()} failed: {failure_reason(exc)}") from exc
             raise self._lost(exc) from exc
         driver_status = dict((row[0], row[1]) for row in info.get("DriverStatus") or [] if len(row) == 2)
         arch = version.get("Arch") or "amd64"
@@ -183,7 +212,7 @@ class DockerClient:
             self._info.server_version,
             self._info.api_version,
             self._info.platform,
-            docker_host_description(),
+            self.describe(),
             self._info.storage,
         )
         return self._info

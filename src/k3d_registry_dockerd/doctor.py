@@ -9,7 +9,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .docker import SAVE_PLATFORM_API, DaemonInfo, DockerClient, DockerUnavailable, docker_host_description
+from .docker import SAVE_PLATFORM_API, DaemonInfo, DockerClient, DockerUnavailable
+from .endpoint import DockerEndpoint
 from .settings import ENV_ADDR, ENV_CACHE_DIR, Settings
 
 # Engine API 1.44 (Docker 25) is where image save started writing an OCI image layout.
@@ -27,7 +28,7 @@ class Finding:
         return f"{line}\n    → {self.remedy}" if self.remedy else line
 
 
-def docker_findings(info: DaemonInfo) -> list[Finding]:
+def docker_findings(info: DaemonInfo, where: str) -> list[Finding]:
     """What the daemon's version and storage mean for the images this registry serves."""
     api = f"Engine API {info.api_version}"
     if info.api < OCI_SAVE_API:
@@ -51,7 +52,7 @@ def docker_findings(info: DaemonInfo) -> list[Finding]:
             "containerd image store to serve upstream digests)"
         )
     return [
-        Finding(True, f"{info.product} {info.server_version} reachable at {docker_host_description()}"),
+        Finding(True, f"{info.product} {info.server_version} reachable at {where}"),
         Finding(True, api_text),
         Finding(True, storage),
     ]
@@ -91,7 +92,7 @@ def port_finding(settings: Settings) -> Finding:
 async def diagnose(settings: Settings, docker: DockerClient) -> list[Finding]:
     findings: list[Finding] = []
     try:
-        findings += docker_findings(await docker.daemon())
+        findings += docker_findings(await docker.daemon(), docker.describe())
     except DockerUnavailable as exc:
         findings.append(
             Finding(
@@ -106,9 +107,9 @@ async def diagnose(settings: Settings, docker: DockerClient) -> list[Finding]:
     return findings
 
 
-async def run(settings: Settings) -> int:
+async def run(settings: Settings, endpoint: DockerEndpoint) -> int:
     """Prints one line per finding; exit status 1 when something blocks serving."""
-    docker = DockerClient()
+    docker = DockerClient(endpoint)
     try:
         findings = await diagnose(settings, docker)
     finally:

@@ -17,7 +17,6 @@ from k3d_registry_dockerd.docker import (
     DaemonInfo,
     DockerUnavailable,
     PullNotFound,
-    docker_host_description,
 )
 from k3d_registry_dockerd.export import Platform
 
@@ -59,9 +58,12 @@ class FakeDocker:
     loads: list[str] = field(default_factory=list)
     removes: list[str] = field(default_factory=list)
 
+    def describe(self) -> str:
+        return "unix:///fake.sock (default)"
+
     async def daemon(self) -> DaemonInfo:
         if self.unavailable:
-            raise DockerUnavailable(f"Docker is unreachable at {docker_host_description()}: fake is down")
+            raise DockerUnavailable("Docker is unreachable at unix:///fake.sock (default): fake is down")
         return DaemonInfo("27.5.1", "1.47", self.platform, "overlay2", self.containerd_store)
 
     async def repo_tags(self) -> list[str]:

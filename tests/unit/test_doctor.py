@@ -16,7 +16,8 @@ AMD64 = Platform("linux", "amd64")
 
 
 def _texts(info: DaemonInfo) -> str:
-    return "\n".join(finding.render() for finding in docker_findings(info))
+    findings = docker_findings(info, "unix:///var/run/docker.sock (default)")
+    return "\n".join(finding.render() for finding in findings)
 
 
 def test_legacy_engine_and_classic_store_are_explained() -> None:
