@@ -85,7 +85,7 @@ METRICS: dict[str, str] = {
 }
 GROUPS = ("docker_save", "client", "ctr")
 
-_EXPORTED = re.compile(r"exported \S+ in ([0-9.]+)s: (\w+) layout, (\d+) new blobs, ([0-9.]+) MB written")
+_EXPORTED = re.compile(r"exported \S+ in ([0-9.]+)s: (\w+) layout, (\d+) new blobs, ([0-9.]+ \w+) written")
 
 
 # --------------------------------------------------------------------------- measurements

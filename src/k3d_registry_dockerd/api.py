@@ -15,22 +15,29 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.log import server_logger
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from . import PRODUCT, __version__
+from .auth import Htpasswd
 from .docker import Credentials
 from .errors import RegistryError
 from .export import MAX_MANIFEST_SIZE, OCI_INDEX
-from .mirror import Mirror
+from .mirror import Mirror, ServedManifest
 from .push import Pushes
 from .reference import Digest, Repository, is_digest, parse_repository, parse_tag
-from .status import PAGE, RecentProblems, snapshot
+from .status import PAGE, RecentProblems, RecentPulls, snapshot
 from .uploads import Upload, Uploads
 
 log = logging.getLogger(__name__)
 
 MIRROR: web.AppKey[Mirror] = web.AppKey("mirror", Mirror)
 PROBLEMS: web.AppKey[RecentProblems] = web.AppKey("problems", RecentProblems)
+PULLS: web.AppKey[RecentPulls] = web.AppKey("pulls", RecentPulls)
+# What a manifest request was answered with, for the recent-pulls list.
+SERVED: web.RequestKey[ServedManifest] = web.RequestKey("served", ServedManifest)
 UPLOADS: web.AppKey[Uploads] = web.AppKey("uploads", Uploads)
 PUSHES: web.AppKey[Pushes] = web.AppKey("pushes", Pushes)
+WRITE_AUTH: web.AppKey[Htpasswd | None] = web.AppKey("write_auth", Htpasswd)
 API_VERSION = ("Docker-Distribution-API-Version", "registry/2.0")
+SERVER = f"{PRODUCT}/{__version__}"
 _EMPTY_SUFFIX_RANGE = re.compile(r"\s*bytes\s*=\s*-0+\s*")
 
 
@@ -104,15 +111,60 @@ async def _oci_errors(request: web.Request, handler: web.Handler) -> web.StreamR
         )
 
 
+@web.middleware
+async def _write_access(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+    """With an htpasswd file, what writes (uploads, manifest PUTs, deletes) needs its credentials; a
+    refusal is a Basic challenge, for wrong credentials too, as distribution answers.
+
+    `GET /v2/` challenges too: docker and skopeo send credentials only to a registry whose `/v2/` asked
+    for them, so an open one makes every push fail. Pulls stay open: containerd never asks `/v2/` and
+    skopeo goes on without credentials (docker, as against distribution, then wants a `docker login`)."""
+    auth = request.app[WRITE_AUTH]
+    if (
+        auth is not None
+        and request.match_info.handler in _CHALLENGED
+        and await auth.allows(request.headers.get(hdrs.AUTHORIZATION)) is None
+    ):
+        raise RegistryError(
+            "UNAUTHORIZED",
+            "authentication required: pushes and deletes need credentials (pulls need none)",
+            headers=auth.challenge,
+        )
+    return await handler(request)
+
+
 async def _on_response(request: web.Request, response: web.StreamResponse) -> None:
-    """Adds the registry API version header and counts the response (status and size are final here)."""
+    """Adds the registry API version header and our name (which `doctor` recognizes), and counts the
+    response (status and size are final here)."""
     response.headers[API_VERSION[0]] = API_VERSION[1]
+    response.headers[hdrs.SERVER] = SERVER
     handler = request.match_info.handler
     route = "unmatched" if request.match_info.http_exception else getattr(handler, "__name__", "other")
     metrics = request.app[MIRROR].metrics
     metrics.requests.labels(route, request.method, str(response.status)).inc()
-    if request.method != hdrs.METH_HEAD and response.content_length:
-        metrics.served_bytes.labels(route).inc(response.content_length)
+    sent = (response.content_length or 0) if request.method != hdrs.METH_HEAD else 0
+    if sent:
+        metrics.served_bytes.labels(route).inc(sent)
+    if route in ("manifest", "blob") and 200 <= response.status < 300:
+        _note_pull(request, sent)
+
+
+def _note_pull(request: web.Request, sent: int) -> None:
+    """Adds a manifest or blob response to the recent pulls (the client, the image, cold or warm)."""
+    try:
+        repo = _repository(request)
+    except RegistryError:
+        return
+    reference = request.match_info.get("reference") or request.match_info.get("digest", "")
+    served = request.get(SERVED)
+    request.app[PULLS].served(
+        request.remote or "?",
+        repo.docker_name,
+        repo.familiar(reference),
+        sent,
+        tag=served is not None and not is_digest(reference),
+        cold=served is not None and served.cold,
+    )
 
 
 def _credentials(request: web.Request) -> Credentials | None:
@@ -146,6 +198,7 @@ async def manifest(request: web.Request) -> web.Response:
             # (TAG_INVALID is for a push naming one).
             raise RegistryError("MANIFEST_UNKNOWN", f"manifest unknown: {exc.message}") from exc
         served = await mirror.manifest_by_tag(repo, tag, credentials)
+    request[SERVED] = served
     return web.Response(
         body=served.body,
         headers={
@@ -360,7 +413,7 @@ async def status_page(_request: web.Request) -> web.Response:
 
 
 async def status_json(request: web.Request) -> web.Response:
-    return web.json_response(await snapshot(request.app[MIRROR], request.app[PROBLEMS]))
+    return web.json_response(await snapshot(request.app[MIRROR], request.app[PROBLEMS], request.app[PULLS]))
 
 
 async def unsupported(request: web.Request) -> web.Response:
@@ -369,13 +422,39 @@ async def unsupported(request: web.Request) -> web.Response:
     raise RegistryError("UNSUPPORTED", f"{request.method} {request.path} is not supported")
 
 
+_CHALLENGED = frozenset(
+    {
+        base,
+        put_manifest,
+        delete_manifest,
+        start_upload,
+        upload_status,
+        patch_upload,
+        finish_upload,
+        cancel_upload,
+        delete_blob,
+    }
+)
+
+
 def create_app(
-    mirror: Mirror, *, load_pushed: bool = True, allow_docker_delete: bool = False
+    mirror: Mirror,
+    *,
+    load_pushed: bool = True,
+    allow_docker_delete: bool = False,
+    allow_docker_overwrite: bool = False,
+    write_auth: Htpasswd | None = None,
 ) -> web.Application:
-    app = web.Application(middlewares=[_oci_errors])
+    app = web.Application(middlewares=[_oci_errors, _write_access])
     app[MIRROR] = mirror
+    app[WRITE_AUTH] = write_auth
     uploads = app[UPLOADS] = Uploads(mirror.store)
-    pushes = app[PUSHES] = Pushes(mirror, load_pushed=load_pushed, allow_docker_delete=allow_docker_delete)
+    pushes = app[PUSHES] = Pushes(
+        mirror,
+        load_pushed=load_pushed,
+        allow_docker_delete=allow_docker_delete,
+        allow_docker_overwrite=allow_docker_overwrite,
+    )
 
     async def run_uploads(_app: web.Application) -> AsyncIterator[None]:
         expiry = asyncio.ensure_future(uploads.expire_forever())
@@ -387,6 +466,7 @@ def create_app(
     app.cleanup_ctx.append(run_uploads)
     # The status page shows the registry's recent warnings and errors.
     problems = app[PROBLEMS] = RecentProblems()
+    app[PULLS] = RecentPulls()
     package_logger = logging.getLogger(__package__)
     package_logger.addHandler(problems)
     malformed = _MalformedRequests()

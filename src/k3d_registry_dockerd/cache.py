@@ -1,7 +1,6 @@
-"""`k3d-registry-dockerd cache ls|verify|prune`: inspecting and trimming the cache directory.
-
-These work on the cache dir directly; run them while the registry is stopped (a running registry keeps
-its records in memory and would not see what was pruned).
+"""What the cache holds and how it is trimmed: listing, verifying, pruning (`cache ls|verify|prune`, which
+work on the cache dir directly, with the registry stopped: see cachedir.py) and eviction past
+`--cache-max-size`.
 """
 
 from __future__ import annotations
@@ -43,6 +42,8 @@ class PruneResult:
     manifests: int
     blobs: int
     bytes: int
+    # Pushed tags that matched but were kept (no --include-pushed).
+    kept_pushed: int = 0
 
 
 def _closure(record: RepositoryRecord, digest: str) -> set[str]:
@@ -181,22 +182,25 @@ def verify(store: Store) -> tuple[int, list[Path]]:
     return checked, corrupt
 
 
-def prune(store: Store, *, older_than: float | None = None, everything: bool = False) -> PruneResult:
+def prune(
+    store: Store, *, older_than: float | None = None, everything: bool = False, include_pushed: bool = False
+) -> PruneResult:
     """Drops tags unused for `older_than` seconds (or all), the manifests only they kept, and every blob
-    no remaining manifest references."""
+    no remaining manifest references. Pushed tags, which cannot be exported again, only with
+    `include_pushed`; with it and `everything`, untagged pushed manifests and blobs go too."""
     cutoff = time.time() - older_than if older_than is not None else None
-    tags = manifests = 0
+    tags = manifests = kept_pushed = 0
     for record in store.records():
-        if everything:
-            dropped = set(record.tags)
-        elif cutoff is not None:
-            dropped = {
-                t for t, e in record.tags.items() if not e.pushed and (e.last_used or e.exported_at) < cutoff
-            }
-        else:
-            dropped = set()
+        dropped = set()
+        for tag, entry in record.tags.items():
+            if not everything and (cutoff is None or (entry.last_used or entry.exported_at) >= cutoff):
+                continue
+            if entry.pushed and not include_pushed:
+                kept_pushed += 1
+                continue
+            dropped.add(tag)
         pruned = with_tags(record, {t: e for t, e in record.tags.items() if t not in dropped})
-        if everything:
+        if everything and include_pushed:
             pruned = replace(pruned, manifests={}, blobs=[])
         tags += len(dropped)
         manifests += len(record.manifests) - len(pruned.manifests)
@@ -209,4 +213,4 @@ def prune(store: Store, *, older_than: float | None = None, everything: bool = F
             freed += path.stat().st_size
             path.unlink()
             blobs += 1
-    return PruneResult(tags, manifests, blobs, freed)
+    return PruneResult(tags, manifests, blobs, freed, kept_pushed)

@@ -29,7 +29,10 @@ _K3D_HEADER = (
 
 
 def k3d_create(name: str, port: int, image: str) -> str:
-    """k3d Simple config whose cluster creates and uses the registry container (`registries.create`)."""
+    """k3d Simple config whose cluster creates and uses the registry container (`registries.create`).
+
+    k3d names that container exactly `registries.create.name` (no `k3d-` prefix, unlike `k3d registry
+    create`), and maps the host port to the container's 5000, where the nodes reach it."""
     return (
         _K3D_HEADER + "  create:\n"
         f"    name: {name}\n"
@@ -39,12 +42,15 @@ def k3d_create(name: str, port: int, image: str) -> str:
         "    volumes:\n"
         "      - /var/run/docker.sock:/var/run/docker.sock\n"
         f"      - {CACHE_VOLUME}:/var/cache/k3d-registry-dockerd\n"
-        "  config: |\n" + _indented(registries_yaml(f"http://k3d-{name.removeprefix('k3d-')}:5000"), 4)
+        "  config: |\n" + _indented(registries_yaml(f"http://{name}:5000"), 4)
     )
 
 
 def k3d_shared(name: str, port: int, image: str) -> str:
-    """k3d Simple config using a registry created once with `k3d registry create` (shared by clusters)."""
+    """k3d Simple config using a registry created once with `k3d registry create` (shared by clusters).
+
+    `k3d registry create NAME` always names the container `k3d-NAME`, so a name given with the prefix
+    is passed without it; `registries.use` and the endpoint name the container."""
     short = name.removeprefix("k3d-")
     return (
         f"# k3d registry create {short} --port {port} -i {image} \\\n"

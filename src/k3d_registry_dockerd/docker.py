@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +19,7 @@ import aiodocker
 import aiohttp
 from aiodocker.exceptions import DockerError, DockerStreamError
 
+from . import units
 from .endpoint import DockerEndpoint, resolve_endpoint
 from .export import Platform
 
@@ -26,7 +27,6 @@ log = logging.getLogger(__name__)
 
 # Engine API 1.48 (Docker 28) added the `platform` parameter to image save.
 SAVE_PLATFORM_API = (1, 48)
-PROGRESS_INTERVAL = 5.0
 _CONNECTION_ERROR_STATUS = 900  # aiodocker's status for "could not reach the daemon"
 
 
@@ -127,6 +127,8 @@ def failure_reason(exc: BaseException) -> str:
         return exc.strerror
     if isinstance(exc, aiohttp.ServerDisconnectedError):
         return "Docker closed the connection"
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return "Docker's response ended before it was complete"
     return str(exc) or type(exc).__name__
 
 
@@ -256,17 +258,23 @@ class DockerClient:
         except (aiohttp.ClientError, OSError) as exc:
             raise self._lost(exc) from exc
 
-    async def pull(self, ref: str, credentials: Credentials | None) -> None:
-        """Pulls through dockerd, logging progress every few seconds instead of every JSON line."""
+    async def pull(
+        self,
+        ref: str,
+        credentials: Credentials | None,
+        on_event: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        """Pulls through dockerd; each progress event of its JSON stream goes to `on_event`."""
         await self.daemon()
         auth = None
         if credentials is not None:
             auth = {"username": credentials.username, "password": credentials.password}
-        progress = _PullProgress(ref)
+        started = time.monotonic()
         log.info("pulling %s through Docker%s", ref, " with credentials" if credentials else "")
         try:
             async for event in self._client().images.pull(ref, auth=auth, stream=True):
-                progress.update(event)
+                if on_event is not None:
+                    on_event(event)
         except (DockerStreamError, DockerError) as exc:
             if isinstance(exc, DockerStreamError) or exc.status != _CONNECTION_ERROR_STATUS:
                 kind = classify_pull_error(exc.message)
@@ -275,7 +283,7 @@ class DockerClient:
             raise self._lost(exc) from exc
         except (aiohttp.ClientError, OSError) as exc:
             raise self._lost(exc) from exc
-        progress.done()
+        log.info("pulled %s in %s", ref, units.duration(time.monotonic() - started))
 
     @asynccontextmanager
     async def save(self, ref: str, platform: Platform | None) -> AsyncIterator[aiohttp.StreamReader]:
@@ -350,38 +358,3 @@ class DockerClient:
         except ValueError as exc:
             raise DockerFailed(f"loading an image: Docker answered with something not JSON: {exc}") from exc
         return ", ".join(loaded)
-
-
-class _PullProgress:
-    """Condenses dockerd's per-layer progress stream into a line every few seconds."""
-
-    def __init__(self, ref: str) -> None:
-        self.ref = ref
-        self.started = time.monotonic()
-        self.last_log = self.started
-        self.layers: dict[str, tuple[int, int]] = {}
-        self.done_layers: set[str] = set()
-
-    def update(self, event: dict[str, Any]) -> None:
-        layer, status = event.get("id"), event.get("status", "")
-        if layer and status in ("Pull complete", "Already exists"):
-            self.done_layers.add(layer)
-        detail = event.get("progressDetail") or {}
-        if layer and status == "Downloading" and detail.get("total"):
-            self.layers[layer] = (int(detail.get("current", 0)), int(detail["total"]))
-        now = time.monotonic()
-        if now - self.last_log >= PROGRESS_INTERVAL:
-            self.last_log = now
-            current = sum(c for c, _ in self.layers.values()) / 1e6
-            total = sum(t for _, t in self.layers.values()) / 1e6
-            log.info(
-                "pulling %s: %d layers complete, %.1f/%.1f MB downloaded, %.0fs",
-                self.ref,
-                len(self.done_layers),
-                current,
-                total,
-                now - self.started,
-            )
-
-    def done(self) -> None:
-        log.info("pulled %s in %.1fs", self.ref, time.monotonic() - self.started)

@@ -2,29 +2,38 @@
 
 from __future__ import annotations
 
-import errno
-import os
-import socket
-import tempfile
+import asyncio
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
+
+from . import PRODUCT, cachedir, server, units
+from .auth import Htpasswd, HtpasswdError
 from .docker import SAVE_PLATFORM_API, DaemonInfo, DockerClient, DockerUnavailable
 from .endpoint import DockerEndpoint
-from .settings import ENV_ADDR, ENV_CACHE_DIR, Settings
+from .settings import ENV_ADDR, Settings
 
 # Engine API 1.44 (Docker 25) is where image save started writing an OCI image layout.
 OCI_SAVE_API = (1, 44)
+_PROBE_TIMEOUT = 1.5
+_MARKS = {"ok": "✓", "warn": "!", "fail": "✗"}
 
 
 @dataclass(frozen=True)
 class Finding:
-    ok: bool
+    # "ok", "warn" (works, but worth knowing) or "fail" (blocks serving).
+    status: str
     text: str
     remedy: str = ""
 
+    @property
+    def ok(self) -> bool:
+        return self.status != "fail"
+
     def render(self) -> str:
-        line = f"{'✓' if self.ok else '✗'} {self.text}"
+        line = f"{_MARKS[self.status]} {self.text}"
         return f"{line}\n    → {self.remedy}" if self.remedy else line
 
 
@@ -52,41 +61,87 @@ def docker_findings(info: DaemonInfo, where: str) -> list[Finding]:
             "containerd image store to serve upstream digests)"
         )
     return [
-        Finding(True, f"{info.product} {info.server_version} reachable at {where}"),
-        Finding(True, api_text),
-        Finding(True, storage),
+        Finding("ok", f"{info.product} {info.server_version} reachable at {where}"),
+        Finding("ok", api_text),
+        Finding("ok", storage),
     ]
 
 
 def cache_finding(cache_dir: Path) -> Finding:
-    remedy = f"point --cache-dir (or {ENV_CACHE_DIR}) at a directory this user can write"
     try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=cache_dir, prefix=".doctor-")
-        os.close(fd)
-        os.unlink(name)
-    except OSError as exc:
-        return Finding(False, f"cache dir {cache_dir} is not writable: {exc.strerror or exc}", remedy)
+        cachedir.prepare(cache_dir)
+    except cachedir.CacheDirError as exc:
+        return Finding("fail", str(exc))
     blobs = [path for path in (cache_dir / "blobs").rglob("*") if path.is_file()]
     size = sum(path.stat().st_size for path in blobs)
-    return Finding(True, f"cache dir {cache_dir} is writable: {len(blobs)} blobs, {size / 1e6:.1f} MB")
-
-
-def port_finding(settings: Settings) -> Finding:
-    host = settings.host or ""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    held = ""
     try:
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind((host, settings.port))
-    except OSError as exc:
-        why = "already in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
-        return Finding(
-            False,
-            f"listen address {settings.addr}: {why}",
-            f"stop what listens there, or choose another --addr (or {ENV_ADDR})",
+        with cachedir.CacheDirLock(cache_dir):
+            pass
+    except cachedir.CacheDirError:
+        held = ", in use by the running registry"
+    return Finding("ok", f"cache dir {cache_dir} is writable: {len(blobs)} blobs, {units.size(size)}{held}")
+
+
+async def _running_registry(settings: Settings) -> str | None:
+    """The version of this registry answering on the port, if it is this registry that answers."""
+    host = settings.host if settings.host not in (None, "0.0.0.0", "::") else "127.0.0.1"
+    netloc = f"[{host}]:{settings.port}" if ":" in host else f"{host}:{settings.port}"
+    insecure = ssl.create_default_context()
+    insecure.check_hostname, insecure.verify_mode = False, ssl.CERT_NONE
+    timeout = aiohttp.ClientTimeout(total=_PROBE_TIMEOUT)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        for scheme in ("http", "https"):
+            try:
+                async with session.get(f"{scheme}://{netloc}/v2/", ssl=insecure) as response:
+                    software = response.headers.get("Server", "")
+            except (aiohttp.ClientError, TimeoutError, OSError):
+                continue
+            name, _, version = software.partition("/")
+            return (version or "unknown") if name == PRODUCT else None
+    return None
+
+
+async def port_findings(settings: Settings) -> list[Finding]:
+    findings = []
+    try:
+        for sock in server.listen(settings.host, settings.port):
+            sock.close()
+        findings.append(Finding("ok", f"listen address {settings.addr} is free"))
+    except server.StartError as exc:
+        version = await _running_registry(settings)
+        if version is None:
+            findings.append(Finding("fail", str(exc)))
+        else:
+            findings.append(
+                Finding("ok", f"listen address {settings.addr}: this registry ({version}) serves there")
+            )
+    if server.loopback_only(settings.host):
+        findings.append(
+            Finding(
+                "warn",
+                f"listen address {settings.addr} is loopback only: k3d and kind nodes cannot reach it "
+                "(they reach the host as host.k3d.internal, another address)",
+                f"listen on all interfaces (--addr :{settings.port}, or {ENV_ADDR}) unless the registry runs "
+                "as a container on the cluster's network",
+            )
         )
-    return Finding(True, f"listen address {settings.addr} is free")
+    return findings
+
+
+def write_access_finding(settings: Settings) -> Finding:
+    if settings.htpasswd_path is not None:
+        try:
+            users = Htpasswd(settings.htpasswd_path, settings.htpasswd_realm).load()
+        except HtpasswdError as exc:
+            return Finding("fail", str(exc))
+        return Finding(
+            "ok", f"pushes and deletes need credentials: {len(users)} users in {settings.htpasswd_path}"
+        )
+    risk = server.write_access_risk(settings)
+    if risk is None:
+        return Finding("ok", f"pushes need no credentials, and only this machine can reach {settings.addr}")
+    return Finding("warn", *risk)
 
 
 async def diagnose(settings: Settings, docker: DockerClient) -> list[Finding]:
@@ -96,14 +151,15 @@ async def diagnose(settings: Settings, docker: DockerClient) -> list[Finding]:
     except DockerUnavailable as exc:
         findings.append(
             Finding(
-                False,
+                "fail",
                 str(exc),
                 "start Docker, or set DOCKER_HOST to its socket (in a container: mount it with "
                 "-v /var/run/docker.sock:/var/run/docker.sock); cached images are still served without it",
             )
         )
-    findings.append(cache_finding(settings.cache_dir))
-    findings.append(port_finding(settings))
+    findings.append(await asyncio.to_thread(cache_finding, settings.cache_dir))
+    findings += await port_findings(settings)
+    findings.append(write_access_finding(settings))
     return findings
 
 

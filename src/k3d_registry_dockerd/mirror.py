@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 
-from . import cache
+from . import cache, progress, units
 from .docker import (
     Credentials,
     DaemonInfo,
@@ -26,6 +26,7 @@ from .docker import (
     PullDenied,
     PullFailed,
     PullNotFound,
+    failure_reason,
 )
 from .errors import RegistryError
 from .export import (
@@ -38,6 +39,7 @@ from .export import (
     select_root,
 )
 from .metrics import Metrics
+from .progress import PullEvents, Transfer
 from .reference import DOCKER_HUB, Digest, Repository, parse_repository, split_repo_tag
 from .store import ManifestEntry, RepositoryRecord, Store, TagEntry
 
@@ -55,19 +57,11 @@ ABSENT_LIMIT = 4096
 
 @dataclass
 class ExportProgress:
-    """An export running now, for the status page."""
+    """An export running now: how far it got, and the blobs it relies on (evictions leave them alone)."""
 
-    ref: str
-    started: float
-    # Docker's figure for the image's size; the save stream is about as long.
-    expected_bytes: int
-    reader: ThreadedStream | None = None
-    # Blobs this export relies on; evictions leave them alone.
+    # Expected: Docker's figure for the image's size; the save stream is about as long.
+    transfer: Transfer
     claimed: set[str] = field(default_factory=set)
-
-    @property
-    def bytes_read(self) -> int:
-        return self.reader.bytes_read if self.reader else 0
 
 
 @dataclass(frozen=True)
@@ -75,6 +69,8 @@ class ServedManifest:
     digest: str
     media_type: str
     body: bytes
+    # Docker had to pull or export for this answer (a warm one came from the cache as it was).
+    cold: bool = False
 
 
 class SingleFlight:
@@ -157,6 +153,8 @@ class Mirror:
         self.refresh_tags = refresh_tags
         self.cache_max_size = cache_max_size
         self.in_progress: dict[str, ExportProgress] = {}
+        # Pulls through Docker running now, by Docker reference.
+        self.pulling: dict[str, Transfer] = {}
         self.metrics = metrics or Metrics(store.blobs_dir)
         self._flights = SingleFlight()
         self._inspects = FreshFlight()
@@ -223,14 +221,14 @@ class Mirror:
                 changed = replace(cached, pulled_at=pulled_at or cached.pulled_at, last_used=now)
                 await self._update(repo, {}, {tag: changed})
             self.metrics.manifest_cache.labels("hit").inc()
-            return self._served(repo, cached.digest, cached.media_type)
+            return self._served(repo, cached.digest, cached.media_type, cold=pulled_at is not None)
         self.metrics.manifest_cache.labels("miss").inc()
         size = int(image.get("Size") or 0)
         entry = await self._flights.run(
             f"export {repo.docker_ref(tag)} {image_id}",
             lambda: self._export_tag(repo, tag, image_id, pulled_at, size),
         )
-        return self._served(repo, entry.digest, entry.media_type)
+        return self._served(repo, entry.digest, entry.media_type, cold=True)
 
     async def manifest_by_digest(
         self, repo: Repository, digest: Digest, credentials: Credentials | None
@@ -250,14 +248,16 @@ class Mirror:
             raise RegistryError("MANIFEST_UNKNOWN", f"manifest unknown: {repo.familiar(text)}")
         record = self.store.record(repo.docker_name)
         assert record is not None
-        return self._served(repo, text, record.manifests[text].media_type)
+        return self._served(repo, text, record.manifests[text].media_type, cold=True)
 
-    def _served(self, repo: Repository, digest: str, media_type: str) -> ServedManifest:
+    def _served(
+        self, repo: Repository, digest: str, media_type: str, *, cold: bool = False
+    ) -> ServedManifest:
         body = self.store.read_blob(digest)
         if body is None:
             raise RegistryError("MANIFEST_UNKNOWN", f"manifest {digest} is no longer in the cache")
         self._note_fetch(repo, digest)
-        return ServedManifest(digest, media_type, body)
+        return ServedManifest(digest, media_type, body, cold)
 
     # ---- Docker: inspect and pull ---------------------------------------------------------------
 
@@ -302,13 +302,19 @@ class Mirror:
 
     async def _do_pull(self, repo: Repository, ref: str, credentials: Credentials | None) -> None:
         started, outcome = time.monotonic(), "failed"
+        transfer = self.pulling[ref] = Transfer("pull", ref)
         try:
-            await self.docker.pull(ref, credentials)
+            async with progress.logged(transfer):
+                await self.docker.pull(ref, credentials, PullEvents(transfer).update)
             outcome = "ok"
         except PullDenied as exc:
             outcome = "denied"
-            log.warning("pull of %s refused by %s: %s", ref, repo.domain, exc)
             if credentials is None:
+                # The normal handshake: containerd asks anonymously first, and retries with the pod's
+                # pull secret after this challenge.
+                log.info(
+                    "pull of %s: %s wants credentials, asking the client for them: %s", ref, repo.domain, exc
+                )
                 raise RegistryError(
                     "UNAUTHORIZED",
                     f"{repo.domain} requires authentication to pull {ref}",
@@ -316,6 +322,7 @@ class Mirror:
                     headers={"WWW-Authenticate": f'Basic realm="{repo.domain}"'},
                 ) from exc
             # Refused credentials get 403, not another challenge, so containerd moves on instead of retrying.
+            log.warning("pull of %s refused by %s: %s", ref, repo.domain, exc)
             raise RegistryError(
                 "DENIED", f"{repo.domain} refused the credentials for {ref}", detail=str(exc)
             ) from exc
@@ -329,6 +336,7 @@ class Mirror:
                 "UNAVAILABLE", f"pulling {ref} through Docker failed", status=502, detail=str(exc)
             ) from exc
         finally:
+            self.pulling.pop(ref, None)
             self.metrics.pulls.labels(outcome).observe(time.monotonic() - started)
 
     # ---- export ---------------------------------------------------------------------------------
@@ -422,21 +430,21 @@ class Mirror:
             eviction = await asyncio.to_thread(cache.evict, self.store, limit, fetched, in_use)
         if eviction.remaining > limit:
             log.info(
-                "cache at %.1f MB stays over the %.1f MB limit: the rest is in use (fetched in the last "
-                "%.0fs, or an export running) and is evicted once idle",
-                eviction.remaining / 1e6,
-                limit / 1e6,
-                IN_USE_GRACE,
+                "cache at %s stays over the %s limit: the rest is in use (fetched in the last %s, or an "
+                "export running) and is evicted once idle",
+                units.size(eviction.remaining),
+                units.size(limit),
+                units.duration(IN_USE_GRACE),
             )
         for image in eviction.dropped:
             self.metrics.evictions.inc()
             log.info(
-                "evicted %s %s (%.1f MB, tags %s) to keep the cache under %.1f MB",
+                "evicted %s %s (%s, tags %s) to keep the cache under %s",
                 image.repository,
                 image.digest,
-                image.size / 1e6,
+                units.size(image.size),
                 ",".join(image.tags),
-                self.cache_max_size / 1e6,
+                units.size(limit),
             )
 
     def _note_fetch(self, repo: Repository, digest: str) -> None:
@@ -491,15 +499,16 @@ class Mirror:
         """Exports an image into the store and has `keep` record what is served of it; whatever else the
         export stored (a failed export's blobs, files Docker adds that no manifest uses) is removed."""
         self.metrics.exports_in_flight.inc()
-        progress = self.in_progress[ref] = ExportProgress(ref, time.time(), size)
+        export = self.in_progress[ref] = ExportProgress(Transfer("export", ref, size))
         started, outcome = time.monotonic(), "failed"
         try:
-            plan = await self._save_into_store(ref, info, names, progress)
+            async with progress.logged(export.transfer):
+                plan = await self._save_into_store(ref, info, names, export)
             await keep(plan)
             outcome = "ok"
             return plan
         finally:
-            await self._discard_unused(ref, progress.claimed)
+            await self._discard_unused(ref, export.claimed)
             self.in_progress.pop(ref, None)
             self.metrics.exports_in_flight.dec()
             self.metrics.exports.labels(outcome).observe(time.monotonic() - started)
@@ -511,10 +520,10 @@ class Mirror:
             unused = stored - cache.referenced(self.store) - set().union(*others)
             freed = await asyncio.to_thread(cache.remove_blobs, self.store, unused)
         if freed:
-            log.info("removed %.1f MB the export of %s stored but nothing uses", freed / 1e6, ref)
+            log.info("removed %s the export of %s stored but nothing uses", units.size(freed), ref)
 
     async def _save_into_store(
-        self, ref: str, info: DaemonInfo, names: tuple[str, ...], progress: ExportProgress
+        self, ref: str, info: DaemonInfo, names: tuple[str, ...], export: ExportProgress
     ) -> ExportPlan:
         """Streams `docker save` of one image into the store and plans what of it can be served."""
         self.exports += 1
@@ -523,9 +532,10 @@ class Mirror:
         loop = asyncio.get_running_loop()
         try:
             async with self.docker.save(ref, info.platform) as stream:
-                reader = progress.reader = ThreadedStream(stream, loop)
+                reader = ThreadedStream(stream, loop)
+                export.transfer.counter = lambda: reader.bytes_read
                 try:
-                    contents = await asyncio.to_thread(read_save_stream, reader, self.store, progress.claimed)
+                    contents = await asyncio.to_thread(read_save_stream, reader, self.store, export.claimed)
                 finally:
                     reader.close()
             root = select_root(contents.roots, names)
@@ -538,8 +548,9 @@ class Mirror:
                 "UNAVAILABLE", f"Docker could not export {ref}", status=502, detail=str(exc)
             ) from exc
         except (aiohttp.ClientError, ConnectionError) as exc:
-            log.error("export of %s failed: the stream from Docker broke: %s", ref, exc)
-            raise RegistryError("UNAVAILABLE", f"export of {ref} from Docker failed: {exc}") from exc
+            reason = failure_reason(exc)
+            log.error("export of %s failed: the stream from Docker broke: %s", ref, reason)
+            raise RegistryError("UNAVAILABLE", f"export of {ref} from Docker failed: {reason}") from exc
         except OSError as exc:
             log.error("export of %s failed writing to the cache %s: %s", ref, self.store.root, exc)
             raise RegistryError(
@@ -557,12 +568,12 @@ class Mirror:
             ) from exc
         elapsed = time.monotonic() - started
         log.info(
-            "exported %s in %.1fs: %s layout, %d new blobs, %.1f MB written, serving %s",
+            "exported %s in %.1fs: %s layout, %d new blobs, %s written, serving %s",
             ref,
             elapsed,
             contents.layout,
             contents.blobs_written,
-            contents.bytes_written / 1e6,
+            units.size(contents.bytes_written),
             plan.root.digest,
         )
         return plan

@@ -36,15 +36,28 @@ def _own(repo: Repository, what: str) -> None:
         )
 
 
+def _without_tags(record: RepositoryRecord, dropped: set[str]) -> RepositoryRecord:
+    """The record without these tags (and what only they kept); a Docker tag this registry loaded for
+    one of them is forgotten too, as deleting the tag removed it from Docker or found it changed."""
+    kept = cache.with_tags(record, {t: e for t, e in record.tags.items() if t not in dropped})
+    return replace(kept, loaded={t: i for t, i in record.loaded.items() if t not in dropped})
+
+
 class Pushes:
     def __init__(
-        self, mirror: Mirror, *, load_pushed: bool = True, allow_docker_delete: bool = False
+        self,
+        mirror: Mirror,
+        *,
+        load_pushed: bool = True,
+        allow_docker_delete: bool = False,
+        allow_docker_overwrite: bool = False,
     ) -> None:
         self.mirror = mirror
         self.store = mirror.store
         self.docker: DockerClient = mirror.docker
         self.load_pushed = load_pushed
         self.allow_docker_delete = allow_docker_delete
+        self.allow_docker_overwrite = allow_docker_overwrite
 
     # ---- blobs -----------------------------------------------------------------------------------
 
@@ -180,6 +193,11 @@ class Pushes:
         if not task.cancelled() and task.exception() is not None:
             log.error("loading %s into Docker failed", ref, exc_info=task.exception())
 
+    def _loaded_id(self, repo: Repository, tag: str) -> str | None:
+        """The image this registry put into Docker under the tag by loading a push, if it did."""
+        record = self.store.record(repo.docker_name)
+        return record.loaded.get(tag) if record else None
+
     async def _load(
         self, repo: Repository, tag: str, digest: str, media_type: str, previous: asyncio.Task[None] | None
     ) -> None:
@@ -187,6 +205,19 @@ class Pushes:
         if previous is not None:
             with contextlib.suppress(Exception):
                 await previous
+        if not self.allow_docker_overwrite:
+            current = await self._docker_id(ref)
+            if current is not None and current != self._loaded_id(repo, tag):
+                # Anyone who reaches the port can push: a push must not change what `docker run` starts.
+                log.warning(
+                    "not loading pushed %s into Docker: Docker's own %s (%s) stays as it is, this registry "
+                    "did not put it there; this registry serves the pushed image under that name "
+                    "(--allow-docker-overwrite lets pushes replace Docker's tags)",
+                    repo.familiar(tag),
+                    repo.familiar(tag),
+                    current,
+                )
+                return
         try:
             image_id = await load_into_docker(self.store, self.docker, ref, digest, media_type)
         except (DockerUnavailable, DockerFailed, OSError) as exc:
@@ -196,10 +227,11 @@ class Pushes:
             return
 
         def mark(record: RepositoryRecord) -> RepositoryRecord:
-            entry = record.tags.get(tag)
-            if entry is None or entry.digest != digest:
-                return record
-            return replace(record, tags={**record.tags, tag: replace(entry, image_id=image_id, loaded=True)})
+            tags = record.tags
+            entry = tags.get(tag)
+            if entry is not None and entry.digest == digest:
+                tags = {**tags, tag: replace(entry, image_id=image_id)}
+            return replace(record, tags=tags, loaded={**record.loaded, tag: image_id})
 
         await self.mirror.edit_record(repo.docker_name, mark)
 
@@ -222,14 +254,11 @@ class Pushes:
         else:
             await self._delete_tag(repo, parse_tag(reference))
 
-    async def _untag(self, ref: str, entry: TagEntry | None, *, docker_owned: bool) -> None:
-        """Removes a tag from Docker when this registry loaded it there (or, for Docker's own images,
-        when deleting them is allowed), provided Docker still maps it to the image recorded."""
-        if entry is not None and not docker_owned and not entry.loaded:
-            return
+    async def _untag(self, ref: str, expected_id: str | None) -> None:
+        """Removes a tag from Docker, provided Docker still maps it to `expected_id` (None: to anything)."""
         try:
             image = await self.docker.inspect(ref)
-            if image is None or (entry is not None and image["Id"] != entry.image_id):
+            if image is None or (expected_id is not None and image["Id"] != expected_id):
                 return
             await self.docker.remove(ref)
         except DockerUnavailable as exc:
@@ -253,7 +282,9 @@ class Pushes:
             if entry is None:
                 raise RegistryError("MANIFEST_UNKNOWN", f"{repo.familiar(tag)} is not cached")
         elif entry is not None and entry.pushed:
-            await self._untag(ref, entry, docker_owned=False)
+            loaded = self._loaded_id(repo, tag)
+            if loaded is not None:
+                await self._untag(ref, loaded)
         else:
             docker_id = await self._docker_id(ref)
             if docker_id is None and entry is None:
@@ -261,11 +292,9 @@ class Pushes:
             if docker_id is not None:
                 if not self.allow_docker_delete:
                     raise self._docker_delete_refused(repo.familiar(tag))
-                await self._untag(ref, None, docker_owned=True)
+                await self._untag(ref, None)
         if entry is not None:
-            await self._forget(
-                repo, lambda r: cache.with_tags(r, {t: e for t, e in r.tags.items() if t != tag})
-            )
+            await self._forget(repo, lambda r: _without_tags(r, {tag}))
         log.info("deleted %s%s", repo.familiar(tag), " from the cache" if repo.remote else "")
 
     async def _delete_digest(self, repo: Repository, digest: str) -> None:
@@ -280,11 +309,12 @@ class Pushes:
             # Loads that just finished changed the tags' entries.
             record = self.store.record(repo.docker_name) or record
             for tag, entry in record.tags.items():
-                if entry.digest == digest:
-                    await self._untag(repo.docker_ref(tag), entry, docker_owned=not entry.pushed)
+                expected = record.loaded.get(tag) if entry.pushed else entry.image_id
+                if entry.digest == digest and expected:
+                    await self._untag(repo.docker_ref(tag), expected)
 
         def drop(current: RepositoryRecord) -> RepositoryRecord:
-            kept = cache.with_tags(current, {t: e for t, e in current.tags.items() if e.digest != digest})
+            kept = _without_tags(current, {t for t, e in current.tags.items() if e.digest == digest})
             return replace(kept, manifests={d: m for d, m in kept.manifests.items() if d != digest})
 
         await self._forget(repo, drop)

@@ -16,10 +16,15 @@ ENV_REFRESH_TAGS = "K3D_REGISTRY_DOCKERD_REFRESH_TAGS"
 ENV_CACHE_MAX_SIZE = "K3D_REGISTRY_DOCKERD_CACHE_MAX_SIZE"
 ENV_LOAD_PUSHED = "K3D_REGISTRY_DOCKERD_LOAD_PUSHED"
 ENV_ALLOW_DOCKER_DELETE = "K3D_REGISTRY_DOCKERD_ALLOW_DOCKER_DELETE"
+ENV_ALLOW_DOCKER_OVERWRITE = "K3D_REGISTRY_DOCKERD_ALLOW_DOCKER_OVERWRITE"
 # As distribution's registry reads them.
 ENV_TLS_CERT = "REGISTRY_HTTP_TLS_CERTIFICATE"
 ENV_TLS_KEY = "REGISTRY_HTTP_TLS_KEY"
+ENV_AUTH = "REGISTRY_AUTH"
+ENV_HTPASSWD_REALM = "REGISTRY_AUTH_HTPASSWD_REALM"
+ENV_HTPASSWD_PATH = "REGISTRY_AUTH_HTPASSWD_PATH"
 DEFAULT_ADDR = ":5000"
+DEFAULT_REALM = "k3d-registry-dockerd"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
@@ -47,6 +52,15 @@ def default_cache_dir(env: Mapping[str, str]) -> Path:
     return Path(base) / "k3d-registry-dockerd"
 
 
+def resolve_cache_dir(flag: str | None, env: Mapping[str, str]) -> tuple[Path, str]:
+    """The cache dir and where it came from (flag, environment or default)."""
+    if flag is not None:
+        return Path(flag).expanduser(), "flag --cache-dir"
+    if env.get(ENV_CACHE_DIR):
+        return Path(env[ENV_CACHE_DIR]).expanduser(), f"env {ENV_CACHE_DIR}"
+    return default_cache_dir(env), "default"
+
+
 def parse_addr(text: str) -> tuple[str | None, int]:
     """``HOST:PORT``, ``:PORT`` (all interfaces) or ``[IPv6]:PORT``, as distribution's registry reads it."""
     host, sep, port = text.rpartition(":")
@@ -60,10 +74,11 @@ def parse_addr(text: str) -> tuple[str | None, int]:
 
 
 def parse_duration(text: str) -> float:
-    """Go-style durations (``90s``, ``5m``, ``1h30m``, ``1d``) or plain seconds."""
+    """Go-style durations (``90s``, ``5m``, ``1h30m``) and days (``7d``); a bare number is refused, as
+    `--older-than 7` meaning seven seconds surprised the people who typed it."""
     text = text.strip()
     if re.fullmatch(r"\d+(?:\.\d+)?", text):
-        return float(text)
+        raise SettingError(f"duration {text!r} needs a unit: {text}s, {text}m, {text}h or {text}d")
     parts = _DURATION_PART.findall(text)
     if not parts or "".join(number + unit for number, unit in parts) != text:
         raise SettingError(f"duration {text!r} is not like 30s, 5m, 1h30m or 1d")
@@ -100,9 +115,14 @@ class Settings:
     # Serve HTTPS with this certificate (chain) and key; plain HTTP when None.
     tls_cert: Path | None
     tls_key: Path | None
-    # Load pushed images into Docker; let DELETE remove Docker's own images.
+    # Load pushed images into Docker; let DELETE remove Docker's own images; let a loaded push move a
+    # tag Docker already had (not one this registry's own load made).
     load_pushed: bool
     allow_docker_delete: bool
+    allow_docker_overwrite: bool
+    # Pushes and deletes need credentials from this htpasswd file; None: anyone may write.
+    htpasswd_path: Path | None
+    htpasswd_realm: str
     # setting name -> "flag --addr", "env REGISTRY_HTTP_ADDR" or "default"
     sources: Mapping[str, str]
 
@@ -124,6 +144,9 @@ def resolve(
     tls_key: str | None = None,
     no_load_pushed: bool | None = None,
     allow_docker_delete: bool | None = None,
+    allow_docker_overwrite: bool | None = None,
+    htpasswd_path: str | None = None,
+    htpasswd_realm: str | None = None,
     env: Mapping[str, str] = os.environ,
 ) -> Settings:
     sources: dict[str, str] = {}
@@ -139,7 +162,7 @@ def resolve(
         return default
 
     host, port = parse_addr(pick("addr", "--addr", addr, ENV_ADDR, DEFAULT_ADDR) or DEFAULT_ADDR)
-    cache = pick("cache_dir", "--cache-dir", cache_dir, ENV_CACHE_DIR, None)
+    cache, sources["cache_dir"] = resolve_cache_dir(cache_dir, env)
     level = (pick("log_level", "--log-level", log_level, ENV_LOG_LEVEL, "info") or "info").lower()
     if level not in LOG_LEVELS:
         raise SettingError(f"log level {level!r} is not one of {', '.join(LOG_LEVELS)}")
@@ -162,10 +185,29 @@ def resolve(
         ENV_ALLOW_DOCKER_DELETE,
         "false",
     )
+    overwrite = pick(
+        "allow_docker_overwrite",
+        "--allow-docker-overwrite",
+        "true" if allow_docker_overwrite else None,
+        ENV_ALLOW_DOCKER_OVERWRITE,
+        "false",
+    )
+    htpasswd = pick("htpasswd_path", "--auth-htpasswd-path", htpasswd_path, ENV_HTPASSWD_PATH, None)
+    realm = pick("htpasswd_realm", "--auth-htpasswd-realm", htpasswd_realm, ENV_HTPASSWD_REALM, DEFAULT_REALM)
+    scheme = env.get(ENV_AUTH, "").strip().lower()
+    if scheme not in ("", "htpasswd"):
+        raise SettingError(
+            f"{ENV_AUTH}={env[ENV_AUTH]!r} is not supported: pushes are checked against an htpasswd file "
+            f"({ENV_AUTH}=htpasswd with {ENV_HTPASSWD_PATH})"
+        )
+    if scheme and not htpasswd:
+        raise SettingError(
+            f"{ENV_AUTH}=htpasswd needs the file: set {ENV_HTPASSWD_PATH} or --auth-htpasswd-path"
+        )
     return Settings(
         host=host,
         port=port,
-        cache_dir=Path(cache).expanduser() if cache else default_cache_dir(env),
+        cache_dir=cache,
         log_level=level,
         log_format=log_format_,
         refresh_tags=parse_duration(refresh) if refresh else None,
@@ -174,5 +216,8 @@ def resolve(
         tls_key=Path(key).expanduser() if key else None,
         load_pushed=parse_bool(load or "true", ENV_LOAD_PUSHED),
         allow_docker_delete=parse_bool(delete or "false", ENV_ALLOW_DOCKER_DELETE),
+        allow_docker_overwrite=parse_bool(overwrite or "false", ENV_ALLOW_DOCKER_OVERWRITE),
+        htpasswd_path=Path(htpasswd).expanduser() if htpasswd else None,
+        htpasswd_realm=realm or DEFAULT_REALM,
         sources=sources,
     )

@@ -6,13 +6,22 @@ import asyncio
 import collections
 import logging
 import time
+from dataclasses import asdict, dataclass
 from importlib import resources
 from typing import Any
 
 from . import __version__, cache
+from .docker import DockerUnavailable
 from .mirror import Mirror
 
 RECENT_PROBLEMS = 20
+RECENT_PULLS = 20
+DOCKER_TIMEOUT = 2.0
+# A pull is a run of requests from one client for one repository: its manifests, then its blobs
+# (containerd fetches three at a time, each layer taking as long as its bytes do).
+_SAME_PULL = 600.0
+# containerd asks for a tag twice in a row (HEAD to resolve, then GET); both belong to one pull.
+_SAME_TAG = 30.0
 
 
 class RecentProblems(logging.Handler):
@@ -28,6 +37,69 @@ class RecentProblems(logging.Handler):
         )
 
 
+@dataclass
+class Pull:
+    client: str
+    repository: str
+    # The image as the client asked for it: `name:tag`, or `name@digest` for a pull pinned by digest.
+    image: str
+    cold: bool
+    bytes: int
+    started: float
+    last: float
+
+
+class RecentPulls:
+    """The last pulls clients made: who, what, cold or warm, how much. Fed one response at a time."""
+
+    def __init__(self, limit: int = RECENT_PULLS) -> None:
+        self.entries: collections.deque[Pull] = collections.deque(maxlen=limit)
+
+    def _current(self, client: str, repository: str, now: float) -> Pull | None:
+        return next(
+            (
+                p
+                for p in self.entries
+                if (p.client, p.repository) == (client, repository) and now - p.last < _SAME_PULL
+            ),
+            None,
+        )
+
+    def served(
+        self, client: str, repository: str, image: str, nbytes: int, *, tag: bool, cold: bool = False
+    ) -> None:
+        """A manifest (`tag`: asked for by tag) or blob response of `nbytes` to `client`."""
+        now = time.time()
+        pull = self._current(client, repository, now)
+        starts_pull = tag and (pull is None or pull.image != image or now - pull.started > _SAME_TAG)
+        if pull is None or starts_pull:
+            pull = Pull(client, repository, image, cold, 0, now, now)
+            self.entries.appendleft(pull)
+        pull.cold = pull.cold or cold
+        pull.bytes += nbytes
+        pull.last = now
+
+
+async def _docker_state(mirror: Mirror) -> dict[str, Any]:
+    where = mirror.docker.describe()
+    try:
+        async with asyncio.timeout(DOCKER_TIMEOUT):
+            info = await mirror.docker.daemon()
+    except DockerUnavailable as exc:
+        return {"reachable": False, "endpoint": where, "problem": str(exc)}
+    except TimeoutError:
+        return {"reachable": False, "endpoint": where, "problem": f"no answer within {DOCKER_TIMEOUT:.0f}s"}
+    return {
+        "reachable": True,
+        "endpoint": where,
+        "product": info.product,
+        "version": info.server_version,
+        "api_version": info.api_version,
+        "platform": str(info.platform),
+        "storage": info.storage,
+    }
+
+
 def _cache_counts(mirror: Mirror) -> dict[str, float]:
     registry = mirror.metrics.registry
     return {
@@ -36,16 +108,19 @@ def _cache_counts(mirror: Mirror) -> dict[str, float]:
     }
 
 
-async def snapshot(mirror: Mirror, problems: RecentProblems) -> dict[str, Any]:
+async def snapshot(mirror: Mirror, problems: RecentProblems, pulls: RecentPulls) -> dict[str, Any]:
     """Everything the page shows; the cache walk runs off the event loop."""
     images = await asyncio.to_thread(cache.images, mirror.store)
     total = await asyncio.to_thread(cache.cache_bytes, mirror.store)
     counts = _cache_counts(mirror)
     answered = counts["hit"] + counts["miss"] + counts["stale"]
-    now = time.time()
+    transfers = [export.transfer for export in list(mirror.in_progress.values())] + list(
+        mirror.pulling.values()
+    )
     return {
         "version": __version__,
-        "time": now,
+        "time": time.time(),
+        "docker": await _docker_state(mirror),
         "cache": {
             "dir": str(mirror.store.root),
             "bytes": total,
@@ -60,18 +135,12 @@ async def snapshot(mirror: Mirror, problems: RecentProblems) -> dict[str, Any]:
                 "digest": image.digest,
                 "bytes": image.size,
                 "last_used": image.last_used,
+                "pushed": image.pushed,
             }
             for image in images
         ],
-        "exports": [
-            {
-                "ref": export.ref,
-                "seconds": now - export.started,
-                "bytes": export.bytes_read,
-                "expected_bytes": export.expected_bytes,
-            }
-            for export in list(mirror.in_progress.values())
-        ],
+        "transfers": [transfer.as_json() for transfer in transfers],
+        "pulls": [asdict(pull) for pull in pulls.entries],
         "problems": list(problems.entries),
     }
 

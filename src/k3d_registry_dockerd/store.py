@@ -54,10 +54,8 @@ class TagEntry:
     pulled_at: float | None = None
     # When a client last asked for the tag (to the minute), for `cache ls` and `cache prune`.
     last_used: float | None = None
-    # Pushed by a client; `image_id` is then what Docker had under the tag after the push, and `loaded`
-    # says this registry put it there (so deleting the tag may untag it in Docker again).
+    # Pushed by a client; `image_id` is then what Docker had under the tag after the push.
     pushed: bool = False
-    loaded: bool = False
 
 
 @dataclass
@@ -69,6 +67,9 @@ class RepositoryRecord:
     manifests: dict[str, ManifestEntry] = field(default_factory=dict)
     # Blobs pushed (uploaded or mounted) into this repository, whether or not a manifest uses them yet.
     blobs: list[str] = field(default_factory=list)
+    # Docker tags this registry made by loading a push: tag -> the image ID it loaded. Only these may be
+    # moved by a later push's load, and untagged when their push is deleted.
+    loaded: dict[str, str] = field(default_factory=dict)
 
     def serves_blob(self, digest: str) -> bool:
         return (
@@ -86,11 +87,19 @@ class RepositoryRecord:
         data: dict[str, Any] = json.loads(raw)
         if data.get("version") != RECORD_VERSION:
             raise ValueError(f"unknown record version {data.get('version')!r}")
+        loaded = dict(data.get("loaded", {}))
+        tags = {}
+        for tag, entry in data["tags"].items():
+            # Records written before `loaded` moved to the record kept it per tag entry.
+            if entry.pop("loaded", False):
+                loaded.setdefault(tag, entry["image_id"])
+            tags[tag] = TagEntry(**entry)
         return cls(
             name=data["name"],
-            tags={tag: TagEntry(**entry) for tag, entry in data["tags"].items()},
+            tags=tags,
             manifests={digest: ManifestEntry(**entry) for digest, entry in data["manifests"].items()},
             blobs=list(data.get("blobs", [])),
+            loaded=loaded,
         )
 
 

@@ -77,7 +77,7 @@ class FakeDocker:
         found = self.images.get(ref)
         return {"Id": found.id, "RepoTags": [ref]} if found else None
 
-    async def pull(self, ref: str, credentials: Credentials | None) -> None:
+    async def pull(self, ref: str, credentials: Credentials | None, on_event: Any = None) -> None:
         await self.daemon()
         self.pulls.append((ref, credentials))
         if self.pull_error is not None:

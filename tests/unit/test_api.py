@@ -15,6 +15,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from k3d_registry_dockerd import status as status_module
 from k3d_registry_dockerd.api import create_app
 from k3d_registry_dockerd.docker import (
     Credentials,
@@ -736,8 +737,38 @@ async def test_status_page_and_json(client: TestClient, docker: FakeDocker) -> N
     assert image["bytes"] > 0
     assert status["cache"]["bytes"] >= image["bytes"]
     assert status["cache"]["hit_rate"] == 0.0
-    assert status["exports"] == []
+    assert status["transfers"] == []
     assert any("Docker" in problem["message"] for problem in status["problems"])
+    assert status["docker"]["reachable"] is False
+    assert "fake is down" in status["docker"]["problem"]
+    (pull,) = status["pulls"]
+    assert (pull["client"], pull["image"], pull["cold"]) == ("127.0.0.1", "alpine:latest", True)
+    assert pull["bytes"] > 0
+    assert image["pushed"] is False
+
+
+async def test_recent_pulls_say_who_pulled_what_cold_or_warm(
+    client: TestClient, docker: FakeDocker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = [1_000_000.0]
+    monkeypatch.setattr(status_module.time, "time", lambda: clock[0])
+    for _ in range(2):
+        head = await client.head("/v2/library/alpine/manifests/latest?ns=docker.io")
+        digest = head.headers["Docker-Content-Digest"]
+        body = await (await client.get(f"/v2/library/alpine/manifests/{digest}?ns=docker.io")).read()
+        served = len(body)
+        for layer in json.loads(body)["layers"]:
+            assert (
+                await client.get(f"/v2/library/alpine/blobs/{layer['digest']}?ns=docker.io")
+            ).status == 200
+            served += layer["size"]
+        clock[0] += 60
+    status = await (await client.get("/status.json")).json()
+    assert status["docker"]["reachable"] is True
+    warm, cold = [p for p in status["pulls"] if p["repository"] == "docker.io/library/alpine"][:2]
+    assert (cold["client"], cold["image"], cold["cold"]) == ("127.0.0.1", "alpine:latest", True)
+    assert (warm["image"], warm["cold"]) == ("alpine:latest", False)
+    assert warm["bytes"] == served
 
 
 async def test_tags_list_and_pagination(client: TestClient, docker: FakeDocker) -> None:

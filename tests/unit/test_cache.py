@@ -138,3 +138,30 @@ def test_evict_keeps_an_image_while_any_of_its_blobs_is_being_fetched(store: Sto
     assert kept.dropped == []
     assert kept.remaining == cache.cache_bytes(store) > 0
     assert all(store.has_blob(d) for d in [old, *old_blobs])
+
+
+def _pushed(store: Store, name: str, tag: str, seed: str, used: float) -> tuple[str, list[str]]:
+    manifest, blobs = _image(store, seed)
+    record = store.record(name) or RepositoryRecord(name)
+    record.tags[tag] = TagEntry(manifest, MANIFEST, "", used, None, used, pushed=True)
+    record.manifests[manifest] = ManifestEntry(MANIFEST, store.blob_size(manifest) or 0, blobs, pushed=True)
+    store.save_record(record)
+    return manifest, blobs
+
+
+def test_prune_keeps_pushed_images_unless_asked(store: Store) -> None:
+    now = time.time()
+    exported, exported_blobs = _image(store, "exported")
+    _record(store, "docker.io/library/app", {"1": (exported, exported_blobs, now - 86400)})
+    pushed, pushed_blobs = _pushed(store, "docker.io/library/app", "dev", "pushed", now - 86400)
+
+    for options in ({"older_than": 3600.0}, {"everything": True}):
+        result = cache.prune(store, **options)  # type: ignore[arg-type]
+        assert result.kept_pushed == 1
+        assert store.record("docker.io/library/app").tags.keys() == {"dev"}
+        assert all(store.has_blob(d) for d in [pushed, *pushed_blobs])
+    assert not store.has_blob(exported)
+
+    result = cache.prune(store, everything=True, include_pushed=True)
+    assert (result.tags, result.kept_pushed) == (1, 0)
+    assert not any(store.has_blob(d) for d in [pushed, *pushed_blobs])

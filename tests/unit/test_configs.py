@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -56,3 +58,43 @@ def test_kind(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     assert mount == {"hostPath": str(tmp_path / "certs.d"), "containerPath": "/etc/containerd/certs.d"}
     hosts = tomllib.loads((tmp_path / "certs.d" / "_default" / "hosts.toml").read_text())
     assert hosts == {"host": {"http://kind-registry:5000/v2": {"capabilities": ["pull", "resolve"]}}}
+
+
+def _endpoint_host(config: dict[str, Any]) -> str:
+    mirrors = yaml.safe_load(config["registries"]["config"])["mirrors"]
+    return str(mirrors["*"]["endpoint"][0]).removeprefix("http://").rpartition(":")[0]
+
+
+@pytest.mark.parametrize("name", ["k3d-registry", "myreg", "registry.localhost"])
+def test_k3d_create_endpoint_is_the_container_k3d_makes(
+    capsys: pytest.CaptureFixture[str], name: str
+) -> None:
+    """k3d names the container `registries.create.name` verbatim (k3d's pkg/config/transform.go)."""
+    config = yaml.safe_load(_run(capsys, "k3d", "--name", name))
+    assert config["registries"]["create"]["name"] == name
+    assert _endpoint_host(config) == name
+
+
+@pytest.mark.parametrize("name", ["cache", "k3d-cache"])
+def test_k3d_shared_endpoint_is_the_container_k3d_makes(
+    capsys: pytest.CaptureFixture[str], name: str
+) -> None:
+    """`k3d registry create NAME` names the container k3d-NAME (k3d's cmd/registry/registryCreate.go)."""
+    text = _run(capsys, "k3d", "--shared", "--name", name)
+    argument = re.search(r"# k3d registry create (\S+) ", text)
+    assert argument is not None
+    container = f"k3d-{argument[1]}"
+    config = yaml.safe_load(text)
+    assert container == "k3d-cache"
+    assert [use.rpartition(":")[0] for use in config["registries"]["use"]] == [container]
+    assert _endpoint_host(config) == container
+
+
+def test_kind_hosts_dir_that_cannot_be_written(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main(["config", "kind", "--hosts-dir", str(blocker / "certs.d")]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith(f"k3d-registry-dockerd: cannot write {blocker}/certs.d/_default/hosts.toml: ")
+    assert error.rstrip().endswith("choose another --hosts-dir")
+    assert len(error.splitlines()) == 1

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -15,7 +14,6 @@ from k3d_registry_dockerd.docker import (
     PullDenied,
     PullFailed,
     PullNotFound,
-    _PullProgress,
     classify_pull_error,
 )
 from k3d_registry_dockerd.export import Platform
@@ -108,20 +106,3 @@ async def test_client_without_a_daemon_is_unavailable(
             await client.load(_chunks(b"tar"))
     finally:
         await client.close()
-
-
-def test_pull_progress_logs(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    monkeypatch.setattr(docker_module, "PROGRESS_INTERVAL", 0.0)
-    progress = _PullProgress("docker.io/library/alpine:latest")
-    with caplog.at_level(logging.INFO, logger="k3d_registry_dockerd.docker"):
-        progress.update(
-            {"id": "a", "status": "Downloading", "progressDetail": {"current": 500_000, "total": 1_000_000}}
-        )
-        progress.update({"id": "b", "status": "Already exists"})
-        progress.update({"id": "a", "status": "Pull complete"})
-        progress.update({"status": "Digest: sha256:abc"})
-        progress.done()
-    assert progress.done_layers == {"a", "b"}
-    assert progress.layers == {"a": (500_000, 1_000_000)}
-    assert any("2 layers complete, 0.5/1.0 MB" in message for message in caplog.messages)
-    assert any(message.startswith("pulled docker.io/library/alpine:latest") for message in caplog.messages)

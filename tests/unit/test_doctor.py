@@ -4,13 +4,27 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
+from typing import Any
 
-import pytest
+import bcrypt
 
+from k3d_registry_dockerd import __version__
+from k3d_registry_dockerd.api import create_app
+from k3d_registry_dockerd.cachedir import CacheDirLock
 from k3d_registry_dockerd.docker import DaemonInfo
-from k3d_registry_dockerd.doctor import Finding, cache_finding, docker_findings, port_finding
+from k3d_registry_dockerd.doctor import (
+    Finding,
+    cache_finding,
+    docker_findings,
+    port_findings,
+    write_access_finding,
+)
 from k3d_registry_dockerd.export import Platform
-from k3d_registry_dockerd.settings import resolve
+from k3d_registry_dockerd.mirror import Mirror
+from k3d_registry_dockerd.settings import Settings, resolve
+from k3d_registry_dockerd.store import Store
+
+from .fakes import FakeDocker
 
 AMD64 = Platform("linux", "amd64")
 
@@ -44,31 +58,72 @@ def test_cache_dir_that_cannot_be_created(tmp_path: Path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
     finding = cache_finding(blocker / "cache")
-    assert not finding.ok
-    assert "--cache-dir" in finding.remedy
+    assert finding.status == "fail"
+    assert "--cache-dir" in finding.text
 
 
-def test_cache_dir_size(tmp_path: Path) -> None:
+def test_cache_dir_size_in_binary_units(tmp_path: Path) -> None:
     blob = tmp_path / "blobs" / "sha256" / "ab" / ("ab" * 32)
     blob.parent.mkdir(parents=True)
-    blob.write_bytes(b"x" * 2_000_000)
+    blob.write_bytes(b"x" * (2 << 20))
     finding = cache_finding(tmp_path)
     assert finding.ok
-    assert "1 blobs, 2.0 MB" in finding.text
+    assert "1 blobs, 2 MiB" in finding.text
 
 
-def test_port_in_use_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cache_dir_held_by_a_running_registry(tmp_path: Path) -> None:
+    with CacheDirLock(tmp_path):
+        finding = cache_finding(tmp_path)
+    assert finding.ok and "in use by the running registry" in finding.text
+
+
+def _settings(addr: str, **options: str) -> Settings:
+    return resolve(addr=addr, cache_dir="/tmp/x", log_level=None, refresh_tags=None, env={}, **options)
+
+
+async def test_port_in_use_by_something_else_blocks() -> None:
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen()
         port = listener.getsockname()[1]
-        settings = resolve(addr=f"127.0.0.1:{port}", cache_dir="/tmp/x", log_level=None, refresh_tags=None)
-        finding = port_finding(settings)
-    assert not finding.ok
-    assert "already in use" in finding.text
-    assert "--addr" in finding.remedy
+        findings = await port_findings(_settings(f"127.0.0.1:{port}"))
+    assert findings[0].status == "fail"
+    assert "already in use" in findings[0].text and "--addr" in findings[0].text
+
+
+async def test_port_served_by_this_registry_is_recognized(aiohttp_server: Any, tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    store.open()
+    running = await aiohttp_server(create_app(Mirror(store, FakeDocker())))
+    findings = await port_findings(_settings(f"127.0.0.1:{running.port}"))
+    assert findings[0].status == "ok"
+    assert f"this registry ({__version__}) serves there" in findings[0].text
+
+
+async def test_loopback_only_is_a_warning() -> None:
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    findings = await port_findings(_settings(f"127.0.0.1:{port}"))
+    assert [f.status for f in findings] == ["ok", "warn"]
+    assert "host.k3d.internal" in findings[1].text
+
+
+def test_write_access(tmp_path: Path) -> None:
+    open_to_all = write_access_finding(_settings(":5000"))
+    assert open_to_all.status == "warn"
+    assert "anyone who can reach :5000 can push" in open_to_all.text
+    assert "htpasswd -Bc FILE USER" in open_to_all.remedy
+    assert write_access_finding(_settings("127.0.0.1:5000")).status == "ok"
+    htpasswd = tmp_path / "htpasswd"
+    htpasswd.write_text("alice:" + bcrypt.hashpw(b"pw", bcrypt.gensalt(rounds=4)).decode() + "\n")
+    guarded = write_access_finding(_settings(":5000", htpasswd_path=str(htpasswd)))
+    assert guarded.status == "ok" and "1 users" in guarded.text
+    htpasswd.write_text("alice:$apr1$md5\n")
+    assert write_access_finding(_settings(":5000", htpasswd_path=str(htpasswd))).status == "fail"
 
 
 def test_render() -> None:
-    assert Finding(True, "fine").render() == "✓ fine"
-    assert Finding(False, "broken", "fix it").render() == "✗ broken\n    → fix it"
+    assert Finding("ok", "fine").render() == "✓ fine"
+    assert Finding("warn", "careful", "do this").render() == "! careful\n    → do this"
+    assert Finding("fail", "broken", "fix it").render() == "✗ broken\n    → fix it"

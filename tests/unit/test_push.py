@@ -10,11 +10,14 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import bcrypt
 import pytest
+from aiohttp import encode_basic_auth
 from aiohttp.test_utils import TestClient
 
 from k3d_registry_dockerd import cache
 from k3d_registry_dockerd.api import UPLOADS, create_app
+from k3d_registry_dockerd.auth import Htpasswd
 from k3d_registry_dockerd.errors import RegistryError
 from k3d_registry_dockerd.manifests import parse_pushed
 from k3d_registry_dockerd.mirror import Mirror
@@ -85,7 +88,7 @@ async def test_pushed_image_is_loaded_into_docker_and_served_byte_exact(
     assert got.headers["Content-Type"] == DOCKER_MANIFEST
     assert got.headers["Docker-Content-Digest"] == digest
     assert docker.saves == []
-    assert store.record("docker.io/library/my-app").tags["dev"].loaded
+    assert store.record("docker.io/library/my-app").loaded == {"dev": image.config_digest}
 
 
 async def test_no_load_pushed(aiohttp_client: Any, store: Store, docker: FakeDocker) -> None:
@@ -137,6 +140,62 @@ async def test_docker_unreachable_push_still_lands(
 
 
 # ---- pushed content vs Docker's ----------------------------------------------------------------------
+
+
+async def test_a_push_never_moves_a_tag_docker_already_has(
+    aiohttp_client: Any, store: Store, docker: FakeDocker, caplog: pytest.LogCaptureFixture
+) -> None:
+    docker.images[APP] = own = local_image("docker-built", APP)
+    client, mirror = await make(aiohttp_client, store, docker)
+    with caplog.at_level(logging.WARNING):
+        digest = await push_image(client, "my-app", make_image("pushed"), "dev")
+        await settle(mirror)
+    assert docker.loads == []
+    assert docker.images[APP].id == own.id
+    assert f"Docker's own my-app:dev ({own.id}) stays as it is" in caplog.text
+    assert "--allow-docker-overwrite" in caplog.text
+    # The push landed: the registry serves it under its name.
+    assert await manifest_digest(client, "/v2/my-app/manifests/dev") == digest
+
+
+async def test_a_tag_this_registry_loaded_follows_later_pushes_across_restarts(
+    aiohttp_client: Any, store: Store, docker: FakeDocker
+) -> None:
+    client, mirror = await make(aiohttp_client, store, docker)
+    await push_image(client, "my-app", first := make_image("first"), "dev")
+    await settle(mirror)
+    assert docker.images[APP].id == first.config_digest
+    restarted = Store(store.root)
+    restarted.open()
+    client, mirror = await make(aiohttp_client, restarted, docker)
+    await push_image(client, "my-app", second := make_image("second"), "dev")
+    await settle(mirror)
+    assert docker.loads == [APP, APP]
+    assert docker.images[APP].id == second.config_digest
+    assert restarted.record("docker.io/library/my-app").loaded == {"dev": second.config_digest}
+
+
+async def test_a_loaded_tag_rebuilt_in_docker_is_docker_s_again(
+    aiohttp_client: Any, store: Store, docker: FakeDocker
+) -> None:
+    client, mirror = await make(aiohttp_client, store, docker)
+    await push_image(client, "my-app", make_image("first"), "dev")
+    await settle(mirror)
+    docker.images[APP] = rebuilt = local_image("rebuilt", APP)
+    await push_image(client, "my-app", make_image("second"), "dev")
+    await settle(mirror)
+    assert docker.loads == [APP]
+    assert docker.images[APP].id == rebuilt.id
+
+
+async def test_allow_docker_overwrite(aiohttp_client: Any, store: Store, docker: FakeDocker) -> None:
+    docker.images[APP] = local_image("docker-built", APP)
+    client, mirror = await make(aiohttp_client, store, docker, allow_docker_overwrite=True)
+    image = make_image("pushed")
+    await push_image(client, "my-app", image, "dev")
+    await settle(mirror)
+    assert docker.loads == [APP]
+    assert docker.images[APP].id == image.config_digest
 
 
 async def test_pushed_wins_over_docker_image_of_the_same_name(
@@ -362,6 +421,26 @@ def test_records_written_before_push_support_still_load(tmp_path: Path) -> None:
     assert record is not None and record.blobs == [] and not record.tags["a"].pushed
 
 
+def test_records_that_kept_loaded_per_tag_still_load(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    store.open()
+    entry = {"digest": "sha256:" + "1" * 64, "media_type": OCI_MANIFEST, "exported_at": 1.0, "pushed": True}
+    old = {
+        "version": 1,
+        "name": "docker.io/library/x",
+        "tags": {
+            "a": {**entry, "image_id": "sha256:loaded", "loaded": True},
+            "b": {**entry, "image_id": "i"},
+        },
+        "manifests": {"sha256:" + "1" * 64: {"media_type": OCI_MANIFEST, "size": 3, "references": []}},
+    }
+    (store.records_dir / "x.json").write_text(json.dumps(old))
+    store.open()
+    record = store.record("docker.io/library/x")
+    assert record is not None and record.loaded == {"a": "sha256:loaded"}
+    assert sorted(record.tags) == ["a", "b"]
+
+
 async def test_mount_only_from_pushed_content(aiohttp_client: Any, store: Store, docker: FakeDocker) -> None:
     """A blob exported from Docker (maybe a private upstream's) cannot be mounted into another name."""
     ref = "docker.io/team/private:1"
@@ -406,3 +485,61 @@ async def test_a_mirror_request_for_a_pushed_name_does_not_pull_over_it(
     assert await manifest_digest(client, "/v2/team/app/manifests/v1?ns=docker.io") == digest
     assert docker.pulls == []
     assert await manifest_digest(client, "/v2/team/app/manifests/v1") == digest
+
+
+# ---- write access ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def htpasswd(tmp_path: Path) -> Htpasswd:
+    path = tmp_path / "htpasswd"
+    hashed = bcrypt.hashpw(b"s3cret", bcrypt.gensalt(rounds=4)).decode()
+    path.write_text(f"pusher:{hashed}\n")
+    return Htpasswd(path, "dev pushes")
+
+
+async def test_writes_need_htpasswd_credentials_reads_do_not(
+    aiohttp_client: Any, store: Store, docker: FakeDocker, htpasswd: Htpasswd
+) -> None:
+    docker.images["docker.io/library/local:1"] = local_image("local", "docker.io/library/local:1")
+    client, mirror = await make(aiohttp_client, store, docker, write_auth=htpasswd)
+    image = make_image("pushed")
+    blob = image.layers[0]
+    anonymous = [
+        client.post(f"/v2/my-app/blobs/uploads/?digest={digest_of(blob)}", data=blob),
+        client.post("/v2/my-app/blobs/uploads/"),
+        client.put("/v2/my-app/manifests/dev", data=image.manifest),
+        client.delete("/v2/my-app/manifests/dev"),
+        client.delete(f"/v2/my-app/blobs/{digest_of(blob)}"),
+        client.get("/v2/"),
+    ]
+    wrong = {"Authorization": encode_basic_auth("pusher", "guess")}
+    for request in [*anonymous, client.put("/v2/my-app/manifests/dev", data=b"{}", headers=wrong)]:
+        response = await request
+        assert response.status == 401
+        assert response.headers["WWW-Authenticate"] == 'Basic realm="dev pushes"'
+        assert (await response.json())["errors"][0]["code"] == "UNAUTHORIZED"
+    # Reads stay anonymous: the cluster's pulls, with or without its pull secret.
+    assert (await client.get("/v2/local/manifests/1")).status == 200
+    assert (await client.get("/v2/local/manifests/1", headers=wrong)).status == 200
+    assert (await client.get("/v2/local/tags/list")).status == 200
+
+    good = {"Authorization": encode_basic_auth("pusher", "s3cret")}
+    assert (await client.get("/v2/", headers=good)).status == 200
+    for data in (image.config, *image.layers):
+        response = await client.post(
+            f"/v2/my-app/blobs/uploads/?digest={digest_of(data)}", data=data, headers=good
+        )
+        assert response.status == 201
+    started = await client.post("/v2/my-app/blobs/uploads/", headers=good)
+    location = started.headers["Location"]
+    assert (await client.get(location)).status == 401
+    assert (await client.get(location, headers=good)).status == 204
+    assert (await client.delete(location, headers=good)).status == 204
+    put = await client.put(
+        "/v2/my-app/manifests/dev", data=image.manifest, headers={**good, "Content-Type": image.media_type}
+    )
+    assert put.status == 201
+    await settle(mirror)
+    assert (await client.get("/v2/my-app/manifests/dev")).status == 200
+    assert (await client.delete("/v2/my-app/manifests/dev", headers=good)).status == 202

@@ -39,6 +39,9 @@ def test_defaults() -> None:
         "tls_key": "default",
         "load_pushed": "default",
         "allow_docker_delete": "default",
+        "allow_docker_overwrite": "default",
+        "htpasswd_path": "default",
+        "htpasswd_realm": "default",
     }
 
 
@@ -65,6 +68,9 @@ def test_env_beats_default() -> None:
         "tls_key": "default",
         "load_pushed": "default",
         "allow_docker_delete": "default",
+        "allow_docker_overwrite": "default",
+        "htpasswd_path": "default",
+        "htpasswd_realm": "default",
     }
 
 
@@ -87,6 +93,9 @@ def test_flag_beats_env() -> None:
         "tls_key": "default",
         "load_pushed": "default",
         "allow_docker_delete": "default",
+        "allow_docker_overwrite": "default",
+        "htpasswd_path": "default",
+        "htpasswd_realm": "default",
     }
 
 
@@ -172,6 +181,9 @@ def test_settings_addr(host: str | None, port: int, addr: str) -> None:
         tls_key=None,
         load_pushed=True,
         allow_docker_delete=False,
+        allow_docker_overwrite=False,
+        htpasswd_path=None,
+        htpasswd_realm="r",
         sources={},
     )
     assert settings.addr == addr
@@ -180,9 +192,7 @@ def test_settings_addr(host: str | None, port: int, addr: str) -> None:
 @pytest.mark.parametrize(
     ("text", "seconds"),
     [
-        ("90", 90.0),
-        ("0", 0.0),
-        ("1.5", 1.5),
+        ("0s", 0.0),
         ("30s", 30.0),
         ("5m", 300.0),
         ("1h30m", 5400.0),
@@ -200,6 +210,14 @@ def test_parse_duration(text: str, seconds: float) -> None:
 @pytest.mark.parametrize("text", ["5x", "", "  ", "s", "1h 30m", "-5s", "1hh", "30s5", "m5", "1.s"])
 def test_parse_duration_rejects(text: str) -> None:
     with pytest.raises(SettingError):
+        parse_duration(text)
+
+
+@pytest.mark.parametrize("text", ["7", "0", "1.5"])
+def test_a_bare_number_is_no_duration(text: str) -> None:
+    with pytest.raises(
+        SettingError, match=f"duration '{text}' needs a unit: {text}s, {text}m, {text}h or {text}d"
+    ):
         parse_duration(text)
 
 
@@ -288,3 +306,38 @@ def test_push_switches() -> None:
             refresh_tags=None,
             env={"K3D_REGISTRY_DOCKERD_LOAD_PUSHED": "maybe"},
         )
+
+
+def test_docker_overwrite_switch() -> None:
+    assert not resolve(**NO_FLAGS, env={}).allow_docker_overwrite
+    from_env = resolve(**NO_FLAGS, env={"K3D_REGISTRY_DOCKERD_ALLOW_DOCKER_OVERWRITE": "true"})
+    assert from_env.allow_docker_overwrite
+    assert from_env.sources["allow_docker_overwrite"] == "env K3D_REGISTRY_DOCKERD_ALLOW_DOCKER_OVERWRITE"
+    flag = resolve(**NO_FLAGS, allow_docker_overwrite=True, env={})
+    assert (
+        flag.allow_docker_overwrite
+        and flag.sources["allow_docker_overwrite"] == "flag --allow-docker-overwrite"
+    )
+
+
+def test_htpasswd_from_distributions_environment_and_flags() -> None:
+    assert resolve(**NO_FLAGS, env={}).htpasswd_path is None
+    env = {
+        "REGISTRY_AUTH": "htpasswd",
+        "REGISTRY_AUTH_HTPASSWD_REALM": "dev pushes",
+        "REGISTRY_AUTH_HTPASSWD_PATH": "/etc/registry/htpasswd",
+    }
+    from_env = resolve(**NO_FLAGS, env=env)
+    assert (from_env.htpasswd_path, from_env.htpasswd_realm) == (Path("/etc/registry/htpasswd"), "dev pushes")
+    flags = resolve(**NO_FLAGS, htpasswd_path="/a", htpasswd_realm="r", env=env)
+    assert (flags.htpasswd_path, flags.htpasswd_realm) == (Path("/a"), "r")
+    assert flags.sources["htpasswd_path"] == "flag --auth-htpasswd-path"
+    path_only = resolve(**NO_FLAGS, env={"REGISTRY_AUTH_HTPASSWD_PATH": "/p"})
+    assert (path_only.htpasswd_path, path_only.htpasswd_realm) == (Path("/p"), "k3d-registry-dockerd")
+
+
+def test_htpasswd_misconfigurations() -> None:
+    with pytest.raises(SettingError, match="REGISTRY_AUTH='token' is not supported"):
+        resolve(**NO_FLAGS, env={"REGISTRY_AUTH": "token"})
+    with pytest.raises(SettingError, match="REGISTRY_AUTH=htpasswd needs the file"):
+        resolve(**NO_FLAGS, env={"REGISTRY_AUTH": "htpasswd"})

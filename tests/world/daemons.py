@@ -1172,7 +1172,7 @@ class RegistryProcess:
         return env
 
     def start(self, timeout: float = 30.0) -> Self:
-        """Start and wait until GET /v2/ is 200; on failure raise with the log."""
+        """Start and wait until GET /healthz is 200; on failure raise with the log."""
         if self._proc and self._proc.running:
             return self
         self.cache_dir.mkdir(parents=True, exist_ok=True)
@@ -1189,7 +1189,7 @@ class RegistryProcess:
         def ready() -> bool:
             if self._proc and self._proc.popen and self._proc.popen.poll() is not None:
                 raise RuntimeError(f"exited with {self._proc.popen.returncode}")
-            return http_status(f"{self.url}/v2/", timeout=2, context=self.ssl_context) == 200
+            return http_status(f"{self.url}/healthz", timeout=2, context=self.ssl_context) == 200
 
         try:
             wait_until(ready, timeout=timeout, what=f"our registry on {self.addr}")

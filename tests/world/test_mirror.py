@@ -43,6 +43,7 @@ from .images import (
     push_multiplatform,
     rebuild_image,
     skopeo,
+    write_image_layout,
 )
 
 ACCEPT = {"Accept": oci_client.MANIFEST_ACCEPT}
@@ -575,7 +576,7 @@ def test_doctor_explains_each_docker(
         timeout=60,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert f"{daemon.version} reachable at DOCKER_HOST={daemon.host}" in result.stdout
+    assert f"{daemon.version} reachable at {daemon.host} (DOCKER_HOST)" in result.stdout
     assert expected in result.stdout
     assert "✗" not in result.stdout
 
@@ -597,8 +598,10 @@ def test_doctor_fails_without_docker_and_on_a_busy_port(tmp_path: Path) -> None:
             timeout=60,
         )
     assert result.returncode == 1
-    assert f"✗ Docker is unreachable at DOCKER_HOST=unix://{tmp_path}/no.sock" in result.stdout
-    assert f"✗ listen address 127.0.0.1:{port}: already in use" in result.stdout
+    assert (
+        f"✗ Docker is unreachable at unix://{tmp_path}/no.sock (DOCKER_HOST): No such file" in result.stdout
+    )
+    assert f"✗ cannot listen on 127.0.0.1:{port}: the port is already in use" in result.stdout
     assert "✓ cache dir" in result.stdout
 
 
@@ -737,7 +740,7 @@ def test_cache_max_size_keeps_what_a_pull_is_fetching(
         answer = oci_client.request(f"{registry.url}/v2/in-use-a/blobs/{blob['digest']}")
         assert answer.status == 200
         assert f"sha256:{hashlib.sha256(answer.body).hexdigest()}" == blob["digest"]
-    assert "stays over the 6.3 MB limit" in registry.log_text()
+    assert "stays over the 6 MiB limit" in registry.log_text()
     assert "evicted docker.io" not in registry.log_text()
 
 
@@ -751,6 +754,10 @@ def test_status_page_in_a_browser(
     registry = registry_under_test(docker26, extra_args=["--cache-max-size", "1GiB"])
     oci_client.pull(registry.url, "shown-on-status", "1")
     oci_client.request(f"{registry.url}/v2/not-in-docker/manifests/1")
+    layout = write_image_layout(tmp_path / "layout", layer_sizes=(1 * MiB,), seed="status-pushed")
+    skopeo(
+        "copy", "--dest-tls-verify=false", f"oci:{layout.layout}:1", f"docker://{registry.addr}/pushed-app:1"
+    )
     browser = [
         chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -760,8 +767,16 @@ def test_status_page_in_a_browser(
         [*browser, "--dump-dom", f"{registry.url}/"], capture_output=True, text=True, timeout=120
     ).stdout
     assert "docker.io/library/shown-on-status" in dom
-    assert "of 1.07 GB limit" in dom
+    assert "of 1 GiB limit" in dom
     assert '<span class="tag">1</span>' in dom  # the tag, rendered by the page's script
+    # Docker's state, pushed images told from Docker's, and who pulled what.
+    assert f"Docker Engine {docker26.version}" in dom
+    assert '<span class="badge pushed">pushed</span>' in dom
+    assert '<span class="badge docker">from Docker</span>' in dom
+    assert "1 pushed, 1 from Docker" in dom
+    pulls = dom[dom.index("Recent pulls") : dom.index("Cached images")]
+    assert "<code>127.0.0.1</code>" in pulls and "shown-on-status:1" in pulls
+    assert '<span class="badge cold">cold</span>' in pulls
     ARTIFACTS.mkdir(exist_ok=True)
     screenshot = ARTIFACTS / "status-page.png"
     subprocess.run(

@@ -1,0 +1,97 @@
+"""How far a pull through Docker or an export from it has got: a log line every few seconds (bytes of the
+expected size, rate, time left) and the figures the status page draws as a progress bar, so a multi-GB
+image never looks stuck."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import units
+
+log = logging.getLogger(__name__)
+
+INTERVAL = 5.0
+
+
+@dataclass
+class Transfer:
+    """One pull or export running now; `expected` is 0 while unknown."""
+
+    kind: str  # "pull" or "export"
+    ref: str
+    expected: int = 0
+    received: int = 0
+    # Reads the count where it is kept (an export's stream reader); `received` when None.
+    counter: Callable[[], int] | None = None
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def done(self) -> int:
+        return self.counter() if self.counter is not None else self.received
+
+    def line(self) -> str:
+        elapsed, done = time.monotonic() - self.started, self.done
+        # Not "exporting X": log readers (and tests) count those lines as exports started.
+        what = f"pull of {self.ref} through Docker" if self.kind == "pull" else f"export of {self.ref}"
+        if done == 0:
+            waiting = "for Docker's first byte" if self.kind == "export" else "for the upstream"
+            return f"{what}: waiting {waiting}, {units.duration(elapsed)} so far"
+        of = f" of {'~' if self.kind == 'export' else ''}{units.size(self.expected)}" if self.expected else ""
+        text = f"{what}: {units.size(done)}{of}, {units.rate(done, elapsed)}"
+        if self.expected > done and elapsed > 0:
+            text += f", about {units.duration((self.expected - done) * elapsed / done)} left"
+        return f"{text} ({units.duration(elapsed)} so far)"
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "ref": self.ref,
+            "seconds": time.monotonic() - self.started,
+            "bytes": self.done,
+            "expected_bytes": self.expected,
+        }
+
+
+@contextlib.asynccontextmanager
+async def logged(transfer: Transfer, interval: float | None = None) -> AsyncIterator[Transfer]:
+    """Logs `transfer.line()` every `interval` seconds (INTERVAL by default) while the block runs."""
+
+    async def report() -> None:
+        while True:
+            await asyncio.sleep(INTERVAL if interval is None else interval)
+            log.info("%s", transfer.line())
+
+    task = asyncio.ensure_future(report())
+    try:
+        yield transfer
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+class PullEvents:
+    """Reads dockerd's pull progress stream (per-layer JSON events) into a Transfer's byte counts."""
+
+    def __init__(self, transfer: Transfer) -> None:
+        self.transfer = transfer
+        self.layers: dict[str, tuple[int, int]] = {}
+        self.done_layers: set[str] = set()
+
+    def update(self, event: dict[str, Any]) -> None:
+        layer, status = event.get("id"), event.get("status", "")
+        if layer and status in ("Pull complete", "Already exists"):
+            self.done_layers.add(layer)
+            total = self.layers.get(layer, (0, 0))[1]
+            self.layers[layer] = (total, total)
+        detail = event.get("progressDetail") or {}
+        if layer and status == "Downloading" and detail.get("total"):
+            self.layers[layer] = (int(detail.get("current", 0)), int(detail["total"]))
+        self.transfer.received = sum(current for current, _ in self.layers.values())
+        self.transfer.expected = sum(total for _, total in self.layers.values())
