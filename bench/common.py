@@ -14,6 +14,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+try:
+    import k3d_registry_dockerd  # noqa: F401  (what the benchmarks run; tests.world needs it too)
+except ImportError as missing:
+    sys.exit(
+        f"bench: {missing.name} is not installed for {sys.executable}: run `pip install .` in the checkout "
+        "first, or use .venv/bin/python, which ./scripts/test sets up"
+    )
+
 from tests.world.daemons import VARIANTS, sweep_stale_dirs
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -32,9 +40,11 @@ def _terminate(signum: int, _frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def begin() -> None:
+def begin(*, needs_root: bool = True) -> None:
     """SIGTERM unwinds like Ctrl-C, so the `finally` that stops the daemons runs; what a killed run left
-    behind goes first."""
+    behind goes first. Without root (private dockerds need it) the run ends with one line."""
+    if needs_root and os.geteuid() != 0:
+        sys.exit("bench: the benchmarks start private dockerds, which need root: run this as root")
     signal.signal(signal.SIGTERM, _terminate)
     for path in sweep_stale_dirs():
         log(f"removed {path}, left behind by a killed run")

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.size_mb < 1 or args.repeat < 1:
         parser.error("--size-mb and --repeat must be >= 1")
-    begin()
+    begin(needs_root=False)
     # Incompressible and the same every time; nothing here depends on the content.
     chunk = os.urandom(MiB)
     grow: list[float] = []

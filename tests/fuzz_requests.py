@@ -1050,6 +1050,7 @@ _CACHE_LAYOUT = [
     r"blobs/sha256",
     r"blobs/sha256/[0-9a-f]{2}",
     r"blobs/sha256/(?P<prefix>[0-9a-f]{2})/(?P=prefix)[0-9a-f]{62}",
+    r"lock",
     r"repositories",
     r"repositories/[0-9a-f]{64}\.json",
     r"tmp",

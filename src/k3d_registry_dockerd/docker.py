@@ -96,6 +96,11 @@ _NOT_FOUND_MARKERS = ("not found", "manifest unknown", "name unknown", "does not
 _SHUTDOWN_MARKERS = ("client connection is closing", "context canceled")
 
 
+def shutting_down(message: str) -> bool:
+    """Whether Docker's error says it cancelled the call because it is stopping."""
+    return any(marker in message.lower() for marker in _SHUTDOWN_MARKERS)
+
+
 def classify_pull_error(message: str) -> type[Exception]:
     """Maps Docker's pull error text to what the client should hear.
 
@@ -103,7 +108,7 @@ def classify_pull_error(message: str) -> type[Exception]:
     first: a challenge lets the cluster retry with its pull secret, and a 404 follows if that fails too.
     """
     text = message.lower()
-    if any(marker in text for marker in _SHUTDOWN_MARKERS):
+    if shutting_down(text):
         return DockerUnavailable
     if any(marker in text for marker in _AUTH_MARKERS):
         return PullDenied
@@ -298,7 +303,11 @@ class DockerClient:
             async with client._query(f"images/{ref}/get", params=params, timeout=None) as response:
                 yield response.content
         except DockerError as exc:
-            if exc.status == _CONNECTION_ERROR_STATUS:
+            # A daemon shutting down cancels the save it was asked for: that is Docker going away.
+            if (
+                exc.status == _CONNECTION_ERROR_STATUS
+                or classify_pull_error(exc.message) is DockerUnavailable
+            ):
                 raise self._lost(exc) from exc
             raise DockerFailed(f"saving {ref}: {exc.message}") from exc
 

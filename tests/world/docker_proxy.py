@@ -8,6 +8,9 @@ loop of its own in a thread). The body of ``GET /images/{name}/get`` can be dama
 - ``short``: the chunked body ends cleanly after N bytes (a well-formed HTTP response, a truncated tar);
 - ``flip``: one byte is inverted (a bit-rotten or tampered blob).
 
+Or slowed down: with ``save_rate`` set, save bodies pass at that many bytes per second (a big image
+exporting from a busy daemon).
+
 N defaults to the middle of the data of the ``nth`` regular tar member of at least ``min_member`` bytes (a
 layer, well past any tar header); the proxy follows the tar headers as the bytes pass, so it knows which
 member it damaged (`SaveRecord.member`).
@@ -155,6 +158,7 @@ class DockerProxy:
         self.socket = self.root / "proxy.sock"
         self.host = f"unix://{self.socket}"
         self.fault: SaveFault | None = None
+        self.save_rate: float | None = None
         self.saves: list[SaveRecord] = []
         self.requests: list[str] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -252,7 +256,11 @@ class DockerProxy:
         await response.prepare(request)
         member: TarMember | None = None
         hasher = hashlib.sha256()
+        began = asyncio.get_running_loop().time()
         async for raw in upstream.content.iter_any():
+            if self.save_rate:
+                due = began + record.bytes_sent / self.save_rate
+                await asyncio.sleep(max(0.0, due - asyncio.get_running_loop().time()))
             chunk = bytearray(raw)
             start = walker.position
             walker.feed(chunk)

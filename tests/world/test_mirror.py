@@ -8,6 +8,7 @@ is unreachable from this machine) or the registry's own access log shows the blo
 from __future__ import annotations
 
 import base64
+import datetime
 import hashlib
 import http.client
 import json
@@ -191,6 +192,9 @@ def test_private_upstream_challenge_and_credentialed_pull(
     assert challenge.status == 401
     assert challenge.headers["www-authenticate"] == f'Basic realm="{upstream_auth.addr}"'
     assert challenge.json()["errors"][0]["code"] == "UNAUTHORIZED"
+    # The anonymous first try and its challenge are the normal handshake: no warning, no "recent problem".
+    assert " WARNING " not in registry.log_text()
+    assert oci_client.request(f"{registry.url}/status.json").json()["problems"] == []
 
     bad = "Basic " + base64.b64encode(b"puller:wrong").decode()
     refused = oci_client.request(url, headers={**ACCEPT, "Authorization": bad})
@@ -649,6 +653,10 @@ def test_json_logs(docker26: Dockerd, registry_under_test: RegistryFactory) -> N
     pulled = oci_client.pull(registry.url, "json-logs", "1")
     entries = [json.loads(line) for line in registry.log_text().splitlines() if line.startswith("{")]
     assert {"time", "level", "logger", "message"} <= set(entries[0])
+    # ISO 8601 with the offset, as log collectors parse it.
+    logged_at = datetime.datetime.fromisoformat(entries[0]["time"])
+    assert logged_at.tzinfo is not None
+    assert abs(logged_at.timestamp() - time.time()) < 600
     access = [e["message"] for e in entries if e["logger"] == "aiohttp.access"]
     layer = pulled.manifest["layers"][0]
     assert any(f'/blobs/{layer["digest"]} HTTP/1.1" 200 {layer["size"]} ' in message for message in access)
@@ -681,6 +689,8 @@ def test_cache_ls_verify_prune(docker26: Dockerd, registry_under_test: RegistryF
     assert listing.returncode == 0, listing.stderr
     assert "docker.io/library/cached-app" in listing.stdout
     assert pulled.digest[:19] in listing.stdout
+    (row,) = [line for line in listing.stdout.splitlines() if "cached-app" in line]
+    assert re.search(r" [0-9.]+ MiB +docker ", row), row
 
     layer = pulled.manifest["layers"][0]["digest"].removeprefix("sha256:")
     blob = registry.cache_dir / "blobs" / "sha256" / layer[:2] / layer
