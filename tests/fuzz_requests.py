@@ -917,6 +917,8 @@ def _upstream_failure(request: Request, answer: Answer) -> bool:
     query = urllib.parse.parse_qs(request.path.partition("?")[2])
     if not query.get("ns", [""])[0] or answer.status not in (502, 503):
         return False
+    if request.method == "HEAD":  # the same answer, without its body
+        return answer.headers.get("content-type", "").startswith("application/json")
     try:
         errors = json.loads(answer.body)["errors"]
     except (ValueError, KeyError, TypeError):
