@@ -426,6 +426,17 @@ def plan_manifests(
     return plan
 
 
+def index_child(raw: bytes | None, digest: str) -> dict[str, Any] | None:
+    """The descriptor an index (its stored bytes) has for `digest`; None when it lists no such child."""
+    try:
+        children = json.loads(raw or b"").get("manifests")
+    except (ValueError, AttributeError):
+        return None
+    if not isinstance(children, list):
+        return None
+    return next((c for c in children if isinstance(c, dict) and c.get("digest") == digest), None)
+
+
 def platform_text(platform: dict[str, Any] | None) -> str:
     if not platform:
         return "unknown"

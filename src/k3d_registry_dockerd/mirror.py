@@ -30,11 +30,15 @@ from .docker import (
 )
 from .errors import RegistryError
 from .export import (
+    INDEX_TYPES,
     ExportError,
     ExportPlan,
     IncompleteImage,
+    Platform,
     ThreadedStream,
+    index_child,
     plan_manifests,
+    platform_text,
     read_save_stream,
     select_root,
 )
@@ -370,12 +374,35 @@ class Mirror:
         previous = record.tags.get(tag) if record else None
         return previous.pulled_at if previous and previous.image_id == image_id else None
 
+    def _foreign_child(self, repo: Repository, digest: str, platform: Platform) -> str | None:
+        """The platform of `digest` when an index cached for the repository lists it for another platform
+        than Docker's own."""
+        record = self.store.record(repo.docker_name)
+        for index, entry in record.manifests.items() if record else ():
+            if entry.media_type in INDEX_TYPES and digest in entry.references:
+                child = index_child(self.store.read_blob(index), digest)
+                if child is not None and not platform.matches(child.get("platform")):
+                    return platform_text(child.get("platform"))
+        return None
+
     async def _export_digest(self, repo: Repository, digest: Digest, credentials: Credentials | None) -> bool:
         """Finds a digest in Docker's export of that image; False (logged) when it cannot be served."""
         text, ref = str(digest), repo.docker_ref(str(digest))
         image = await self._inspect(ref)
         info = await self.docker.daemon()
         if image is None and repo.remote and info.containerd_store:
+            foreign = self._foreign_child(repo, text, info.platform)
+            if foreign is not None:
+                # containerd 2 reads every platform's manifest and config of an index it pulls: pulling a
+                # foreign platform's whole image through Docker for that would be wasted.
+                log.info(
+                    "manifest %s: the %s image of an index Docker holds for %s only; the client gets it "
+                    "from the upstream",
+                    repo.familiar(text),
+                    foreign,
+                    info.platform,
+                )
+                return False
             try:
                 await self._pull(repo, ref, credentials)
             except RegistryError as exc:
@@ -531,7 +558,12 @@ class Mirror:
         log.info("exporting %s from Docker (export #%d)", ref, self.exports)
         loop = asyncio.get_running_loop()
         try:
-            async with self.docker.save(ref, info.platform) as stream:
+            # The containerd image store exports an image's own target (the upstream's index, with the
+            # blobs Docker holds) only when asked for the whole image: with `platform` it writes just that
+            # platform's manifest, and the index and its digest would be lost. The classic store keeps
+            # one platform of an image anyway.
+            platform = None if info.containerd_store else info.platform
+            async with self.docker.save(ref, platform) as stream:
                 reader = ThreadedStream(stream, loop)
                 export.transfer.counter = lambda: reader.bytes_read
                 try:

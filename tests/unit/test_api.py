@@ -586,6 +586,27 @@ async def test_containerd_store_index(client: TestClient, docker: FakeDocker) ->
     await error_of(await client.get(f"/v2/multi/manifests/{arm64.digest}"), 404, "MANIFEST_UNKNOWN")
 
 
+async def test_a_foreign_child_is_not_pulled_through_docker(client: TestClient, docker: FakeDocker) -> None:
+    """containerd 2 reads every platform's manifest of an index: on the containerd store the registry must
+    not make Docker pull a whole foreign image for that; the client gets it from the upstream."""
+    docker.containerd_store = True
+    amd64 = make_image("pt-amd64")
+    arm64 = make_image("pt-arm64", arch="arm64")
+    index = make_index(
+        [(amd64, {"os": "linux", "architecture": "amd64"}), (arm64, {"os": "linux", "architecture": "arm64"})]
+    )
+    name = "docker.io/library/multi:1"
+    save = oci_layout({**amd64.blobs(), digest_of(index): index}, [descriptor(index, OCI_INDEX, name=name)])
+    docker.upstream[name] = LocalImage(digest_of(index), save)
+    docker.upstream[f"docker.io/library/multi@{arm64.digest}"] = LocalImage(arm64.digest, save)
+
+    assert (await client.get("/v2/library/multi/manifests/1?ns=docker.io")).status == 200
+    await error_of(
+        await client.get(f"/v2/library/multi/manifests/{arm64.digest}?ns=docker.io"), 404, "MANIFEST_UNKNOWN"
+    )
+    assert docker.pulls == [(name, None)]
+
+
 async def test_index_without_the_platform_is_404(client: TestClient, docker: FakeDocker) -> None:
     docker.platform = Platform("linux", "arm64", "v8")
     amd64 = make_image("only-amd64")

@@ -17,6 +17,8 @@ from typing import NoReturn, TypeVar
 import pytest
 
 from .daemons import (
+    DOCKER26_USR,
+    DOCKER28_USR,
     Containerd,
     Dockerd,
     Podman,
@@ -33,6 +35,8 @@ REQUIRED = os.environ.get("K3RD_WORLD_REQUIRED", "") not in ("", "0")
 UPSTREAM_USER = "puller"
 UPSTREAM_PASSWORD = "s3cret-pw"
 
+# The containerd of each test node: trixie's 1.7, sid's 2.1.
+NODES = {"1.7": DOCKER26_USR, "2.1": DOCKER28_USR}
 _unavailable: dict[str, str] = {}
 _timings: dict[str, float] = {}
 _started: list[Dockerd | UpstreamRegistry | Containerd | Podman] = []
@@ -93,6 +97,9 @@ def _service(
         _started.append(service)
         yield service
     finally:
+        # A parametrized fixture's instance ends before the session does: not to be restarted.
+        if service in _started:
+            _started.remove(service)
         service.close()
 
 
@@ -122,6 +129,18 @@ def docker26() -> Iterator[Dockerd]:
 def docker26_containerd() -> Iterator[Dockerd]:
     """Docker 26.1 with the containerd image store (containerd-snapshotter feature)."""
     yield from _dockerd("docker26-containerd")
+
+
+@pytest.fixture(scope="session")
+def docker28() -> Iterator[Dockerd]:
+    """Docker 28.5 (API 1.51, image save takes `platform`) on containerd 2.1, classic graph-driver store."""
+    yield from _dockerd("docker28")
+
+
+@pytest.fixture(scope="session")
+def docker28_containerd() -> Iterator[Dockerd]:
+    """Docker 28.5 with the containerd image store: what a fresh Docker 29 installation runs."""
+    yield from _dockerd("docker28-containerd")
 
 
 @pytest.fixture(scope="session")
@@ -169,13 +188,15 @@ def upstream_auth() -> Iterator[UpstreamRegistry]:
     yield from _upstream("upstream_auth", user=UPSTREAM_USER, password=UPSTREAM_PASSWORD)
 
 
-@pytest.fixture(scope="session")
-def node() -> Iterator[Containerd]:
-    """A containerd 1.7 'k3s node'. Emptied (images, content, mirrors) before each test using it."""
+@pytest.fixture(scope="session", params=sorted(NODES))
+def node(request: pytest.FixtureRequest) -> Iterator[Containerd]:
+    """A 'k3s node': containerd 1.7 (k3s up to 1.32) and 2.1 (k3s 1.33+, kind), each test using it runs
+    on both. Emptied (images, content, mirrors) before each test using it."""
+    usr = NODES[request.param]
     yield from _service(
-        "node (containerd 1.7)",
-        Containerd.check_available,
-        Containerd,
+        f"node (containerd {request.param})",
+        lambda: Containerd.check_available(usr),
+        lambda: Containerd(usr=usr),
         lambda ctd: f"node (containerd {ctd.version})",
     )
 

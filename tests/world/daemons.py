@@ -45,6 +45,8 @@ BOOKWORM_USR = WORLD_DIR / "bookworm" / "usr"
 """Debian 12's Docker 20.10, containerd 1.6, runc, Podman and distribution's registry."""
 DOCKER26_USR = WORLD_DIR / "docker26" / "usr"
 """Debian trixie's Docker 26.1 and containerd 1.7."""
+DOCKER28_USR = WORLD_DIR / "docker28" / "usr"
+"""Debian sid's Docker 28.5 (API 1.51) and containerd 2.1."""
 RUNC_PATH = (BOOKWORM_USR / "sbin", BOOKWORM_USR / "bin")
 """Last on every daemon's PATH: bookworm's runc (newer suites' runc needs a newer glibc), tini, shims."""
 DOCKER_CLI = DOCKER26_USR / "bin" / "docker"
@@ -451,6 +453,24 @@ VARIANTS: dict[str, DockerdVariant] = {
         DOCKER26_USR / "sbin" / "dockerd",
         DOCKER26_USR / "bin" / "containerd",
         (DOCKER26_USR / "bin", DOCKER26_USR / "sbin", *RUNC_PATH),
+        {"features": {"containerd-snapshotter": True}},
+        containerd_store=True,
+    ),
+    # Engine 28.5 (API 1.51: image save exports one platform), classic store.
+    "docker28": DockerdVariant(
+        "docker28",
+        DOCKER28_USR / "sbin" / "dockerd",
+        DOCKER28_USR / "bin" / "containerd",
+        (DOCKER28_USR / "bin", DOCKER28_USR / "sbin", *RUNC_PATH),
+        {},
+        containerd_store=False,
+    ),
+    # Engine 28.5 with the containerd image store (on containerd 2.1): what a fresh Docker 29 runs.
+    "docker28-containerd": DockerdVariant(
+        "docker28-containerd",
+        DOCKER28_USR / "sbin" / "dockerd",
+        DOCKER28_USR / "bin" / "containerd",
+        (DOCKER28_USR / "bin", DOCKER28_USR / "sbin", *RUNC_PATH),
         {"features": {"containerd-snapshotter": True}},
         containerd_store=True,
     ),
@@ -946,15 +966,21 @@ class Podman(_SingleProcessService):
 
 
 class Containerd(_SingleProcessService):
-    """containerd 1.7 as a k3s node uses it (no CRI), pulled through ``ctr`` with a hosts dir.
+    """containerd as a k3s node uses it (no CRI), pulled through ``ctr`` with a hosts dir: 1.7 from
+    ``usr`` DOCKER26_USR, 2.1 from DOCKER28_USR.
 
     ``hosts_dir/_default/hosts.toml`` is exactly what k3s writes for ``mirrors: "*"``; pulls use
     ``ctr images pull --local`` by default, i.e. the client-side resolver and fetcher (the code path
-    CRI uses in containerd 1.7) rather than 1.7's transfer service.
+    CRI uses) rather than the transfer service.
     """
 
     def __init__(
-        self, root: Path | None = None, *, mirror: str | None = None, namespace: str = "k8s.io"
+        self,
+        root: Path | None = None,
+        *,
+        mirror: str | None = None,
+        namespace: str = "k8s.io",
+        usr: Path = DOCKER26_USR,
     ) -> None:
         self.root = root or make_temp_dir("node")
         self.namespace = namespace
@@ -962,8 +988,9 @@ class Containerd(_SingleProcessService):
         self.hosts_dir = self.root / "certs.d"
         self.log_path = self.root / "containerd.log"
         self.config_path = self.root / "config.toml"
-        self.binary = DOCKER26_USR / "bin" / "containerd"
-        self.ctr_binary = DOCKER26_USR / "bin" / "ctr"
+        self.usr = usr
+        self.binary = usr / "bin" / "containerd"
+        self.ctr_binary = usr / "bin" / "ctr"
         self.version = ""
         self.start_seconds: float | None = None
         self._proc: ManagedProcess | None = None
@@ -972,9 +999,9 @@ class Containerd(_SingleProcessService):
             self.set_mirror(mirror)
 
     @classmethod
-    def check_available(cls) -> None:
-        require_binary(DOCKER26_USR / "bin" / "containerd")
-        require_binary(DOCKER26_USR / "bin" / "ctr")
+    def check_available(cls, usr: Path = DOCKER26_USR) -> None:
+        require_binary(usr / "bin" / "containerd")
+        require_binary(usr / "bin" / "ctr")
 
     def set_mirror(
         self,
@@ -1011,12 +1038,12 @@ class Containerd(_SingleProcessService):
     def start(self, timeout: float = 30.0) -> Self:
         if self._proc and self._proc.running:
             return self
-        self.check_available()
+        self.check_available(self.usr)
         self.hosts_dir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(
             containerd_config(root=self.root / "root", state=self.root / "state", address=self.address)
         )
-        env = {**os.environ, "PATH": search_path(DOCKER26_USR / "bin", *RUNC_PATH)}
+        env = {**os.environ, "PATH": search_path(self.usr / "bin", *RUNC_PATH)}
         began = time.monotonic()
         self._proc = ManagedProcess(
             [self.binary, "--config", self.config_path],

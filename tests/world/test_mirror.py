@@ -50,6 +50,11 @@ from .images import (
 ACCEPT = {"Accept": oci_client.MANIFEST_ACCEPT}
 
 
+def node_name(node: Containerd) -> str:
+    """`c17`, `c21`: for names each node pulls afresh (the dockerds live through the whole session)."""
+    return "c" + "".join(node.version.split(".")[:2])
+
+
 def exports(registry: RegistryProcess) -> int:
     return len(re.findall(r"exporting \S+ from Docker", registry.log_text()))
 
@@ -144,7 +149,7 @@ def test_pull_through_upstream(
     registry_under_test: RegistryFactory,
 ) -> None:
     built = build_image(docker20, "pt-src:1", layers=2, size=2 * MiB, seed="pull-through")
-    pushed = push_image(docker20, built, upstream, "team/pulled", "v1")
+    pushed = push_image(docker20, built, upstream, f"team/pulled-{node_name(node)}", "v1")
     registry = registry_under_test(docker26)
     node.set_mirror(registry.addr)
     mark = upstream.log_mark()
@@ -153,7 +158,7 @@ def test_pull_through_upstream(
 
     # dockerd pulled it (it now lists it), the node got its layers from us, not from the upstream.
     assert docker26.image_id(pushed.ref)
-    pulled = oci_client.pull(registry.url, "team/pulled", "v1", ns=upstream.addr)
+    pulled = oci_client.pull(registry.url, pushed.repository, "v1", ns=upstream.addr)
     assert {layer["digest"] for layer in pulled.manifest["layers"]} <= served_blobs(registry)
     node_requests = [line for line in upstream.log_text().splitlines()[mark:] if "containerd/" in line]
     assert node_requests == []
@@ -183,10 +188,10 @@ def test_private_upstream_challenge_and_credentialed_pull(
     registry_under_test: RegistryFactory,
 ) -> None:
     built = build_image(docker20, "private-src:1", layers=1, size=1 * MiB, seed="private")
-    pushed = push_image(docker20, built, upstream_auth, "secret/app", "v1")
+    pushed = push_image(docker20, built, upstream_auth, f"secret/app-{node_name(node)}", "v1")
     registry = registry_under_test(docker26)
     node.set_mirror(registry.addr)
-    url = f"{registry.url}/v2/secret/app/manifests/v1?ns={upstream_auth.addr}"
+    url = f"{registry.url}/v2/{pushed.repository}/manifests/v1?ns={upstream_auth.addr}"
 
     challenge = oci_client.request(url, headers=ACCEPT)
     assert challenge.status == 401
@@ -207,7 +212,7 @@ def test_private_upstream_challenge_and_credentialed_pull(
     node_requests = [
         re.search(r'" (\d{3}) ', line).group(1)  # type: ignore[union-attr]
         for line in registry.log_text().splitlines()
-        if "aiohttp.access" in line and "/secret/app/manifests/v1" in line and "containerd/" in line
+        if "aiohttp.access" in line and f"/{pushed.repository}/manifests/v1" in line and "containerd/" in line
     ]
     assert node_requests == ["401", "403"]
 
@@ -328,37 +333,55 @@ def test_large_multilayer_image(
     assert pulled.bytes > 100 * MiB
 
 
+@pytest.mark.parametrize("variant", ["docker26_containerd", "docker28_containerd"])
 def test_containerd_store_serves_original_index_for_host_platform(
-    docker26_containerd: Dockerd,
+    variant: str,
+    request: pytest.FixtureRequest,
     upstream: UpstreamRegistry,
     node: Containerd,
     registry_under_test: RegistryFactory,
 ) -> None:
-    multi = push_multiplatform(upstream, "multi/arch", "1")
-    registry = registry_under_test(docker26_containerd)
+    """Docker 28.5 (API 1.51) exports with `platform` only the host's manifest: the registry must still
+    serve the upstream's index under the tag, and by its digest."""
+    docker: Dockerd = request.getfixturevalue(variant)
+    multi = push_multiplatform(upstream, f"multi/{variant}", "1")
+    registry = registry_under_test(docker)
     node.set_mirror(registry.addr)
+    name = f"multi/{variant}"
 
-    ctr_ok(node, f"{upstream.addr}/multi/arch:1")
+    ctr_ok(node, f"{upstream.addr}/{name}:1")
 
-    index = oci_client.request(f"{registry.url}/v2/multi/arch/manifests/1?ns={upstream.addr}", headers=ACCEPT)
+    url = f"{registry.url}/v2/{name}/manifests"
+    index = oci_client.request(f"{url}/1?ns={upstream.addr}", headers=ACCEPT)
     assert index.headers["docker-content-digest"] == multi.index_digest
+    assert f"sha256:{hashlib.sha256(index.body).hexdigest()}" == multi.index_digest  # the upstream's bytes
+    head = oci_client.request(f"{url}/1?ns={upstream.addr}", method="HEAD", headers=ACCEPT)
+    assert head.headers["docker-content-digest"] == multi.index_digest
+    pinned = oci_client.request(f"{url}/{multi.index_digest}?ns={upstream.addr}", headers=ACCEPT)
+    assert pinned.status == 200 and pinned.body == index.body
     amd64 = multi.manifests["linux/amd64"]
     assert set(amd64.layer_digests) <= served_blobs(registry)
 
     # Docker pulled only its own platform. In the registry's own namespace (no pulls) the arm64 child is
     # absent from the export: a 404, never a manifest whose blobs cannot be served.
-    docker26_containerd.docker("tag", f"{upstream.addr}/multi/arch:1", "multi-local:1")
+    docker.docker("tag", f"{upstream.addr}/{name}:1", f"multi-local-{variant.replace('_', '-')}:1")
     arm64 = multi.manifests["linux/arm64"]
-    local_index = oci_client.request(f"{registry.url}/v2/multi-local/manifests/1", headers=ACCEPT)
+    local = f"{registry.url}/v2/multi-local-{variant.replace('_', '-')}/manifests"
+    local_index = oci_client.request(f"{local}/1", headers=ACCEPT)
     assert local_index.headers["docker-content-digest"] == multi.index_digest
-    absent = oci_client.request(f"{registry.url}/v2/multi-local/manifests/{arm64.digest}", headers=ACCEPT)
+    absent = oci_client.request(f"{local}/{arm64.digest}", headers=ACCEPT)
     assert absent.status == 404
     assert absent.json()["errors"][0]["code"] == "MANIFEST_UNKNOWN"
 
-    # As a mirror (ns given) the containerd store can pull the missing child by digest, original bytes.
-    pulled = oci_client.pull(registry.url, "multi/arch", arm64.digest, ns=upstream.addr)
-    assert pulled.digest == arm64.digest
-    assert set(pulled.blobs) == {arm64.config_digest, *arm64.layer_digests}
+    # As a mirror, the foreign child is not pulled through Docker either (containerd 2 asks for every
+    # platform's manifest and config of an index): the client gets it from the upstream.
+    foreign = oci_client.request(f"{url}/{arm64.digest}?ns={upstream.addr}", headers=ACCEPT)
+    assert foreign.status == 404
+    assert f"@{arm64.digest}" not in "".join(re.findall(r"pulling \S+ through Docker", registry.log_text()))
+    # A digest Docker can serve is pulled through by digest: the host platform's manifest, original bytes.
+    pulled = oci_client.pull(registry.url, name, amd64.digest, ns=upstream.addr)
+    assert pulled.digest == amd64.digest
+    assert set(pulled.blobs) == {amd64.config_digest, *amd64.layer_digests}
 
 
 def test_classic_store_upstream_digest_falls_back(
