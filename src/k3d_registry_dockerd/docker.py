@@ -92,8 +92,9 @@ _AUTH_MARKERS = (
     "403 forbidden",
 )
 _NOT_FOUND_MARKERS = ("not found", "manifest unknown", "name unknown", "does not exist")
-# What a pull reports when dockerd shuts down under it (it cancels its own work).
-_SHUTDOWN_MARKERS = ("client connection is closing", "context canceled")
+# What a pull reports when dockerd shuts down under it: it cancels its own work, or (containerd image
+# store) the stream writing into its containerd's content store breaks.
+_SHUTDOWN_MARKERS = ("client connection is closing", "context canceled", "failed to send write")
 
 
 def shutting_down(message: str) -> bool:

@@ -47,6 +47,8 @@ from k3d_registry_dockerd.export import Platform
         ('Get "https://nosuch.example/v2/": dial tcp: lookup nosuch.example: no such host', PullFailed),
         ("", PullFailed),
         ("error creating lease: grpc: the client connection is closing: context canceled", DockerUnavailable),
+        # Docker 28.5's containerd image store, dockerd stopped mid-pull.
+        ("failed to copy: failed to send write: EOF", DockerUnavailable),
     ],
 )
 def test_classify_pull_error(message: str, kind: type[Exception]) -> None:

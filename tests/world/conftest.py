@@ -143,6 +143,14 @@ def docker28_containerd() -> Iterator[Dockerd]:
     yield from _dockerd("docker28-containerd")
 
 
+@pytest.fixture(scope="session", params=["docker26", "docker28", "docker28_containerd"])
+def docker(request: pytest.FixtureRequest) -> Dockerd:
+    """The Docker a test runs against, each test on all three: 26.1 and 28.5 with the classic store, and
+    28.5 with the containerd image store (a fresh Docker 29's default)."""
+    daemon: Dockerd = request.getfixturevalue(request.param)
+    return daemon
+
+
 @pytest.fixture(scope="session")
 def docker20() -> Iterator[Dockerd]:
     """Docker 20.10 (API 1.41): legacy `docker save` format."""

@@ -704,6 +704,15 @@ class Dockerd:
         """ID (sha256:…) of a local image; raises if absent."""
         return str(self.docker("image", "inspect", "--format", "{{.Id}}", ref).stdout.strip())
 
+    def id_of(self, *, manifest: str, config: str) -> str:
+        """The ID this daemon gives an image: its manifest's digest on the containerd store (the image's
+        target), its config's on the classic store."""
+        return manifest if self.variant.containerd_store else config
+
+    def layers(self, ref: str) -> list[str]:
+        """Diff IDs of a local image's layers: its content, the same on every daemon and store."""
+        return list(self.api_json(f"/images/{ref}/json")["RootFS"]["Layers"])
+
     def log_text(self) -> str:
         return self._dockerd.log_text() if self._dockerd else ""
 

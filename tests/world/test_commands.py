@@ -32,9 +32,9 @@ def cache(registry: RegistryProcess, *args: str) -> subprocess.CompletedProcess[
 
 
 def test_cache_commands_keep_off_a_running_registrys_dir(
-    docker26: Dockerd, registry_under_test: RegistryFactory
+    docker: Dockerd, registry_under_test: RegistryFactory
 ) -> None:
-    registry = registry_under_test(docker26)
+    registry = registry_under_test(docker)
     for action in (["ls"], ["verify"], ["prune", "--all"]):
         result = cache(registry, *action)
         assert result.returncode == 1
@@ -48,10 +48,10 @@ def test_cache_commands_keep_off_a_running_registrys_dir(
 
 
 def test_prune_keeps_pushed_images_unless_asked(
-    docker26: Dockerd, registry_under_test: RegistryFactory, tmp_path: Path
+    docker: Dockerd, registry_under_test: RegistryFactory, tmp_path: Path
 ) -> None:
-    build_image(docker26, "prune-exported:1", layers=1, size=1 * MiB, seed="prune-exported")
-    registry = registry_under_test(docker26, extra_args=["--no-load-pushed"])
+    build_image(docker, "prune-exported:1", layers=1, size=1 * MiB, seed="prune-exported")
+    registry = registry_under_test(docker, extra_args=["--no-load-pushed"])
     exported = oci_client.pull(registry.url, "prune-exported", "1")
     pushed = write_image_layout(tmp_path / "pushed", layer_sizes=(1 * MiB,), seed="prune-pushed")
     push_layout(pushed, registry, "team/pushed", "1")
@@ -89,12 +89,12 @@ def test_cache_ls_of_a_dir_that_does_not_exist(tmp_path: Path) -> None:
 
 
 def test_doctor_recognizes_the_running_registry(
-    docker26: Dockerd, registry_under_test: RegistryFactory, tmp_path: Path
+    docker: Dockerd, registry_under_test: RegistryFactory, tmp_path: Path
 ) -> None:
     port = free_port()
-    registry = registry_under_test(docker26, port=port, extra_args=["--addr", f"0.0.0.0:{port}"])
+    registry = registry_under_test(docker, port=port, extra_args=["--addr", f"0.0.0.0:{port}"])
     result = command(
-        "doctor", "--addr", f":{port}", "--cache-dir", str(registry.cache_dir), docker_host=docker26.host
+        "doctor", "--addr", f":{port}", "--cache-dir", str(registry.cache_dir), docker_host=docker.host
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"✓ listen address :{port}: this registry (0.1.0) serves there" in result.stdout
@@ -107,7 +107,7 @@ def test_doctor_recognizes_the_running_registry(
         f"127.0.0.1:{free_port()}",
         "--cache-dir",
         str(tmp_path),
-        docker_host=docker26.host,
+        docker_host=docker.host,
     )
     assert loopback.returncode == 0
     assert "is loopback only: k3d and kind nodes cannot reach it" in loopback.stdout

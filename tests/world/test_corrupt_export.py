@@ -31,7 +31,7 @@ from .docker_proxy import DockerProxy, FaultKind, SaveFault, SaveRecord
 from .images import MiB, build_image
 
 ACCEPT = {"Accept": oci_client.MANIFEST_ACCEPT}
-VARIANTS = ["docker26", "docker20"]
+VARIANTS = ["docker26", "docker28", "docker28_containerd", "docker20"]
 # The client must get its answer well within this; a hang fails the test instead of blocking it.
 ANSWER_TIMEOUT = 120
 

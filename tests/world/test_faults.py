@@ -283,17 +283,17 @@ TRIALS = 24
 
 
 def test_sigkill_at_random_points_of_exports_and_uploads(
-    docker26: Dockerd, registry_under_test: RegistryFactory
+    docker: Dockerd, registry_under_test: RegistryFactory
 ) -> None:
     seed = int(os.environ.get("K3RD_FAULT_SEED") or random.SystemRandom().randrange(1 << 32))
     print(f"seed {seed} (rerun with K3RD_FAULT_SEED={seed})")
     rng = random.Random(seed)
     images = []
     for label, size, layers in (("a", 20, 2), ("b", 36, 3), ("c", 52, 4)):
-        build_image(docker26, f"crash-{label}:1", layers=layers, size=size * MiB, seed=f"crash-{label}")
+        build_image(docker, f"crash-{label}:1", layers=layers, size=size * MiB, seed=f"crash-{label}")
         images.append(MirrorImage(f"library/crash-{label}", "1"))
     # One cache dir for all trials: the registry keeps it across kill() and start().
-    registry = registry_under_test(docker26, extra_args=["--no-load-pushed"])
+    registry = registry_under_test(docker, extra_args=["--no-load-pushed"])
     cache = registry.cache_dir
 
     # How long a cold export and a push take here, so the kills land before, inside and after them.
@@ -398,7 +398,7 @@ def test_sigkill_at_random_points_of_exports_and_uploads(
 
 @pytest.mark.parametrize("how", ["stop", "kill"])
 def test_dockerd_going_away_mid_export_answers_every_waiter(
-    how: str, docker26: Dockerd, registry_under_test: RegistryFactory
+    how: str, docker: Dockerd, registry_under_test: RegistryFactory
 ) -> None:
     """`stop` is SIGTERM: dockerd may finish the save it is streaming before it exits, and then the
     waiters rightly get the image; or it ends the save early, with an error answer or by closing its
@@ -406,8 +406,8 @@ def test_dockerd_going_away_mid_export_answers_every_waiter(
     the connection drops (503). `kill` cuts the stream: every waiter gets 503. Either way all waiters get
     the same answer promptly, and nothing half-written stays."""
     name = f"gone-{how}"
-    build_image(docker26, f"{name}:1", layers=4, size=200 * MiB, seed=name)
-    registry = registry_under_test(docker26)
+    build_image(docker, f"{name}:1", layers=4, size=200 * MiB, seed=name)
+    registry = registry_under_test(docker)
     url = f"{registry.url}/v2/{name}/manifests/1"
     try:
         with ThreadPoolExecutor(3) as pool:
@@ -416,15 +416,15 @@ def test_dockerd_going_away_mid_export_answers_every_waiter(
             # Each waiter counts a cache miss right before it joins the export.
             wait_until(lambda: cache_misses(registry) == 3, timeout=PROMPT, what="three waiters")
             if how == "stop":
-                docker26.stop()
+                docker.stop()
             else:
-                docker26.kill()
+                docker.kill()
             responses = [waiter.result(timeout=PROMPT) for waiter in waiters]
         log = registry.log_text()
         assert temp_files(registry.cache_dir) == [], "the interrupted export left temp files"
         verify_blobs(registry.cache_dir)
     finally:
-        docker26.start()
+        docker.start()
     assert log.count(f"exporting docker.io/library/{name}:1") == 1, "the waiters did not share one export"
     statuses = {response.status for response in responses}
     trouble = [line for line in log.splitlines() if " ERROR " in line or " WARNING " in line]
@@ -439,7 +439,7 @@ def test_dockerd_going_away_mid_export_answers_every_waiter(
 @pytest.mark.parametrize("how", ["stop", "kill"])
 def test_dockerd_going_away_mid_pull_answers_503_and_recovers(
     how: str,
-    docker26: Dockerd,
+    docker: Dockerd,
     docker20: Dockerd,
     upstream: UpstreamRegistry,
     registry_under_test: RegistryFactory,
@@ -449,45 +449,45 @@ def test_dockerd_going_away_mid_pull_answers_503_and_recovers(
     in the progress stream) or killed (the stream breaks)."""
     built = build_image(docker20, f"pull-{how}-src:1", layers=4, size=100 * MiB, seed=f"pull-{how}")
     pushed = push_image(docker20, built, upstream, f"team/pull-{how}", "v1")
-    registry = registry_under_test(docker26)
+    registry = registry_under_test(docker)
     url = f"{registry.url}/v2/team/pull-{how}/manifests/v1?ns={upstream.addr}"
     try:
         with ThreadPoolExecutor(1) as pool:
             waiter = pool.submit(oci_client.request, url, headers=ACCEPT, timeout=120)
             wait_for_log(registry, re.escape(f"pulling {pushed.ref} through Docker"))
             if how == "stop":
-                docker26.stop()
+                docker.stop()
             else:
-                docker26.kill()
+                docker.kill()
             response = waiter.result(timeout=PROMPT)
         log = registry.log_text()
     finally:
-        docker26.start()
+        docker.start()
     assert "exporting" not in log, "the pull was not interrupted: make the image bigger"
     assert temp_files(registry.cache_dir) == []
     # Docker is back: the same pull succeeds.
     pulled = oci_client.pull(registry.url, f"team/pull-{how}", "v1", ns=upstream.addr)
     assert len(pulled.manifest["layers"]) == built.layer_count
-    assert docker26.image_id(pushed.ref)
+    assert docker.image_id(pushed.ref)
     # What the interrupted request was told.
     error = error_of(response)
     assert (response.status, error["code"]) == (503, "UNAVAILABLE"), (response.status, error)
-    assert docker26.host in error["message"], error
+    assert docker.host in error["message"], error
 
 
 # --------------------------------------------------------------------------- 3. dockerd down
 
 
 def test_docker_down_serves_cached_tags_and_digests_and_readyz_says_why(
-    docker26: Dockerd, registry_under_test: RegistryFactory
+    docker: Dockerd, registry_under_test: RegistryFactory
 ) -> None:
-    build_image(docker26, "down-cached:1", layers=2, size=2 * MiB, seed="down-cached")
-    registry = registry_under_test(docker26)
+    build_image(docker, "down-cached:1", layers=2, size=2 * MiB, seed="down-cached")
+    registry = registry_under_test(docker)
     own = oci_client.pull(registry.url, "down-cached", "1")
     mirrored = oci_client.pull(registry.url, "library/down-cached", "1", ns="docker.io")
     assert oci_client.request(f"{registry.url}/readyz").status == 200
     mark = len(registry.log_text())
-    docker26.stop()
+    docker.stop()
     try:
         assert oci_client.pull(registry.url, "down-cached", "1").digest == own.digest
         assert oci_client.pull(registry.url, "library/down-cached", "1", ns="docker.io").digest == own.digest
@@ -508,10 +508,10 @@ def test_docker_down_serves_cached_tags_and_digests_and_readyz_says_why(
         assert ready.status == 503
         problems = ready.json()["problems"]
         assert set(problems) == {"docker"}, problems
-        assert docker26.host in problems["docker"]
+        assert docker.host in problems["docker"]
         assert oci_client.request(f"{registry.url}/healthz").status == 200
     finally:
-        docker26.start()
+        docker.start()
     wait_until(
         lambda: oci_client.request(f"{registry.url}/readyz").status == 200, timeout=PROMPT, what="readyz 200"
     )
@@ -548,13 +548,13 @@ def free_bytes(path: Path) -> int:
 
 
 def test_full_cache_filesystem_fails_cleanly_and_recovers(
-    docker26: Dockerd, registry_under_test: RegistryFactory
+    docker: Dockerd, registry_under_test: RegistryFactory
 ) -> None:
-    build_image(docker26, "fits:1", layers=1, size=4 * MiB, seed="fits")
-    build_image(docker26, "too-big:1", layers=3, size=60 * MiB, seed="too-big")
+    build_image(docker, "fits:1", layers=1, size=4 * MiB, seed="fits")
+    build_image(docker, "too-big:1", layers=3, size=60 * MiB, seed="too-big")
     with tmpfs(128) as disk:
         cache = disk / "cache"
-        registry = registry_under_test(docker26, cache_dir=cache, extra_args=["--no-load-pushed"])
+        registry = registry_under_test(docker, cache_dir=cache, extra_args=["--no-load-pushed"])
         try:
             small = oci_client.pull(registry.url, "fits", "1")
             # Leave 30 MiB: the small image keeps serving, the big one cannot be stored.
@@ -683,10 +683,10 @@ def vanish_mid_patch(registry: RegistryProcess, location: str, data: bytes, sent
 
 
 def test_client_disconnects_mid_blob_and_mid_upload(
-    docker26: Dockerd, registry_under_test: RegistryFactory
+    docker: Dockerd, registry_under_test: RegistryFactory
 ) -> None:
-    build_image(docker26, "vanishing:1", layers=1, size=64 * MiB, seed="vanishing", busybox=False)
-    registry = registry_under_test(docker26)
+    build_image(docker, "vanishing:1", layers=1, size=64 * MiB, seed="vanishing", busybox=False)
+    registry = registry_under_test(docker)
     pulled = oci_client.pull(registry.url, "vanishing", "1")
     layer = max(pulled.blobs, key=lambda digest: pulled.blobs[digest])
     assert registry.pid is not None
@@ -736,10 +736,10 @@ def test_client_disconnects_mid_blob_and_mid_upload(
 
 
 def test_slowloris_connections_do_not_block_other_clients(
-    docker26: Dockerd, registry_under_test: RegistryFactory
+    docker: Dockerd, registry_under_test: RegistryFactory
 ) -> None:
-    build_image(docker26, "patient:1", layers=1, size=2 * MiB, seed="patient")
-    registry = registry_under_test(docker26)
+    build_image(docker, "patient:1", layers=1, size=2 * MiB, seed="patient")
+    registry = registry_under_test(docker)
     pulled = oci_client.pull(registry.url, "patient", "1")
     layer = next(iter(pulled.manifest["layers"]))["digest"]
     assert registry.pid is not None
@@ -820,9 +820,9 @@ def test_slowloris_connections_do_not_block_other_clients(
     ],
 )
 def test_oversized_and_malformed_requests_get_4xx(
-    request_head: str, docker26: Dockerd, registry_under_test: RegistryFactory
+    request_head: str, docker: Dockerd, registry_under_test: RegistryFactory
 ) -> None:
-    registry = registry_under_test(docker26)
+    registry = registry_under_test(docker)
     upload = call(registry, "POST", "/v2/limits/blobs/uploads/").headers["location"]
     raw = request_head.format(
         addr=registry.addr,
@@ -841,10 +841,10 @@ def test_oversized_and_malformed_requests_get_4xx(
 
 
 def test_manifest_larger_than_the_limit_is_refused_without_reading_it_all(
-    docker26: Dockerd, registry_under_test: RegistryFactory
+    docker: Dockerd, registry_under_test: RegistryFactory
 ) -> None:
     """A PUT declaring a 1 TiB manifest is refused (4xx) once more than the 4 MiB limit has arrived."""
-    registry = registry_under_test(docker26)
+    registry = registry_under_test(docker)
     with socket.create_connection(("127.0.0.1", registry.port), timeout=PROMPT) as sock:
         head = (
             f"PUT /v2/limits/manifests/1 HTTP/1.1\r\nHost: {registry.addr}\r\n"

@@ -131,10 +131,10 @@ def seed(registry: RegistryProcess, daemon: Dockerd) -> Seeds:
 
 
 def test_corpus_and_hypothesis_against_the_real_registry(
-    docker26: Dockerd, registry_under_test: RegistryFactory, capsys: pytest.CaptureFixture[str]
+    docker: Dockerd, registry_under_test: RegistryFactory, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    registry = registry_under_test(docker26)
-    seeds = seed(registry, docker26)
+    registry = registry_under_test(docker)
+    seeds = seed(registry, docker)
     before = tree(registry.root, skip=[registry.cache_dir, registry.log_path])
     host, port = "127.0.0.1", registry.port
     tally = Tally()

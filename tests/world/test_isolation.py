@@ -60,16 +60,16 @@ def error_code(response: oci_client.Response) -> str:
 @pytest.fixture
 def private_pull(
     docker20: Dockerd,
-    docker26: Dockerd,
+    docker: Dockerd,
     upstream_auth: UpstreamRegistry,
     registry_under_test: RegistryFactory,
 ) -> Iterator[tuple[RegistryProcess, PushedImage, dict[str, object]]]:
     """The private image pulled through the registry with credentials: (registry, image, manifest)."""
     built = build_image(docker20, "iso-src:1", layers=2, size=1 * MiB, seed="isolation")
     pushed = push_image(docker20, built, upstream_auth, PRIVATE, "v1")
-    # docker26 outlives the test: an earlier test's pull must not make this one's credentials unnecessary.
-    docker26.docker("rmi", "--force", pushed.ref, check=False)
-    registry = registry_under_test(docker26)
+    # docker outlives the test: an earlier test's pull must not make this one's credentials unnecessary.
+    docker.docker("rmi", "--force", pushed.ref, check=False)
+    registry = registry_under_test(docker)
     user, password = upstream_auth.credentials or ("", "")
     auth = basic(user, password)
 
@@ -83,7 +83,7 @@ def private_pull(
         assert blob.status == 200, blob.status
         assert f"sha256:{hashlib.sha256(blob.body).hexdigest()}" == descriptor["digest"]
     yield registry, pushed, manifest
-    docker26.docker("rmi", "--force", pushed.ref, check=False)
+    docker.docker("rmi", "--force", pushed.ref, check=False)
 
 
 def private_digests(manifest: dict[str, object]) -> list[str]:

@@ -29,7 +29,7 @@ from .images import BUSYBOX, FIXED_MTIME, sha256_digest
 
 OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
 OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
-DAEMONS = ["docker26", "docker26_containerd", "docker20", "podman"]
+DAEMONS = ["docker26", "docker26_containerd", "docker28", "docker28_containerd", "docker20", "podman"]
 # A platform other than the daemon's, by the daemon's architecture.
 FOREIGN = {"amd64": Platform("linux", "arm64"), "arm64": Platform("linux", "amd64")}
 
@@ -116,8 +116,8 @@ def engine_inspect(daemon: Dockerd | Podman, ref: str) -> dict[str, Any] | None:
 
 def expected_id(daemon: Dockerd | Podman, pushed: Pushed) -> str:
     """The containerd store names an image by its manifest, the others by its config."""
-    if isinstance(daemon, Dockerd) and daemon.variant.containerd_store:
-        return pushed.digest
+    if isinstance(daemon, Dockerd):
+        return daemon.id_of(manifest=pushed.digest, config=pushed.config_digest)
     return pushed.config_digest
 
 

@@ -24,10 +24,10 @@ def status(url: str) -> dict[str, Any]:
 
 
 def test_a_slow_export_reports_progress_and_a_stop_says_what_was_in_flight(
-    docker26: Dockerd, registry_under_test: RegistryFactory
+    docker: Dockerd, registry_under_test: RegistryFactory
 ) -> None:
-    build_image(docker26, "slow-export:1", layers=2, size=12 * MiB, seed="slow-export", busybox=False)
-    with DockerProxy(docker26.socket) as proxy:
+    build_image(docker, "slow-export:1", layers=2, size=12 * MiB, seed="slow-export", busybox=False)
+    with DockerProxy(docker.socket) as proxy:
         proxy.save_rate = 1 * MiB
         registry = registry_under_test(proxy.host)
         answers: list[int] = []
@@ -64,12 +64,12 @@ def test_a_slow_export_reports_progress_and_a_stop_says_what_was_in_flight(
 
 
 def test_a_slow_pull_through_docker_reports_progress(
-    docker26: Dockerd, docker20: Dockerd, upstream: UpstreamRegistry, registry_under_test: RegistryFactory
+    docker: Dockerd, docker20: Dockerd, upstream: UpstreamRegistry, registry_under_test: RegistryFactory
 ) -> None:
     built = build_image(docker20, "slow-pull-src:1", layers=3, size=18 * MiB, seed="slow-pull", busybox=False)
     with ThrottledRelay("127.0.0.1", upstream.port, rate=0.75 * MiB) as far:
         push_image(docker20, built, upstream, "slow/app", "1")
-        registry = registry_under_test(docker26)
+        registry = registry_under_test(docker)
         pulled = oci_client.pull(registry.url, "slow/app", "1", ns=far.addr)
     assert pulled.bytes > 0
     lines = re.findall(

@@ -35,6 +35,7 @@ from .daemons import (
     RegistryProcess,
     UpstreamRegistry,
     free_port,
+    wait_until,
 )
 from .images import (
     MiB,
@@ -96,7 +97,9 @@ def request_while_exporting(
     return attempt
 
 
-@pytest.mark.parametrize("variant", ["docker26", "docker26_containerd", "docker20"])
+@pytest.mark.parametrize(
+    "variant", ["docker26", "docker26_containerd", "docker28", "docker28_containerd", "docker20"]
+)
 def test_local_only_image_pulls_through_mirror_on_every_docker_variant(
     variant: str, request: pytest.FixtureRequest, node: Containerd, registry_under_test: RegistryFactory
 ) -> None:
@@ -118,10 +121,10 @@ def test_local_only_image_pulls_through_mirror_on_every_docker_variant(
 
 
 def test_own_namespace_and_digest_pull(
-    docker26: Dockerd, node: Containerd, registry_under_test: RegistryFactory
+    docker: Dockerd, node: Containerd, registry_under_test: RegistryFactory
 ) -> None:
-    build_image(docker26, "my-app:dev", layers=2, size=2 * MiB, seed="own")
-    registry = registry_under_test(docker26)
+    build_image(docker, "my-app:dev", layers=2, size=2 * MiB, seed="own")
+    registry = registry_under_test(docker)
     node.set_mirror(registry.addr)
 
     # An image that names the registry itself arrives without ns: Docker's local my-app:dev.
@@ -142,7 +145,7 @@ def test_own_namespace_and_digest_pull(
 
 
 def test_pull_through_upstream(
-    docker26: Dockerd,
+    docker: Dockerd,
     docker20: Dockerd,
     upstream: UpstreamRegistry,
     node: Containerd,
@@ -150,14 +153,14 @@ def test_pull_through_upstream(
 ) -> None:
     built = build_image(docker20, "pt-src:1", layers=2, size=2 * MiB, seed="pull-through")
     pushed = push_image(docker20, built, upstream, f"team/pulled-{node_name(node)}", "v1")
-    registry = registry_under_test(docker26)
+    registry = registry_under_test(docker)
     node.set_mirror(registry.addr)
     mark = upstream.log_mark()
 
     ctr_ok(node, pushed.ref)
 
     # dockerd pulled it (it now lists it), the node got its layers from us, not from the upstream.
-    assert docker26.image_id(pushed.ref)
+    assert docker.image_id(pushed.ref)
     pulled = oci_client.pull(registry.url, pushed.repository, "v1", ns=upstream.addr)
     assert {layer["digest"] for layer in pulled.manifest["layers"]} <= served_blobs(registry)
     node_requests = [line for line in upstream.log_text().splitlines()[mark:] if "containerd/" in line]
@@ -166,9 +169,9 @@ def test_pull_through_upstream(
 
 
 def test_missing_upstream_image_is_404_and_own_namespace_never_pulls(
-    docker26: Dockerd, upstream: UpstreamRegistry, registry_under_test: RegistryFactory
+    docker: Dockerd, upstream: UpstreamRegistry, registry_under_test: RegistryFactory
 ) -> None:
-    registry = registry_under_test(docker26)
+    registry = registry_under_test(docker)
     missing = oci_client.request(
         f"{registry.url}/v2/team/nothing/manifests/v1?ns={upstream.addr}", headers=ACCEPT
     )
@@ -181,7 +184,7 @@ def test_missing_upstream_image_is_404_and_own_namespace_never_pulls(
 
 
 def test_private_upstream_challenge_and_credentialed_pull(
-    docker26: Dockerd,
+    docker: Dockerd,
     docker20: Dockerd,
     upstream_auth: UpstreamRegistry,
     node: Containerd,
@@ -189,7 +192,7 @@ def test_private_upstream_challenge_and_credentialed_pull(
 ) -> None:
     built = build_image(docker20, "private-src:1", layers=1, size=1 * MiB, seed="private")
     pushed = push_image(docker20, built, upstream_auth, f"secret/app-{node_name(node)}", "v1")
-    registry = registry_under_test(docker26)
+    registry = registry_under_test(docker)
     node.set_mirror(registry.addr)
     url = f"{registry.url}/v2/{pushed.repository}/manifests/v1?ns={upstream_auth.addr}"
 
@@ -218,21 +221,21 @@ def test_private_upstream_challenge_and_credentialed_pull(
 
     user, password = upstream_auth.credentials or ("", "")
     ctr_ok(node, pushed.ref, user=f"{user}:{password}")
-    assert docker26.image_id(pushed.ref)
+    assert docker.image_id(pushed.ref)
     assert password not in registry.log_text()
     assert "wrong-pw" not in registry.log_text()
 
 
 def test_rebuilt_tag_is_served_fresh(
-    docker26: Dockerd, node: Containerd, registry_under_test: RegistryFactory
+    docker: Dockerd, node: Containerd, registry_under_test: RegistryFactory
 ) -> None:
-    image = build_image(docker26, "fresh-app:dev", layers=2, size=2 * MiB, seed="fresh")
-    registry = registry_under_test(docker26)
+    image = build_image(docker, "fresh-app:dev", layers=2, size=2 * MiB, seed="fresh")
+    registry = registry_under_test(docker)
     node.set_mirror(registry.addr)
     ctr_ok(node, "docker.io/library/fresh-app:dev")
     first = node_digest(node, "docker.io/library/fresh-app:dev")
 
-    rebuild_image(docker26, image, salt="second")
+    rebuild_image(docker, image, salt="second")
     node.clean()
     ctr_ok(node, "docker.io/library/fresh-app:dev")
     second = node_digest(node, "docker.io/library/fresh-app:dev")
@@ -244,10 +247,10 @@ def test_rebuilt_tag_is_served_fresh(
 
 
 def test_ten_simultaneous_pulls_cause_one_export(
-    docker26: Dockerd, registry_under_test: RegistryFactory
+    docker: Dockerd, registry_under_test: RegistryFactory
 ) -> None:
-    build_image(docker26, "crowd:1", layers=4, size=24 * MiB, seed="crowd")
-    registry = registry_under_test(docker26)
+    build_image(docker, "crowd:1", layers=4, size=24 * MiB, seed="crowd")
+    registry = registry_under_test(docker)
     barrier = threading.Barrier(10)
 
     def one_pull(_: int) -> str:
@@ -274,10 +277,10 @@ def test_ten_simultaneous_pulls_cause_one_export(
 
 
 def test_restart_with_warm_cache_needs_no_export(
-    docker26: Dockerd, node: Containerd, registry_under_test: RegistryFactory
+    docker: Dockerd, node: Containerd, registry_under_test: RegistryFactory
 ) -> None:
-    build_image(docker26, "warm:1", layers=2, size=4 * MiB, seed="warm")
-    registry = registry_under_test(docker26)
+    build_image(docker, "warm:1", layers=2, size=4 * MiB, seed="warm")
+    registry = registry_under_test(docker)
     first = oci_client.pull(registry.url, "warm", "1")
     registry.stop()
     registry.start()
@@ -288,9 +291,9 @@ def test_restart_with_warm_cache_needs_no_export(
     assert registry.log_text().count("exporting docker.io/library/warm:1") == 1
 
 
-def test_blob_range_requests(docker26: Dockerd, registry_under_test: RegistryFactory) -> None:
-    build_image(docker26, "ranged:1", layers=1, size=2 * MiB, seed="range")
-    registry = registry_under_test(docker26)
+def test_blob_range_requests(docker: Dockerd, registry_under_test: RegistryFactory) -> None:
+    build_image(docker, "ranged:1", layers=1, size=2 * MiB, seed="range")
+    registry = registry_under_test(docker)
     pulled = oci_client.pull(registry.url, "ranged", "1")
     layer = pulled.manifest["layers"][0]
     url = f"{registry.url}/v2/ranged/blobs/{layer['digest']}"
@@ -322,10 +325,10 @@ def test_blob_range_requests(docker26: Dockerd, registry_under_test: RegistryFac
 
 
 def test_large_multilayer_image(
-    docker26: Dockerd, node: Containerd, registry_under_test: RegistryFactory
+    docker: Dockerd, node: Containerd, registry_under_test: RegistryFactory
 ) -> None:
-    image = build_image(docker26, "large:1", layers=5, size=110 * MiB, seed="large")
-    registry = registry_under_test(docker26)
+    image = build_image(docker, "large:1", layers=5, size=110 * MiB, seed="large")
+    registry = registry_under_test(docker)
     node.set_mirror(registry.addr)
     ctr_ok(node, "docker.io/library/large:1")
     pulled = oci_client.pull(registry.url, "library/large", "1", ns="docker.io")
@@ -384,13 +387,19 @@ def test_containerd_store_serves_original_index_for_host_platform(
     assert set(pulled.blobs) == {amd64.config_digest, *amd64.layer_digests}
 
 
+@pytest.mark.parametrize("variant", ["docker26", "docker28"])
 def test_classic_store_upstream_digest_falls_back(
-    docker26: Dockerd, docker20: Dockerd, upstream: UpstreamRegistry, registry_under_test: RegistryFactory
+    variant: str,
+    request: pytest.FixtureRequest,
+    docker20: Dockerd,
+    upstream: UpstreamRegistry,
+    registry_under_test: RegistryFactory,
 ) -> None:
+    docker: Dockerd = request.getfixturevalue(variant)
     built = build_image(docker20, "pinned-src:1", layers=1, size=1 * MiB, seed="pinned")
     pushed = push_image(docker20, built, upstream, "team/pinned", "v1")
-    docker26.docker("pull", pushed.ref)
-    registry = registry_under_test(docker26)
+    docker.docker("pull", pushed.ref)
+    registry = registry_under_test(docker)
     resp = oci_client.request(
         f"{registry.url}/v2/team/pinned/manifests/{pushed.digest}?ns={upstream.addr}", headers=ACCEPT
     )
@@ -398,24 +407,24 @@ def test_classic_store_upstream_digest_falls_back(
     assert "classic image store generates its own manifests" in registry.log_text()
 
 
-def test_docker_down_then_back(docker26: Dockerd, registry_under_test: RegistryFactory) -> None:
-    build_image(docker26, "survivor:1", layers=1, size=1 * MiB, seed="down")
-    registry = registry_under_test(docker26)
+def test_docker_down_then_back(docker: Dockerd, registry_under_test: RegistryFactory) -> None:
+    build_image(docker, "survivor:1", layers=1, size=1 * MiB, seed="down")
+    registry = registry_under_test(docker)
     cached = oci_client.pull(registry.url, "survivor", "1")
-    docker26.stop()
+    docker.stop()
     try:
         assert oci_client.pull(registry.url, "survivor", "1").digest == cached.digest
         resp = oci_client.request(f"{registry.url}/v2/other-image/manifests/1", headers=ACCEPT)
         assert resp.status == 503
         error = resp.json()["errors"][0]
         assert error["code"] == "UNAVAILABLE"
-        assert docker26.host in error["message"]
+        assert docker.host in error["message"]
         ready = oci_client.request(f"{registry.url}/readyz")
         assert ready.status == 503
-        assert docker26.host in ready.json()["problems"]["docker"]
+        assert docker.host in ready.json()["problems"]["docker"]
         assert oci_client.request(f"{registry.url}/healthz").status == 200
     finally:
-        docker26.start()
+        docker.start()
     deadline = time.monotonic() + 30
     while oci_client.request(f"{registry.url}/v2/survivor/manifests/1", headers=ACCEPT).status != 200:
         assert time.monotonic() < deadline
@@ -424,28 +433,28 @@ def test_docker_down_then_back(docker26: Dockerd, registry_under_test: RegistryF
 
 
 def test_registry_starts_without_docker_and_recovers(
-    docker26: Dockerd, registry_under_test: RegistryFactory
+    docker: Dockerd, registry_under_test: RegistryFactory
 ) -> None:
-    build_image(docker26, "late:1", layers=1, size=1 * MiB, seed="late")
-    docker26.stop()
+    build_image(docker, "late:1", layers=1, size=1 * MiB, seed="late")
+    docker.stop()
     try:
-        registry = registry_under_test(docker26)
+        registry = registry_under_test(docker)
         assert "Docker is unreachable" in registry.log_text()
         resp = oci_client.request(f"{registry.url}/v2/late/manifests/1", headers=ACCEPT)
         assert resp.status == 503
     finally:
-        docker26.start()
+        docker.start()
     assert oci_client.pull(registry.url, "late", "1").digest
-    assert "Docker Engine 26" in registry.log_text()
+    assert f"Docker Engine {docker.version}" in registry.log_text()
 
 
 def test_docker_pull_from_second_daemon_and_skopeo(
-    docker26: Dockerd, docker20: Dockerd, registry_under_test: RegistryFactory, tmp_path: Path
+    docker: Dockerd, docker20: Dockerd, registry_under_test: RegistryFactory, tmp_path: Path
 ) -> None:
-    build_image(docker26, "shared-app:2", layers=2, size=2 * MiB, seed="second")
-    registry = registry_under_test(docker26)
+    build_image(docker, "shared-app:2", layers=2, size=2 * MiB, seed="second")
+    registry = registry_under_test(docker)
     docker20.docker("pull", f"{registry.addr}/shared-app:2")
-    assert docker20.image_id(f"{registry.addr}/shared-app:2") == docker26.image_id("shared-app:2")
+    assert docker20.layers(f"{registry.addr}/shared-app:2") == docker.layers("shared-app:2")
 
     layout = tmp_path / "copy"
     skopeo("copy", "--src-tls-verify=false", f"docker://{registry.addr}/shared-app:2", f"oci:{layout}:x")
@@ -454,11 +463,11 @@ def test_docker_pull_from_second_daemon_and_skopeo(
 
 
 def test_remote_tags_are_served_as_docker_has_them_unless_refresh_is_set(
-    docker26: Dockerd, docker20: Dockerd, upstream: UpstreamRegistry, registry_under_test: RegistryFactory
+    docker: Dockerd, docker20: Dockerd, upstream: UpstreamRegistry, registry_under_test: RegistryFactory
 ) -> None:
     v1 = build_image(docker20, "moving-src:1", layers=1, size=1 * MiB, seed="moving-1")
     push_image(docker20, v1, upstream, "team/moving", "latest")
-    plain = registry_under_test(docker26)
+    plain = registry_under_test(docker)
     first = oci_client.pull(plain.url, "team/moving", "latest", ns=upstream.addr)
 
     v2 = build_image(docker20, "moving-src:2", layers=1, size=1 * MiB, seed="moving-2")
@@ -467,10 +476,10 @@ def test_remote_tags_are_served_as_docker_has_them_unless_refresh_is_set(
     assert oci_client.pull(plain.url, "team/moving", "latest", ns=upstream.addr).digest == first.digest
     assert upstream.requests(mark) == []
 
-    refreshing = registry_under_test(docker26, extra_args=["--refresh-tags", "0s"])
+    refreshing = registry_under_test(docker, extra_args=["--refresh-tags", "0s"])
     second = oci_client.pull(refreshing.url, "team/moving", "latest", ns=upstream.addr)
     assert second.digest != first.digest
-    assert docker26.image_id(f"{upstream.addr}/team/moving:latest") == docker20.image_id(v2.ref)
+    assert docker.layers(f"{upstream.addr}/team/moving:latest") == docker20.layers(v2.ref)
 
     upstream.stop()
     try:
@@ -482,10 +491,10 @@ def test_remote_tags_are_served_as_docker_has_them_unless_refresh_is_set(
 
 
 def test_kill_during_export_leaves_only_verified_blobs(
-    docker26: Dockerd, registry_under_test: RegistryFactory
+    docker: Dockerd, registry_under_test: RegistryFactory
 ) -> None:
-    build_image(docker26, "killed:1", layers=4, size=160 * MiB, seed="killed")
-    registry = registry_under_test(docker26)
+    build_image(docker, "killed:1", layers=4, size=160 * MiB, seed="killed")
+    registry = registry_under_test(docker)
     tmp = registry.cache_dir / "tmp"
     with ThreadPoolExecutor(1) as pool:
         attempt = request_while_exporting(pool, registry, "killed")
@@ -518,9 +527,9 @@ def test_kill_during_export_leaves_only_verified_blobs(
     ],
 )
 def test_hostile_paths_get_client_errors(
-    path: str, docker26: Dockerd, registry_under_test: RegistryFactory
+    path: str, docker: Dockerd, registry_under_test: RegistryFactory
 ) -> None:
-    registry = registry_under_test(docker26)
+    registry = registry_under_test(docker)
     before = sorted(p.name for p in registry.cache_dir.parent.iterdir())
     connection = http.client.HTTPConnection("127.0.0.1", registry.port, timeout=30)
     connection.putrequest("GET", path, skip_accept_encoding=True)
@@ -533,18 +542,18 @@ def test_hostile_paths_get_client_errors(
 
 
 def test_dockerd_dying_mid_export_ends_the_request_with_503(
-    docker26: Dockerd, registry_under_test: RegistryFactory
+    docker: Dockerd, registry_under_test: RegistryFactory
 ) -> None:
-    build_image(docker26, "orphan:1", layers=4, size=160 * MiB, seed="orphan")
-    registry = registry_under_test(docker26)
+    build_image(docker, "orphan:1", layers=4, size=160 * MiB, seed="orphan")
+    registry = registry_under_test(docker)
     tmp = registry.cache_dir / "tmp"
     with ThreadPoolExecutor(1) as pool:
         attempt = request_while_exporting(pool, registry, "orphan")
-        docker26.kill()
+        docker.kill()
         try:
             response = attempt.result(timeout=30)
         finally:
-            docker26.start()
+            docker.start()
     assert response.status == 503
     assert response.json()["errors"][0]["code"] == "UNAVAILABLE"
     assert list(tmp.iterdir()) == []
@@ -578,6 +587,8 @@ def test_podman_compatible_api(
     ("variant", "expected"),
     [
         ("docker26", "classic graph driver"),
+        ("docker28", "classic graph driver"),
+        ("docker28_containerd", "containerd image store"),
         ("docker26_containerd", "containerd image store"),
         ("docker20", "legacy `docker save` format"),
     ],
@@ -633,7 +644,7 @@ def test_doctor_fails_without_docker_and_on_a_busy_port(tmp_path: Path) -> None:
 
 
 def test_https_with_a_self_signed_certificate(
-    docker26: Dockerd, node: Containerd, registry_under_test: RegistryFactory, tmp_path: Path
+    docker: Dockerd, node: Containerd, registry_under_test: RegistryFactory, tmp_path: Path
 ) -> None:
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(
@@ -642,9 +653,9 @@ def test_https_with_a_self_signed_certificate(
         check=True,
         capture_output=True,
     )  # fmt: skip
-    build_image(docker26, "tls-app:1", layers=1, size=1 * MiB, seed="tls")
+    build_image(docker, "tls-app:1", layers=1, size=1 * MiB, seed="tls")
     tls_env = {"REGISTRY_HTTP_TLS_CERTIFICATE": str(cert), "REGISTRY_HTTP_TLS_KEY": str(key)}
-    registry = registry_under_test(docker26, env=tls_env, ca_file=cert)
+    registry = registry_under_test(docker, env=tls_env, ca_file=cert)
     assert "serving HTTPS with" in registry.log_text()
 
     # skopeo, trusting the certificate through a cert dir.
@@ -670,25 +681,31 @@ def test_https_with_a_self_signed_certificate(
         oci_client.request(f"http://{registry.addr}/v2/", timeout=5)
 
 
-def test_json_logs(docker26: Dockerd, registry_under_test: RegistryFactory) -> None:
-    build_image(docker26, "json-logs:1", layers=1, size=1 * MiB, seed="json")
-    registry = registry_under_test(docker26, extra_args=["--log-format", "json"])
+def test_json_logs(docker: Dockerd, registry_under_test: RegistryFactory) -> None:
+    build_image(docker, "json-logs:1", layers=1, size=1 * MiB, seed="json")
+    registry = registry_under_test(docker, extra_args=["--log-format", "json"])
     pulled = oci_client.pull(registry.url, "json-logs", "1")
-    entries = [json.loads(line) for line in registry.log_text().splitlines() if line.startswith("{")]
+    layer = pulled.manifest["layers"][0]
+    served = f'/blobs/{layer["digest"]} HTTP/1.1" 200 {layer["size"]} '
+
+    def logged() -> list[dict[str, str]]:
+        """The entries, once the layer's access line is among them (aiohttp writes it after the answer)."""
+        found = [json.loads(line) for line in registry.log_text().splitlines() if line.startswith("{")]
+        access = [e["message"] for e in found if e["logger"] == "aiohttp.access"]
+        return found if any(served in message for message in access) else []
+
+    entries = wait_until(logged, timeout=10, what="the layer's access-log entry")
     assert {"time", "level", "logger", "message"} <= set(entries[0])
     # ISO 8601 with the offset, as log collectors parse it.
     logged_at = datetime.datetime.fromisoformat(entries[0]["time"])
     assert logged_at.tzinfo is not None
     assert abs(logged_at.timestamp() - time.time()) < 600
-    access = [e["message"] for e in entries if e["logger"] == "aiohttp.access"]
-    layer = pulled.manifest["layers"][0]
-    assert any(f'/blobs/{layer["digest"]} HTTP/1.1" 200 {layer["size"]} ' in message for message in access)
     assert any(e["logger"] == "k3d_registry_dockerd.mirror" and "exported" in e["message"] for e in entries)
 
 
-def test_cache_ls_verify_prune(docker26: Dockerd, registry_under_test: RegistryFactory) -> None:
-    build_image(docker26, "cached-app:1", layers=2, size=2 * MiB, seed="cache-cmds")
-    registry = registry_under_test(docker26)
+def test_cache_ls_verify_prune(docker: Dockerd, registry_under_test: RegistryFactory) -> None:
+    build_image(docker, "cached-app:1", layers=2, size=2 * MiB, seed="cache-cmds")
+    registry = registry_under_test(docker)
     pulled = oci_client.pull(registry.url, "cached-app", "1")
     registry.stop()
 
@@ -735,11 +752,11 @@ def test_cache_ls_verify_prune(docker26: Dockerd, registry_under_test: RegistryF
 
 
 def test_cache_max_size_evicts_least_recently_used(
-    docker26: Dockerd, registry_under_test: RegistryFactory
+    docker: Dockerd, registry_under_test: RegistryFactory
 ) -> None:
-    build_image(docker26, "evict-a:1", layers=1, size=4 * MiB, seed="evict-a", busybox=False)
-    build_image(docker26, "evict-b:1", layers=1, size=4 * MiB, seed="evict-b", busybox=False)
-    registry = registry_under_test(docker26, extra_args=["--cache-max-size", "6MiB"])
+    build_image(docker, "evict-a:1", layers=1, size=4 * MiB, seed="evict-a", busybox=False)
+    build_image(docker, "evict-b:1", layers=1, size=4 * MiB, seed="evict-b", busybox=False)
+    registry = registry_under_test(docker, extra_args=["--cache-max-size", "6MiB"])
     first = oci_client.pull(registry.url, "evict-a", "1")
     # A restart forgets which images pulls are using: nothing keeps evict-a in the cache now.
     registry.stop()
@@ -758,13 +775,13 @@ def test_cache_max_size_evicts_least_recently_used(
 
 
 def test_cache_max_size_keeps_what_a_pull_is_fetching(
-    docker26: Dockerd, registry_under_test: RegistryFactory
+    docker: Dockerd, registry_under_test: RegistryFactory
 ) -> None:
     """A node that got a manifest and is still fetching layers must get them, even when other exports
     push the cache past its limit meanwhile: the cache overshoots instead and says so."""
-    build_image(docker26, "in-use-a:1", layers=2, size=4 * MiB, seed="in-use-a", busybox=False)
-    build_image(docker26, "in-use-b:1", layers=1, size=4 * MiB, seed="in-use-b", busybox=False)
-    registry = registry_under_test(docker26, extra_args=["--cache-max-size", "6MiB"])
+    build_image(docker, "in-use-a:1", layers=2, size=4 * MiB, seed="in-use-a", busybox=False)
+    build_image(docker, "in-use-b:1", layers=1, size=4 * MiB, seed="in-use-b", busybox=False)
+    registry = registry_under_test(docker, extra_args=["--cache-max-size", "6MiB"])
     accept = {"Accept": oci_client.MANIFEST_ACCEPT}
     manifest = oci_client.request(f"{registry.url}/v2/in-use-a/manifests/1", headers=accept).json()
     assert "layers" in manifest  # Docker 26's classic store exports one manifest, no index
@@ -781,10 +798,10 @@ ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 
 
 def test_status_page_in_a_browser(
-    chromium: str, docker26: Dockerd, registry_under_test: RegistryFactory, tmp_path: Path
+    chromium: str, docker: Dockerd, registry_under_test: RegistryFactory, tmp_path: Path
 ) -> None:
-    build_image(docker26, "shown-on-status:1", layers=2, size=3 * MiB, seed="status")
-    registry = registry_under_test(docker26, extra_args=["--cache-max-size", "1GiB"])
+    build_image(docker, "shown-on-status:1", layers=2, size=3 * MiB, seed="status")
+    registry = registry_under_test(docker, extra_args=["--cache-max-size", "1GiB"])
     oci_client.pull(registry.url, "shown-on-status", "1")
     oci_client.request(f"{registry.url}/v2/not-in-docker/manifests/1")
     layout = write_image_layout(tmp_path / "layout", layer_sizes=(1 * MiB,), seed="status-pushed")
@@ -803,7 +820,7 @@ def test_status_page_in_a_browser(
     assert "of 1 GiB limit" in dom
     assert '<span class="tag">1</span>' in dom  # the tag, rendered by the page's script
     # Docker's state, pushed images told from Docker's, and who pulled what.
-    assert f"Docker Engine {docker26.version}" in dom
+    assert f"Docker Engine {docker.version}" in dom
     assert '<span class="badge pushed">pushed</span>' in dom
     assert '<span class="badge docker">from Docker</span>' in dom
     assert "1 pushed, 1 from Docker" in dom
@@ -821,10 +838,10 @@ def test_status_page_in_a_browser(
     assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_tags_list_and_catalog(docker26: Dockerd, registry_under_test: RegistryFactory) -> None:
-    build_image(docker26, "listed-app:1", layers=1, size=1 * MiB, seed="listed")
-    docker26.docker("tag", "listed-app:1", "listed-app:2")
-    registry = registry_under_test(docker26)
+def test_tags_list_and_catalog(docker: Dockerd, registry_under_test: RegistryFactory) -> None:
+    build_image(docker, "listed-app:1", layers=1, size=1 * MiB, seed="listed")
+    docker.docker("tag", "listed-app:1", "listed-app:2")
+    registry = registry_under_test(docker)
     listed = json.loads(skopeo("list-tags", "--tls-verify=false", f"docker://{registry.addr}/listed-app"))
     assert listed["Tags"] == ["1", "2"]
     inspected = json.loads(skopeo("inspect", "--tls-verify=false", f"docker://{registry.addr}/listed-app:2"))

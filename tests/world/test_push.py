@@ -129,7 +129,9 @@ def layout_root(layout: Path) -> str:
     return str(entry["digest"])
 
 
-@pytest.mark.parametrize("variant", ["docker26", "docker26_containerd", "docker20"])
+@pytest.mark.parametrize(
+    "variant", ["docker26", "docker26_containerd", "docker28", "docker28_containerd", "docker20"]
+)
 def test_skopeo_push_and_copy_back_are_byte_exact_and_docker_runs_it(
     variant: str, request: pytest.FixtureRequest, registry_under_test: RegistryFactory, tmp_path: Path
 ) -> None:
@@ -174,7 +176,7 @@ def test_skopeo_push_and_copy_back_are_byte_exact_and_docker_runs_it(
     # The registry loads the push into its dockerd in the background, under the pushed name.
     loaded = wait_loaded(daemon, registry, "team/app:v1")
     # The containerd image store names an image by its manifest, the others by its config.
-    assert loaded["Id"] == (image.digest if daemon.variant.containerd_store else image.config_digest)
+    assert loaded["Id"] == daemon.id_of(manifest=image.digest, config=image.config_digest)
     assert loaded["RootFS"]["Layers"] == list(image.diff_ids)
     assert "team/app:v1" in loaded["RepoTags"]
     assert "team/app:v1" in daemon.docker("images", "--format", "{{.Repository}}:{{.Tag}}").stdout.split()
@@ -188,10 +190,10 @@ def test_skopeo_push_and_copy_back_are_byte_exact_and_docker_runs_it(
 
 
 def test_skopeo_push_of_an_index_keeps_every_digest_and_loads_the_host_platform(
-    docker26: Dockerd, registry_under_test: RegistryFactory, tmp_path: Path
+    docker: Dockerd, registry_under_test: RegistryFactory, tmp_path: Path
 ) -> None:
     host = host_platform()
-    registry = registry_under_test(docker26)
+    registry = registry_under_test(docker)
     multi = push_multiplatform(
         registry.addr,
         "team/multi",
@@ -217,10 +219,13 @@ def test_skopeo_push_of_an_index_keeps_every_digest_and_loads_the_host_platform(
         assert copied[child.digest] == child.size
 
     # Docker gets the child of its own platform; the foreign one is not loaded, and not complained about.
-    loaded = wait_loaded(docker26, registry, "team/multi:1")
-    assert loaded["Id"] == multi.manifests[host].config_digest
+    loaded = wait_loaded(docker, registry, "team/multi:1")
+    assert loaded["Id"] == docker.id_of(
+        manifest=multi.manifests[host].digest, config=multi.manifests[host].config_digest
+    )
     assert f"{loaded['Os']}/{loaded['Architecture']}" == host
-    assert docker_image(docker26, multi.manifests[FOREIGN].config_digest) is None
+    foreign = multi.manifests[FOREIGN]
+    assert docker_image(docker, docker.id_of(manifest=foreign.digest, config=foreign.config_digest)) is None
     assert "not loading docker.io/team/multi:1" not in registry.log_text()
     assert sha256_of(inspect_raw(multi.ref)) == multi.index_digest
 
@@ -248,16 +253,16 @@ def test_skopeo_push_of_an_index_keeps_every_digest_and_loads_the_host_platform(
         timeout=30,
         what="the registry to skip loading the foreign image",
     )
-    assert docker_image(docker26, "team/foreign:1") is None
-    assert docker_image(docker26, "team/foreign-single:1") is None
-    docker26.docker("rmi", "team/multi:1")
+    assert docker_image(docker, "team/foreign:1") is None
+    assert docker_image(docker, "team/foreign-single:1") is None
+    docker.docker("rmi", "team/multi:1")
 
 
 def test_docker_push_from_another_dockerd_and_pull_back(
-    docker26: Dockerd, docker20: Dockerd, docker26_containerd: Dockerd, registry_under_test: RegistryFactory
+    docker: Dockerd, docker20: Dockerd, docker26_containerd: Dockerd, registry_under_test: RegistryFactory
 ) -> None:
     built = build_image(docker20, "docker-push-src:1", layers=3, size=6 * MiB, seed="docker-push")
-    registry = registry_under_test(docker26)
+    registry = registry_under_test(docker)
 
     pushed = push_image(docker20, built, registry.addr, "pushed/app", "1")
 
@@ -279,12 +284,10 @@ def test_docker_push_from_another_dockerd_and_pull_back(
     eventually(mounted)
 
     # The registry's dockerd got it as pushed/app:1, the same image ID (config) as the pushing daemon's.
-    loaded = wait_loaded(docker26, registry, "pushed/app:1")
-    assert loaded["Id"] == built.image_id
+    loaded = wait_loaded(docker, registry, "pushed/app:1")
+    assert loaded["Id"] == docker.id_of(manifest=pushed.digest, config=built.image_id)
     expected = hashlib.sha256(seeded_bytes("docker-push/1", built.layer_sizes[1])).hexdigest()
-    summed = docker26.docker(
-        "run", "--rm", "pushed/app:1", "/bin/busybox", "sha256sum", "/data/layer-001.bin"
-    )
+    summed = docker.docker("run", "--rm", "pushed/app:1", "/bin/busybox", "sha256sum", "/data/layer-001.bin")
     assert summed.stdout.split()[0] == expected
 
     # A third daemon pulls it from us (only docker20 and our registry ever had it): same digest.
@@ -293,7 +296,7 @@ def test_docker_push_from_another_dockerd_and_pull_back(
     assert pulled is not None
     assert f"{pushed.registry}/pushed/app@{pushed.digest}" in pulled["RepoDigests"]
     # And the pushing daemon, after forgetting it.
-    docker20.docker("rmi", pushed.ref, copy.ref, built.ref)
+    docker20.docker("rmi", "--force", built.image_id)
     assert docker_image(docker20, built.image_id) is None
     docker20.docker("pull", pushed.ref)
     again = docker_image(docker20, pushed.ref)
@@ -301,21 +304,22 @@ def test_docker_push_from_another_dockerd_and_pull_back(
     assert again["Id"] == built.image_id
     assert f"{pushed.registry}/pushed/app@{pushed.digest}" in again["RepoDigests"]
     for daemon, ref in (
-        (docker26, "pushed/app:1"),
-        (docker26, "pushed/copy:1"),
+        (docker, "pushed/app:1"),
+        (docker, "pushed/copy:1"),
         (docker26_containerd, pushed.ref),
+        (docker20, pushed.ref),
     ):
         daemon.docker("rmi", ref, check=False)
 
 
 @pytest.mark.parametrize("via", ["mirror", "direct"])
 def test_containerd_pulls_a_pushed_image(
-    via: str, docker26: Dockerd, node: Containerd, registry_under_test: RegistryFactory, tmp_path: Path
+    via: str, docker: Dockerd, node: Containerd, registry_under_test: RegistryFactory, tmp_path: Path
 ) -> None:
     image = write_image_layout(
         tmp_path / "src", tag="1", layer_sizes=(1 * MiB, 2 * MiB, 1 * MiB), seed=f"ctr-{via}"
     )
-    registry = registry_under_test(docker26, extra_args=["--no-load-pushed"])
+    registry = registry_under_test(docker, extra_args=["--no-load-pushed"])
     ref = push_layout(image, registry, "pushed/ctr", "1")
 
     if via == "mirror":
@@ -347,13 +351,13 @@ def test_containerd_pulls_a_pushed_image(
 
 
 def test_no_load_pushed_leaves_docker_alone(
-    docker26: Dockerd, registry_under_test: RegistryFactory, tmp_path: Path
+    docker: Dockerd, registry_under_test: RegistryFactory, tmp_path: Path
 ) -> None:
     image = write_image_layout(
         tmp_path / "src", tag="1", layer_sizes=(1 * MiB, 1 * MiB, 1 * MiB), seed="no-load"
     )
     since = str(int(time.time()) - 1)
-    registry = registry_under_test(docker26, extra_args=["--no-load-pushed"])
+    registry = registry_under_test(docker, extra_args=["--no-load-pushed"])
     assert "pushed images are not loaded into Docker (flag --no-load-pushed)" in registry.log_text()
 
     ref = push_layout(image, registry, "team/no-load", "1")
@@ -361,19 +365,19 @@ def test_no_load_pushed_leaves_docker_alone(
     assert sha256_of(inspect_raw(ref)) == image.digest
     pulled = oci_client.pull(registry.url, "team/no-load", "1")
     assert pulled.digest == image.digest
-    assert docker_image(docker26, "team/no-load:1") is None
-    assert docker_image(docker26, image.config_digest) is None
-    assert "team/no-load" not in docker26.docker("images", "--format", "{{.Repository}}").stdout
+    assert docker_image(docker, "team/no-load:1") is None
+    assert docker_image(docker, docker.id_of(manifest=image.digest, config=image.config_digest)) is None
+    assert "team/no-load" not in docker.docker("images", "--format", "{{.Repository}}").stdout
     assert "loading" not in registry.log_text().replace("not loaded", "")
-    events = docker26.docker(
+    events = docker.docker(
         "events", "--since", since, "--until", str(int(time.time()) + 1), "--filter", "type=image",
         "--format", "{{.Action}} {{.Actor.ID}}",
     ).stdout  # fmt: skip
-    assert f"load {image.config_digest}" not in events, events
+    assert f"load {docker.id_of(manifest=image.digest, config=image.config_digest)}" not in events, events
 
 
 def test_delete_removes_what_a_push_loaded_but_not_dockers_own_images(
-    docker26: Dockerd, registry_under_test: RegistryFactory, tmp_path: Path
+    docker: Dockerd, registry_under_test: RegistryFactory, tmp_path: Path
 ) -> None:
     image = write_image_layout(
         tmp_path / "one", tag="1", layer_sizes=(1 * MiB, 1 * MiB, 1 * MiB), seed="delete-1"
@@ -381,17 +385,17 @@ def test_delete_removes_what_a_push_loaded_but_not_dockers_own_images(
     second = write_image_layout(
         tmp_path / "two", tag="2", layer_sizes=(1 * MiB, 1 * MiB, 1 * MiB), seed="delete-2"
     )
-    own = build_image(docker26, "docker-own:1", layers=1, size=1 * MiB, seed="docker-own")
-    registry = registry_under_test(docker26)
+    own = build_image(docker, "docker-own:1", layers=1, size=1 * MiB, seed="docker-own")
+    registry = registry_under_test(docker)
     push_layout(image, registry, "team/del", "1")
     push_layout(second, registry, "team/del", "2")
-    wait_loaded(docker26, registry, "team/del:1")
-    wait_loaded(docker26, registry, "team/del:2")
+    wait_loaded(docker, registry, "team/del:1")
+    wait_loaded(docker, registry, "team/del:2")
 
     # DELETE of a pushed tag: the tag goes, and so does the image the push loaded into Docker.
     deleted = oci_client.request(f"{registry.url}/v2/team/del/manifests/1", method="DELETE")
     assert deleted.status == 202, deleted.body
-    assert docker_image(docker26, "team/del:1") is None
+    assert docker_image(docker, "team/del:1") is None
     assert "removed docker.io/team/del:1 from Docker" in registry.log_text()
     assert oci_client.request(f"{registry.url}/v2/team/del/manifests/1", headers=ACCEPT).status == 404
     # skopeo delete resolves the tag and deletes by digest: the manifest, and its tag in Docker. The
@@ -403,7 +407,7 @@ def test_delete_removes_what_a_push_loaded_but_not_dockers_own_images(
             access_log(registry, "DELETE", r"/v2/team/del/manifests/\S+"),
         )
     )
-    assert docker_image(docker26, "team/del:2") is None
+    assert docker_image(docker, "team/del:2") is None
     gone = oci_client.request(f"{registry.url}/v2/team/del/manifests/{second.digest}", headers=ACCEPT)
     assert gone.status == 404
     assert oci_client.request(f"{registry.url}/v2/team/del/manifests/2", headers=ACCEPT).status == 404
@@ -420,13 +424,13 @@ def test_delete_removes_what_a_push_loaded_but_not_dockers_own_images(
         refused = oci_client.request(f"{registry.url}/v2/docker-own/manifests/{reference}", method="DELETE")
         assert refused.status == 405, (reference, refused.body)
         assert refused.json()["errors"][0]["code"] == "UNSUPPORTED"
-        assert docker26.image_id(own.ref) == own.image_id
+        assert docker.image_id(own.ref) == own.image_id
     assert oci_client.pull(registry.url, "docker-own", "1").digest == served.digest
 
     # Unless the operator allows it.
-    allowing = registry_under_test(docker26, extra_args=["--allow-docker-delete"])
+    allowing = registry_under_test(docker, extra_args=["--allow-docker-delete"])
     assert oci_client.request(f"{allowing.url}/v2/docker-own/manifests/1", method="DELETE").status == 202
-    assert docker_image(docker26, own.ref) is None
+    assert docker_image(docker, own.ref) is None
 
 
 def send(url: str, method: str, body: bytes, headers: dict[str, str] | None = None) -> oci_client.Response:
@@ -442,12 +446,12 @@ def send(url: str, method: str, body: bytes, headers: dict[str, str] | None = No
 
 
 def test_an_artifact_is_kept_and_referred_to_but_not_loaded(
-    docker26: Dockerd, registry_under_test: RegistryFactory, tmp_path: Path
+    docker: Dockerd, registry_under_test: RegistryFactory, tmp_path: Path
 ) -> None:
     """A signature-like artifact (empty config, subject) as oras or cosign push it: monolithic and
     chunked uploads, a manifest PUT by tag, then the referrers API; Docker gets nothing of it."""
     image = write_image_layout(tmp_path / "src", tag="1", layer_sizes=(1 * MiB,), seed="artifact-subject")
-    registry = registry_under_test(docker26)
+    registry = registry_under_test(docker)
     push_layout(image, registry, "team/signed", "1")
     base = f"{registry.url}/v2/team/signed"
 
@@ -498,16 +502,18 @@ def test_an_artifact_is_kept_and_referred_to_but_not_loaded(
         timeout=30,
         what="the registry to skip loading the artifact",
     )
-    assert docker_image(docker26, "team/signed:sig") is None
-    assert wait_loaded(docker26, registry, "team/signed:1")["Id"] == image.config_digest
-    docker26.docker("rmi", "team/signed:1")
+    assert docker_image(docker, "team/signed:sig") is None
+    assert wait_loaded(docker, registry, "team/signed:1")["Id"] == docker.id_of(
+        manifest=image.digest, config=image.config_digest
+    )
+    docker.docker("rmi", "team/signed:1")
 
 
 def test_deleting_a_blob_a_pushed_manifest_uses_is_refused(
-    docker26: Dockerd, registry_under_test: RegistryFactory, tmp_path: Path
+    docker: Dockerd, registry_under_test: RegistryFactory, tmp_path: Path
 ) -> None:
     image = write_image_layout(tmp_path / "src", tag="1", layer_sizes=(1 * MiB,), seed="blob-in-use")
-    registry = registry_under_test(docker26, extra_args=["--no-load-pushed"])
+    registry = registry_under_test(docker, extra_args=["--no-load-pushed"])
     push_layout(image, registry, "team/in-use", "1")
     layer_url = f"{registry.url}/v2/team/in-use/blobs/{image.layer_digests[-1]}"
 
@@ -549,7 +555,7 @@ class RssSampler(threading.Thread):
 
 
 def test_large_push_keeps_the_registry_small(
-    docker26: Dockerd, registry_under_test: RegistryFactory, tmp_path: Path
+    docker: Dockerd, registry_under_test: RegistryFactory, tmp_path: Path
 ) -> None:
     began = time.monotonic()
     image = write_image_layout(
@@ -561,7 +567,7 @@ def test_large_push_keeps_the_registry_small(
     )
     generated = time.monotonic()
     assert image.bytes >= 500 * MiB
-    registry = registry_under_test(docker26)
+    registry = registry_under_test(docker)
     pid = registry.pid
     assert pid is not None
     baseline = _rss_mib(pid)
@@ -570,7 +576,7 @@ def test_large_push_keeps_the_registry_small(
     try:
         ref = push_layout(image, registry, "team/large", "1")
         pushed = time.monotonic()
-        loaded = wait_loaded(docker26, registry, "team/large:1", timeout=300)
+        loaded = wait_loaded(docker, registry, "team/large:1", timeout=300)
         done = time.monotonic()
     finally:
         peak = sampler.stop()
@@ -585,4 +591,4 @@ def test_large_push_keeps_the_registry_small(
     assert sha256_of(inspect_raw(ref)) == image.digest
     assert peak < RSS_LIMIT_MIB
     assert high_water < RSS_LIMIT_MIB
-    docker26.docker("rmi", "team/large:1")
+    docker.docker("rmi", "team/large:1")

@@ -43,10 +43,10 @@ def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
     return errors[0]
 
 
-def test_a_busy_port(docker26: Dockerd, registry_under_test: RegistryFactory, tmp_path: Path) -> None:
-    first = registry_under_test(docker26)
+def test_a_busy_port(docker: Dockerd, registry_under_test: RegistryFactory, tmp_path: Path) -> None:
+    first = registry_under_test(docker)
     result = registry_command(
-        "--addr", first.addr, "--cache-dir", str(tmp_path / "other"), env={"DOCKER_HOST": docker26.host}
+        "--addr", first.addr, "--cache-dir", str(tmp_path / "other"), env={"DOCKER_HOST": docker.host}
     )
     line = one_error_line(result)
     assert result.returncode == 1
@@ -54,7 +54,7 @@ def test_a_busy_port(docker26: Dockerd, registry_under_test: RegistryFactory, tm
     assert "--addr" in line and "doctor" in line
     debug = registry_command(
         "--addr", first.addr, "--cache-dir", str(tmp_path / "other"), "--log-level", "debug",
-        env={"DOCKER_HOST": docker26.host},
+        env={"DOCKER_HOST": docker.host},
     )  # fmt: skip
     assert debug.returncode == 1 and "Traceback" in debug.stderr
 
@@ -75,7 +75,7 @@ def read_only_dir(tmp_path: Path) -> Iterator[Path]:
         yield path
 
 
-def test_unusable_cache_dirs(docker26: Dockerd, tmp_path: Path, read_only_dir: Path) -> None:
+def test_unusable_cache_dirs(docker: Dockerd, tmp_path: Path, read_only_dir: Path) -> None:
     a_file = tmp_path / "a-file"
     a_file.write_text("")
     cases = {
@@ -95,21 +95,21 @@ def test_unusable_cache_dirs(docker26: Dockerd, tmp_path: Path, read_only_dir: P
             f"127.0.0.1:{free_port()}",
             "--cache-dir",
             str(cache_dir),
-            env={"DOCKER_HOST": docker26.host},
+            env={"DOCKER_HOST": docker.host},
         )
         line = one_error_line(result)
         assert why in line, line
         assert "--cache-dir (or K3D_REGISTRY_DOCKERD_CACHE_DIR)" in line
 
 
-def test_a_second_server_on_a_held_cache_dir(docker26: Dockerd, registry_under_test: RegistryFactory) -> None:
-    first = registry_under_test(docker26)
+def test_a_second_server_on_a_held_cache_dir(docker: Dockerd, registry_under_test: RegistryFactory) -> None:
+    first = registry_under_test(docker)
     result = registry_command(
         "--addr",
         f"127.0.0.1:{free_port()}",
         "--cache-dir",
         str(first.cache_dir),
-        env={"DOCKER_HOST": docker26.host},
+        env={"DOCKER_HOST": docker.host},
     )
     line = one_error_line(result)
     assert (
@@ -134,10 +134,10 @@ def _context(config: Path, name: str, host: str) -> None:
 
 
 def test_docker_contexts_as_the_docker_cli_resolves_them(
-    docker26: Dockerd, docker20: Dockerd, registry_under_test: RegistryFactory, tmp_path: Path
+    docker: Dockerd, docker20: Dockerd, registry_under_test: RegistryFactory, tmp_path: Path
 ) -> None:
     config = tmp_path / "docker-config"
-    _context(config, "world", docker26.host)
+    _context(config, "world", docker.host)
     _context(config, "old", docker20.host)
     (config / "config.json").write_text(json.dumps({"currentContext": "world"}))
     # The docker CLI agrees: its `context ls` marks the current one.
@@ -146,13 +146,13 @@ def test_docker_contexts_as_the_docker_cli_resolves_them(
         env={"PATH": os.environ["PATH"], "DOCKER_CONFIG": str(config)},
     )
     assert "world true" in listed.stdout
-    build_image(docker26, "from-context:1", layers=1, size=1 * MiB, seed="context")
+    build_image(docker, "from-context:1", layers=1, size=1 * MiB, seed="context")
 
     registry = registry_under_test("", env={"DOCKER_CONFIG": str(config)})
-    where = f"{docker26.host} (context world, from currentContext in {config / 'config.json'})"
+    where = f"{docker.host} (context world, from currentContext in {config / 'config.json'})"
     log = registry.log_text()
     assert f"Docker at {where}" in log
-    assert f"Docker Engine {docker26.version} (API {docker26.api_version}, linux/amd64) at {where}" in log
+    assert f"Docker Engine {docker.version} (API {docker.api_version}, linux/amd64) at {where}" in log
     assert "unix:///var/run/docker.sock" not in log
     assert oci_client.pull(registry.url, "from-context", "1").bytes > 0
     registry.stop()
@@ -165,9 +165,9 @@ def test_docker_contexts_as_the_docker_cli_resolves_them(
     assert f"reachable at {docker20.host} (context old, from DOCKER_CONTEXT)" in doctor.stdout
     doctor = registry_command(
         "doctor", "--addr", f"127.0.0.1:{free_port()}", "--cache-dir", str(tmp_path / "c"),
-        env={"DOCKER_CONFIG": str(config), "DOCKER_CONTEXT": "old", "DOCKER_HOST": docker26.host},
+        env={"DOCKER_CONFIG": str(config), "DOCKER_CONTEXT": "old", "DOCKER_HOST": docker.host},
     )  # fmt: skip
-    assert f"reachable at {docker26.host} (DOCKER_HOST)" in doctor.stdout
+    assert f"reachable at {docker.host} (DOCKER_HOST)" in doctor.stdout
 
 
 def test_docker_unreachable_is_said_in_words(registry_under_test: RegistryFactory, tmp_path: Path) -> None:

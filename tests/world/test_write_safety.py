@@ -42,29 +42,29 @@ def manifest_digest(registry: RegistryProcess, name: str, tag: str) -> str:
 
 @pytest.mark.parametrize(("name", "docker_name"), [("my-app", "my-app"), ("library/nginx", "nginx")])
 def test_a_push_never_moves_a_tag_the_hosts_docker_has(
-    docker26: Dockerd,
+    docker: Dockerd,
     docker20: Dockerd,
     registry_under_test: RegistryFactory,
     tmp_path: Path,
     name: str,
     docker_name: str,
 ) -> None:
-    own = build_image(docker26, f"{docker_name}:dev", layers=1, size=1 * MiB, seed=f"own-{name}")
-    registry = registry_under_test(docker26)
+    own = build_image(docker, f"{docker_name}:dev", layers=1, size=1 * MiB, seed=f"own-{name}")
+    registry = registry_under_test(docker)
 
     layout = write_image_layout(
         tmp_path / "layout", tag="dev", layer_sizes=(1 * MiB,), seed=f"intruder-{name}"
     )
     push_layout(layout, registry, name, "dev")
     wait_until(lambda: len(refused_loads(registry)) == 1, timeout=60, what="the refused load")
-    assert docker26.image_id(f"{docker_name}:dev") == own.image_id
+    assert docker.image_id(f"{docker_name}:dev") == own.image_id
     # The push itself landed: the registry serves it under that name.
     assert manifest_digest(registry, name, "dev") == layout.digest
 
     other = build_image(docker20, "intruder:2", layers=1, size=1 * MiB, seed=f"intruder-docker-{name}")
     pushed = push_image(docker20, other, registry.addr, name, "dev")
     wait_until(lambda: len(refused_loads(registry)) == 2, timeout=60, what="the second refused load")
-    assert docker26.image_id(f"{docker_name}:dev") == own.image_id
+    assert docker.image_id(f"{docker_name}:dev") == own.image_id
     assert manifest_digest(registry, name, "dev") == pushed.digest
     line = next(line for line in registry.log_text().splitlines() if "not loading pushed" in line)
     assert f"Docker's own {docker_name}:dev ({own.image_id}) stays as it is" in line
@@ -73,14 +73,14 @@ def test_a_push_never_moves_a_tag_the_hosts_docker_has(
 
 
 def test_a_new_name_is_loaded_and_follows_its_pushes_across_restarts(
-    docker26: Dockerd, registry_under_test: RegistryFactory, tmp_path: Path
+    docker: Dockerd, registry_under_test: RegistryFactory, tmp_path: Path
 ) -> None:
-    registry = registry_under_test(docker26)
+    registry = registry_under_test(docker)
     first = write_image_layout(tmp_path / "one", layer_sizes=(1 * MiB,), seed="tilt-1")
     push_layout(first, registry, "tilt-app", "dev")
-    loaded = wait_loaded(docker26, registry, "library/tilt-app:dev")
-    assert loaded["Id"] == first.config_digest
-    assert "tilt-app:dev" in docker26.docker("images", "--format", "{{.Repository}}:{{.Tag}}").stdout.split()
+    loaded = wait_loaded(docker, registry, "library/tilt-app:dev")
+    assert loaded["Id"] == docker.id_of(manifest=first.digest, config=first.config_digest)
+    assert "tilt-app:dev" in docker.docker("images", "--format", "{{.Repository}}:{{.Tag}}").stdout.split()
 
     # The tag is the registry's own now, on record: the next push moves it, a restart in between or not.
     registry.stop()
@@ -88,7 +88,10 @@ def test_a_new_name_is_loaded_and_follows_its_pushes_across_restarts(
     second = write_image_layout(tmp_path / "two", layer_sizes=(1 * MiB,), seed="tilt-2")
     push_layout(second, registry, "tilt-app", "dev")
     wait_until(
-        lambda: docker26.image_id("tilt-app:dev") == second.config_digest,
+        lambda: (
+            docker.image_id("tilt-app:dev")
+            == docker.id_of(manifest=second.digest, config=second.config_digest)
+        ),
         timeout=60,
         what="tilt-app:dev moved",
     )
@@ -96,17 +99,17 @@ def test_a_new_name_is_loaded_and_follows_its_pushes_across_restarts(
 
 
 def test_allow_docker_overwrite(
-    docker26: Dockerd, registry_under_test: RegistryFactory, tmp_path: Path
+    docker: Dockerd, registry_under_test: RegistryFactory, tmp_path: Path
 ) -> None:
-    own = build_image(docker26, "overwritten:1", layers=1, size=1 * MiB, seed="overwritten")
-    registry = registry_under_test(docker26, env={"K3D_REGISTRY_DOCKERD_ALLOW_DOCKER_OVERWRITE": "true"})
+    own = build_image(docker, "overwritten:1", layers=1, size=1 * MiB, seed="overwritten")
+    registry = registry_under_test(docker, env={"K3D_REGISTRY_DOCKERD_ALLOW_DOCKER_OVERWRITE": "true"})
     assert "pushes may replace Docker's own tags (env K3D_REGISTRY_DOCKERD_ALLOW_DOCKER_OVERWRITE)" in (
         registry.log_text()
     )
     push_layout(
         write_image_layout(tmp_path / "l", layer_sizes=(1 * MiB,), seed="over"), registry, "overwritten", "1"
     )
-    assert wait_loaded(docker26, registry, "library/overwritten:1")["Id"] != own.image_id
+    assert wait_loaded(docker, registry, "library/overwritten:1")["Id"] != own.image_id
 
 
 @pytest.fixture
@@ -117,7 +120,7 @@ def htpasswd(tmp_path: Path) -> Path:
 
 
 def test_htpasswd_guards_pushes_and_deletes_not_pulls(
-    docker26: Dockerd,
+    docker: Dockerd,
     docker20: Dockerd,
     node: Containerd,
     registry_under_test: RegistryFactory,
@@ -125,14 +128,14 @@ def test_htpasswd_guards_pushes_and_deletes_not_pulls(
     tmp_path: Path,
 ) -> None:
     # Only this dockerd has it: a node that got it can only have got it through the registry.
-    build_image(docker26, "guarded-local:1", layers=2, size=2 * MiB, seed="guarded-local")
+    build_image(docker, "guarded-local:1", layers=2, size=2 * MiB, seed="guarded-local")
     env = {
         "REGISTRY_AUTH": "htpasswd",
         "REGISTRY_AUTH_HTPASSWD_REALM": "dev pushes",
         "REGISTRY_AUTH_HTPASSWD_PATH": str(htpasswd),
     }
     port = free_port()
-    registry = registry_under_test(docker26, env=env, port=port, extra_args=["--addr", f"0.0.0.0:{port}"])
+    registry = registry_under_test(docker, env=env, port=port, extra_args=["--addr", f"0.0.0.0:{port}"])
     assert "pushes and deletes need credentials: 1 users in" in registry.log_text()
     assert "anyone who can reach" not in registry.log_text()
 
@@ -167,7 +170,7 @@ def test_htpasswd_guards_pushes_and_deletes_not_pulls(
     assert manifest_digest(registry, "guarded", "1") == layout.digest
     pushed = push_image(docker20, built, registry.addr, "guarded/docker", "1", credentials=PUSHER)
     assert manifest_digest(registry, "guarded/docker", "1") == pushed.digest
-    wait_loaded(docker26, registry, "library/guarded:1")
+    wait_loaded(docker, registry, "library/guarded:1")
 
     # A cluster pulls anonymously: an image only dockerd has, and the pushed one.
     node.set_mirror(registry.addr)
@@ -186,16 +189,16 @@ def test_htpasswd_guards_pushes_and_deletes_not_pulls(
     assert oci_client.request(delete, method="DELETE").status == 401
     good = {"Authorization": "Basic " + _b64(":".join(PUSHER))}
     assert oci_client.request(delete, method="DELETE", headers=good).status == 202
-    assert docker_image(docker26, "guarded:1") is None
+    assert docker_image(docker, "guarded:1") is None
 
 
-def test_an_open_registry_says_so_at_start(docker26: Dockerd, registry_under_test: RegistryFactory) -> None:
+def test_an_open_registry_says_so_at_start(docker: Dockerd, registry_under_test: RegistryFactory) -> None:
     port = free_port()
-    everyone = registry_under_test(docker26, port=port, extra_args=["--addr", f"0.0.0.0:{port}"])
+    everyone = registry_under_test(docker, port=port, extra_args=["--addr", f"0.0.0.0:{port}"])
     (line,) = [line for line in everyone.log_text().splitlines() if "anyone who can reach" in line]
     assert " WARNING " in line
     assert "REGISTRY_AUTH_HTPASSWD_PATH" in line and "htpasswd -Bc FILE USER" in line
-    loopback = registry_under_test(docker26)
+    loopback = registry_under_test(docker)
     assert "anyone who can reach" not in loopback.log_text()
 
 
