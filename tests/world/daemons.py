@@ -436,54 +436,31 @@ class DockerdVariant:
     containerd_store: bool
 
 
+def _engine(name: str, usr: Path, *, containerd_store: bool) -> DockerdVariant:
+    """A dockerd unpacked under `usr`, with the containerd beside it; bookworm's runc last on PATH."""
+    return DockerdVariant(
+        name,
+        usr / "sbin" / "dockerd",
+        usr / "bin" / "containerd",
+        (usr / "bin", usr / "sbin", *RUNC_PATH),
+        {"features": {"containerd-snapshotter": True}} if containerd_store else {},
+        containerd_store=containerd_store,
+    )
+
+
 VARIANTS: dict[str, DockerdVariant] = {
     # Engine 26 (API 1.45), classic graph-driver image store: `docker save` writes an OCI layout
     # with Docker-generated manifests and uncompressed layers.
-    "docker26": DockerdVariant(
-        "docker26",
-        DOCKER26_USR / "sbin" / "dockerd",
-        DOCKER26_USR / "bin" / "containerd",
-        (DOCKER26_USR / "bin", DOCKER26_USR / "sbin", *RUNC_PATH),
-        {},
-        containerd_store=False,
-    ),
+    "docker26": _engine("docker26", DOCKER26_USR, containerd_store=False),
     # Same binaries with the containerd image store: saves keep original digests and compression.
-    "docker26-containerd": DockerdVariant(
-        "docker26-containerd",
-        DOCKER26_USR / "sbin" / "dockerd",
-        DOCKER26_USR / "bin" / "containerd",
-        (DOCKER26_USR / "bin", DOCKER26_USR / "sbin", *RUNC_PATH),
-        {"features": {"containerd-snapshotter": True}},
-        containerd_store=True,
-    ),
+    "docker26-containerd": _engine("docker26-containerd", DOCKER26_USR, containerd_store=True),
     # Engine 28.5 (API 1.51: image save exports one platform), classic store.
-    "docker28": DockerdVariant(
-        "docker28",
-        DOCKER28_USR / "sbin" / "dockerd",
-        DOCKER28_USR / "bin" / "containerd",
-        (DOCKER28_USR / "bin", DOCKER28_USR / "sbin", *RUNC_PATH),
-        {},
-        containerd_store=False,
-    ),
+    "docker28": _engine("docker28", DOCKER28_USR, containerd_store=False),
     # Engine 28.5 with the containerd image store (on containerd 2.1): what a fresh Docker 29 runs.
-    "docker28-containerd": DockerdVariant(
-        "docker28-containerd",
-        DOCKER28_USR / "sbin" / "dockerd",
-        DOCKER28_USR / "bin" / "containerd",
-        (DOCKER28_USR / "bin", DOCKER28_USR / "sbin", *RUNC_PATH),
-        {"features": {"containerd-snapshotter": True}},
-        containerd_store=True,
-    ),
+    "docker28-containerd": _engine("docker28-containerd", DOCKER28_USR, containerd_store=True),
     # Debian bookworm's Engine 20.10 (API 1.41): `docker save` writes the legacy format.
     # Without deprecated-key-path it would write /etc/docker/key.json.
-    "docker20": DockerdVariant(
-        "docker20",
-        BOOKWORM_USR / "sbin" / "dockerd",
-        BOOKWORM_USR / "bin" / "containerd",
-        RUNC_PATH,
-        {},
-        containerd_store=False,
-    ),
+    "docker20": _engine("docker20", BOOKWORM_USR, containerd_store=False),
 }
 
 
