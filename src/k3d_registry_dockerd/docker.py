@@ -109,7 +109,7 @@ def classify_pull_error(message: str) -> type[Exception]:
     first: a challenge lets the cluster retry with its pull secret, and a 404 follows if that fails too.
     """
     text = message.lower()
-    if shutting_down(text):
+    if shutting_down(message):
         return DockerUnavailable
     if any(marker in text for marker in _AUTH_MARKERS):
         return PullDenied
@@ -305,10 +305,7 @@ class DockerClient:
                 yield response.content
         except DockerError as exc:
             # A daemon shutting down cancels the save it was asked for: that is Docker going away.
-            if (
-                exc.status == _CONNECTION_ERROR_STATUS
-                or classify_pull_error(exc.message) is DockerUnavailable
-            ):
+            if exc.status == _CONNECTION_ERROR_STATUS or shutting_down(exc.message):
                 raise self._lost(exc) from exc
             raise DockerFailed(f"saving {ref}: {exc.message}") from exc
 

@@ -651,16 +651,22 @@ class Mirror:
 
     # ---- readiness ------------------------------------------------------------------------------
 
+    async def docker_state(self) -> DaemonInfo | str:
+        """Docker's daemon facts, or why it cannot be reached (within READY_TIMEOUT seconds)."""
+        try:
+            async with asyncio.timeout(READY_TIMEOUT):
+                return await self.docker.daemon()
+        except DockerUnavailable as exc:
+            return str(exc)
+        except TimeoutError:
+            return f"Docker did not answer within {READY_TIMEOUT:.0f}s"
+
     async def readiness(self) -> dict[str, str]:
         """Problems that stop this registry from serving new images, by component; empty when ready."""
         problems: dict[str, str] = {}
-        try:
-            async with asyncio.timeout(READY_TIMEOUT):
-                await self.docker.daemon()
-        except DockerUnavailable as exc:
-            problems["docker"] = str(exc)
-        except TimeoutError:
-            problems["docker"] = f"Docker did not answer within {READY_TIMEOUT:.0f}s"
+        docker = await self.docker_state()
+        if isinstance(docker, str):
+            problems["docker"] = docker
         try:
             await asyncio.to_thread(self.store.check_writable)
         except OSError as exc:

@@ -11,12 +11,10 @@ from importlib import resources
 from typing import Any
 
 from . import __version__, cache
-from .docker import DockerUnavailable
 from .mirror import Mirror
 
 RECENT_PROBLEMS = 20
 RECENT_PULLS = 20
-DOCKER_TIMEOUT = 2.0
 # A pull is a run of requests from one client for one repository: its manifests, then its blobs
 # (containerd fetches three at a time, each layer taking as long as its bytes do).
 _SAME_PULL = 600.0
@@ -82,13 +80,9 @@ class RecentPulls:
 
 async def _docker_state(mirror: Mirror) -> dict[str, Any]:
     where = mirror.docker.describe()
-    try:
-        async with asyncio.timeout(DOCKER_TIMEOUT):
-            info = await mirror.docker.daemon()
-    except DockerUnavailable as exc:
-        return {"reachable": False, "endpoint": where, "problem": str(exc)}
-    except TimeoutError:
-        return {"reachable": False, "endpoint": where, "problem": f"no answer within {DOCKER_TIMEOUT:.0f}s"}
+    info = await mirror.docker_state()
+    if isinstance(info, str):
+        return {"reachable": False, "endpoint": where, "problem": info}
     return {
         "reachable": True,
         "endpoint": where,
