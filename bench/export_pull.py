@@ -2,6 +2,7 @@
 """Cold export and pull through k3d-registry-dockerd against a `docker save` baseline, in one run.
 
     python bench/export_pull.py [--size-mb 240] [--repeat 3] [--variant docker26]
+    python bench/export_pull.py --variant docker28-containerd   # zero-copy, and the export path beside it
 
 Starts a private dockerd (and a containerd "k3s node"), builds one deterministic image of ``--size-mb``
 MiB (4 incompressible data layers + busybox), then measures, ``--repeat`` rounds, interleaved (the order of
@@ -13,7 +14,9 @@ the three groups rotates every round, so machine noise and page-cache effects hi
 - client: a fresh registry (empty cache), then tests/world/oci_client.pull (manifest + all blobs in
   parallel, digests verified) cold, and again warm on the same registry;
 - ctr: another fresh registry as the node's mirror for every registry (``certs.d/_default/hosts.toml``),
-  ``ctr content fetch docker.io/library/IMAGE`` cold, then warm (node emptied, registry warm).
+  ``ctr content fetch docker.io/library/IMAGE`` cold, then warm (node emptied, registry warm);
+- export: on the containerd image store (where the pulls above are zero-copy: served from containerd's
+  content store as it is), the client's cold and warm pulls again with ``--no-zero-copy``.
 
 After each registry's runs its peak RSS (VmHWM from /proc/PID/status) and its log (exports, warnings,
 non-2xx answers) are read. Prints a table and ratios, writes the numbers to
@@ -57,6 +60,7 @@ from watch import status_mib  # noqa: E402
 
 from tests.world import oci_client  # noqa: E402
 from tests.world.daemons import (  # noqa: E402
+    NO_ZERO_COPY,
     Containerd,
     Dockerd,
     RegistryProcess,
@@ -83,6 +87,12 @@ METRICS: dict[str, str] = {
     "ctr_cold": "ctr content fetch, cold",
     "ctr_warm": "ctr content fetch, warm",
 }
+# On the containerd image store the pulls above are zero-copy; these take the export path instead.
+EXPORT_METRICS: dict[str, str] = {
+    "export_cold": "pull, cold, export path",
+    "export_warm": "pull, warm, export path",
+}
+ZERO_COPY_TARGET = 1.2
 GROUPS = ("docker_save", "client", "ctr")
 
 _EXPORTED = re.compile(r"exported \S+ in ([0-9.]+)s: (\w+) layout, (\d+) new blobs, ([0-9.]+ \w+) written")
@@ -181,9 +191,11 @@ def scan_log(run: RegistryRun, text: str, phase: str) -> None:
 
 
 @contextlib.contextmanager
-def fresh_registry(daemon: Dockerd, role: str) -> Iterator[tuple[RegistryProcess, RegistryRun]]:
+def fresh_registry(
+    daemon: Dockerd, role: str, extra_args: tuple[str, ...] = ()
+) -> Iterator[tuple[RegistryProcess, RegistryRun]]:
     """A registry with a new, empty cache dir; stopped and removed (cache included) afterwards."""
-    registry = RegistryProcess(daemon.host, log_level="info")
+    registry = RegistryProcess(daemon.host, log_level="info", extra_args=extra_args)
     try:
         registry.start(timeout=60)
         run = RegistryRun(role, idle_rss_mib=status_mib(registry_pid(registry), "VmRSS"))
@@ -236,8 +248,10 @@ def check_pulled(image: Image, pulled: oci_client.Pulled, what: str) -> None:
         )
 
 
-def run_client(daemon: Dockerd, image: Image, rnd: Round) -> None:
-    with fresh_registry(daemon, "client") as (registry, run):
+def run_client(daemon: Dockerd, image: Image, rnd: Round, *, export_path: bool = False) -> None:
+    """Cold and warm pulls with the raw client; `export_path`: with zero-copy off (metrics export_*)."""
+    role, args = ("export", NO_ZERO_COPY) if export_path else ("client", ())
+    with fresh_registry(daemon, role, args) as (registry, run):
         pid = registry_pid(registry)
 
         def pull() -> oci_client.Pulled:
@@ -247,7 +261,7 @@ def run_client(daemon: Dockerd, image: Image, rnd: Round) -> None:
             mark = log_size(registry)
             seconds, pulled = timed(pull)
             check_pulled(image, pulled, f"{phase} pull")
-            rnd.seconds[f"client_{phase}"] = seconds
+            rnd.seconds[f"{role}_{phase}"] = seconds
             scan_log(run, read_log(registry.log_path, mark), phase)
         run.peak_rss_mib = status_mib(pid, "VmHWM")
         rnd.registries.append(run)
@@ -307,9 +321,9 @@ def environment(daemon: Dockerd, node: Containerd) -> dict[str, Any]:
 # --------------------------------------------------------------------------- report
 
 
-def summary(rounds: list[Round]) -> dict[str, dict[str, float]]:
+def summary(rounds: list[Round], metrics: dict[str, str]) -> dict[str, dict[str, float]]:
     out = {}
-    for key in METRICS:
+    for key in metrics:
         values = [r.seconds[key] for r in rounds]
         out[key] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
     return out
@@ -322,10 +336,18 @@ def paired(rounds: list[Round], key: str, base: str = "docker_save") -> dict[str
 
 
 def report(
-    args: argparse.Namespace, env: dict[str, Any], image: Image, rounds: list[Round]
+    args: argparse.Namespace, env: dict[str, Any], image: Image, rounds: list[Round], zero_copy: bool
 ) -> tuple[dict[str, Any], list[str]]:
-    stats = summary(rounds)
-    ratios = {key: paired(rounds, key) for key in ("client_cold", "client_warm", "ctr_cold", "ctr_warm")}
+    metrics = {**METRICS, **(EXPORT_METRICS if zero_copy else {})}
+    stats = summary(rounds, metrics)
+    keys = ["client_cold", "client_warm", "ctr_cold", "ctr_warm", *(["export_cold"] if zero_copy else [])]
+    ratios = {key: paired(rounds, key) for key in keys}
+    to_warm = {
+        "client_cold": paired(rounds, "client_cold", "client_warm"),
+        "ctr_cold": paired(rounds, "ctr_cold", "ctr_warm"),
+        **({"export_cold": paired(rounds, "export_cold", "client_warm")} if zero_copy else {}),
+    }
+    cold_exports = {"export": 1, "client": 0 if zero_copy else 1, "ctr": 0 if zero_copy else 1}
     to_file = {key: paired(rounds, key, "docker_save_file") for key in ("client_cold", "ctr_cold")}
     warm_mib_s = [image.blob_bytes / MiB / r.seconds["client_warm"] for r in rounds]
     save_mib_s = [image.save_bytes / MiB / r.seconds["docker_save"] for r in rounds]
@@ -337,7 +359,11 @@ def report(
         for r in rounds
         for run in r.registries
         for problem in (
-            ([f"{run.exports_cold} exports in the cold run (expected 1)"] if run.exports_cold != 1 else [])
+            (
+                [f"{run.exports_cold} exports in the cold run (expected {cold_exports[run.role]})"]
+                if run.exports_cold != cold_exports[run.role]
+                else []
+            )
             + ([f"{run.exports_warm} exports in the warm run (expected 0)"] if run.exports_warm else [])
             + run.non_2xx
             + run.trouble
@@ -353,7 +379,7 @@ def report(
         "",
         f"{'seconds':<34}{'median':>9}{'min':>9}{'max':>9}",
     ]
-    for key, label in METRICS.items():
+    for key, label in metrics.items():
         s = stats[key]
         lines.append(f"{label:<34}{s['median']:>9.2f}{s['min']:>9.2f}{s['max']:>9.2f}")
 
@@ -375,6 +401,27 @@ def report(
         ratio_row("warm pull / docker save", "client_warm"),
         file_row("cold pull / docker save -o FILE", "client_cold"),
         file_row("ctr cold / docker save -o FILE", "ctr_cold"),
+        *([ratio_row("export-path cold / docker save", "export_cold")] if zero_copy else []),
+        "",
+        f"{'cold / warm (per round, paired)':<34}{'median':>9}{'best':>9}",
+        row(
+            "cold pull / warm pull",
+            to_warm["client_cold"]["median"],
+            to_warm["client_cold"]["best"],
+            note=f"   target <= {ZERO_COPY_TARGET} (zero-copy)" if zero_copy else "",
+        ),
+        row("ctr cold / ctr warm", to_warm["ctr_cold"]["median"], to_warm["ctr_cold"]["best"]),
+        *(
+            [
+                row(
+                    "export-path cold / warm pull",
+                    to_warm["export_cold"]["median"],
+                    to_warm["export_cold"]["best"],
+                )
+            ]
+            if zero_copy
+            else []
+        ),
         "",
         f"{'MiB/s':<34}{'median':>9}{'best':>9}",
         row("warm pull (blob bytes / time)", statistics.median(warm_mib_s), max(warm_mib_s), ".0f"),
@@ -383,7 +430,7 @@ def report(
         f"registry peak RSS (VmHWM, cold + warm): {peak_rss:.1f} MiB, max of {len(runs)} registry runs"
         f"   target <= {RSS_TARGET_MIB:.0f} at 1 GiB",
     ]
-    for role in ("client", "ctr"):
+    for role in ("client", "ctr", *(["export"] if zero_copy else [])):
         mine = [run for run in runs if run.role == role]
         lines.append(
             f"  {role:<7} peak {', '.join(f'{run.peak_rss_mib:.1f}' for run in mine)}"
@@ -408,10 +455,16 @@ def report(
         "summary_seconds": stats,
         "ratios_to_docker_save": ratios,
         "ratios_to_docker_save_file": to_file,
+        "ratios_cold_to_warm": to_warm,
+        "zero_copy": zero_copy,
         "warm_pull_mib_s": {"median": statistics.median(warm_mib_s), "best": max(warm_mib_s)},
         "docker_save_mib_s": {"median": statistics.median(save_mib_s), "best": max(save_mib_s)},
         "peak_rss_mib": peak_rss,
-        "targets": {"cold_over_save": COLD_TARGET, "peak_rss_mib_at_1GiB": RSS_TARGET_MIB},
+        "targets": {
+            "cold_over_save": COLD_TARGET,
+            "peak_rss_mib_at_1GiB": RSS_TARGET_MIB,
+            "zero_copy_cold_over_warm": ZERO_COPY_TARGET,
+        },
         "oddities": odd,
         "rounds": [asdict(r) for r in rounds],
     }
@@ -446,25 +499,27 @@ def main(argv: list[str] | None = None) -> int:
         image = prepare_image(daemon, args.size_mb)
         env = environment(daemon, node)
         rounds: list[Round] = []
+        groups = (*GROUPS, "export") if daemon.zero_copy else GROUPS
+        metrics = {**METRICS, **(EXPORT_METRICS if daemon.zero_copy else {})}
         for number in range(1, args.repeat + 1):
-            shift = (number - 1) % len(GROUPS)
-            rnd = Round(number, [*GROUPS[shift:], *GROUPS[:shift]])
+            shift = (number - 1) % len(groups)
+            rnd = Round(number, [*groups[shift:], *groups[:shift]])
             for group in rnd.order:
                 if group == "docker_save":
                     run_save(daemon, image, rnd)
-                elif group == "client":
-                    run_client(daemon, image, rnd)
+                elif group in ("client", "export"):
+                    run_client(daemon, image, rnd, export_path=group == "export")
                 else:
                     run_ctr(daemon, node, image, rnd)
             rounds.append(rnd)
             log(
                 f"round {number}/{args.repeat}: "
-                + ", ".join(f"{key} {rnd.seconds[key]:.2f}s" for key in METRICS)
+                + ", ".join(f"{key} {rnd.seconds[key]:.2f}s" for key in metrics)
                 + ", peak RSS "
                 + "/".join(f"{run.peak_rss_mib:.0f}" for run in rnd.registries)
                 + " MiB"
             )
-        data, lines = report(args, env, image, rounds)
+        data, lines = report(args, env, image, rounds, daemon.zero_copy)
         write_results(args.results_dir, "export_pull", data, lines)
         return 0
     except WorldUnavailable as exc:

@@ -15,12 +15,13 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.log import server_logger
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from . import PRODUCT, __version__
+from . import PRODUCT, __version__, blobfiles
 from .auth import Htpasswd
+from .content import ServedManifest
 from .docker import Credentials
 from .errors import RegistryError
 from .export import MAX_MANIFEST_SIZE, OCI_INDEX
-from .mirror import Mirror, ServedManifest
+from .mirror import Mirror
 from .push import Pushes
 from .reference import Digest, Repository, is_digest, parse_repository, parse_tag
 from .status import PAGE, RecentProblems, RecentPulls, snapshot
@@ -339,16 +340,15 @@ async def blob(request: web.Request) -> web.StreamResponse:
     mirror = request.app[MIRROR]
     repo = parse_repository(request.match_info["name"], request.query.get("ns"))
     digest = Digest.parse(request.match_info["digest"])
-    path = mirror.blob(repo, digest)
+    found = await mirror.blob(repo, digest)
     if _EMPTY_SUFFIX_RANGE.fullmatch(request.headers.get(hdrs.RANGE, "")):
         # "the last 0 bytes" is unsatisfiable (RFC 9110 14.1.1); aiohttp would send the whole blob.
-        size = (await asyncio.to_thread(path.stat)).st_size
+        size = (await asyncio.to_thread(found.path.stat)).st_size
         raise web.HTTPRequestRangeNotSatisfiable(headers={hdrs.CONTENT_RANGE: f"bytes */{size}"})
-    # FileResponse streams with sendfile and answers Range/If-Range itself (206, 416). Blobs are stored
-    # without a .gz/.br sibling, so it never picks a Content-Encoding.
-    return web.FileResponse(
-        path,
-        headers={
+    return await blobfiles.send(
+        request,
+        found,
+        {
             hdrs.CONTENT_TYPE: "application/octet-stream",
             "Docker-Content-Digest": str(digest),
             hdrs.ACCEPT_RANGES: "bytes",

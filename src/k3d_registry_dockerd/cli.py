@@ -25,6 +25,8 @@ from .settings import (
     ENV_AUTH,
     ENV_CACHE_DIR,
     ENV_CACHE_MAX_SIZE,
+    ENV_CONTAINERD_ADDRESS,
+    ENV_CONTAINERD_NAMESPACE,
     ENV_HTPASSWD_PATH,
     ENV_HTPASSWD_REALM,
     ENV_LOAD_PUSHED,
@@ -33,6 +35,7 @@ from .settings import (
     ENV_REFRESH_TAGS,
     ENV_TLS_CERT,
     ENV_TLS_KEY,
+    ENV_ZERO_COPY,
     LOG_FORMATS,
     LOG_LEVELS,
     SettingError,
@@ -137,6 +140,29 @@ def _server_options(parser: argparse.ArgumentParser, default: object = None) -> 
         "default k3d-registry-dockerd)",
     )
     parser.add_argument(
+        "--no-zero-copy",
+        action="store_const",
+        const=True,
+        default=default,
+        help="export every image from Docker, also when Docker's containerd image store could be served "
+        f"as it is (env {ENV_ZERO_COPY}=false)",
+    )
+    parser.add_argument(
+        "--containerd-address",
+        default=default,
+        metavar="SOCKET",
+        help="the socket of the containerd Docker's image store lives in (env "
+        f"{ENV_CONTAINERD_ADDRESS}; default: what Docker reports, else dockerd's own, else "
+        "/run/containerd/containerd.sock)",
+    )
+    parser.add_argument(
+        "--containerd-namespace",
+        default=default,
+        metavar="NAME",
+        help=f"the containerd namespace of Docker's images (env {ENV_CONTAINERD_NAMESPACE}; default: what "
+        "Docker reports, else moby)",
+    )
+    parser.add_argument(
         "--tls-cert",
         default=default,
         metavar="FILE",
@@ -230,6 +256,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="use one registry for many clusters, made once with `k3d registry create` (it names the "
         "container k3d-NAME)",
     )
+    k3d.add_argument(
+        "--containerd",
+        action="store_true",
+        help="also mount the system containerd's socket and content store (read-only), where Docker "
+        "Engine 29 on Linux keeps its images: they are then served without an export",
+    )
     kind = targets.add_parser(
         "kind",
         help="a kind Cluster config, and the containerd hosts.toml it mounts",
@@ -311,7 +343,7 @@ def _cache_ls(store: Store) -> int:
 def _print_config(args: argparse.Namespace) -> int:
     if args.target == "k3d":
         render = configs.k3d_shared if args.shared else configs.k3d_create
-        print(render(args.name, args.port, args.image), end="")
+        print(render(args.name, args.port, args.image, containerd=args.containerd), end="")
     elif args.target == "kind":
         hosts = Path(args.hosts_dir).resolve() / "_default" / "hosts.toml"
         try:
@@ -345,6 +377,9 @@ def _run(args: argparse.Namespace) -> int:
         allow_docker_overwrite=args.allow_docker_overwrite,
         htpasswd_path=args.auth_htpasswd_path,
         htpasswd_realm=args.auth_htpasswd_realm,
+        no_zero_copy=args.no_zero_copy,
+        containerd_address=args.containerd_address,
+        containerd_namespace=args.containerd_namespace,
     )
     tls = server.ssl_context(settings)
     endpoint = resolve_endpoint(os.environ)

@@ -7,6 +7,17 @@ from . import __version__
 IMAGE = "ghcr.io/k3d-registry-dockerd/k3d-registry-dockerd"
 DEFAULT_IMAGE = f"{IMAGE}:{__version__}"
 CACHE_VOLUME = "k3d-registry-dockerd-cache"
+DOCKER_SOCKET_MOUNT = "/var/run/docker.sock:/var/run/docker.sock"
+# Docker Engine 29 on Linux keeps its images in the system containerd: its socket, and its content store
+# read-only at the same path (containerd reports that path, the registry reads the files there).
+CONTAINERD_MOUNTS = (
+    "/run/containerd/containerd.sock:/run/containerd/containerd.sock",
+    "/var/lib/containerd/io.containerd.content.v1.content:/var/lib/containerd/io.containerd.content.v1.content:ro",
+)
+
+
+def _mounts(containerd: bool) -> tuple[str, ...]:
+    return (DOCKER_SOCKET_MOUNT, *(CONTAINERD_MOUNTS if containerd else ()))
 
 
 def registries_yaml(endpoint: str) -> str:
@@ -28,7 +39,7 @@ _K3D_HEADER = (
 )
 
 
-def k3d_create(name: str, port: int, image: str) -> str:
+def k3d_create(name: str, port: int, image: str, *, containerd: bool = False) -> str:
     """k3d Simple config whose cluster creates and uses the registry container (`registries.create`).
 
     k3d names that container exactly `registries.create.name` (no `k3d-` prefix, unlike `k3d registry
@@ -40,21 +51,24 @@ def k3d_create(name: str, port: int, image: str) -> str:
         f'    hostPort: "{port}"\n'
         f"    image: {image}\n"
         "    volumes:\n"
-        "      - /var/run/docker.sock:/var/run/docker.sock\n"
-        f"      - {CACHE_VOLUME}:/var/cache/k3d-registry-dockerd\n"
+        + "".join(f"      - {mount}\n" for mount in _mounts(containerd))
+        + f"      - {CACHE_VOLUME}:/var/cache/k3d-registry-dockerd\n"
         "  config: |\n" + _indented(registries_yaml(f"http://{name}:5000"), 4)
     )
 
 
-def k3d_shared(name: str, port: int, image: str) -> str:
+def k3d_shared(name: str, port: int, image: str, *, containerd: bool = False) -> str:
     """k3d Simple config using a registry created once with `k3d registry create` (shared by clusters).
 
     `k3d registry create NAME` always names the container `k3d-NAME`, so a name given with the prefix
     is passed without it; `registries.use` and the endpoint name the container."""
     short = name.removeprefix("k3d-")
     return (
-        f"# k3d registry create {short} --port {port} -i {image} \\\n"
-        "#   -v /var/run/docker.sock:/var/run/docker.sock\n" + _K3D_HEADER + "  use:\n"
+        f"# k3d registry create {short} --port {port} -i {image}"
+        + "".join(f" \\\n#   -v {mount}" for mount in _mounts(containerd))
+        + "\n"
+        + _K3D_HEADER
+        + "  use:\n"
         f"    - k3d-{short}:{port}\n"
         "  config: |\n" + _indented(registries_yaml(f"http://k3d-{short}:5000"), 4)
     )

@@ -68,6 +68,9 @@ class DaemonInfo:
     containerd_store: bool
     # "Docker Engine", or "Podman Engine" behind Podman's compatible API.
     product: str = "Docker Engine"
+    # The containerd Docker uses and the namespace of its containers and images (API >= 1.46).
+    containerd_address: str | None = None
+    containerd_namespace: str | None = None
 
     @property
     def api(self) -> tuple[int, int]:
@@ -213,6 +216,9 @@ class DockerClient:
             storage_driver=str(info.get("Driver")),
             containerd_store="snapshotter" in driver_status.get("driver-type", ""),
             product=_product(version),
+            containerd_address=(info.get("Containerd") or {}).get("Address") or None,
+            containerd_namespace=((info.get("Containerd") or {}).get("Namespaces") or {}).get("Containers")
+            or None,
         )
         log.info(
             "%s %s (API %s, %s) at %s, storage: %s",

@@ -13,7 +13,9 @@ from . import PRODUCT, cachedir, server, units
 from .auth import Htpasswd, HtpasswdError
 from .docker import SAVE_PLATFORM_API, DaemonInfo, DockerClient, DockerUnavailable
 from .endpoint import DockerEndpoint
-from .settings import ENV_ADDR, Settings
+from .metrics import Metrics
+from .settings import ENV_ADDR, ENV_CONTAINERD_ADDRESS, ENV_ZERO_COPY, Settings
+from .zerocopy import ZeroCopyConfig, discover
 
 # Engine API 1.44 (Docker 25) is where image save started writing an OCI image layout.
 OCI_SAVE_API = (1, 44)
@@ -65,6 +67,29 @@ def docker_findings(info: DaemonInfo, where: str) -> list[Finding]:
         Finding("ok", api_text),
         Finding("ok", storage),
     ]
+
+
+async def zero_copy_finding(settings: Settings, info: DaemonInfo) -> Finding:
+    """Whether images are served from Docker's containerd content store as they are, and why not."""
+    if not info.containerd_store:
+        return Finding("ok", f"zero-copy from containerd: off, Docker uses the {info.storage}")
+    if not settings.zero_copy:
+        return Finding("ok", f"zero-copy from containerd: off ({settings.sources['zero_copy']})")
+    config = ZeroCopyConfig(True, settings.containerd_address, settings.containerd_namespace)
+    found = await discover(config, info, Metrics(settings.cache_dir / "blobs"))
+    if isinstance(found, str):
+        return Finding(
+            "warn",
+            f"zero-copy from containerd: off, every image is exported: {found}",
+            f"give the registry Docker's containerd socket (--containerd-address or "
+            f"{ENV_CONTAINERD_ADDRESS}) and its content store directory, mounted at the same path",
+        )
+    await found.client.close()
+    return Finding(
+        "ok",
+        f"zero-copy from containerd: on ({found.client.address}, namespace {found.client.namespace}): "
+        f"images are served from {found.blobs_dir} as they are, never exported (off: {ENV_ZERO_COPY}=false)",
+    )
 
 
 def cache_finding(cache_dir: Path) -> Finding:
@@ -147,7 +172,9 @@ def write_access_finding(settings: Settings) -> Finding:
 async def diagnose(settings: Settings, docker: DockerClient) -> list[Finding]:
     findings: list[Finding] = []
     try:
-        findings += docker_findings(await docker.daemon(), docker.describe())
+        info = await docker.daemon()
+        findings += docker_findings(info, docker.describe())
+        findings.append(await zero_copy_finding(settings, info))
     except DockerUnavailable as exc:
         findings.append(
             Finding(

@@ -46,7 +46,8 @@ class Metrics:
         )
         self.manifest_cache = Counter(
             "k3d_registry_manifest_cache",
-            "Tag requests answered from the cache (hit) or needing an export (miss)",
+            "Manifest requests answered from the cache (hit), by an export (miss), from containerd's content "
+            "store (containerd) or from the cache while Docker is unreachable (stale)",
             ["result"],
             registry=self.registry,
         )
@@ -71,5 +72,10 @@ class Metrics:
         )
         self.exports_in_flight = Gauge(
             "k3d_registry_exports_in_flight", "Exports running now", registry=self.registry
+        )
+        self.digest_mismatches = Counter(
+            "k3d_registry_digest_mismatches",
+            "Blobs in containerd's content store whose bytes did not match their digest (not served)",
+            registry=self.registry,
         )
         self.registry.register(_CacheCollector(blobs_dir))

@@ -1,7 +1,9 @@
-"""Makes a requested image present in the store: inspect, maybe pull, export; once per image at a time.
+"""Makes a requested image present and picks the source that serves it: freshness and single-flight.
 
-Freshness rule: a tag is answered from the store only while Docker still maps it to the image ID the
-cached answer was exported from, so a rebuilt local tag is re-exported on its next request.
+A tag is resolved through Docker on every request (shared among the requests arriving meanwhile), pulled
+through Docker when missing, then served by the first source that can: Docker's containerd content store
+as it is (zero-copy), else our cache, exported from Docker once per image ID. So a rebuilt local tag is
+served fresh on its next request, whichever source serves it.
 """
 
 from __future__ import annotations
@@ -9,14 +11,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-import aiohttp
-
-from . import cache, progress, units
+from . import progress
+from .content import BlobFile, ImageContent, ServedManifest
 from .docker import (
     Credentials,
     DaemonInfo,
@@ -26,121 +24,19 @@ from .docker import (
     PullDenied,
     PullFailed,
     PullNotFound,
-    failure_reason,
 )
 from .errors import RegistryError
-from .export import (
-    INDEX_TYPES,
-    ExportError,
-    ExportPlan,
-    IncompleteImage,
-    Platform,
-    ThreadedStream,
-    index_child,
-    plan_manifests,
-    platform_text,
-    read_save_stream,
-    select_root,
-)
+from .exported import ExportedContent
+from .flights import FreshFlight, SingleFlight
 from .metrics import Metrics
 from .progress import PullEvents, Transfer
 from .reference import DOCKER_HUB, Digest, Repository, parse_repository, split_repo_tag
-from .store import ManifestEntry, RepositoryRecord, Store, TagEntry
+from .store import DigestMismatch, Store, TagEntry
+from .zerocopy import ContainerdContent, ZeroCopy
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 READY_TIMEOUT = 5.0
-LAST_USE_RESOLUTION = 60.0
-# How long an image stays safe from --cache-max-size eviction after a client fetched any part of it. A
-# pull fetches manifest, config and layers one after another (containerd three at a time), so the gaps
-# between its requests are a layer's transfer time; a layer being sent survives eviction anyway (the
-# open file outlives its unlink). Five minutes covers 3 GB layers at 10 MB/s.
-IN_USE_GRACE = 300.0
-ABSENT_LIMIT = 4096
-
-
-@dataclass
-class ExportProgress:
-    """An export running now: how far it got, and the blobs it relies on (evictions leave them alone)."""
-
-    # Expected: Docker's figure for the image's size; the save stream is about as long.
-    transfer: Transfer
-    claimed: set[str] = field(default_factory=set)
-
-
-@dataclass(frozen=True)
-class ServedManifest:
-    digest: str
-    media_type: str
-    body: bytes
-    # Docker had to pull or export for this answer (a warm one came from the cache as it was).
-    cold: bool = False
-
-
-class SingleFlight:
-    """Runs one task per key; concurrent callers share its result. A waiter leaving does not cancel it."""
-
-    def __init__(self) -> None:
-        self._tasks: dict[str, asyncio.Task[Any]] = {}
-
-    async def run(self, key: str, factory: Callable[[], Awaitable[T]]) -> T:
-        task = self._tasks.get(key)
-        if task is None:
-            task = asyncio.ensure_future(factory())
-            self._tasks[key] = task
-            task.add_done_callback(lambda done: self._finished(key, done))
-        return await asyncio.shield(task)
-
-    def _finished(self, key: str, task: asyncio.Task[Any]) -> None:
-        self._tasks.pop(key, None)
-        # Waiters that stayed got the exception; one nobody waited for must not be reported as lost.
-        if not task.cancelled():
-            task.exception()
-
-
-class FreshFlight:
-    """Shares a call among concurrent callers, but only one that started after each caller arrived, so
-    every answer is as fresh as an own call (a tag rebuilt a moment ago is seen). Callers arriving while
-    a call runs share the next one: a thousand nodes asking about one tag cost two calls, not a thousand."""
-
-    def __init__(self) -> None:
-        self._running: dict[str, asyncio.Task[Any]] = {}
-        self._next: dict[str, asyncio.Task[Any]] = {}
-
-    async def run(self, key: str, factory: Callable[[], Awaitable[T]]) -> T:
-        running = self._running.get(key)
-        if running is None:
-            task = self._start(key, factory)
-        else:
-            task = self._next.get(key) or self._queue(key, running, factory)
-        return await asyncio.shield(task)
-
-    def _start(self, key: str, factory: Callable[[], Awaitable[T]]) -> asyncio.Task[T]:
-        task = asyncio.ensure_future(factory())
-        self._running[key] = task
-        task.add_done_callback(lambda done: self._finished(key, done))
-        return task
-
-    def _queue(
-        self, key: str, running: asyncio.Task[Any], factory: Callable[[], Awaitable[T]]
-    ) -> asyncio.Task[T]:
-        async def after_running() -> T:
-            try:
-                await asyncio.wait({running})
-            finally:
-                self._next.pop(key, None)
-            return await self._start(key, factory)
-
-        task = asyncio.ensure_future(after_running())
-        self._next[key] = task
-        task.add_done_callback(lambda done: None if done.cancelled() else done.exception())
-        return task
-
-    def _finished(self, key: str, task: asyncio.Task[Any]) -> None:
-        if self._running.get(key) is task:
-            del self._running[key]
-        if not task.cancelled():
-            task.exception()
+PULLS_REMEMBERED = 4096
 
 
 class Mirror:
@@ -151,45 +47,77 @@ class Mirror:
         refresh_tags: float | None = None,
         metrics: Metrics | None = None,
         cache_max_size: int | None = None,
+        zero_copy: ZeroCopy | None = None,
     ) -> None:
         self.store = store
         self.docker = docker
         self.refresh_tags = refresh_tags
-        self.cache_max_size = cache_max_size
-        self.in_progress: dict[str, ExportProgress] = {}
+        self.metrics = metrics or Metrics(store.blobs_dir)
+        self.exported = ExportedContent(store, docker, self.metrics, cache_max_size)
+        self.zero_copy = zero_copy
         # Pulls through Docker running now, by Docker reference.
         self.pulling: dict[str, Transfer] = {}
-        self.metrics = metrics or Metrics(store.blobs_dir)
         self._flights = SingleFlight()
         self._inspects = FreshFlight()
-        self.exports = 0
-        # Digests a Docker image was found not to contain, so repeated requests cost no new export.
-        self._absent: dict[tuple[str, str], str] = {}
-        self._record_lock = asyncio.Lock()
         # Pushed images being loaded into Docker, by Docker reference (see push.py).
         self.loading: dict[str, asyncio.Task[None]] = {}
-        # When a client last fetched (Docker name, digest): pulls in progress, kept from eviction.
-        self._fetched: dict[tuple[str, str], float] = {}
+        # Docker reference -> (image ID, when this registry pulled it), for tags served without a cache
+        # record (zero-copy): --refresh-tags needs to know when they were pulled.
+        self._pulled: dict[str, tuple[str, float]] = {}
+        # Docker's facts when it last answered: containerd's image records can be read without Docker.
+        self._last_info: DaemonInfo | None = None
+
+    async def _daemon(self) -> DaemonInfo:
+        self._last_info = await self.docker.daemon()
+        return self._last_info
+
+    def _containerd_without_docker(self) -> tuple[ContainerdContent, DaemonInfo] | None:
+        """containerd's content store while Docker is down, if zero-copy was on when Docker last answered:
+        its image records are the same store Docker reads, so they are as fresh as Docker's answer."""
+        content = self.zero_copy.content if self.zero_copy is not None else None
+        if content is None or self._last_info is None or not self._last_info.containerd_store:
+            return None
+        return content, self._last_info
+
+    async def _containerd(self, info: DaemonInfo) -> ContainerdContent | None:
+        return await self.zero_copy.source(info) if self.zero_copy is not None else None
+
+    async def _sources(self, info: DaemonInfo) -> list[ImageContent]:
+        """Where to look for an image's content, in order: containerd's store as it is, then our cache."""
+        containerd = await self._containerd(info)
+        return [containerd, self.exported] if containerd is not None else [self.exported]
 
     # ---- manifests -------------------------------------------------------------------------------
 
     async def manifest_by_tag(
         self, repo: Repository, tag: str, credentials: Credentials | None
     ) -> ServedManifest:
-        cached = self._cached_tag(repo, tag)
+        cached = self.exported.cached_tag(repo, tag)
         # Own namespace and mirror requests share a record (same Docker name): a pushed tag stands for
         # that Docker image either way, so a mirror request must not replace it with an upstream pull.
         if cached is not None and cached.pushed and await self._pushed_current(repo, tag, cached):
             self.metrics.manifest_cache.labels("hit").inc()
-            return self._served(repo, cached.digest, cached.media_type)
+            return self.exported.served(repo, cached.digest, cached.media_type)
         try:
-            return await self._fresh_tag(repo, tag, cached, credentials)
+            image, pulled_at = await self._current_image(repo, tag, cached, credentials)
+            info = await self._daemon()
+            for source in await self._sources(info):
+                served = await source.by_tag(repo, tag, image, info, pulled_at)
+                if served is not None:
+                    return served
         except DockerUnavailable as exc:
-            if cached is not None and self.store.has_blob(cached.digest):
-                log.warning("serving cached %s (%s) as it was: %s", repo.familiar(tag), cached.digest, exc)
+            without = self._containerd_without_docker()
+            served = await without[0].by_tag(repo, tag, None, without[1], None) if without else None
+            if served is not None:
+                log.warning("%s: %s; served as containerd's image record has it", repo.familiar(tag), exc)
+                return served
+            stale = self.exported.stale(repo, tag)
+            if stale is not None:
+                log.warning("serving cached %s (%s) as it was: %s", repo.familiar(tag), stale.digest, exc)
                 self.metrics.manifest_cache.labels("stale").inc()
-                return self._served(repo, cached.digest, cached.media_type)
+                return stale
             raise RegistryError("UNAVAILABLE", str(exc)) from exc
+        raise RegistryError("MANIFEST_UNKNOWN", f"manifest unknown: {repo.familiar(tag)}")
 
     async def _pushed_current(self, repo: Repository, tag: str, pushed: TagEntry) -> bool:
         """A pushed tag wins over Docker's image of that name unless Docker's was changed after the
@@ -206,62 +134,68 @@ class Mirror:
         log.info("%s changed in Docker after it was pushed here: serving Docker's image", repo.familiar(tag))
         return False
 
-    def _cached_tag(self, repo: Repository, tag: str) -> TagEntry | None:
-        record = self.store.record(repo.docker_name)
-        return record.tags.get(tag) if record else None
-
-    async def _fresh_tag(
-        self, repo: Repository, tag: str, cached: TagEntry | None, credentials: Credentials | None
-    ) -> ServedManifest:
-        image, pulled_at = await self._current_image(repo, tag, cached, credentials)
-        image_id = image["Id"]
-        # Another request may have finished exporting this image while we inspected it.
-        cached = self._cached_tag(repo, tag)
-        if cached is not None and cached.image_id == image_id and self.store.has_blob(cached.digest):
-            now = time.time()
-            used_long_ago = cached.last_used is None or now - cached.last_used > LAST_USE_RESOLUTION
-            if pulled_at is not None or used_long_ago:
-                # Recorded at most once a minute per tag: a record write per pull would be wasted I/O.
-                changed = replace(cached, pulled_at=pulled_at or cached.pulled_at, last_used=now)
-                await self._update(repo, {}, {tag: changed})
-            self.metrics.manifest_cache.labels("hit").inc()
-            return self._served(repo, cached.digest, cached.media_type, cold=pulled_at is not None)
-        self.metrics.manifest_cache.labels("miss").inc()
-        size = int(image.get("Size") or 0)
-        entry = await self._flights.run(
-            f"export {repo.docker_ref(tag)} {image_id}",
-            lambda: self._export_tag(repo, tag, image_id, pulled_at, size),
-        )
-        return self._served(repo, entry.digest, entry.media_type, cold=True)
-
     async def manifest_by_digest(
         self, repo: Repository, digest: Digest, credentials: Credentials | None
     ) -> ServedManifest:
         text = str(digest)
-        record = self.store.record(repo.docker_name)
-        if record and text in record.manifests and self.store.has_blob(text):
-            return self._served(repo, text, record.manifests[text].media_type)
-        ref = repo.docker_ref(text)
+        recorded = self.exported.recorded(repo, text)
+        if recorded is not None:
+            return recorded
         try:
             found = await self._flights.run(
-                f"digest {ref}", lambda: self._export_digest(repo, digest, credentials)
+                f"digest {repo.docker_ref(text)}", lambda: self._by_digest(repo, text, credentials)
             )
         except DockerUnavailable as exc:
-            raise RegistryError("UNAVAILABLE", str(exc)) from exc
-        if not found:
+            without = self._containerd_without_docker()
+            found = await without[0].by_digest(repo, text, None, without[1]) if without else None
+            if found is None:
+                raise RegistryError("UNAVAILABLE", str(exc)) from exc
+        if found is None:
             raise RegistryError("MANIFEST_UNKNOWN", f"manifest unknown: {repo.familiar(text)}")
-        record = self.store.record(repo.docker_name)
-        assert record is not None
-        return self._served(repo, text, record.manifests[text].media_type, cold=True)
+        return found
 
-    def _served(
-        self, repo: Repository, digest: str, media_type: str, *, cold: bool = False
-    ) -> ServedManifest:
-        body = self.store.read_blob(digest)
-        if body is None:
-            raise RegistryError("MANIFEST_UNKNOWN", f"manifest {digest} is no longer in the cache")
-        self._note_fetch(repo, digest)
-        return ServedManifest(digest, media_type, body, cold)
+    async def _by_digest(
+        self, repo: Repository, digest: str, credentials: Credentials | None
+    ) -> ServedManifest | None:
+        """A digest from the sources, pulled through Docker first when no image has it."""
+        info = await self._daemon()
+        containerd = await self._containerd(info)
+        if containerd is not None:
+            served = await containerd.by_digest(repo, digest, None, info)
+            if served is not None:
+                return served
+        ref = repo.docker_ref(digest)
+        image = await self._inspect(ref)
+        if image is None and repo.remote and info.containerd_store:
+            foreign = self.exported.foreign_child(repo, digest, info.platform) or (
+                containerd.foreign_child(repo, digest, info.platform) if containerd else None
+            )
+            if foreign is not None:
+                # containerd 2 reads every platform's manifest and config of an index it pulls: pulling a
+                # foreign platform's whole image through Docker for that would be wasted.
+                log.info(
+                    "manifest %s: the %s image of an index Docker holds for %s only; the client gets it "
+                    "from the upstream",
+                    repo.familiar(digest),
+                    foreign,
+                    info.platform,
+                )
+                return None
+            try:
+                await self._pull(repo, ref, credentials)
+            except RegistryError as exc:
+                if exc.code == "MANIFEST_UNKNOWN":
+                    return None
+                raise
+            image = await self._inspect(ref)
+        if image is None:
+            log.info("manifest %s: Docker has no image with that digest", repo.familiar(digest))
+            return None
+        for source in await self._sources(info):
+            served = await source.by_digest(repo, digest, image, info)
+            if served is not None:
+                return served
+        return None
 
     # ---- Docker: inspect and pull ---------------------------------------------------------------
 
@@ -278,31 +212,38 @@ class Mirror:
             image = await self._inspect(ref)
             if image is None:
                 raise RegistryError("MANIFEST_UNKNOWN", f"Docker pulled {ref} but does not list it")
-            return image, pulled_at
-        if not (repo.remote and self._refresh_due(cached, image)):
+            return self._remember_pull(ref, image, pulled_at), pulled_at
+        if not (repo.remote and self._refresh_due(ref, cached, image)):
             return image, None
         try:
             pulled_at = await self._pull(repo, ref, credentials)
         except RegistryError as exc:
             log.warning("refreshing %s failed, serving Docker's copy: %s", ref, exc.message)
             return image, None
-        return await self._inspect(ref) or image, pulled_at
+        return self._remember_pull(ref, await self._inspect(ref) or image, pulled_at), pulled_at
 
     async def _inspect(self, ref: str) -> dict[str, Any] | None:
         """Docker's inspect of `ref`, shared by the requests that arrive while one runs (see FreshFlight)."""
         return await self._inspects.run(ref, lambda: self.docker.inspect(ref))
 
-    def _refresh_due(self, cached: TagEntry | None, image: dict[str, Any]) -> bool:
+    def _refresh_due(self, ref: str, cached: TagEntry | None, image: dict[str, Any]) -> bool:
         if self.refresh_tags is None:
             return False
-        if cached is None or cached.image_id != image["Id"] or cached.pulled_at is None:
+        pulled = (cached.image_id, cached.pulled_at) if cached is not None else self._pulled.get(ref)
+        if pulled is None or pulled[0] != image["Id"] or pulled[1] is None:
             return True
-        return time.time() - cached.pulled_at > self.refresh_tags
+        return time.time() - pulled[1] > self.refresh_tags
 
     async def _pull(self, repo: Repository, ref: str, credentials: Credentials | None) -> float:
         key = f"pull {ref} {credentials.username if credentials else ''}"
         await self._flights.run(key, lambda: self._do_pull(repo, ref, credentials))
         return time.time()
+
+    def _remember_pull(self, ref: str, image: dict[str, Any], pulled_at: float) -> dict[str, Any]:
+        self._pulled[ref] = (image["Id"], pulled_at)
+        while len(self._pulled) > PULLS_REMEMBERED:
+            self._pulled.pop(next(iter(self._pulled)))
+        return image
 
     async def _do_pull(self, repo: Repository, ref: str, credentials: Credentials | None) -> None:
         started, outcome = time.monotonic(), "failed"
@@ -342,273 +283,6 @@ class Mirror:
         finally:
             self.pulling.pop(ref, None)
             self.metrics.pulls.labels(outcome).observe(time.monotonic() - started)
-
-    # ---- export ---------------------------------------------------------------------------------
-
-    async def _export_tag(
-        self, repo: Repository, tag: str, image_id: str, pulled_at: float | None, size: int
-    ) -> TagEntry:
-        ref = repo.docker_ref(tag)
-        info = await self.docker.daemon()
-        entries: list[TagEntry] = []
-
-        async def keep(plan: ExportPlan) -> None:
-            now = time.time()
-            entry = TagEntry(
-                digest=plan.root.digest,
-                media_type=plan.manifests[plan.root.digest].media_type,
-                image_id=image_id,
-                exported_at=now,
-                pulled_at=pulled_at or self._previous_pull(repo, tag, image_id),
-                last_used=now,
-            )
-            await self._update(repo, plan.manifests, {tag: entry})
-            entries.append(entry)
-
-        await self._export(ref, info, (ref, repo.familiar(tag), tag), size, keep)
-        await self._enforce_limit(repo, entries[0].digest)
-        return entries[0]
-
-    def _previous_pull(self, repo: Repository, tag: str, image_id: str) -> float | None:
-        record = self.store.record(repo.docker_name)
-        previous = record.tags.get(tag) if record else None
-        return previous.pulled_at if previous and previous.image_id == image_id else None
-
-    def _foreign_child(self, repo: Repository, digest: str, platform: Platform) -> str | None:
-        """The platform of `digest` when an index cached for the repository lists it for another platform
-        than Docker's own."""
-        record = self.store.record(repo.docker_name)
-        for index, entry in record.manifests.items() if record else ():
-            if entry.media_type in INDEX_TYPES and digest in entry.references:
-                child = index_child(self.store.read_blob(index), digest)
-                if child is not None and not platform.matches(child.get("platform")):
-                    return platform_text(child.get("platform"))
-        return None
-
-    async def _export_digest(self, repo: Repository, digest: Digest, credentials: Credentials | None) -> bool:
-        """Finds a digest in Docker's export of that image; False (logged) when it cannot be served."""
-        text, ref = str(digest), repo.docker_ref(str(digest))
-        image = await self._inspect(ref)
-        info = await self.docker.daemon()
-        if image is None and repo.remote and info.containerd_store:
-            foreign = self._foreign_child(repo, text, info.platform)
-            if foreign is not None:
-                # containerd 2 reads every platform's manifest and config of an index it pulls: pulling a
-                # foreign platform's whole image through Docker for that would be wasted.
-                log.info(
-                    "manifest %s: the %s image of an index Docker holds for %s only; the client gets it "
-                    "from the upstream",
-                    repo.familiar(text),
-                    foreign,
-                    info.platform,
-                )
-                return False
-            try:
-                await self._pull(repo, ref, credentials)
-            except RegistryError as exc:
-                if exc.code == "MANIFEST_UNKNOWN":
-                    return False
-                raise
-            image = await self._inspect(ref)
-        if image is None:
-            log.info("manifest %s: Docker has no image with that digest", repo.familiar(text))
-            return False
-        if self._absent.get((repo.docker_name, text)) == image["Id"]:
-            return False
-        try:
-            plan = await self._export(
-                ref,
-                info,
-                (ref,),
-                int(image.get("Size") or 0),
-                lambda plan: self._update(repo, plan.manifests, {}),
-            )
-        except RegistryError:
-            self._remember_absent(repo, text, image["Id"])
-            raise
-        await self._enforce_limit(repo, plan.root.digest)
-        if text in plan.manifests:
-            return True
-        self._remember_absent(repo, text, image["Id"])
-        why = (
-            "Docker's classic image store generates its own manifests on export, so the upstream's digests "
-            "cannot be served (the client falls back to the upstream registry)"
-            if not info.containerd_store
-            else "the export does not contain it"
-        )
-        log.warning(
-            "manifest %s: not in Docker's export of image %s: %s", repo.familiar(text), image["Id"], why
-        )
-        return False
-
-    async def _enforce_limit(self, repo: Repository, digest: str) -> None:
-        """Evicts least recently used images past --cache-max-size, keeping the one just exported, the
-        ones clients fetched from in the last IN_USE_GRACE seconds and every blob an export still running
-        relies on: the cache exceeds the limit only by those."""
-        if self.cache_max_size is None:
-            return
-        limit = self.cache_max_size
-        now = time.monotonic()
-        self._fetched[(repo.docker_name, digest)] = now
-        self._fetched = {key: at for key, at in self._fetched.items() if now - at < IN_USE_GRACE}
-        fetched = set(self._fetched)
-        in_use: set[str] = set().union(*(export.claimed for export in self.in_progress.values()))
-        async with self._record_lock:
-            eviction = await asyncio.to_thread(cache.evict, self.store, limit, fetched, in_use)
-        if eviction.remaining > limit:
-            log.info(
-                "cache at %s stays over the %s limit: the rest is in use (fetched in the last %s, or an "
-                "export running) and is evicted once idle",
-                units.size(eviction.remaining),
-                units.size(limit),
-                units.duration(IN_USE_GRACE),
-            )
-        for image in eviction.dropped:
-            self.metrics.evictions.inc()
-            log.info(
-                "evicted %s %s (%s, tags %s) to keep the cache under %s",
-                image.repository,
-                image.digest,
-                units.size(image.size),
-                ",".join(image.tags),
-                units.size(limit),
-            )
-
-    def _note_fetch(self, repo: Repository, digest: str) -> None:
-        if self.cache_max_size is not None:
-            self._fetched[(repo.docker_name, digest)] = time.monotonic()
-
-    def _remember_absent(self, repo: Repository, digest: str, image_id: str) -> None:
-        if len(self._absent) >= ABSENT_LIMIT:
-            self._absent.pop(next(iter(self._absent)))
-        self._absent[(repo.docker_name, digest)] = image_id
-
-    async def _update(
-        self, repo: Repository, manifests: dict[str, ManifestEntry], tags: dict[str, TagEntry]
-    ) -> None:
-        """Adds manifests and tags to a repository's record; manifests once served stay servable, and
-        pushed ones keep their entry (an export of the same bytes does not make them evictable)."""
-
-        def merge(current: RepositoryRecord) -> RepositoryRecord:
-            pushed = {d: m for d, m in current.manifests.items() if m.pushed}
-            return replace(
-                current,
-                tags={**current.tags, **tags},
-                manifests={**current.manifests, **manifests, **pushed},
-            )
-
-        await self.edit_record(repo.docker_name, merge)
-
-    async def edit_record(
-        self, name: str, change: Callable[[RepositoryRecord], RepositoryRecord], *, free_blobs: bool = False
-    ) -> RepositoryRecord:
-        """Applies `change` to a repository's record (an empty one if none) and saves the result, one
-        change at a time; `change` raises to refuse. With `free_blobs`, blobs the record no longer needs
-        and nothing else uses (exports running included) are removed from the cache."""
-        async with self._record_lock:
-            current = self.store.record(name) or RepositoryRecord(name=name)
-            record = change(current)
-            if free_blobs:
-                in_use: set[str] = set().union(*(e.claimed for e in self.in_progress.values()))
-                await asyncio.to_thread(cache.replace_record, self.store, record, in_use)
-            elif record != current:
-                await asyncio.to_thread(self.store.save_record, record)
-            return record
-
-    async def _export(
-        self,
-        ref: str,
-        info: DaemonInfo,
-        names: tuple[str, ...],
-        size: int,
-        keep: Callable[[ExportPlan], Awaitable[None]],
-    ) -> ExportPlan:
-        """Exports an image into the store and has `keep` record what is served of it; whatever else the
-        export stored (a failed export's blobs, files Docker adds that no manifest uses) is removed."""
-        self.metrics.exports_in_flight.inc()
-        export = self.in_progress[ref] = ExportProgress(Transfer("export", ref, size))
-        started, outcome = time.monotonic(), "failed"
-        try:
-            async with progress.logged(export.transfer):
-                plan = await self._save_into_store(ref, info, names, export)
-            await keep(plan)
-            outcome = "ok"
-            return plan
-        finally:
-            await self._discard_unused(ref, export.claimed)
-            self.in_progress.pop(ref, None)
-            self.metrics.exports_in_flight.dec()
-            self.metrics.exports.labels(outcome).observe(time.monotonic() - started)
-
-    async def _discard_unused(self, ref: str, stored: set[str]) -> None:
-        """Removes blobs an export stored that no record references and no other export relies on."""
-        async with self._record_lock:
-            others = [e.claimed for r, e in self.in_progress.items() if r != ref]
-            unused = stored - cache.referenced(self.store) - set().union(*others)
-            freed = await asyncio.to_thread(cache.remove_blobs, self.store, unused)
-        if freed:
-            log.info("removed %s the export of %s stored but nothing uses", units.size(freed), ref)
-
-    async def _save_into_store(
-        self, ref: str, info: DaemonInfo, names: tuple[str, ...], export: ExportProgress
-    ) -> ExportPlan:
-        """Streams `docker save` of one image into the store and plans what of it can be served."""
-        self.exports += 1
-        started = time.monotonic()
-        log.info("exporting %s from Docker (export #%d)", ref, self.exports)
-        loop = asyncio.get_running_loop()
-        try:
-            # The containerd image store exports an image's own target (the upstream's index, with the
-            # blobs Docker holds) only when asked for the whole image: with `platform` it writes just that
-            # platform's manifest, and the index and its digest would be lost. The classic store keeps
-            # one platform of an image anyway.
-            platform = None if info.containerd_store else info.platform
-            async with self.docker.save(ref, platform) as stream:
-                reader = ThreadedStream(stream, loop)
-                export.transfer.counter = lambda: reader.bytes_read
-                try:
-                    contents = await asyncio.to_thread(read_save_stream, reader, self.store, export.claimed)
-                finally:
-                    reader.close()
-            root = select_root(contents.roots, names)
-            plan = plan_manifests(root, self.store.read_blob, self.store.has_blob, info.platform)
-        except (DockerUnavailable, RegistryError):
-            raise
-        except DockerFailed as exc:
-            log.error("export of %s failed: %s", ref, exc)
-            raise RegistryError(
-                "UNAVAILABLE", f"Docker could not export {ref}", status=502, detail=str(exc)
-            ) from exc
-        except (aiohttp.ClientError, ConnectionError) as exc:
-            reason = failure_reason(exc)
-            log.error("export of %s failed: the stream from Docker broke: %s", ref, reason)
-            raise RegistryError("UNAVAILABLE", f"export of {ref} from Docker failed: {reason}") from exc
-        except OSError as exc:
-            log.error("export of %s failed writing to the cache %s: %s", ref, self.store.root, exc)
-            raise RegistryError(
-                "UNAVAILABLE", f"cannot store {ref} in the cache {self.store.root}: {exc.strerror or exc}"
-            ) from exc
-        except ExportError as exc:
-            log.error("export of %s rejected: %s", ref, exc)
-            raise RegistryError(
-                "UNAVAILABLE", f"export of {ref} from Docker was rejected", status=502, detail=str(exc)
-            ) from exc
-        except IncompleteImage as exc:
-            log.error("cannot serve %s: %s; answering 404 so the client falls back to the upstream", ref, exc)
-            raise RegistryError(
-                "MANIFEST_UNKNOWN", f"{ref}: Docker's export is incomplete", detail=str(exc)
-            ) from exc
-        elapsed = time.monotonic() - started
-        log.info(
-            "exported %s in %.1fs: %s layout, %d new blobs, %s written, serving %s",
-            ref,
-            elapsed,
-            contents.layout,
-            contents.blobs_written,
-            units.size(contents.bytes_written),
-            plan.root.digest,
-        )
-        return plan
 
     # ---- content discovery ----------------------------------------------------------------------
 
@@ -675,11 +349,48 @@ class Mirror:
 
     # ---- blobs ----------------------------------------------------------------------------------
 
-    def blob(self, repo: Repository, digest: Digest) -> Path:
-        """The path of a blob, if this repository's manifests reference it."""
+    async def blob(self, repo: Repository, digest: Digest) -> BlobFile:
+        """A blob's file, if this repository's manifests reference it."""
         text = str(digest)
-        record = self.store.record(repo.docker_name)
-        if record is None or not record.serves_blob(text) or not self.store.has_blob(text):
+        found = await self.exported.blob(repo, text, None)
+        if found is None:
+            found = await self._containerd_blob(repo, text)
+        if found is None:
             raise RegistryError("BLOB_UNKNOWN", f"blob unknown to {repo.name}: {text}")
-        self._note_fetch(repo, text)
-        return self.store.blob_path(digest)
+        return found
+
+    async def _containerd_blob(self, repo: Repository, digest: str) -> BlobFile | None:
+        try:
+            info = await self._daemon()
+            containerd = await self._containerd(info)
+        except DockerUnavailable:
+            without = self._containerd_without_docker()
+            if without is None:
+                return None
+            containerd, info = without
+        return await containerd.blob(repo, digest, info) if containerd is not None else None
+
+    async def keep_in_cache(self, repo: Repository, digest: str) -> bool:
+        """Copies a blob this repository serves from containerd's content store into our cache (verified),
+        for a push that uses it: pushed content must not depend on what containerd keeps."""
+        found = await self._containerd_blob(repo, digest)
+        if found is None:
+            return False
+        try:
+            await asyncio.to_thread(self.store.put_file, found.path, digest)
+        except (OSError, DigestMismatch) as exc:
+            log.warning("copying %s from containerd's content store into the cache failed: %s", digest, exc)
+            return False
+        return True
+
+    async def docker_refs_of(self, repo: Repository, digest: str) -> list[str] | None:
+        """Docker's references in this repository whose image is `digest`, when containerd's content
+        store serves it (zero-copy); None when it does not."""
+        try:
+            info = await self._daemon()
+        except DockerUnavailable:
+            return None
+        containerd = await self._containerd(info)
+        if containerd is None or await containerd.by_digest(repo, digest, None, info) is None:
+            return None
+        return await containerd.names_of(repo, digest)

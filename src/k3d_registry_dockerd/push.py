@@ -96,7 +96,7 @@ class Pushes:
                 )
             return record if text in record.blobs else replace(record, blobs=[*record.blobs, text])
 
-        await self.mirror.edit_record(repo.docker_name, add)
+        await self.mirror.exported.edit_record(repo.docker_name, add)
 
     # ---- manifests -------------------------------------------------------------------------------
 
@@ -127,6 +127,16 @@ class Pushes:
                     detail={"digest": child.digest},
                 )
 
+    async def _adopt_containerd_blobs(self, repo: Repository, pushed: PushedManifest) -> None:
+        """Blobs a client did not upload because this repository already served them from containerd's
+        content store (its HEAD said so) are copied into the cache and linked, as if pushed."""
+        record = self.store.record(repo.docker_name) or RepositoryRecord(repo.docker_name)
+        for blob in pushed.blobs:
+            if blob.external or (record.serves_blob(blob.digest) and self.store.has_blob(blob.digest)):
+                continue
+            if await self.mirror.keep_in_cache(repo, blob.digest):
+                await self.link(repo, Digest.parse(blob.digest))
+
     async def put_manifest(
         self, repo: Repository, reference: str, body: bytes, content_type: str | None
     ) -> tuple[str, PushedManifest]:
@@ -138,6 +148,7 @@ class Pushes:
         digest = f"sha256:{hashlib.sha256(body).hexdigest()}"
         if named is not None and str(named) != digest:
             raise RegistryError("DIGEST_INVALID", f"manifest hashes to {digest}, not {reference}")
+        await self._adopt_containerd_blobs(repo, pushed)
         self._check_references(
             self.store.record(repo.docker_name) or RepositoryRecord(repo.docker_name), pushed
         )
@@ -162,7 +173,7 @@ class Pushes:
                 )
             return replace(record, manifests={**record.manifests, digest: entry}, tags=tags)
 
-        await self.mirror.edit_record(repo.docker_name, add)
+        await self.mirror.exported.edit_record(repo.docker_name, add)
         log.info("pushed %s (%s, %d bytes)", repo.familiar(tag or digest), digest, len(body))
         if tag is not None and self.load_pushed:
             self._start_load(repo, tag, digest, pushed.media_type)
@@ -233,7 +244,7 @@ class Pushes:
                 tags = {**tags, tag: replace(entry, image_id=image_id)}
             return replace(record, tags=tags, loaded={**record.loaded, tag: image_id})
 
-        await self.mirror.edit_record(repo.docker_name, mark)
+        await self.mirror.exported.edit_record(repo.docker_name, mark)
 
     async def _settle_load(self, ref: str) -> None:
         task = self.mirror.loading.get(ref)
@@ -300,7 +311,16 @@ class Pushes:
     async def _delete_digest(self, repo: Repository, digest: str) -> None:
         record = self.store.record(repo.docker_name)
         if record is None or digest not in record.manifests:
-            raise RegistryError("MANIFEST_UNKNOWN", f"manifest unknown: {repo.familiar(digest)}")
+            refs = None if repo.remote else await self.mirror.docker_refs_of(repo, digest)
+            if refs is None:
+                raise RegistryError("MANIFEST_UNKNOWN", f"manifest unknown: {repo.familiar(digest)}")
+            # Served from containerd's content store: Docker's own image, untagged only when allowed.
+            if not self.allow_docker_delete:
+                raise self._docker_delete_refused(repo.familiar(digest))
+            for ref in refs:
+                await self._untag(ref, digest)
+            log.info("deleted %s from Docker (%s)", repo.familiar(digest), ", ".join(refs) or "no tags")
+            return
         if not repo.remote:
             if not record.manifests[digest].pushed and not self.allow_docker_delete:
                 raise self._docker_delete_refused(repo.familiar(digest))
@@ -336,7 +356,7 @@ class Pushes:
         log.info("deleted blob %s from %s", text, repo.name)
 
     async def _forget(self, repo: Repository, change: Any) -> None:
-        await self.mirror.edit_record(repo.docker_name, change, free_blobs=True)
+        await self.mirror.exported.edit_record(repo.docker_name, change, free_blobs=True)
 
     # ---- referrers -------------------------------------------------------------------------------
 

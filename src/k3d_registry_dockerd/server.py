@@ -22,9 +22,11 @@ from .api import MIRROR, UPLOADS, AccessLogger, create_app
 from .auth import Htpasswd, HtpasswdError
 from .docker import DockerClient, DockerUnavailable
 from .endpoint import DockerEndpoint
+from .metrics import Metrics
 from .mirror import Mirror
 from .settings import ENV_ADDR, ENV_HTPASSWD_PATH, SettingError, Settings
 from .store import Store
+from .zerocopy import ZeroCopy, ZeroCopyConfig
 
 log = logging.getLogger("k3d_registry_dockerd")
 # glibc mallopt parameters (malloc.h).
@@ -182,6 +184,8 @@ def _log_settings(settings: Settings, endpoint: DockerEndpoint, open_files: int)
         log.info("pushes may replace Docker's own tags (%s)", sources["allow_docker_overwrite"])
     if settings.allow_docker_delete:
         log.info("DELETE may remove Docker's own images (%s)", sources["allow_docker_delete"])
+    if not settings.zero_copy:
+        log.info("zero-copy from containerd is off (%s): every image is exported", sources["zero_copy"])
     if settings.tls_cert is not None:
         log.info("serving HTTPS with %s (%s)", settings.tls_cert, sources["tls_cert"])
 
@@ -207,7 +211,19 @@ def _write_auth(settings: Settings) -> Htpasswd | None:
 def build_app(settings: Settings, endpoint: DockerEndpoint, write_auth: Htpasswd | None) -> web.Application:
     store = Store(settings.cache_dir)
     docker = DockerClient(endpoint)
-    mirror = Mirror(store, docker, refresh_tags=settings.refresh_tags, cache_max_size=settings.cache_max_size)
+    metrics = Metrics(store.blobs_dir)
+    zero_copy = ZeroCopy(
+        ZeroCopyConfig(settings.zero_copy, settings.containerd_address, settings.containerd_namespace),
+        metrics,
+    )
+    mirror = Mirror(
+        store,
+        docker,
+        refresh_tags=settings.refresh_tags,
+        metrics=metrics,
+        cache_max_size=settings.cache_max_size,
+        zero_copy=zero_copy,
+    )
     app = create_app(
         mirror,
         load_pushed=settings.load_pushed,
@@ -219,10 +235,11 @@ def build_app(settings: Settings, endpoint: DockerEndpoint, write_auth: Htpasswd
     async def lifecycle(_app: web.Application) -> AsyncIterator[None]:
         await asyncio.to_thread(store.open)
         try:
-            await docker.daemon()
+            await zero_copy.source(await docker.daemon())
         except DockerUnavailable as exc:
             log.warning("%s; serving what is cached and retrying on every request that needs Docker", exc)
         yield
+        await zero_copy.close()
         await docker.close()
 
     app.cleanup_ctx.append(lifecycle)
@@ -266,7 +283,7 @@ async def _serve(settings: Settings, endpoint: DockerEndpoint, tls: ssl.SSLConte
             log.info(
                 "stopping (%s): %d exports and %d uploads in flight",
                 why,
-                len(app[MIRROR].in_progress),
+                len(app[MIRROR].exported.in_progress),
                 len(app[UPLOADS]),
             )
         finally:

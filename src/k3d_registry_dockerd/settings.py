@@ -17,6 +17,10 @@ ENV_CACHE_MAX_SIZE = "K3D_REGISTRY_DOCKERD_CACHE_MAX_SIZE"
 ENV_LOAD_PUSHED = "K3D_REGISTRY_DOCKERD_LOAD_PUSHED"
 ENV_ALLOW_DOCKER_DELETE = "K3D_REGISTRY_DOCKERD_ALLOW_DOCKER_DELETE"
 ENV_ALLOW_DOCKER_OVERWRITE = "K3D_REGISTRY_DOCKERD_ALLOW_DOCKER_OVERWRITE"
+ENV_ZERO_COPY = "K3D_REGISTRY_DOCKERD_ZERO_COPY"
+# As ctr reads them.
+ENV_CONTAINERD_ADDRESS = "CONTAINERD_ADDRESS"
+ENV_CONTAINERD_NAMESPACE = "CONTAINERD_NAMESPACE"
 # As distribution's registry reads them.
 ENV_TLS_CERT = "REGISTRY_HTTP_TLS_CERTIFICATE"
 ENV_TLS_KEY = "REGISTRY_HTTP_TLS_KEY"
@@ -125,6 +129,11 @@ class Settings:
     htpasswd_realm: str
     # setting name -> "flag --addr", "env REGISTRY_HTTP_ADDR" or "default"
     sources: Mapping[str, str]
+    # Serve Docker's containerd image store from containerd's content store; where that containerd
+    # listens and the namespace of Docker's images (None: as Docker reports, or the usual places).
+    zero_copy: bool = True
+    containerd_address: str | None = None
+    containerd_namespace: str | None = None
 
     @property
     def addr(self) -> str:
@@ -147,6 +156,9 @@ def resolve(
     allow_docker_overwrite: bool | None = None,
     htpasswd_path: str | None = None,
     htpasswd_realm: str | None = None,
+    no_zero_copy: bool | None = None,
+    containerd_address: str | None = None,
+    containerd_namespace: str | None = None,
     env: Mapping[str, str] = os.environ,
 ) -> Settings:
     sources: dict[str, str] = {}
@@ -194,6 +206,13 @@ def resolve(
     )
     htpasswd = pick("htpasswd_path", "--auth-htpasswd-path", htpasswd_path, ENV_HTPASSWD_PATH, None)
     realm = pick("htpasswd_realm", "--auth-htpasswd-realm", htpasswd_realm, ENV_HTPASSWD_REALM, DEFAULT_REALM)
+    zero_copy = pick("zero_copy", "--no-zero-copy", "false" if no_zero_copy else None, ENV_ZERO_COPY, "true")
+    ctd_address = pick(
+        "containerd_address", "--containerd-address", containerd_address, ENV_CONTAINERD_ADDRESS, None
+    )
+    ctd_namespace = pick(
+        "containerd_namespace", "--containerd-namespace", containerd_namespace, ENV_CONTAINERD_NAMESPACE, None
+    )
     scheme = env.get(ENV_AUTH, "").strip().lower()
     if scheme not in ("", "htpasswd"):
         raise SettingError(
@@ -219,5 +238,8 @@ def resolve(
         allow_docker_overwrite=parse_bool(overwrite or "false", ENV_ALLOW_DOCKER_OVERWRITE),
         htpasswd_path=Path(htpasswd).expanduser() if htpasswd else None,
         htpasswd_realm=realm or DEFAULT_REALM,
+        zero_copy=parse_bool(zero_copy or "true", ENV_ZERO_COPY),
+        containerd_address=ctd_address,
+        containerd_namespace=ctd_namespace,
         sources=sources,
     )

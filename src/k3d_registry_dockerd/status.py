@@ -91,14 +91,25 @@ async def _docker_state(mirror: Mirror) -> dict[str, Any]:
         "api_version": info.api_version,
         "platform": str(info.platform),
         "storage": info.storage,
+        "zero_copy": _zero_copy_state(mirror),
     }
+
+
+def _zero_copy_state(mirror: Mirror) -> str:
+    """One phrase: where zero-copy serves from, or why it does not."""
+    zero_copy = mirror.zero_copy
+    if zero_copy is None or not zero_copy.config.enabled:
+        return "zero-copy off"
+    if zero_copy.content is not None:
+        return f"zero-copy from containerd at {zero_copy.content.client.address}"
+    return f"zero-copy off: {zero_copy.off_reason}" if zero_copy.off_reason else "zero-copy not checked yet"
 
 
 def _cache_counts(mirror: Mirror) -> dict[str, float]:
     registry = mirror.metrics.registry
     return {
         result: registry.get_sample_value("k3d_registry_manifest_cache_total", {"result": result}) or 0.0
-        for result in ("hit", "miss", "stale")
+        for result in ("hit", "miss", "stale", "containerd")
     }
 
 
@@ -107,8 +118,8 @@ async def snapshot(mirror: Mirror, problems: RecentProblems, pulls: RecentPulls)
     images = await asyncio.to_thread(cache.images, mirror.store)
     total = await asyncio.to_thread(cache.cache_bytes, mirror.store)
     counts = _cache_counts(mirror)
-    answered = counts["hit"] + counts["miss"] + counts["stale"]
-    transfers = [export.transfer for export in list(mirror.in_progress.values())] + list(
+    answered = sum(counts.values())
+    transfers = [export.transfer for export in list(mirror.exported.in_progress.values())] + list(
         mirror.pulling.values()
     )
     return {
@@ -118,8 +129,9 @@ async def snapshot(mirror: Mirror, problems: RecentProblems, pulls: RecentPulls)
         "cache": {
             "dir": str(mirror.store.root),
             "bytes": total,
-            "limit": mirror.cache_max_size,
-            "hit_rate": (counts["hit"] + counts["stale"]) / answered if answered else None,
+            "limit": mirror.exported.cache_max_size,
+            # Answered without an export: from the cache, or from containerd's content store as it is.
+            "hit_rate": (answered - counts["miss"]) / answered if answered else None,
             "tag_requests": answered,
         },
         "images": [

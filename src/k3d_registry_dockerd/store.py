@@ -237,6 +237,18 @@ class Store:
         writer.write(data)
         return writer.commit(expected)
 
+    def put_file(self, path: Path, expected: str) -> str:
+        """Copies a file into the store under its digest, refusing it unless it hashes to `expected`."""
+        writer = self.writer()
+        try:
+            with open(path, "rb") as source:
+                while chunk := source.read(FLUSH_EVERY):
+                    writer.write(chunk)
+        except BaseException:
+            writer.abort()
+            raise
+        return writer.commit(expected)
+
     def check_writable(self) -> None:
         """Raises OSError unless a file can be created (and removed) where blobs are written first."""
         fd, name = tempfile.mkstemp(dir=self.tmp_dir, prefix="ready-")

@@ -63,7 +63,7 @@ def _subparser(parser: argparse.ArgumentParser, *path: str) -> argparse.Argument
         (("cache", "ls"), {"--help", "--cache-dir"}),
         (("cache", "verify"), {"--help", "--cache-dir"}),
         (("cache", "prune"), {"--help", "--cache-dir", "--all", "--older-than", "--include-pushed"}),
-        (("config", "k3d"), {"--help", "--name", "--port", "--image", "--shared"}),
+        (("config", "k3d"), {"--help", "--name", "--port", "--image", "--shared", "--containerd"}),
         (("config", "kind"), {"--help", "--name", "--port", "--hosts-dir"}),
         (("config", "registries"), {"--help", "--name", "--port"}),
     ],

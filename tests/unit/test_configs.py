@@ -41,6 +41,16 @@ def test_k3d_shared(capsys: pytest.CaptureFixture[str]) -> None:
     assert mirrors["*"]["endpoint"] == ["http://k3d-cache:5000"]
 
 
+def test_k3d_with_containerd_mounts_its_socket_and_content_store(capsys: pytest.CaptureFixture[str]) -> None:
+    volumes = yaml.safe_load(_run(capsys, "k3d", "--containerd"))["registries"]["create"]["volumes"]
+    content = "/var/lib/containerd/io.containerd.content.v1.content"
+    assert "/run/containerd/containerd.sock:/run/containerd/containerd.sock" in volumes
+    assert f"{content}:{content}:ro" in volumes
+    shared = _run(capsys, "k3d", "--shared", "--containerd")
+    assert f"#   -v {content}:{content}:ro" in shared
+    assert "containerd" not in yaml.safe_load(_run(capsys, "k3d"))["registries"]["create"]["volumes"][0]
+
+
 def test_registries_yaml(capsys: pytest.CaptureFixture[str]) -> None:
     config = yaml.safe_load(_run(capsys, "registries", "--name", "my-reg", "--port", "6000"))
     assert config == {"mirrors": {"*": {"endpoint": ["http://my-reg:6000"]}}}

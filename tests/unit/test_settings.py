@@ -42,7 +42,25 @@ def test_defaults() -> None:
         "allow_docker_overwrite": "default",
         "htpasswd_path": "default",
         "htpasswd_realm": "default",
+        "zero_copy": "default",
+        "containerd_address": "default",
+        "containerd_namespace": "default",
     }
+    assert settings.zero_copy is True
+    assert (settings.containerd_address, settings.containerd_namespace) == (None, None)
+
+
+def test_containerd_settings_read_ctr_s_variables() -> None:
+    env = {"CONTAINERD_ADDRESS": "/run/k/containerd.sock", "CONTAINERD_NAMESPACE": "docker", "HOME": "/h"}
+    settings = resolve(**NO_FLAGS, env=env)
+    assert (settings.containerd_address, settings.containerd_namespace) == (
+        "/run/k/containerd.sock",
+        "docker",
+    )
+    assert settings.sources["containerd_address"] == "env CONTAINERD_ADDRESS"
+    off = resolve(**{**NO_FLAGS, "no_zero_copy": True}, env={"HOME": "/h"})
+    assert off.zero_copy is False and off.sources["zero_copy"] == "flag --no-zero-copy"
+    assert resolve(**NO_FLAGS, env={"K3D_REGISTRY_DOCKERD_ZERO_COPY": "false"}).zero_copy is False
 
 
 def test_env_beats_default() -> None:
@@ -71,6 +89,9 @@ def test_env_beats_default() -> None:
         "allow_docker_overwrite": "default",
         "htpasswd_path": "default",
         "htpasswd_realm": "default",
+        "zero_copy": "default",
+        "containerd_address": "default",
+        "containerd_namespace": "default",
     }
 
 
@@ -96,6 +117,9 @@ def test_flag_beats_env() -> None:
         "allow_docker_overwrite": "default",
         "htpasswd_path": "default",
         "htpasswd_realm": "default",
+        "zero_copy": "default",
+        "containerd_address": "default",
+        "containerd_namespace": "default",
     }
 
 

@@ -29,6 +29,7 @@ import tempfile
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -50,6 +51,8 @@ DOCKER28_USR = WORLD_DIR / "docker28" / "usr"
 RUNC_PATH = (BOOKWORM_USR / "sbin", BOOKWORM_USR / "bin")
 """Last on every daemon's PATH: bookworm's runc (newer suites' runc needs a newer glibc), tini, shims."""
 DOCKER_CLI = DOCKER26_USR / "bin" / "docker"
+# BuildKit's client (`docker build` with DOCKER_BUILDKIT=1), found in each daemon's DOCKER_CONFIG.
+BUILDX_PLUGIN = DOCKER28_USR / "libexec" / "docker" / "cli-plugins" / "docker-buildx"
 """The docker CLI of the tests: 26.1 negotiates the API version with every daemon here."""
 REPO_ROOT = Path(__file__).resolve().parents[2]
 KEEP_TEMP = os.environ.get("K3RD_KEEP_TEMP", "") not in ("", "0")
@@ -528,6 +531,10 @@ class Dockerd:
         for d in (self.data_root, self.exec_root / "containerd", self.docker_config):
             d.mkdir(parents=True, exist_ok=True)
         (self.docker_config / "config.json").write_text("{}\n")
+        plugins = self.docker_config / "cli-plugins"
+        if BUILDX_PLUGIN.exists() and not plugins.exists():
+            plugins.mkdir()
+            (plugins / "docker-buildx").symlink_to(BUILDX_PLUGIN)
         config_path = self.root / "daemon.json"
         config_path.write_text(json.dumps(self._daemon_config(), indent=2) + "\n")
         ctd_config = self.root / "containerd.toml"
@@ -685,6 +692,27 @@ class Dockerd:
         """The ID this daemon gives an image: its manifest's digest on the containerd store (the image's
         target), its config's on the classic store."""
         return manifest if self.variant.containerd_store else config
+
+    def image_saves(self, since: float) -> list[str]:
+        """What Docker exported (`docker save`) from the UNIX time `since` until now, as its event stream
+        tells: the proof that an export did, or did not, happen."""
+        filters = urllib.parse.quote(json.dumps({"type": ["image"], "event": ["save"]}))
+        status, body = self.api("GET", f"/events?since={since:.9f}&until={time.time():.9f}&filters={filters}")
+        if status != 200:
+            raise RuntimeError(f"GET /events on {self.name}: {status} {body[:500]!r}")
+        return [str(json.loads(line)["Actor"]["ID"]) for line in body.splitlines() if line.strip()]
+
+    @property
+    def zero_copy(self) -> bool:
+        """Whether the registry, started with no containerd settings, serves this daemon's images from
+        containerd's content store as they are, so pulls cost no export: the containerd image store, on
+        an Engine that reports its containerd (API >= 1.46; this private one is nowhere else to find)."""
+        major, _, minor = self.api_version.partition(".")
+        return self.variant.containerd_store and (int(major), int(minor)) >= (1, 46)
+
+    def exports_for(self, count: int) -> int:
+        """The exports `count` cold images cost the registry on this daemon: none with zero-copy."""
+        return 0 if self.zero_copy else count
 
     def layers(self, ref: str) -> list[str]:
         """Diff IDs of a local image's layers: its content, the same on every daemon and store."""
@@ -1132,6 +1160,11 @@ class Containerd(_SingleProcessService):
 
 
 # --------------------------------------------------------------------------- our registry
+
+
+# For tests of the export path itself (faults mid-export, the cache on disk): on the containerd image
+# store the registry would otherwise serve from containerd's content store and never export.
+NO_ZERO_COPY = ("--no-zero-copy",)
 
 
 class RegistryProcess:

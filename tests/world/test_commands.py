@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from . import oci_client
-from .daemons import Dockerd, RegistryFactory, RegistryProcess, free_port
+from .daemons import NO_ZERO_COPY, Dockerd, RegistryFactory, RegistryProcess, free_port
 from .images import MiB, build_image, write_image_layout
 from .test_push import push_layout
 
@@ -51,7 +51,7 @@ def test_prune_keeps_pushed_images_unless_asked(
     docker: Dockerd, registry_under_test: RegistryFactory, tmp_path: Path
 ) -> None:
     build_image(docker, "prune-exported:1", layers=1, size=1 * MiB, seed="prune-exported")
-    registry = registry_under_test(docker, extra_args=["--no-load-pushed"])
+    registry = registry_under_test(docker, extra_args=[*NO_ZERO_COPY, "--no-load-pushed"])
     exported = oci_client.pull(registry.url, "prune-exported", "1")
     pushed = write_image_layout(tmp_path / "pushed", layer_sizes=(1 * MiB,), seed="prune-pushed")
     push_layout(pushed, registry, "team/pushed", "1")

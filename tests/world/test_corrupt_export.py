@@ -26,7 +26,7 @@ import pytest
 from k3d_registry_dockerd.errors import STATUS_BY_CODE
 
 from . import oci_client
-from .daemons import Dockerd, RegistryFactory, RegistryProcess
+from .daemons import NO_ZERO_COPY, Dockerd, RegistryFactory, RegistryProcess
 from .docker_proxy import DockerProxy, FaultKind, SaveFault, SaveRecord
 from .images import MiB, build_image
 
@@ -102,7 +102,7 @@ def reject_damaged_pull(
     build_image(daemon, f"{name}:1", layers=3, size=6 * MiB, seed=name)
     proxy = docker_proxy(daemon)
     proxy.fault = SaveFault(kind, nth=2)
-    registry = registry_under_test(proxy.host)
+    registry = registry_under_test(proxy.host, extra_args=NO_ZERO_COPY)
     response = oci_client.request(
         f"{registry.url}/v2/{name}/manifests/1", headers=ACCEPT, timeout=ANSWER_TIMEOUT
     )
@@ -227,7 +227,7 @@ def test_successful_export_stores_only_what_it_serves(
     name = f"intact-{variant}"
     build_image(daemon, f"{name}:1", layers=3, size=6 * MiB, seed=name)
     proxy = docker_proxy(daemon)
-    registry = registry_under_test(proxy.host)
+    registry = registry_under_test(proxy.host, extra_args=NO_ZERO_COPY)
     pulled = oci_client.pull(registry.url, name, "1")
     (save,) = proxy.saves
     assert save.finished and save.damaged_at is None

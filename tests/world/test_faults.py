@@ -36,6 +36,7 @@ from k3d_registry_dockerd.store import Store
 
 from . import oci_client
 from .daemons import (
+    NO_ZERO_COPY,
     Dockerd,
     RegistryFactory,
     RegistryProcess,
@@ -293,7 +294,7 @@ def test_sigkill_at_random_points_of_exports_and_uploads(
         build_image(docker, f"crash-{label}:1", layers=layers, size=size * MiB, seed=f"crash-{label}")
         images.append(MirrorImage(f"library/crash-{label}", "1"))
     # One cache dir for all trials: the registry keeps it across kill() and start().
-    registry = registry_under_test(docker, extra_args=["--no-load-pushed"])
+    registry = registry_under_test(docker, extra_args=[*NO_ZERO_COPY, "--no-load-pushed"])
     cache = registry.cache_dir
 
     # How long a cold export and a push take here, so the kills land before, inside and after them.
@@ -407,7 +408,7 @@ def test_dockerd_going_away_mid_export_answers_every_waiter(
     the same answer promptly, and nothing half-written stays."""
     name = f"gone-{how}"
     build_image(docker, f"{name}:1", layers=4, size=200 * MiB, seed=name)
-    registry = registry_under_test(docker)
+    registry = registry_under_test(docker, extra_args=NO_ZERO_COPY)
     url = f"{registry.url}/v2/{name}/manifests/1"
     try:
         with ThreadPoolExecutor(3) as pool:
@@ -482,7 +483,7 @@ def test_docker_down_serves_cached_tags_and_digests_and_readyz_says_why(
     docker: Dockerd, registry_under_test: RegistryFactory
 ) -> None:
     build_image(docker, "down-cached:1", layers=2, size=2 * MiB, seed="down-cached")
-    registry = registry_under_test(docker)
+    registry = registry_under_test(docker, extra_args=NO_ZERO_COPY)
     own = oci_client.pull(registry.url, "down-cached", "1")
     mirrored = oci_client.pull(registry.url, "library/down-cached", "1", ns="docker.io")
     assert oci_client.request(f"{registry.url}/readyz").status == 200
@@ -554,7 +555,9 @@ def test_full_cache_filesystem_fails_cleanly_and_recovers(
     build_image(docker, "too-big:1", layers=3, size=60 * MiB, seed="too-big")
     with tmpfs(128) as disk:
         cache = disk / "cache"
-        registry = registry_under_test(docker, cache_dir=cache, extra_args=["--no-load-pushed"])
+        registry = registry_under_test(
+            docker, cache_dir=cache, extra_args=[*NO_ZERO_COPY, "--no-load-pushed"]
+        )
         try:
             small = oci_client.pull(registry.url, "fits", "1")
             # Leave 30 MiB: the small image keeps serving, the big one cannot be stored.

@@ -8,7 +8,7 @@ import threading
 from typing import Any
 
 from . import oci_client
-from .daemons import Dockerd, RegistryFactory, UpstreamRegistry, wait_until
+from .daemons import NO_ZERO_COPY, Dockerd, RegistryFactory, UpstreamRegistry, wait_until
 from .docker_proxy import DockerProxy
 from .images import MiB, build_image, push_image
 from .relay import ThrottledRelay
@@ -29,7 +29,7 @@ def test_a_slow_export_reports_progress_and_a_stop_says_what_was_in_flight(
     build_image(docker, "slow-export:1", layers=2, size=12 * MiB, seed="slow-export", busybox=False)
     with DockerProxy(docker.socket) as proxy:
         proxy.save_rate = 1 * MiB
-        registry = registry_under_test(proxy.host)
+        registry = registry_under_test(proxy.host, extra_args=NO_ZERO_COPY)
         answers: list[int] = []
 
         def pull() -> None:

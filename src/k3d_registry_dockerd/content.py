@@ -1,0 +1,58 @@
+"""Where an image's bytes come from: one small interface, two implementations.
+
+- `exported.ExportedContent`: images exported from Docker (`docker save`) into our own cache, and pushes.
+- `zerocopy.ContainerdContent`: Docker's containerd image store, read where it lies.
+
+`Mirror` decides what Docker's image is (freshness, pulls) and asks the sources in turn; the HTTP layer
+only sees `ServedManifest` and `BlobFile`, never which source answered.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from .docker import DaemonInfo
+from .reference import Repository
+
+
+@dataclass(frozen=True)
+class ServedManifest:
+    digest: str
+    media_type: str
+    body: bytes
+    # Docker had to pull or export for this answer (a warm one came from the cache as it was).
+    cold: bool = False
+
+
+@dataclass(frozen=True)
+class BlobFile:
+    """A blob to send from a file."""
+
+    path: Path
+    digest: str
+    # None when the file is known to hold exactly `digest`'s bytes. Otherwise the bytes are hashed as
+    # they are sent and this is told the outcome (with the opened file's stat), so it is done only once.
+    verified: Callable[[bool, os.stat_result], None] | None = None
+
+
+class ImageContent(Protocol):
+    """The content of Docker's images, as one source holds it."""
+
+    async def by_tag(
+        self, repo: Repository, tag: str, image: dict[str, Any], info: DaemonInfo, pulled_at: float | None
+    ) -> ServedManifest | None:
+        """The manifest Docker's current `image` for the tag is served as; None when this source cannot
+        serve it (the next source is asked)."""
+
+    async def by_digest(
+        self, repo: Repository, digest: str, image: dict[str, Any] | None, info: DaemonInfo
+    ) -> ServedManifest | None:
+        """The manifest with this digest, if an image of this repository has it; `image` is what Docker
+        resolved the digest reference to, if anything."""
+
+    async def blob(self, repo: Repository, digest: str, info: DaemonInfo) -> BlobFile | None:
+        """The blob's file, if a manifest this repository serves references it and it is here."""

@@ -1,0 +1,391 @@
+"""Images served from our own cache: exported from Docker (`docker save`) into the store, or pushed.
+
+Freshness rule (decided by `Mirror`, kept here): a tag is answered from the store only while Docker still
+maps it to the image ID the cached answer was exported from, so a rebuilt local tag is re-exported on its
+next request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import aiohttp
+
+from . import cache, progress, units
+from .content import BlobFile, ServedManifest
+from .docker import DaemonInfo, DockerClient, DockerFailed, DockerUnavailable, failure_reason
+from .errors import RegistryError
+from .export import (
+    INDEX_TYPES,
+    ExportError,
+    ExportPlan,
+    IncompleteImage,
+    Platform,
+    ThreadedStream,
+    index_child,
+    plan_manifests,
+    platform_text,
+    read_save_stream,
+    select_root,
+)
+from .flights import SingleFlight
+from .metrics import Metrics
+from .progress import Transfer
+from .reference import Digest, Repository
+from .store import ManifestEntry, RepositoryRecord, Store, TagEntry
+
+log = logging.getLogger(__name__)
+LAST_USE_RESOLUTION = 60.0
+# How long an image stays safe from --cache-max-size eviction after a client fetched any part of it. A
+# pull fetches manifest, config and layers one after another (containerd three at a time), so the gaps
+# between its requests are a layer's transfer time; a layer being sent survives eviction anyway (the
+# open file outlives its unlink). Five minutes covers 3 GB layers at 10 MB/s.
+IN_USE_GRACE = 300.0
+ABSENT_LIMIT = 4096
+
+
+@dataclass
+class ExportProgress:
+    """An export running now: how far it got, and the blobs it relies on (evictions leave them alone)."""
+
+    # Expected: Docker's figure for the image's size; the save stream is about as long.
+    transfer: Transfer
+    claimed: set[str] = field(default_factory=set)
+
+
+class ExportedContent:
+    """The store's images, exported once per Docker image ID (concurrent requests share the export),
+    evicted past `cache_max_size`; never anything outside our cache dir."""
+
+    def __init__(
+        self, store: Store, docker: DockerClient, metrics: Metrics, cache_max_size: int | None = None
+    ) -> None:
+        self.store = store
+        self.docker = docker
+        self.metrics = metrics
+        self.cache_max_size = cache_max_size
+        self.in_progress: dict[str, ExportProgress] = {}
+        self.exports = 0
+        self._flights = SingleFlight()
+        # Digests a Docker image was found not to contain, so repeated requests cost no new export.
+        self._absent: dict[tuple[str, str], str] = {}
+        self._record_lock = asyncio.Lock()
+        # When a client last fetched (Docker name, digest): pulls in progress, kept from eviction.
+        self._fetched: dict[tuple[str, str], float] = {}
+
+    def cached_tag(self, repo: Repository, tag: str) -> TagEntry | None:
+        record = self.store.record(repo.docker_name)
+        return record.tags.get(tag) if record else None
+
+    def served(self, repo: Repository, digest: str, media_type: str, *, cold: bool = False) -> ServedManifest:
+        body = self.store.read_blob(digest)
+        if body is None:
+            raise RegistryError("MANIFEST_UNKNOWN", f"manifest {digest} is no longer in the cache")
+        self._note_fetch(repo, digest)
+        return ServedManifest(digest, media_type, body, cold)
+
+    def stale(self, repo: Repository, tag: str) -> ServedManifest | None:
+        """The tag's cached answer as it was, for when Docker cannot be asked."""
+        cached = self.cached_tag(repo, tag)
+        if cached is None or not self.store.has_blob(cached.digest):
+            return None
+        return self.served(repo, cached.digest, cached.media_type)
+
+    def recorded(self, repo: Repository, digest: str) -> ServedManifest | None:
+        """A manifest served under this repository before (exported or pushed), still in the cache."""
+        record = self.store.record(repo.docker_name)
+        if record and digest in record.manifests and self.store.has_blob(digest):
+            return self.served(repo, digest, record.manifests[digest].media_type)
+        return None
+
+    async def by_tag(
+        self, repo: Repository, tag: str, image: dict[str, Any], info: DaemonInfo, pulled_at: float | None
+    ) -> ServedManifest:
+        image_id = image["Id"]
+        # Another request may have finished exporting this image while Docker was asked about it.
+        cached = self.cached_tag(repo, tag)
+        if cached is not None and cached.image_id == image_id and self.store.has_blob(cached.digest):
+            now = time.time()
+            used_long_ago = cached.last_used is None or now - cached.last_used > LAST_USE_RESOLUTION
+            if pulled_at is not None or used_long_ago:
+                # Recorded at most once a minute per tag: a record write per pull would be wasted I/O.
+                changed = replace(cached, pulled_at=pulled_at or cached.pulled_at, last_used=now)
+                await self._update(repo, {}, {tag: changed})
+            self.metrics.manifest_cache.labels("hit").inc()
+            return self.served(repo, cached.digest, cached.media_type, cold=pulled_at is not None)
+        self.metrics.manifest_cache.labels("miss").inc()
+        size = int(image.get("Size") or 0)
+        entry = await self._flights.run(
+            f"export {repo.docker_ref(tag)} {image_id}",
+            lambda: self._export_tag(repo, tag, image_id, info, pulled_at, size),
+        )
+        return self.served(repo, entry.digest, entry.media_type, cold=True)
+
+    async def by_digest(
+        self, repo: Repository, digest: str, image: dict[str, Any] | None, info: DaemonInfo
+    ) -> ServedManifest | None:
+        """Finds a digest in Docker's export of that image; None (logged) when it cannot be served."""
+        if image is None:
+            return None
+        if self._absent.get((repo.docker_name, digest)) == image["Id"]:
+            return None
+        ref = repo.docker_ref(digest)
+        plan = await self._flights.run(
+            f"export {ref} {image['Id']}", lambda: self._export_digest(repo, ref, digest, image, info)
+        )
+        if digest in plan.manifests:
+            return self.served(repo, digest, plan.manifests[digest].media_type, cold=True)
+        self._remember_absent(repo, digest, image["Id"])
+        why = (
+            "Docker's classic image store generates its own manifests on export, so the upstream's digests "
+            "cannot be served (the client falls back to the upstream registry)"
+            if not info.containerd_store
+            else "the export does not contain it"
+        )
+        log.warning(
+            "manifest %s: not in Docker's export of image %s: %s", repo.familiar(digest), image["Id"], why
+        )
+        return None
+
+    async def _export_digest(
+        self, repo: Repository, ref: str, digest: str, image: dict[str, Any], info: DaemonInfo
+    ) -> ExportPlan:
+        try:
+            plan = await self._export(
+                ref,
+                info,
+                (ref,),
+                int(image.get("Size") or 0),
+                lambda plan: self._update(repo, plan.manifests, {}),
+            )
+        except RegistryError:
+            self._remember_absent(repo, digest, image["Id"])
+            raise
+        await self._enforce_limit(repo, plan.root.digest)
+        return plan
+
+    async def blob(self, repo: Repository, digest: str, info: DaemonInfo | None) -> BlobFile | None:
+        record = self.store.record(repo.docker_name)
+        if record is None or not record.serves_blob(digest) or not self.store.has_blob(digest):
+            return None
+        self._note_fetch(repo, digest)
+        return BlobFile(self.store.blob_path(Digest.parse(digest)), digest)
+
+    async def _export_tag(
+        self,
+        repo: Repository,
+        tag: str,
+        image_id: str,
+        info: DaemonInfo,
+        pulled_at: float | None,
+        size: int,
+    ) -> TagEntry:
+        ref = repo.docker_ref(tag)
+        entries: list[TagEntry] = []
+
+        async def keep(plan: ExportPlan) -> None:
+            now = time.time()
+            entry = TagEntry(
+                digest=plan.root.digest,
+                media_type=plan.manifests[plan.root.digest].media_type,
+                image_id=image_id,
+                exported_at=now,
+                pulled_at=pulled_at or self._previous_pull(repo, tag, image_id),
+                last_used=now,
+            )
+            await self._update(repo, plan.manifests, {tag: entry})
+            entries.append(entry)
+
+        await self._export(ref, info, (ref, repo.familiar(tag), tag), size, keep)
+        await self._enforce_limit(repo, entries[0].digest)
+        return entries[0]
+
+    def _previous_pull(self, repo: Repository, tag: str, image_id: str) -> float | None:
+        record = self.store.record(repo.docker_name)
+        previous = record.tags.get(tag) if record else None
+        return previous.pulled_at if previous and previous.image_id == image_id else None
+
+    def foreign_child(self, repo: Repository, digest: str, platform: Platform) -> str | None:
+        """The platform of `digest` when an index cached for the repository lists it for another platform
+        than Docker's own."""
+        record = self.store.record(repo.docker_name)
+        for index, entry in record.manifests.items() if record else ():
+            if entry.media_type in INDEX_TYPES and digest in entry.references:
+                child = index_child(self.store.read_blob(index), digest)
+                if child is not None and not platform.matches(child.get("platform")):
+                    return platform_text(child.get("platform"))
+        return None
+
+    async def _enforce_limit(self, repo: Repository, digest: str) -> None:
+        """Evicts least recently used images past --cache-max-size, keeping the one just exported, the
+        ones clients fetched from in the last IN_USE_GRACE seconds and every blob an export still running
+        relies on: the cache exceeds the limit only by those."""
+        if self.cache_max_size is None:
+            return
+        limit = self.cache_max_size
+        now = time.monotonic()
+        self._fetched[(repo.docker_name, digest)] = now
+        self._fetched = {key: at for key, at in self._fetched.items() if now - at < IN_USE_GRACE}
+        fetched = set(self._fetched)
+        in_use: set[str] = set().union(*(export.claimed for export in self.in_progress.values()))
+        async with self._record_lock:
+            eviction = await asyncio.to_thread(cache.evict, self.store, limit, fetched, in_use)
+        if eviction.remaining > limit:
+            log.info(
+                "cache at %s stays over the %s limit: the rest is in use (fetched in the last %s, or an "
+                "export running) and is evicted once idle",
+                units.size(eviction.remaining),
+                units.size(limit),
+                units.duration(IN_USE_GRACE),
+            )
+        for image in eviction.dropped:
+            self.metrics.evictions.inc()
+            log.info(
+                "evicted %s %s (%s, tags %s) to keep the cache under %s",
+                image.repository,
+                image.digest,
+                units.size(image.size),
+                ",".join(image.tags),
+                units.size(limit),
+            )
+
+    def _note_fetch(self, repo: Repository, digest: str) -> None:
+        if self.cache_max_size is not None:
+            self._fetched[(repo.docker_name, digest)] = time.monotonic()
+
+    def _remember_absent(self, repo: Repository, digest: str, image_id: str) -> None:
+        if len(self._absent) >= ABSENT_LIMIT:
+            self._absent.pop(next(iter(self._absent)))
+        self._absent[(repo.docker_name, digest)] = image_id
+
+    async def _update(
+        self, repo: Repository, manifests: dict[str, ManifestEntry], tags: dict[str, TagEntry]
+    ) -> None:
+        """Adds manifests and tags to a repository's record; manifests once served stay servable, and
+        pushed ones keep their entry (an export of the same bytes does not make them evictable)."""
+
+        def merge(current: RepositoryRecord) -> RepositoryRecord:
+            pushed = {d: m for d, m in current.manifests.items() if m.pushed}
+            return replace(
+                current,
+                tags={**current.tags, **tags},
+                manifests={**current.manifests, **manifests, **pushed},
+            )
+
+        await self.edit_record(repo.docker_name, merge)
+
+    async def edit_record(
+        self, name: str, change: Callable[[RepositoryRecord], RepositoryRecord], *, free_blobs: bool = False
+    ) -> RepositoryRecord:
+        """Applies `change` to a repository's record (an empty one if none) and saves the result, one
+        change at a time; `change` raises to refuse. With `free_blobs`, blobs the record no longer needs
+        and nothing else uses (exports running included) are removed from the cache."""
+        async with self._record_lock:
+            current = self.store.record(name) or RepositoryRecord(name=name)
+            record = change(current)
+            if free_blobs:
+                in_use: set[str] = set().union(*(e.claimed for e in self.in_progress.values()))
+                await asyncio.to_thread(cache.replace_record, self.store, record, in_use)
+            elif record != current:
+                await asyncio.to_thread(self.store.save_record, record)
+            return record
+
+    async def _export(
+        self,
+        ref: str,
+        info: DaemonInfo,
+        names: tuple[str, ...],
+        size: int,
+        keep: Callable[[ExportPlan], Awaitable[None]],
+    ) -> ExportPlan:
+        """Exports an image into the store and has `keep` record what is served of it; whatever else the
+        export stored (a failed export's blobs, files Docker adds that no manifest uses) is removed."""
+        self.metrics.exports_in_flight.inc()
+        export = self.in_progress[ref] = ExportProgress(Transfer("export", ref, size))
+        started, outcome = time.monotonic(), "failed"
+        try:
+            async with progress.logged(export.transfer):
+                plan = await self._save_into_store(ref, info, names, export)
+            await keep(plan)
+            outcome = "ok"
+            return plan
+        finally:
+            await self._discard_unused(ref, export.claimed)
+            self.in_progress.pop(ref, None)
+            self.metrics.exports_in_flight.dec()
+            self.metrics.exports.labels(outcome).observe(time.monotonic() - started)
+
+    async def _discard_unused(self, ref: str, stored: set[str]) -> None:
+        """Removes blobs an export stored that no record references and no other export relies on."""
+        async with self._record_lock:
+            others = [e.claimed for r, e in self.in_progress.items() if r != ref]
+            unused = stored - cache.referenced(self.store) - set().union(*others)
+            freed = await asyncio.to_thread(cache.remove_blobs, self.store, unused)
+        if freed:
+            log.info("removed %s the export of %s stored but nothing uses", units.size(freed), ref)
+
+    async def _save_into_store(
+        self, ref: str, info: DaemonInfo, names: tuple[str, ...], export: ExportProgress
+    ) -> ExportPlan:
+        """Streams `docker save` of one image into the store and plans what of it can be served."""
+        self.exports += 1
+        started = time.monotonic()
+        log.info("exporting %s from Docker (export #%d)", ref, self.exports)
+        loop = asyncio.get_running_loop()
+        try:
+            # The containerd image store exports an image's own target (the upstream's index, with the
+            # blobs Docker holds) only when asked for the whole image: with `platform` it writes just that
+            # platform's manifest, and the index and its digest would be lost. The classic store keeps
+            # one platform of an image anyway.
+            platform = None if info.containerd_store else info.platform
+            async with self.docker.save(ref, platform) as stream:
+                reader = ThreadedStream(stream, loop)
+                export.transfer.counter = lambda: reader.bytes_read
+                try:
+                    contents = await asyncio.to_thread(read_save_stream, reader, self.store, export.claimed)
+                finally:
+                    reader.close()
+            root = select_root(contents.roots, names)
+            plan = plan_manifests(root, self.store.read_blob, self.store.has_blob, info.platform)
+        except (DockerUnavailable, RegistryError):
+            raise
+        except DockerFailed as exc:
+            log.error("export of %s failed: %s", ref, exc)
+            raise RegistryError(
+                "UNAVAILABLE", f"Docker could not export {ref}", status=502, detail=str(exc)
+            ) from exc
+        except (aiohttp.ClientError, ConnectionError) as exc:
+            reason = failure_reason(exc)
+            log.error("export of %s failed: the stream from Docker broke: %s", ref, reason)
+            raise RegistryError("UNAVAILABLE", f"export of {ref} from Docker failed: {reason}") from exc
+        except OSError as exc:
+            log.error("export of %s failed writing to the cache %s: %s", ref, self.store.root, exc)
+            raise RegistryError(
+                "UNAVAILABLE", f"cannot store {ref} in the cache {self.store.root}: {exc.strerror or exc}"
+            ) from exc
+        except ExportError as exc:
+            log.error("export of %s rejected: %s", ref, exc)
+            raise RegistryError(
+                "UNAVAILABLE", f"export of {ref} from Docker was rejected", status=502, detail=str(exc)
+            ) from exc
+        except IncompleteImage as exc:
+            log.error("cannot serve %s: %s; answering 404 so the client falls back to the upstream", ref, exc)
+            raise RegistryError(
+                "MANIFEST_UNKNOWN", f"{ref}: Docker's export is incomplete", detail=str(exc)
+            ) from exc
+        elapsed = time.monotonic() - started
+        log.info(
+            "exported %s in %.1fs: %s layout, %d new blobs, %s written, serving %s",
+            ref,
+            elapsed,
+            contents.layout,
+            contents.blobs_written,
+            units.size(contents.bytes_written),
+            plan.root.digest,
+        )
+        return plan
