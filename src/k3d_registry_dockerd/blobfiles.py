@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import mmap
 import os
 from collections.abc import Mapping
 from typing import BinaryIO
@@ -19,6 +18,7 @@ from .errors import RegistryError
 log = logging.getLogger(__name__)
 # Sent only once the whole file is known to match its digest.
 HELD_BACK = 64 << 10
+CHUNK = 1 << 20
 
 
 async def send(request: web.Request, blob: BlobFile, headers: Mapping[str, str]) -> web.StreamResponse:
@@ -46,11 +46,19 @@ async def send(request: web.Request, blob: BlobFile, headers: Mapping[str, str])
 
 
 def _digest_of(handle: BinaryIO, size: int) -> str:
-    """The file's digest, hashed from the page cache in place (the GIL is released meanwhile)."""
-    if size == 0:
-        return f"sha256:{hashlib.sha256().hexdigest()}"
-    with mmap.mmap(handle.fileno(), size, access=mmap.ACCESS_READ) as mapped:
-        return f"sha256:{hashlib.sha256(mapped).hexdigest()}"
+    """The file's digest, read with pread into one buffer: independent of the file position sendfile
+    moves, and no more memory than the buffer (a mapping would count the whole file as resident)."""
+    hasher = hashlib.sha256()
+    buffer = bytearray(CHUNK)
+    view = memoryview(buffer)
+    offset = 0
+    while offset < size:
+        read = os.preadv(handle.fileno(), [view], offset)
+        if read == 0:
+            break
+        hasher.update(view[:read])
+        offset += read
+    return f"sha256:{hasher.hexdigest()}"
 
 
 async def _send_hashing(

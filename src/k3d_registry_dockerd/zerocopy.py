@@ -35,6 +35,7 @@ from .export import (
     plan_manifests,
     platform_text,
 )
+from .flights import FreshFlight
 from .metrics import Metrics
 from .reference import Digest, Repository
 
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 # Where a dockerd started without --exec-root runs its own containerd.
 DOCKERD_MANAGED_ADDRESS = "/var/run/docker/containerd/containerd.sock"
 PLAN_LIMIT = 4096
+BODY_LIMIT = 1024
 VERIFIED_LIMIT = 65536
 RETRY_AFTER = 30.0
 
@@ -60,6 +62,10 @@ class ContainerdContent:
         self._roots: dict[str, set[str]] = {}
         # Digest -> (inode, size, mtime) of the file whose bytes were hashed and matched.
         self._verified: OrderedDict[str, tuple[int, int, int]] = OrderedDict()
+        # Manifest bytes read and verified, by digest: a tag request costs no file read and hash.
+        self._bodies: OrderedDict[str, bytes] = OrderedDict()
+        # Image record lookups, shared by the tag requests arriving while one runs (as Docker inspects).
+        self._lookups = FreshFlight()
 
     def _path(self, digest: str) -> Path:
         return self.blobs_dir / Digest.parse(digest).hex
@@ -91,6 +97,7 @@ class ContainerdContent:
     def _forget(self, digest: str) -> None:
         """Drops what was planned from a blob that is gone or wrong: the next request resolves again."""
         self._verified.pop(digest, None)
+        self._bodies.pop(digest, None)
         for root, plan in list(self._plans.items()):
             if digest == root or any(
                 digest == d or digest in m.references for d, m in plan.manifests.items()
@@ -109,10 +116,15 @@ class ContainerdContent:
         return plan
 
     async def _manifest(self, plan: ExportPlan, digest: str, cold: bool) -> ServedManifest | None:
-        body = await asyncio.to_thread(self._read, digest)
+        body = self._bodies.get(digest)
         if body is None:
-            self._forget(digest)
-            return None
+            body = await asyncio.to_thread(self._read, digest)
+            if body is None:
+                self._forget(digest)
+                return None
+            self._bodies[digest] = body
+            while len(self._bodies) > BODY_LIMIT:
+                self._bodies.popitem(last=False)
         self.metrics.manifest_cache.labels("containerd").inc()
         return ServedManifest(digest, plan.manifests[digest].media_type, body, cold)
 
@@ -127,7 +139,7 @@ class ContainerdContent:
         """Docker's `image` of the tag as containerd's record has it (None: Docker could not be asked)."""
         ref = repo.docker_ref(tag)
         try:
-            target = await self.client.image(ref)
+            target = _described(image) or await self._lookups.run(ref, lambda: self.client.image(ref))
         except ContainerdUnavailable as exc:
             log.warning(
                 "%s: asking containerd failed, exporting from Docker instead: %s", repo.familiar(tag), exc
@@ -238,7 +250,8 @@ class ContainerdContent:
             return None
         path = self._path(digest)
         try:
-            stat = await asyncio.to_thread(path.stat)
+            # A metadata lookup, as the cache's own blob lookups: no worker thread for it.
+            stat = path.stat()
         except FileNotFoundError:
             log.warning(
                 "blob %s of %s is gone from containerd's content store (garbage-collected?): 404, the "
@@ -259,6 +272,15 @@ class ContainerdContent:
         self._verified[digest] = _identity(opened)
         while len(self._verified) > VERIFIED_LIMIT:
             self._verified.popitem(last=False)
+
+
+def _described(image: dict[str, Any] | None) -> Descriptor | None:
+    """The image's target as Docker's inspect describes it (Engine API >= 1.48 on the containerd image
+    store), which saves asking containerd for its image record."""
+    found = (image or {}).get("Descriptor") or {}
+    if not image or found.get("digest") != image.get("Id") or not found.get("mediaType"):
+        return None
+    return Descriptor(str(found["mediaType"]), str(found["digest"]), int(found.get("size") or 0))
 
 
 def _readable(root: Path) -> bool:

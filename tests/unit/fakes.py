@@ -30,6 +30,8 @@ class LocalImage:
     id: str
     save: bytes
     image: Image | None = None
+    # More of Docker's inspect answer (e.g. the containerd image store's Descriptor).
+    inspect: dict[str, Any] = field(default_factory=dict)
 
 
 def local_image(seed: str, name: str) -> LocalImage:
@@ -75,7 +77,7 @@ class FakeDocker:
         await self.daemon()
         self.inspects.append(ref)
         found = self.images.get(ref)
-        return {"Id": found.id, "RepoTags": [ref]} if found else None
+        return {"Id": found.id, "RepoTags": [ref], **found.inspect} if found else None
 
     async def pull(self, ref: str, credentials: Credentials | None, on_event: Any = None) -> None:
         await self.daemon()

@@ -18,6 +18,7 @@ from k3d_registry_dockerd.doctor import (
     docker_findings,
     port_findings,
     write_access_finding,
+    zero_copy_finding,
 )
 from k3d_registry_dockerd.export import Platform
 from k3d_registry_dockerd.mirror import Mirror
@@ -127,3 +128,27 @@ def test_render() -> None:
     assert Finding("ok", "fine").render() == "✓ fine"
     assert Finding("warn", "careful", "do this").render() == "! careful\n    → do this"
     assert Finding("fail", "broken", "fix it").render() == "✗ broken\n    → fix it"
+
+
+async def test_zero_copy_findings(tmp_path: Path) -> None:
+    env = {"HOME": str(tmp_path)}
+    classic = DaemonInfo("28.5.2", "1.51", AMD64, "overlay2", False)
+    settings = resolve(addr=None, cache_dir=str(tmp_path), log_level=None, refresh_tags=None, env=env)
+    finding = await zero_copy_finding(settings, classic)
+    assert finding.status == "ok" and "off, Docker uses the classic graph driver" in finding.text
+    containerd = DaemonInfo("28.5.2", "1.51", AMD64, "overlayfs", True)
+    off = resolve(
+        addr=None, cache_dir=str(tmp_path), log_level=None, refresh_tags=None, no_zero_copy=True, env=env
+    )
+    assert "off (flag --no-zero-copy)" in (await zero_copy_finding(off, containerd)).text
+    missing = resolve(
+        addr=None,
+        cache_dir=str(tmp_path),
+        log_level=None,
+        refresh_tags=None,
+        containerd_address=str(tmp_path / "none.sock"),
+        env=env,
+    )
+    unreachable = await zero_copy_finding(missing, containerd)
+    assert unreachable.status == "warn"
+    assert "every image is exported" in unreachable.text and "none.sock" in unreachable.text

@@ -126,6 +126,16 @@ async def test_a_tag_is_served_from_the_content_store_without_an_export(
     assert world.store.records() == []
 
 
+async def test_docker_s_descriptor_saves_asking_containerd(client: TestClient, world: World) -> None:
+    image = make_image("described")
+    world.add(REF, image)
+    described = {"mediaType": image.media_type, "digest": image.digest, "size": len(image.manifest)}
+    world.docker.images[REF].inspect["Descriptor"] = described
+    status, body, _ = await get(client, "/v2/team/app/manifests/dev")
+    assert (status, body) == (200, image.manifest)
+    assert world.containerd.calls == []
+
+
 async def test_a_rebuilt_tag_is_served_fresh(client: TestClient, world: World) -> None:
     world.add(REF, make_image("one"))
     assert (await get(client, "/v2/team/app/manifests/dev"))[0] == 200
