@@ -11,11 +11,11 @@ import aiohttp
 
 from . import PRODUCT, cachedir, server, units
 from .auth import Htpasswd, HtpasswdError
+from .discovery import ZeroCopyConfig, discover
 from .docker import SAVE_PLATFORM_API, DaemonInfo, DockerClient, DockerUnavailable
 from .endpoint import DockerEndpoint
 from .metrics import Metrics
 from .settings import ENV_ADDR, ENV_CONTAINERD_ADDRESS, ENV_ZERO_COPY, Settings
-from .zerocopy import ZeroCopyConfig, discover
 
 # Engine API 1.44 (Docker 25) is where image save started writing an OCI image layout.
 OCI_SAVE_API = (1, 44)

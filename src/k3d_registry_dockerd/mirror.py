@@ -15,6 +15,7 @@ from typing import Any
 
 from . import progress
 from .content import BlobFile, ImageContent, ServedManifest
+from .discovery import ZeroCopy
 from .docker import (
     Credentials,
     DaemonInfo,
@@ -32,7 +33,7 @@ from .metrics import Metrics
 from .progress import PullEvents, Transfer
 from .reference import DOCKER_HUB, Digest, Repository, parse_repository, split_repo_tag
 from .store import DigestMismatch, Store, TagEntry
-from .zerocopy import ContainerdContent, ZeroCopy
+from .zerocopy import ContainerdContent
 
 log = logging.getLogger(__name__)
 READY_TIMEOUT = 5.0

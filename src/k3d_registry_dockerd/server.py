@@ -20,13 +20,13 @@ from aiohttp import web
 from . import __version__, cachedir, logs, units
 from .api import MIRROR, UPLOADS, AccessLogger, create_app
 from .auth import Htpasswd, HtpasswdError
+from .discovery import ZeroCopy, ZeroCopyConfig
 from .docker import DockerClient, DockerUnavailable
 from .endpoint import DockerEndpoint
 from .metrics import Metrics
 from .mirror import Mirror
 from .settings import ENV_ADDR, ENV_HTPASSWD_PATH, SettingError, Settings
 from .store import Store
-from .zerocopy import ZeroCopy, ZeroCopyConfig
 
 log = logging.getLogger("k3d_registry_dockerd")
 # glibc mallopt parameters (malloc.h).

@@ -12,6 +12,7 @@ import json
 import shutil
 import sys
 import tarfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -86,15 +87,19 @@ def registry_image(docker26: Dockerd, debootstrap: str) -> Iterator[str]:
 
 
 @contextmanager
-def registry_container(docker26: Dockerd, image: str, socket: Path) -> Iterator[tuple[str, str]]:
+def registry_container(
+    docker26: Dockerd, image: str, socket: Path, mounts: tuple[str, ...] = ()
+) -> Iterator[tuple[str, str]]:
     """Runs the image as k3d does (engine socket mounted, REGISTRY_HTTP_ADDR set, host network on
     loopback); yields the container's name and the registry's address, and removes it afterwards."""
     port = free_port()
     name = f"k3rd-registry-{port}"
+    volumes = [arg for mount in mounts for arg in ("-v", mount)]
     docker26.docker(
         "run", "-d", "--name", name, "--network", "host",
         "-e", f"REGISTRY_HTTP_ADDR=127.0.0.1:{port}",
         "-v", f"{socket}:/var/run/docker.sock",
+        *volumes,
         image,
     )  # fmt: skip
     try:
@@ -136,3 +141,23 @@ def test_image_with_podmans_socket(
         logs = docker26.docker("logs", name).stderr
         assert "Podman Engine" in logs
         assert "exported localhost/podman-built:1" in logs
+
+
+def test_image_with_dockers_containerd_mounted_serves_zero_copy(
+    docker26: Dockerd, docker28_containerd: Dockerd, node: Containerd, registry_image: str
+) -> None:
+    """What `config k3d --containerd` mounts for Docker 29 on Linux, here for Docker 28.5's containerd:
+    its socket, and its content store read-only, each at the same path as on the host."""
+    docker = docker28_containerd
+    build_image(docker, "in-cluster-zc:1", layers=2, size=2 * MiB, seed="container-zc")
+    content = docker.data_root / "containerd" / "daemon" / "io.containerd.content.v1.content"
+    mounts = (f"{docker.containerd_socket}:{docker.containerd_socket}", f"{content}:{content}:ro")
+    since = time.time()
+    with registry_container(docker26, registry_image, docker.socket, mounts) as (name, addr):
+        node.set_mirror(addr)
+        result = node.pull("docker.io/library/in-cluster-zc:1")
+        assert result.returncode == 0, result.stdout + result.stderr
+        logs = docker26.docker("logs", name).stderr
+        assert "zero-copy from containerd is on" in logs, logs
+        assert "exporting" not in logs
+    assert docker.image_saves(since) == []
