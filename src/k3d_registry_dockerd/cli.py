@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__, cache, cachedir, configs, doctor, server, units
+from . import __version__, cache, cachedir, configs, doctor, server, units, warm, workloads
 from .endpoint import EndpointError, resolve_endpoint
 from .settings import (
     ENV_ADDR,
@@ -233,6 +233,36 @@ def build_parser() -> argparse.ArgumentParser:
     for action in (listing, verify, prune):
         _cache_dir_option(action, argparse.SUPPRESS)
 
+    warming = commands.add_parser(
+        "warm",
+        help="make images ready in a running registry before a cluster pulls them",
+        description="Ask a running registry for each image as a node's first pull does: it pulls through "
+        "Docker what Docker lacks, exports and caches it. One line per image; exit 1 if any failed.",
+    )
+    warming.add_argument(
+        "images", nargs="*", metavar="IMAGE", help="images, as a pod names them (nginx:1.27)"
+    )
+    warming.add_argument(
+        "-f",
+        "--file",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="Kubernetes YAML (many documents, e.g. `helm template` output; - for stdin; a directory: its "
+        ".yaml and .yml files): every image of its pods, deployments, stateful sets, daemon sets, jobs and "
+        "cron jobs; repeatable",
+    )
+    warming.add_argument(
+        "--registry", default=warm.DEFAULT_REGISTRY, metavar="URL", help=f"default {warm.DEFAULT_REGISTRY}"
+    )
+    warming.add_argument(
+        "--parallel",
+        type=int,
+        default=warm.DEFAULT_PARALLEL,
+        metavar="N",
+        help=f"images warmed at once (default {warm.DEFAULT_PARALLEL})",
+    )
+
     config = commands.add_parser(
         "config",
         help="print a cluster configuration that pulls every image through this registry",
@@ -358,9 +388,54 @@ def _print_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _warm_line(outcome: warm.Outcome) -> None:
+    if outcome.problem is None:
+        print(f"✓ {outcome.target.image}: {outcome.digest} ({outcome.seconds:.1f}s)", flush=True)
+    else:
+        print(f"✗ {outcome.target.image}: {outcome.problem}", flush=True)
+
+
+def _yaml_texts(name: str) -> list[str]:
+    """The text of a file, of stdin (-), or of a directory's .yaml and .yml files (as `kubectl -f`)."""
+    if name == "-":
+        return [sys.stdin.read()]
+    path = Path(name)
+    if path.is_dir():
+        return [found.read_text() for found in sorted(path.iterdir()) if found.suffix in (".yaml", ".yml")]
+    return [path.read_text()]
+
+
+def _warm_command(args: argparse.Namespace) -> int:
+    images = list(args.images)
+    try:
+        texts = [text for name in args.file for text in _yaml_texts(name)]
+        images += workloads.images(texts)
+    except OSError as exc:
+        return _fail(f"cannot read {exc.filename}: {exc.strerror}", 2)
+    except workloads.WorkloadError as exc:
+        return _fail(str(exc), 2)
+    if not images:
+        return _fail("no images to warm: name some, or give -f FILE with Kubernetes YAML", 2)
+    started = time.monotonic()
+    try:
+        outcomes = asyncio.run(
+            warm.warm(images, registry=args.registry, parallel=args.parallel, report=_warm_line)
+        )
+    except warm.RegistryUnreachable as exc:
+        return _fail(str(exc))
+    failed = [outcome for outcome in outcomes if outcome.problem is not None]
+    print(
+        f"{len(outcomes) - len(failed)} of {len(outcomes)} images ready in {time.monotonic() - started:.1f}s"
+        + (f"; {len(failed)} failed" if failed else "")
+    )
+    return 1 if failed else 0
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.command == "config":
         return _print_config(args)
+    if args.command == "warm":
+        return _warm_command(args)
     if args.command == "cache":
         return _cache_command(args)
     settings = resolve(

@@ -66,6 +66,7 @@ def _subparser(parser: argparse.ArgumentParser, *path: str) -> argparse.Argument
         (("config", "k3d"), {"--help", "--name", "--port", "--image", "--shared", "--containerd"}),
         (("config", "kind"), {"--help", "--name", "--port", "--hosts-dir"}),
         (("config", "registries"), {"--help", "--name", "--port"}),
+        (("warm",), {"--help", "--file", "--registry", "--parallel"}),
     ],
 )
 def test_each_command_lists_only_its_own_options_each_described(
