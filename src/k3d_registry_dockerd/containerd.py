@@ -1,4 +1,4 @@
-"""A read-only client of containerd's gRPC API: images, content info and the content store's root.
+"""A read-only client of containerd's gRPC API: image records, the content store's root, the version.
 
 Docker's containerd image store keeps every image of a Docker daemon in one containerd namespace (`moby`);
 this client only ever reads from it.
@@ -99,8 +99,3 @@ class ContainerdClient:
             image.name: Descriptor(image.target.media_type, image.target.digest, image.target.size)
             for image in (answer.images if answer is not None else ())
         }
-
-    async def size(self, digest: str) -> int | None:
-        """The size of a committed blob, or None when the content store lacks it."""
-        answer = await self._unary(api.CONTENT_INFO, api.InfoRequest(digest=digest), api.InfoResponse)
-        return int(answer.info.size) if answer is not None else None

@@ -26,10 +26,6 @@ _MESSAGES: dict[str, list[tuple[str, int, int, bool, str | None]]] = {
     "GetImageResponse": [("image", 1, _MESSAGE, False, "Image")],
     "ListImagesRequest": [("filters", 1, _STRING, True, None)],
     "ListImagesResponse": [("images", 1, _MESSAGE, True, "Image")],
-    # containerd.services.content.v1
-    "Info": [("digest", 1, _STRING, False, None), ("size", 2, _INT64, False, None)],
-    "InfoRequest": [("digest", 1, _STRING, False, None)],
-    "InfoResponse": [("info", 1, _MESSAGE, False, "Info")],
     # containerd.services.introspection.v1 (init_err is a google.rpc.Status)
     "Status": [("code", 1, _INT32, False, None), ("message", 2, _STRING, False, None)],
     "Plugin": [("type", 1, _STRING, False, None), ("id", 2, _STRING, False, None),
@@ -44,7 +40,6 @@ _MESSAGES: dict[str, list[tuple[str, int, int, bool, str | None]]] = {
 # Full method names: the service names are containerd's, the messages ours (the wire format is the same).
 IMAGES_GET = "/containerd.services.images.v1.Images/Get"
 IMAGES_LIST = "/containerd.services.images.v1.Images/List"
-CONTENT_INFO = "/containerd.services.content.v1.Content/Info"
 INTROSPECTION_PLUGINS = "/containerd.services.introspection.v1.Introspection/Plugins"
 VERSION = "/containerd.services.version.v1.Version/Version"
 
@@ -83,8 +78,6 @@ GetImageRequest = _CLASSES["GetImageRequest"]
 GetImageResponse = _CLASSES["GetImageResponse"]
 ListImagesRequest = _CLASSES["ListImagesRequest"]
 ListImagesResponse = _CLASSES["ListImagesResponse"]
-InfoRequest = _CLASSES["InfoRequest"]
-InfoResponse = _CLASSES["InfoResponse"]
 PluginsRequest = _CLASSES["PluginsRequest"]
 PluginsResponse = _CLASSES["PluginsResponse"]
 VersionResponse = _CLASSES["VersionResponse"]
