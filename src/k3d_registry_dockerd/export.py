@@ -426,15 +426,19 @@ def plan_manifests(
     return plan
 
 
-def index_child(raw: bytes | None, digest: str) -> dict[str, Any] | None:
-    """The descriptor an index (its stored bytes) has for `digest`; None when it lists no such child."""
+def foreign_platform(raw_index: bytes | None, digest: str, platform: Platform) -> str | None:
+    """The platform an index (its stored bytes) lists `digest` for, when that is not `platform`; None when
+    it lists no such child or lists it for `platform`."""
     try:
-        children = json.loads(raw or b"").get("manifests")
+        children = json.loads(raw_index or b"").get("manifests")
     except (ValueError, AttributeError):
         return None
     if not isinstance(children, list):
         return None
-    return next((c for c in children if isinstance(c, dict) and c.get("digest") == digest), None)
+    child = next((c for c in children if isinstance(c, dict) and c.get("digest") == digest), None)
+    if child is None or platform.matches(child.get("platform")):
+        return None
+    return platform_text(child.get("platform"))
 
 
 def platform_text(platform: dict[str, Any] | None) -> str:

@@ -27,9 +27,8 @@ from .export import (
     IncompleteImage,
     Platform,
     ThreadedStream,
-    index_child,
+    foreign_platform,
     plan_manifests,
-    platform_text,
     read_save_stream,
     select_root,
 )
@@ -216,9 +215,9 @@ class ExportedContent:
         record = self.store.record(repo.docker_name)
         for index, entry in record.manifests.items() if record else ():
             if entry.media_type in INDEX_TYPES and digest in entry.references:
-                child = index_child(self.store.read_blob(index), digest)
-                if child is not None and not platform.matches(child.get("platform")):
-                    return platform_text(child.get("platform"))
+                found = foreign_platform(self.store.read_blob(index), digest, platform)
+                if found is not None:
+                    return found
         return None
 
     async def _enforce_limit(self, repo: Repository, digest: str) -> None:

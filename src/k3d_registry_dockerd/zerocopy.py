@@ -29,9 +29,8 @@ from .export import (
     IncompleteImage,
     Platform,
     Root,
-    index_child,
+    foreign_platform,
     plan_manifests,
-    platform_text,
 )
 from .flights import FreshFlight
 from .metrics import Metrics
@@ -235,9 +234,10 @@ class ContainerdContent:
             entry = plan.manifests.get(root) if plan else None
             if entry is None or entry.media_type not in INDEX_TYPES or digest not in entry.references:
                 continue
-            child = index_child(self._read(root), digest)
-            if child is not None and not platform.matches(child.get("platform")):
-                return platform_text(child.get("platform"))
+            # The index was read and verified when it was served: its bytes are kept.
+            found = foreign_platform(self._bodies.get(root) or self._read(root), digest, platform)
+            if found is not None:
+                return found
         return None
 
     async def blob(self, repo: Repository, digest: str, info: DaemonInfo) -> BlobFile | None:
