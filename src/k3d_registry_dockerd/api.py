@@ -22,6 +22,7 @@ from .docker import Credentials
 from .errors import RegistryError
 from .export import MAX_MANIFEST_SIZE, OCI_INDEX
 from .mirror import Mirror
+from .prefetch import Prefetcher
 from .push import Pushes
 from .reference import Digest, Repository, is_digest, parse_repository, parse_tag
 from .status import PAGE, RecentProblems, RecentPulls, snapshot
@@ -35,6 +36,7 @@ PULLS: web.AppKey[RecentPulls] = web.AppKey("pulls", RecentPulls)
 # What a manifest request was answered with, for the recent-pulls list.
 SERVED: web.RequestKey[ServedManifest] = web.RequestKey("served", ServedManifest)
 UPLOADS: web.AppKey[Uploads] = web.AppKey("uploads", Uploads)
+PREFETCHER: web.AppKey[Prefetcher] = web.AppKey("prefetcher", Prefetcher)
 PUSHES: web.AppKey[Pushes] = web.AppKey("pushes", Pushes)
 WRITE_AUTH: web.AppKey[Htpasswd | None] = web.AppKey("write_auth", Htpasswd)
 API_VERSION = ("Docker-Distribution-API-Version", "registry/2.0")
@@ -413,7 +415,8 @@ async def status_page(_request: web.Request) -> web.Response:
 
 
 async def status_json(request: web.Request) -> web.Response:
-    return web.json_response(await snapshot(request.app[MIRROR], request.app[PROBLEMS], request.app[PULLS]))
+    app = request.app
+    return web.json_response(await snapshot(app[MIRROR], app[PROBLEMS], app[PULLS], app.get(PREFETCHER)))
 
 
 async def unsupported(request: web.Request) -> web.Response:

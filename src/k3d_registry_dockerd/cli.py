@@ -32,6 +32,8 @@ from .settings import (
     ENV_LOAD_PUSHED,
     ENV_LOG_FORMAT,
     ENV_LOG_LEVEL,
+    ENV_PREFETCH,
+    ENV_PREFETCH_MAX_AGE,
     ENV_REFRESH_TAGS,
     ENV_TLS_CERT,
     ENV_TLS_KEY,
@@ -89,6 +91,21 @@ def _server_options(parser: argparse.ArgumentParser, default: object = None) -> 
         metavar="DURATION",
         help="pull a cached remote tag through Docker again when its last pull is older than this "
         f"(e.g. 10m, 1h; env {ENV_REFRESH_TAGS}; default: never, serve Docker's copy)",
+    )
+    parser.add_argument(
+        "--no-prefetch",
+        action="store_const",
+        const=True,
+        default=default,
+        help="do not pre-export tags that move in Docker (a rebuilt tag is then exported when a client "
+        f"next pulls it; env {ENV_PREFETCH}=false)",
+    )
+    parser.add_argument(
+        "--prefetch-max-age",
+        default=default,
+        metavar="DURATION",
+        help="pre-export a moved tag only if a client pulled it within this (e.g. 1d, 12h; env "
+        f"{ENV_PREFETCH_MAX_AGE}; default 7d)",
     )
     parser.add_argument(
         "--log-level",
@@ -455,6 +472,8 @@ def _run(args: argparse.Namespace) -> int:
         no_zero_copy=args.no_zero_copy,
         containerd_address=args.containerd_address,
         containerd_namespace=args.containerd_namespace,
+        no_prefetch=args.no_prefetch,
+        prefetch_max_age=args.prefetch_max_age,
     )
     tls = server.ssl_context(settings)
     endpoint = resolve_endpoint(os.environ)

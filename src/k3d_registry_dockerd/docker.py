@@ -247,6 +247,10 @@ class DockerClient:
 
     async def repo_tags(self) -> list[str]:
         """Every `name:tag` Docker has (`docker images`)."""
+        return [tag for tag, _ in await self.tagged_images()]
+
+    async def tagged_images(self) -> list[tuple[str, str]]:
+        """(`name:tag`, image ID) of every tag Docker has, in one call."""
         await self.daemon()
         try:
             listed = await self._client().images.list()
@@ -256,7 +260,35 @@ class DockerClient:
             raise DockerFailed(f"listing images: {exc.message}") from exc
         except (aiohttp.ClientError, OSError) as exc:
             raise self._lost(exc) from exc
-        return [tag for image in listed for tag in image.get("RepoTags") or []]
+        return [(tag, str(image.get("Id"))) for image in listed for tag in image.get("RepoTags") or []]
+
+    @asynccontextmanager
+    async def image_events(self) -> AsyncIterator[AsyncIterator[dict[str, Any]]]:
+        """Docker's image events from now on (`docker events --filter type=image`), once the stream is
+        open: Docker sends its headers at once, so nothing that happens after entering is missed. The
+        stream ending or breaking (dockerd stopped) raises DockerUnavailable."""
+        await self.daemon()
+        params = {"filters": json.dumps({"type": ["image"]})}
+        try:
+            async with self._client()._query("events", params=params, timeout=None) as response:
+                yield self._events(response.content)
+        except DockerError as exc:
+            if exc.status == _CONNECTION_ERROR_STATUS:
+                raise self._lost(exc) from exc
+            raise DockerFailed(f"following events: {exc.message}") from exc
+
+    async def _events(self, stream: aiohttp.StreamReader) -> AsyncIterator[dict[str, Any]]:
+        try:
+            async for line in stream:
+                if line.strip():
+                    event = json.loads(line)
+                    if isinstance(event, dict):
+                        yield event
+        except (aiohttp.ClientError, OSError) as exc:
+            raise self._lost(exc) from exc
+        except ValueError as exc:
+            raise DockerFailed(f"Docker's event stream is not JSON: {exc}") from exc
+        raise self._lost(ConnectionResetError(errno.ECONNRESET, "Docker closed its event stream"))
 
     async def remove(self, ref: str) -> None:
         """`docker rmi <ref>`: untags it, and deletes the image when that was its last name."""

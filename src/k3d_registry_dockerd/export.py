@@ -17,7 +17,7 @@ import posixpath
 import queue
 import re
 import tarfile
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import IO, Any
@@ -105,12 +105,20 @@ class ThreadedStream(io.RawIOBase):
 
     A pump task on the event loop reads ahead up to `read_ahead` chunks into a thread-safe queue, so Docker
     keeps writing while the worker hashes and writes to disk, and the worker's reads cost no loop round
-    trip. `close()` (on the loop) stops the pump if the worker gave up early.
+    trip. `close()` (on the loop) stops the pump if the worker gave up early. The pump awaits `gate` before
+    each read: a paused export stops reading, and Docker, its socket full, stops working on it.
     """
 
-    def __init__(self, stream: Any, loop: asyncio.AbstractEventLoop, read_ahead: int = 16) -> None:
+    def __init__(
+        self,
+        stream: Any,
+        loop: asyncio.AbstractEventLoop,
+        read_ahead: int = 16,
+        gate: Callable[[], Awaitable[Any]] | None = None,
+    ) -> None:
         super().__init__()
         self._stream = stream
+        self._gate = gate
         self._loop = loop
         self._chunks: queue.SimpleQueue[bytes | BaseException] = queue.SimpleQueue()
         self._room = asyncio.Semaphore(read_ahead)
@@ -124,6 +132,8 @@ class ThreadedStream(io.RawIOBase):
         try:
             while True:
                 await self._room.acquire()
+                if self._gate is not None:
+                    await self._gate()
                 # read(n) hands over everything buffered (up to n) without waiting for n bytes.
                 chunk = await self._stream.read(CHUNK)
                 self._chunks.put(chunk)

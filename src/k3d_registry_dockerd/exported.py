@@ -55,11 +55,24 @@ class ExportProgress:
     # Expected: Docker's figure for the image's size; the save stream is about as long.
     transfer: Transfer
     claimed: set[str] = field(default_factory=set)
+    # A pre-export no request has asked for yet: it pauses while exports for requests run.
+    background: bool = False
+    # Set while the export may read on.
+    go: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def export_key(ref: str, image_id: str) -> str:
+    """One export per Docker reference and image ID: requests and a pre-export of the same share it."""
+    return f"export {ref} {image_id}"
 
 
 class ExportedContent:
     """The store's images, exported once per Docker image ID (concurrent requests share the export),
-    evicted past `cache_max_size`; never anything outside our cache dir."""
+    evicted past `cache_max_size`; never anything outside our cache dir.
+
+    A pre-export (`prefetch`) is the same export started before any request: a request for that image
+    joins it, and until one does it yields to the exports requests are waiting for.
+    """
 
     def __init__(
         self, store: Store, docker: DockerClient, metrics: Metrics, cache_max_size: int | None = None
@@ -68,9 +81,14 @@ class ExportedContent:
         self.docker = docker
         self.metrics = metrics
         self.cache_max_size = cache_max_size
+        # By export key.
         self.in_progress: dict[str, ExportProgress] = {}
         self.exports = 0
         self._flights = SingleFlight()
+        # Export keys of pre-exports no request has joined.
+        self._background: set[str] = set()
+        self._requests_idle = asyncio.Event()
+        self._requests_idle.set()
         # Digests a Docker image was found not to contain, so repeated requests cost no new export.
         self._absent: dict[tuple[str, str], str] = {}
         self._record_lock = asyncio.Lock()
@@ -111,19 +129,72 @@ class ExportedContent:
         if cached is not None and cached.image_id == image_id and self.store.has_blob(cached.digest):
             now = time.time()
             used_long_ago = cached.last_used is None or now - cached.last_used > LAST_USE_RESOLUTION
-            if pulled_at is not None or used_long_ago:
+            if cached.prefetched:
+                self.metrics.prefetch_hits.labels("ready").inc()
+            if pulled_at is not None or used_long_ago or cached.prefetched:
                 # Recorded at most once a minute per tag: a record write per pull would be wasted I/O.
-                changed = replace(cached, pulled_at=pulled_at or cached.pulled_at, last_used=now)
+                changed = replace(
+                    cached, pulled_at=pulled_at or cached.pulled_at, last_used=now, prefetched=False
+                )
                 await self._update(repo, {}, {tag: changed})
             self.metrics.manifest_cache.labels("hit").inc()
             return self.served(repo, cached.digest, cached.media_type, cold=pulled_at is not None)
+        key = export_key(repo.docker_ref(tag), image_id)
         self.metrics.manifest_cache.labels("miss").inc()
+        if key in self._background:
+            self._promote(key)
+            self.metrics.prefetch_hits.labels("running").inc()
         size = int(image.get("Size") or 0)
         entry = await self._flights.run(
-            f"export {repo.docker_ref(tag)} {image_id}",
-            lambda: self._export_tag(repo, tag, image_id, info, pulled_at, size),
+            key, lambda: self._export_tag(repo, tag, image_id, info, pulled_at, size, key)
         )
         return self.served(repo, entry.digest, entry.media_type, cold=True)
+
+    async def prefetch(self, repo: Repository, tag: str, image: dict[str, Any], info: DaemonInfo) -> None:
+        """Exports Docker's `image` of the tag as a request for it would, before any request does."""
+        image_id = image["Id"]
+        key = export_key(repo.docker_ref(tag), image_id)
+        if key not in self._flights:
+            self._background.add(key)
+        size = int(image.get("Size") or 0)
+        try:
+            await self._flights.run(key, lambda: self._export_tag(repo, tag, image_id, info, None, size, key))
+        finally:
+            self._background.discard(key)
+
+    def abandon(self, repo: Repository, tag: str, image_id: str) -> bool:
+        """Cancels the pre-export of this image for the tag, unless a request has joined it."""
+        key = export_key(repo.docker_ref(tag), image_id)
+        if key not in self._background:
+            return False
+        self._background.discard(key)
+        return self._flights.cancel(key)
+
+    async def requests_idle(self) -> None:
+        """Returns once no export a request waits for is running."""
+        await self._requests_idle.wait()
+
+    def _promote(self, key: str) -> None:
+        """A request joined a pre-export: from now on it is that request's export."""
+        self._background.discard(key)
+        export = self.in_progress.get(key)
+        if export is not None:
+            export.background = False
+            export.transfer.kind = "export"
+            self._reschedule()
+
+    def _reschedule(self) -> None:
+        """Pre-exports read on only while no export for a request runs; those always do."""
+        busy = any(not export.background for export in self.in_progress.values())
+        if busy:
+            self._requests_idle.clear()
+        else:
+            self._requests_idle.set()
+        for export in self.in_progress.values():
+            if export.background and busy:
+                export.go.clear()
+            else:
+                export.go.set()
 
     async def by_digest(
         self, repo: Repository, digest: str, image: dict[str, Any] | None, info: DaemonInfo
@@ -135,7 +206,7 @@ class ExportedContent:
             return None
         ref = repo.docker_ref(digest)
         plan = await self._flights.run(
-            f"export {ref} {image['Id']}", lambda: self._export_digest(repo, ref, digest, image, info)
+            export_key(ref, image["Id"]), lambda: self._export_digest(repo, ref, digest, image, info)
         )
         if digest in plan.manifests:
             return self.served(repo, digest, plan.manifests[digest].media_type, cold=True)
@@ -156,6 +227,7 @@ class ExportedContent:
     ) -> ExportPlan:
         try:
             plan = await self._export(
+                export_key(ref, image["Id"]),
                 ref,
                 info,
                 (ref,),
@@ -183,24 +255,29 @@ class ExportedContent:
         info: DaemonInfo,
         pulled_at: float | None,
         size: int,
+        key: str,
     ) -> TagEntry:
         ref = repo.docker_ref(tag)
         entries: list[TagEntry] = []
 
         async def keep(plan: ExportPlan) -> None:
             now = time.time()
+            background = key in self._background
+            previous = self.cached_tag(repo, tag)
             entry = TagEntry(
                 digest=plan.root.digest,
                 media_type=plan.manifests[plan.root.digest].media_type,
                 image_id=image_id,
                 exported_at=now,
                 pulled_at=pulled_at or self._previous_pull(repo, tag, image_id),
-                last_used=now,
+                # A pre-export is no use of the tag: --prefetch-max-age counts from the last request.
+                last_used=previous.last_used if background and previous else now,
+                prefetched=background,
             )
             await self._update(repo, plan.manifests, {tag: entry})
             entries.append(entry)
 
-        await self._export(ref, info, (ref, repo.familiar(tag), tag), size, keep)
+        await self._export(key, ref, info, (ref, repo.familiar(tag), tag), size, keep)
         await self._enforce_limit(repo, entries[0].digest)
         return entries[0]
 
@@ -296,6 +373,7 @@ class ExportedContent:
 
     async def _export(
         self,
+        key: str,
         ref: str,
         info: DaemonInfo,
         names: tuple[str, ...],
@@ -305,7 +383,10 @@ class ExportedContent:
         """Exports an image into the store and has `keep` record what is served of it; whatever else the
         export stored (a failed export's blobs, files Docker adds that no manifest uses) is removed."""
         self.metrics.exports_in_flight.inc()
-        export = self.in_progress[ref] = ExportProgress(Transfer("export", ref, size))
+        background = key in self._background
+        transfer = Transfer("pre-export" if background else "export", ref, size)
+        export = self.in_progress[key] = ExportProgress(transfer, background=background)
+        self._reschedule()
         started, outcome = time.monotonic(), "failed"
         try:
             async with progress.logged(export.transfer):
@@ -313,16 +394,20 @@ class ExportedContent:
             await keep(plan)
             outcome = "ok"
             return plan
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
         finally:
-            await self._discard_unused(ref, export.claimed)
-            self.in_progress.pop(ref, None)
+            await self._discard_unused(key, ref, export.claimed)
+            self.in_progress.pop(key, None)
+            self._reschedule()
             self.metrics.exports_in_flight.dec()
             self.metrics.exports.labels(outcome).observe(time.monotonic() - started)
 
-    async def _discard_unused(self, ref: str, stored: set[str]) -> None:
+    async def _discard_unused(self, key: str, ref: str, stored: set[str]) -> None:
         """Removes blobs an export stored that no record references and no other export relies on."""
         async with self._record_lock:
-            others = [e.claimed for r, e in self.in_progress.items() if r != ref]
+            others = [e.claimed for k, e in self.in_progress.items() if k != key]
             unused = stored - cache.referenced(self.store) - set().union(*others)
             freed = await asyncio.to_thread(cache.remove_blobs, self.store, unused)
         if freed:
@@ -343,12 +428,21 @@ class ExportedContent:
             # one platform of an image anyway.
             platform = None if info.containerd_store else info.platform
             async with self.docker.save(ref, platform) as stream:
-                reader = ThreadedStream(stream, loop)
+                reader = ThreadedStream(stream, loop, gate=export.go.wait)
                 export.transfer.counter = lambda: reader.bytes_read
+                work = asyncio.ensure_future(
+                    asyncio.to_thread(read_save_stream, reader, self.store, export.claimed)
+                )
                 try:
-                    contents = await asyncio.to_thread(read_save_stream, reader, self.store, export.claimed)
+                    contents = await asyncio.shield(work)
                 finally:
                     reader.close()
+                    if not work.done():
+                        # Cancelled (a superseded pre-export): the worker stops at its next read, and
+                        # what it stored must be claimed before the export's leftovers are removed.
+                        await asyncio.wait({work})
+                        if not work.cancelled():
+                            work.exception()
             root = select_root(contents.roots, names)
             plan = plan_manifests(root, self.store.read_blob, self.store.has_blob, info.platform)
         except (DockerUnavailable, RegistryError):

@@ -24,8 +24,21 @@ class SingleFlight:
             task.add_done_callback(lambda done: self._finished(key, done))
         return await asyncio.shield(task)
 
+    def __contains__(self, key: str) -> bool:
+        return key in self._tasks
+
+    def cancel(self, key: str) -> bool:
+        """Cancels the task running for `key` (its waiters get CancelledError); False when none runs.
+        A caller arriving afterwards starts a new task rather than joining the cancelled one."""
+        task = self._tasks.pop(key, None)
+        if task is None:
+            return False
+        task.cancel()
+        return True
+
     def _finished(self, key: str, task: asyncio.Task[Any]) -> None:
-        self._tasks.pop(key, None)
+        if self._tasks.get(key) is task:
+            del self._tasks[key]
         # Waiters that stayed got the exception; one nobody waited for must not be reported as lost.
         if not task.cancelled():
             task.exception()

@@ -78,4 +78,18 @@ class Metrics:
             "Blobs in containerd's content store whose bytes did not match their digest (not served)",
             registry=self.registry,
         )
+        self.prefetches = Counter(
+            "k3d_registry_prefetches",
+            "Pre-exports of tags that moved in Docker, by outcome: exported, failed, superseded (the tag "
+            "moved again, or a request's export took its place), over_limit (it would push the cache past "
+            "--cache-max-size)",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.prefetch_hits = Counter(
+            "k3d_registry_prefetch_hits",
+            "Tag requests that found their image pre-exported (ready) or being pre-exported (running)",
+            ["state"],
+            registry=self.registry,
+        )
         self.registry.register(_CacheCollector(blobs_dir))

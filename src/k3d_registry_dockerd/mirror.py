@@ -83,6 +83,11 @@ class Mirror:
     async def _containerd(self, info: DaemonInfo) -> ContainerdContent | None:
         return await self.zero_copy.source(info) if self.zero_copy is not None else None
 
+    async def exports_needed(self, info: DaemonInfo) -> bool:
+        """Whether Docker's images are served from our cache, exported, rather than from containerd's
+        content store as they are."""
+        return await self._containerd(info) is None
+
     async def _sources(self, info: DaemonInfo) -> list[ImageContent]:
         """Where to look for an image's content, in order: containerd's store as it is, then our cache."""
         containerd = await self._containerd(info)

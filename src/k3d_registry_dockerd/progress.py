@@ -23,7 +23,7 @@ INTERVAL = 5.0
 class Transfer:
     """One pull or export running now; `expected` is 0 while unknown."""
 
-    kind: str  # "pull" or "export"
+    kind: str  # "pull", "export", or "pre-export" (an export no request waits for yet)
     ref: str
     expected: int = 0
     received: int = 0
@@ -38,11 +38,11 @@ class Transfer:
     def line(self) -> str:
         elapsed, done = time.monotonic() - self.started, self.done
         # Not "exporting X": log readers (and tests) count those lines as exports started.
-        what = f"pull of {self.ref} through Docker" if self.kind == "pull" else f"export of {self.ref}"
+        what = f"pull of {self.ref} through Docker" if self.kind == "pull" else f"{self.kind} of {self.ref}"
         if done == 0:
-            waiting = "for Docker's first byte" if self.kind == "export" else "for the upstream"
+            waiting = "for the upstream" if self.kind == "pull" else "for Docker's first byte"
             return f"{what}: waiting {waiting}, {units.duration(elapsed)} so far"
-        of = f" of {'~' if self.kind == 'export' else ''}{units.size(self.expected)}" if self.expected else ""
+        of = f" of {'' if self.kind == 'pull' else '~'}{units.size(self.expected)}" if self.expected else ""
         text = f"{what}: {units.size(done)}{of}, {units.rate(done, elapsed)}"
         if self.expected > done and elapsed > 0:
             text += f", about {units.duration((self.expected - done) * elapsed / done)} left"

@@ -116,6 +116,13 @@ def docker_name(name: str) -> str:
     return f"{domain}/{path}"
 
 
+def repository_of(docker_name: str) -> Repository:
+    """The repository a cache record's Docker name stands for, as this registry's own namespace names it
+    (nothing is ever pulled for it)."""
+    name = docker_name.removeprefix(f"{DOCKER_HUB}/").removeprefix("library/")
+    return Repository(name=name, registry=None, docker_name=docker_name)
+
+
 def split_repo_tag(repo_tag: str) -> tuple[str, str] | None:
     """`name:tag` as Docker lists it (the name may hold a registry port) → (Docker name, tag)."""
     name, sep, tag = repo_tag.rpartition(":")

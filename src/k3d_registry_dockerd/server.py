@@ -18,13 +18,14 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from . import __version__, cachedir, logs, units
-from .api import MIRROR, UPLOADS, AccessLogger, create_app
+from .api import MIRROR, PREFETCHER, UPLOADS, AccessLogger, create_app
 from .auth import Htpasswd, HtpasswdError
 from .discovery import ZeroCopy, ZeroCopyConfig
 from .docker import DockerClient, DockerUnavailable
 from .endpoint import DockerEndpoint
 from .metrics import Metrics
 from .mirror import Mirror
+from .prefetch import Prefetcher
 from .settings import ENV_ADDR, ENV_HTPASSWD_PATH, SettingError, Settings
 from .store import Store
 
@@ -186,6 +187,14 @@ def _log_settings(settings: Settings, endpoint: DockerEndpoint, open_files: int)
         log.info("DELETE may remove Docker's own images (%s)", sources["allow_docker_delete"])
     if not settings.zero_copy:
         log.info("zero-copy from containerd is off (%s): every image is exported", sources["zero_copy"])
+    if settings.prefetch:
+        log.info(
+            "pre-exporting tags that move in Docker, of those pulled in the last %s (%s)",
+            units.duration(settings.prefetch_max_age),
+            sources["prefetch_max_age"],
+        )
+    else:
+        log.info("pre-exports off (%s): a moved tag is exported when next pulled", sources["prefetch"])
     if settings.tls_cert is not None:
         log.info("serving HTTPS with %s (%s)", settings.tls_cert, sources["tls_cert"])
 
@@ -231,6 +240,9 @@ def build_app(settings: Settings, endpoint: DockerEndpoint, write_auth: Htpasswd
         allow_docker_overwrite=settings.allow_docker_overwrite,
         write_auth=write_auth,
     )
+    prefetcher = Prefetcher(mirror, settings.prefetch_max_age) if settings.prefetch else None
+    if prefetcher is not None:
+        app[PREFETCHER] = prefetcher
 
     async def lifecycle(_app: web.Application) -> AsyncIterator[None]:
         await asyncio.to_thread(store.open)
@@ -238,7 +250,11 @@ def build_app(settings: Settings, endpoint: DockerEndpoint, write_auth: Htpasswd
             await zero_copy.source(await docker.daemon())
         except DockerUnavailable as exc:
             log.warning("%s; serving what is cached and retrying on every request that needs Docker", exc)
+        if prefetcher is not None:
+            prefetcher.start()
         yield
+        if prefetcher is not None:
+            await prefetcher.close()
         await zero_copy.close()
         await docker.close()
 

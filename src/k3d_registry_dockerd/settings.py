@@ -18,6 +18,8 @@ ENV_LOAD_PUSHED = "K3D_REGISTRY_DOCKERD_LOAD_PUSHED"
 ENV_ALLOW_DOCKER_DELETE = "K3D_REGISTRY_DOCKERD_ALLOW_DOCKER_DELETE"
 ENV_ALLOW_DOCKER_OVERWRITE = "K3D_REGISTRY_DOCKERD_ALLOW_DOCKER_OVERWRITE"
 ENV_ZERO_COPY = "K3D_REGISTRY_DOCKERD_ZERO_COPY"
+ENV_PREFETCH = "K3D_REGISTRY_DOCKERD_PREFETCH"
+ENV_PREFETCH_MAX_AGE = "K3D_REGISTRY_DOCKERD_PREFETCH_MAX_AGE"
 # As ctr reads them.
 ENV_CONTAINERD_ADDRESS = "CONTAINERD_ADDRESS"
 ENV_CONTAINERD_NAMESPACE = "CONTAINERD_NAMESPACE"
@@ -29,6 +31,7 @@ ENV_HTPASSWD_REALM = "REGISTRY_AUTH_HTPASSWD_REALM"
 ENV_HTPASSWD_PATH = "REGISTRY_AUTH_HTPASSWD_PATH"
 DEFAULT_ADDR = ":5000"
 DEFAULT_REALM = "k3d-registry-dockerd"
+DEFAULT_PREFETCH_MAX_AGE = "7d"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
@@ -134,6 +137,9 @@ class Settings:
     zero_copy: bool = True
     containerd_address: str | None = None
     containerd_namespace: str | None = None
+    # Pre-export tags clients pulled within `prefetch_max_age` seconds when they move in Docker.
+    prefetch: bool = True
+    prefetch_max_age: float = 7 * 86400.0
 
     @property
     def addr(self) -> str:
@@ -159,6 +165,8 @@ def resolve(
     no_zero_copy: bool | None = None,
     containerd_address: str | None = None,
     containerd_namespace: str | None = None,
+    no_prefetch: bool | None = None,
+    prefetch_max_age: str | None = None,
     env: Mapping[str, str] = os.environ,
 ) -> Settings:
     sources: dict[str, str] = {}
@@ -213,6 +221,14 @@ def resolve(
     ctd_namespace = pick(
         "containerd_namespace", "--containerd-namespace", containerd_namespace, ENV_CONTAINERD_NAMESPACE, None
     )
+    prefetch = pick("prefetch", "--no-prefetch", "false" if no_prefetch else None, ENV_PREFETCH, "true")
+    max_age = pick(
+        "prefetch_max_age",
+        "--prefetch-max-age",
+        prefetch_max_age,
+        ENV_PREFETCH_MAX_AGE,
+        DEFAULT_PREFETCH_MAX_AGE,
+    )
     scheme = env.get(ENV_AUTH, "").strip().lower()
     if scheme not in ("", "htpasswd"):
         raise SettingError(
@@ -241,5 +257,7 @@ def resolve(
         zero_copy=parse_bool(zero_copy or "true", ENV_ZERO_COPY),
         containerd_address=ctd_address,
         containerd_namespace=ctd_namespace,
+        prefetch=parse_bool(prefetch or "true", ENV_PREFETCH),
+        prefetch_max_age=parse_duration(max_age or DEFAULT_PREFETCH_MAX_AGE),
         sources=sources,
     )

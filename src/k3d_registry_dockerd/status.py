@@ -12,6 +12,7 @@ from typing import Any
 
 from . import __version__, cache
 from .mirror import Mirror
+from .prefetch import Prefetcher
 
 RECENT_PROBLEMS = 20
 RECENT_PULLS = 20
@@ -113,7 +114,9 @@ def _cache_counts(mirror: Mirror) -> dict[str, float]:
     }
 
 
-async def snapshot(mirror: Mirror, problems: RecentProblems, pulls: RecentPulls) -> dict[str, Any]:
+async def snapshot(
+    mirror: Mirror, problems: RecentProblems, pulls: RecentPulls, prefetcher: Prefetcher | None = None
+) -> dict[str, Any]:
     """Everything the page shows; the cache walk runs off the event loop."""
     images = await asyncio.to_thread(cache.images, mirror.store)
     total = await asyncio.to_thread(cache.cache_bytes, mirror.store)
@@ -146,6 +149,8 @@ async def snapshot(mirror: Mirror, problems: RecentProblems, pulls: RecentPulls)
             for image in images
         ],
         "transfers": [transfer.as_json() for transfer in transfers],
+        # None when pre-exports are off.
+        "prefetch": prefetcher.state() if prefetcher is not None else None,
         "pulls": [asdict(pull) for pull in pulls.entries],
         "problems": list(problems.entries),
     }

@@ -56,6 +56,8 @@ class TagEntry:
     last_used: float | None = None
     # Pushed by a client; `image_id` is then what Docker had under the tag after the push.
     pushed: bool = False
+    # Exported in the background after the tag moved in Docker (see prefetch.py), not asked for since.
+    prefetched: bool = False
 
 
 @dataclass

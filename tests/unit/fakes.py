@@ -1,4 +1,5 @@
-"""A fake of the DockerClient surface the registry uses: daemon, inspect, pull, save, load, remove."""
+"""A fake of the DockerClient surface the registry uses: daemon, inspect, list, pull, save, load, remove,
+image events."""
 
 from __future__ import annotations
 
@@ -41,6 +42,11 @@ def local_image(seed: str, name: str) -> LocalImage:
     return LocalImage(id=image_id, save=classic_save(image, name), image=image)
 
 
+def familiar(ref: str) -> str:
+    """Docker names Hub images in their short form in listings and events."""
+    return ref.removeprefix("docker.io/").removeprefix("library/")
+
+
 @dataclass
 class FakeDocker:
     """`images` is what Docker has (by full reference), `upstream` what a pull would fetch."""
@@ -59,6 +65,9 @@ class FakeDocker:
     saves: list[str] = field(default_factory=list)
     loads: list[str] = field(default_factory=list)
     removes: list[str] = field(default_factory=list)
+    # How often the image event stream was opened, and the streams open now.
+    event_streams: int = 0
+    _event_queues: list[asyncio.Queue[dict[str, Any] | Exception]] = field(default_factory=list)
 
     def describe(self) -> str:
         return "unix:///fake.sock (default)"
@@ -69,9 +78,50 @@ class FakeDocker:
         return DaemonInfo("27.5.1", "1.47", self.platform, "overlay2", self.containerd_store)
 
     async def repo_tags(self) -> list[str]:
+        return [ref for ref, _ in await self.tagged_images()]
+
+    async def tagged_images(self) -> list[tuple[str, str]]:
         await self.daemon()
-        # Docker lists Hub images in their familiar form.
-        return [ref.removeprefix("docker.io/").removeprefix("library/") for ref in self.images]
+        return [(familiar(ref), image.id) for ref, image in self.images.items()]
+
+    @asynccontextmanager
+    async def image_events(self) -> AsyncIterator[AsyncIterator[dict[str, Any]]]:
+        await self.daemon()
+        queue: asyncio.Queue[dict[str, Any] | Exception] = asyncio.Queue()
+        self._event_queues.append(queue)
+        self.event_streams += 1
+
+        async def stream() -> AsyncIterator[dict[str, Any]]:
+            while True:
+                item = await queue.get()
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+
+        try:
+            yield stream()
+        finally:
+            self._event_queues.remove(queue)
+
+    def emit(self, action: str, name: str, image_id: str = "") -> None:
+        """An image event as Docker sends it: `name` is a reference, or an image ID."""
+        event = {
+            "Type": "image",
+            "Action": action,
+            "Actor": {"ID": image_id or name, "Attributes": {"name": name}},
+        }
+        for queue in self._event_queues:
+            queue.put_nowait(event)
+
+    def retag(self, ref: str, image: LocalImage) -> None:
+        """`docker build -t` or `docker tag`: the reference now names `image`, and Docker says so."""
+        self.images[ref] = image
+        self.emit("tag", familiar(ref), image.id)
+
+    def break_event_streams(self) -> None:
+        """dockerd going away: every open event stream breaks."""
+        for queue in self._event_queues:
+            queue.put_nowait(DockerUnavailable("Docker is unreachable at unix:///fake.sock: it stopped"))
 
     async def inspect(self, ref: str) -> dict[str, Any] | None:
         await self.daemon()

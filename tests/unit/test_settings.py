@@ -45,6 +45,8 @@ def test_defaults() -> None:
         "zero_copy": "default",
         "containerd_address": "default",
         "containerd_namespace": "default",
+        "prefetch": "default",
+        "prefetch_max_age": "default",
     }
     assert settings.zero_copy is True
     assert (settings.containerd_address, settings.containerd_namespace) == (None, None)
@@ -61,6 +63,19 @@ def test_containerd_settings_read_ctr_s_variables() -> None:
     off = resolve(**{**NO_FLAGS, "no_zero_copy": True}, env={"HOME": "/h"})
     assert off.zero_copy is False and off.sources["zero_copy"] == "flag --no-zero-copy"
     assert resolve(**NO_FLAGS, env={"K3D_REGISTRY_DOCKERD_ZERO_COPY": "false"}).zero_copy is False
+
+
+def test_prefetch_is_on_for_a_week_by_default_and_can_be_turned_off() -> None:
+    settings = resolve(**NO_FLAGS, env={"HOME": "/h"})
+    assert (settings.prefetch, settings.prefetch_max_age) == (True, 7 * 86400)
+    off = resolve(**{**NO_FLAGS, "no_prefetch": True}, env={"HOME": "/h"})
+    assert off.prefetch is False and off.sources["prefetch"] == "flag --no-prefetch"
+    env = {"K3D_REGISTRY_DOCKERD_PREFETCH": "false", "K3D_REGISTRY_DOCKERD_PREFETCH_MAX_AGE": "12h"}
+    from_env = resolve(**NO_FLAGS, env=env)
+    assert (from_env.prefetch, from_env.prefetch_max_age) == (False, 12 * 3600)
+    assert resolve(**{**NO_FLAGS, "prefetch_max_age": "30m"}, env=env).prefetch_max_age == 1800
+    with pytest.raises(SettingError, match="needs a unit"):
+        resolve(**{**NO_FLAGS, "prefetch_max_age": "7"}, env={})
 
 
 def test_env_beats_default() -> None:
@@ -92,6 +107,8 @@ def test_env_beats_default() -> None:
         "zero_copy": "default",
         "containerd_address": "default",
         "containerd_namespace": "default",
+        "prefetch": "default",
+        "prefetch_max_age": "default",
     }
 
 
@@ -120,6 +137,8 @@ def test_flag_beats_env() -> None:
         "zero_copy": "default",
         "containerd_address": "default",
         "containerd_namespace": "default",
+        "prefetch": "default",
+        "prefetch_max_age": "default",
     }
 
 

@@ -1,0 +1,54 @@
+"""Following Docker's image events for as long as the registry runs, across dockerd restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from .docker import DockerClient, DockerFailed, DockerUnavailable
+
+log = logging.getLogger(__name__)
+RETRY_FIRST = 0.5
+RETRY_MAX = 10.0
+
+
+class ImageEvents:
+    """Calls `on_event` with each of Docker's image events, and `on_connect` whenever the stream has
+    (re)opened: what happened while it was closed is not replayed, so it has to be looked at anew.
+
+    A stream that breaks (dockerd stopped or restarted) is reopened, soon at first, then every RETRY_MAX
+    seconds; each change between following and not is logged once.
+    """
+
+    def __init__(
+        self,
+        docker: DockerClient,
+        on_event: Callable[[dict[str, Any]], None],
+        on_connect: Callable[[], None],
+    ) -> None:
+        self.docker = docker
+        self.on_event = on_event
+        self.on_connect = on_connect
+        self.following = False
+        # Why the stream is not open, after it failed to open or broke.
+        self.problem: str | None = None
+
+    async def run(self) -> None:
+        delay = RETRY_FIRST
+        while True:
+            try:
+                async with self.docker.image_events() as events:
+                    if self.problem is not None:
+                        log.info("following Docker's image events again")
+                    self.following, self.problem, delay = True, None, RETRY_FIRST
+                    self.on_connect()
+                    async for event in events:
+                        self.on_event(event)
+            except (DockerUnavailable, DockerFailed) as exc:
+                if self.problem is None:
+                    log.warning("not following Docker's image events: %s; retrying", exc)
+                self.following, self.problem = False, str(exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX)
