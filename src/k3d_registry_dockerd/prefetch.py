@@ -255,17 +255,20 @@ class Prefetcher:
             info = await self.mirror.docker.daemon()
             image = await self.mirror.docker.inspect(job.ref)
         except (DockerUnavailable, DockerFailed) as exc:
-            log.debug("not pre-exporting %s: %s", job.ref, exc)
+            log.debug("no pre-export of %s: %s", job.ref, exc)
             return
         if image is None or image["Id"] != job.image_id or not await self.mirror.exports_needed(info):
             return  # moved again (its newer job is queued), or nothing to export
+        cached = self.mirror.exported.cached_tag(repo, job.tag)
+        if cached is not None and not due(cached, image["Id"]):
+            return  # a request exported it meanwhile
         limit = self.mirror.exported.cache_max_size
         if limit is not None:
             total = await asyncio.to_thread(cache.cache_bytes, self.mirror.store)
             growth = expected_growth(image, self.mirror.store.blob_size)
             if total + growth > limit:
                 log.info(
-                    "not pre-exporting %s: about %s more would take the cache (%s) past its %s limit",
+                    "no pre-export of %s: about %s more would take the cache (%s) past its %s limit",
                     repo.familiar(job.tag),
                     units.size(growth),
                     units.size(total),
@@ -277,7 +280,7 @@ class Prefetcher:
         if self._superseded:
             self._done(job, "superseded", 0.0)
             return
-        log.info("%s moved to %s in Docker: pre-exporting it", repo.familiar(job.tag), job.image_id)
+        log.info("%s moved to %s in Docker: pre-export started", repo.familiar(job.tag), job.image_id)
         try:
             await self.mirror.exported.prefetch(repo, job.tag, image, info)
         except asyncio.CancelledError:

@@ -189,7 +189,7 @@ def _log_settings(settings: Settings, endpoint: DockerEndpoint, open_files: int)
         log.info("zero-copy from containerd is off (%s): every image is exported", sources["zero_copy"])
     if settings.prefetch:
         log.info(
-            "pre-exporting tags that move in Docker, of those pulled in the last %s (%s)",
+            "pre-export of moved tags on: tags pulled in the last %s (%s), as they move in Docker",
             units.duration(settings.prefetch_max_age),
             sources["prefetch_max_age"],
         )

@@ -24,11 +24,14 @@ def rate(count: float, seconds: float) -> str:
 
 
 def duration(seconds: float) -> str:
-    """``4.2s``, ``3m05s``, ``1h02m``."""
+    """``4.2s``, ``3m05s``, ``1h02m``, ``7d``, ``2d03h``."""
     if seconds < 60:
         return f"{seconds:.1f}s"
     minutes, secs = divmod(int(seconds), 60)
     if minutes < 60:
         return f"{minutes}m{secs:02d}s"
     hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m"
+    if hours < 24:
+        return f"{hours}h{minutes:02d}m"
+    days, hours = divmod(hours, 24)
+    return f"{days}d{hours:02d}h" if hours else f"{days}d"

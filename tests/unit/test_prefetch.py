@@ -20,6 +20,7 @@ from k3d_registry_dockerd.prefetch import (
     served_tags,
 )
 from k3d_registry_dockerd.reference import parse_repository
+from k3d_registry_dockerd.status import RecentProblems, RecentPulls, snapshot
 from k3d_registry_dockerd.store import RepositoryRecord, Store, TagEntry
 
 from .fakes import FakeDocker, local_image
@@ -326,3 +327,22 @@ async def test_a_tag_moved_while_docker_was_away_is_found_when_the_events_resume
     await until(lambda: docker.event_streams == 2, "the stream reopened")
     await until(lambda: len(docker.saves) == 2 and prefetcher.running is None, "the pre-export")
     assert prefetcher.events.following and prefetcher.events.problem is None
+
+
+async def test_the_status_page_shows_a_pre_export_running_and_done(
+    mirror: Mirror, docker: FakeDocker, prefetcher: Prefetcher
+) -> None:
+    await pull(mirror, APP)
+    docker.save_gate = asyncio.Event()
+    docker.retag(APP, local_image("app-2", APP))
+    await until(lambda: len(docker.saves) == 2, "the pre-export started")
+    problems, pulls = RecentProblems(), RecentPulls()
+    running = await snapshot(mirror, problems, pulls, prefetcher)
+    assert [(t["kind"], t["ref"]) for t in running["transfers"]] == [("pre-export", APP)]
+    assert running["prefetch"]["running"] == APP and running["prefetch"]["following"]
+    docker.save_gate.set()
+    await until(lambda: prefetcher.running is None, "the pre-export done")
+    done = await snapshot(mirror, problems, pulls, prefetcher)
+    assert done["transfers"] == []
+    assert [(o["ref"], o["outcome"]) for o in done["prefetch"]["recent"]] == [(APP, "exported")]
+    assert (await snapshot(mirror, problems, pulls))["prefetch"] is None  # --no-prefetch

@@ -28,5 +28,7 @@ def test_duration_and_rate() -> None:
     assert units.duration(4.25) == "4.2s"
     assert units.duration(185) == "3m05s"
     assert units.duration(3720) == "1h02m"
+    assert units.duration(7 * 86400) == "7d"
+    assert units.duration(2 * 86400 + 3 * 3600 + 60) == "2d03h"
     assert units.rate(10 << 20, 2) == "5 MiB/s"
     assert units.rate(1, 0) == "?/s"
