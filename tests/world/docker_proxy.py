@@ -201,7 +201,11 @@ class DockerProxy:
         )
         app = web.Application(client_max_size=1 << 30)
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        # A client that goes away ends its relay (the registry's event stream would otherwise be relayed
+        # on forever), and a stop does not wait for relays still running.
+        self._runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, handler_cancellation=True, shutdown_timeout=1.0
+        )
         await self._runner.setup()
         await web.UnixSite(self._runner, str(self.socket)).start()
 

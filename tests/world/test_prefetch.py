@@ -34,6 +34,13 @@ def prefetch_state(registry: RegistryProcess) -> dict[str, Any]:
     return state
 
 
+def wait_following(registry: RegistryProcess) -> None:
+    """Until the registry follows Docker's image events (it opens the stream right after starting)."""
+    wait_until(
+        lambda: prefetch_state(registry)["following"], timeout=PROMPT, what="following Docker's events"
+    )
+
+
 def registry_requests(registry: RegistryProcess, mark: int) -> list[str]:
     """The access log's /v2/ requests after `mark` (a position in the log)."""
     return re.findall(r'"(?:GET|HEAD) /v2/\S*', registry.log_text()[mark:])
@@ -48,9 +55,7 @@ def test_a_rebuilt_served_tag_is_exported_before_the_node_asks(
     image = build_image(docker, f"{name}:dev", layers=3, size=6 * MiB, seed=name)
     # On the containerd image store the export path is the one that has something to pre-export.
     registry = registry_under_test(docker, extra_args=NO_ZERO_COPY if docker.variant.containerd_store else ())
-    wait_until(
-        lambda: prefetch_state(registry)["following"], timeout=PROMPT, what="following Docker's events"
-    )
+    wait_following(registry)
     node.set_mirror(registry.addr)
     ctr_ok(node, f"docker.io/library/{name}:dev")
     first = node_digest(node, f"docker.io/library/{name}:dev")
@@ -93,9 +98,7 @@ def test_a_tag_never_served_is_not_pre_exported(
     served = build_image(docker, "pre-served:dev", layers=2, size=2 * MiB, seed="pre-served")
     unserved = build_image(docker, "pre-unserved:dev", layers=2, size=2 * MiB, seed="pre-unserved")
     registry = registry_under_test(docker, extra_args=NO_ZERO_COPY)
-    wait_until(
-        lambda: prefetch_state(registry)["following"], timeout=PROMPT, what="following Docker's events"
-    )
+    wait_following(registry)
     oci_client.pull(registry.url, "pre-served", "dev")
 
     since = time.time()
@@ -117,9 +120,7 @@ def test_following_resumes_after_dockerd_restarts(
     docker = docker26
     image = build_image(docker, "pre-restart:dev", layers=2, size=2 * MiB, seed="pre-restart")
     registry = registry_under_test(docker)
-    wait_until(
-        lambda: prefetch_state(registry)["following"], timeout=PROMPT, what="following Docker's events"
-    )
+    wait_following(registry)
     oci_client.pull(registry.url, "pre-restart", "dev")
 
     docker.stop()
@@ -146,9 +147,7 @@ def test_zero_copy_has_nothing_to_pre_export(
     docker = docker28_containerd
     image = build_image(docker, "pre-zc:dev", layers=2, size=2 * MiB, seed="pre-zc")
     registry = registry_under_test(docker)
-    wait_until(
-        lambda: prefetch_state(registry)["following"], timeout=PROMPT, what="following Docker's events"
-    )
+    wait_following(registry)
     oci_client.pull(registry.url, "pre-zc", "dev")
 
     since = time.time()
