@@ -27,8 +27,9 @@ from .store import RepositoryRecord, TagEntry
 
 log = logging.getLogger(__name__)
 # Docker's actions that can point a tag at another image (a build's final step is a `tag`; the
-# containerd image store reports new images as `create`, untagged ones as `delete`).
-MOVING_ACTIONS = frozenset({"tag", "untag", "pull", "load", "import", "create", "delete"})
+# containerd image store reports new images as `create`, untagged ones as `delete`; Podman ends a build
+# with `build`, naming only the image).
+MOVING_ACTIONS = frozenset({"tag", "untag", "pull", "load", "import", "create", "delete", "build"})
 # Events come in bursts (a build: several creates and a tag): they are looked at together.
 SETTLE = 0.05
 RECENT_OUTCOMES = 10

@@ -101,6 +101,8 @@ def test_due_when_docker_has_another_image_than_the_cache_answers_with() -> None
         ({"Action": "untag", "Actor": {"ID": "sha256:1", "Attributes": {"name": "sha256:1"}}}, True),
         ({"Action": "load", "Actor": {"ID": "sha256:1", "Attributes": {}}}, True),
         ({"Action": "create", "Actor": {"ID": "sha256:1", "Attributes": {"name": "sha256:1"}}}, True),
+        # Podman names a build's image by its bare ID.
+        ({"Action": "build", "Actor": {"ID": "", "Attributes": {"name": "5a72454b9079e31d"}}}, True),
         ({"Action": "pull", "Actor": {"ID": "app@sha256:1", "Attributes": {"name": "app@sha256:1"}}}, None),
         # Our own exports and pushes move nothing.
         ({"Action": "save", "Actor": {"ID": "sha256:1", "Attributes": {"name": "sha256:1"}}}, None),

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import re
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from . import oci_client
-from .daemons import NO_ZERO_COPY, Containerd, Dockerd, RegistryFactory, RegistryProcess, wait_until
-from .images import MiB, build_image, rebuild_image
+from .daemons import NO_ZERO_COPY, Containerd, Dockerd, Podman, RegistryFactory, RegistryProcess, wait_until
+from .images import MiB, build_image, build_with_podman, rebuild_image
 from .test_mirror import ctr_ok, exports, node_digest, served_blobs
 
 # Long enough for a loaded 2-CPU machine; the pre-export of these small images takes a second.
@@ -158,3 +159,26 @@ def test_zero_copy_has_nothing_to_pre_export(
     assert pulled.digest == rebuilt.image_id
     assert docker.image_saves(since) == []
     assert prefetch_state(registry)["recent"] == []
+
+
+def test_podman_s_rebuilt_tag_is_pre_exported(
+    podman: Podman, registry_under_test: RegistryFactory, tmp_path: Path
+) -> None:
+    """Podman's compatible API has its own event stream (`podman build` ends in a `tag`)."""
+    build_with_podman(podman, "localhost/pm-pre:1", tmp_path / "first", seed="pm-pre", size=2 * MiB)
+    registry = registry_under_test(podman.host)
+    wait_following(registry)
+    first = oci_client.pull(registry.url, "pm-pre", "1", ns="localhost")
+
+    build_with_podman(podman, "localhost/pm-pre:1", tmp_path / "second", seed="pm-pre-2", size=2 * MiB)
+    wait_until(
+        lambda: metric(registry, "k3d_registry_prefetches_total", outcome="exported") == 1,
+        timeout=PROMPT,
+        what="the pre-export",
+    )
+    exported = exports(registry)
+    second = oci_client.pull(registry.url, "pm-pre", "1", ns="localhost")
+    assert second.digest != first.digest
+    assert exports(registry) == exported == 2
+    assert metric(registry, "k3d_registry_prefetch_hits_total", state="ready") == 1
+    assert "not following" not in registry.log_text()
