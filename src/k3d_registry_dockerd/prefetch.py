@@ -225,10 +225,9 @@ class Prefetcher:
             # Superseded: the tag moved on (or is gone) before its export was done.
             self._superseded = True
             self.mirror.exported.abandon(repository_of(name), tag, running.image_id)
-        if not due(entry, docker_id) or f"{name}:{tag}" in self.mirror.loading:
+        if docker_id is None or not due(entry, docker_id) or f"{name}:{tag}" in self.mirror.loading:
             self.queue.drop(name, tag)
             return
-        assert docker_id is not None
         if running is not None and (running.name, running.tag, running.image_id) == (name, tag, docker_id):
             return
         self.queue.want(name, tag, docker_id)
