@@ -804,9 +804,16 @@ ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 def test_status_page_in_a_browser(
     chromium: str, docker: Dockerd, registry_under_test: RegistryFactory, tmp_path: Path
 ) -> None:
-    build_image(docker, "shown-on-status:1", layers=2, size=3 * MiB, seed="status")
+    image = build_image(docker, "shown-on-status:1", layers=2, size=3 * MiB, seed="status")
     registry = registry_under_test(docker, extra_args=[*NO_ZERO_COPY, "--cache-max-size", "1GiB"])
     oci_client.pull(registry.url, "shown-on-status", "1")
+    # Rebuilt after it was served: pre-exported.
+    rebuild_image(docker, image, salt="status")
+    wait_until(
+        lambda: oci_client.request(f"{registry.url}/status.json").json()["prefetch"]["recent"],
+        timeout=60,
+        what="the pre-export on the status page",
+    )
     oci_client.request(f"{registry.url}/v2/not-in-docker/manifests/1")
     layout = write_image_layout(tmp_path / "layout", layer_sizes=(1 * MiB,), seed="status-pushed")
     skopeo(
@@ -831,6 +838,9 @@ def test_status_page_in_a_browser(
     pulls = dom[dom.index("Recent pulls") : dom.index("Cached images")]
     assert "<code>127.0.0.1</code>" in pulls and "shown-on-status:1" in pulls
     assert '<span class="badge cold">cold</span>' in pulls
+    prefetch = dom[dom.index("Pre-exports of moved tags") : dom.index("Recent pulls")]
+    assert "following Docker's image events" in prefetch
+    assert "docker.io/library/shown-on-status:1</td>" in prefetch and "<td>exported</td>" in prefetch
     ARTIFACTS.mkdir(exist_ok=True)
     screenshot = ARTIFACTS / "status-page.png"
     subprocess.run(
