@@ -27,6 +27,7 @@ from .settings import (
     ENV_CACHE_MAX_SIZE,
     ENV_CONTAINERD_ADDRESS,
     ENV_CONTAINERD_NAMESPACE,
+    ENV_DOCKER_CREDENTIALS,
     ENV_HTPASSWD_PATH,
     ENV_HTPASSWD_REALM,
     ENV_LOAD_PUSHED,
@@ -91,6 +92,15 @@ def _server_options(parser: argparse.ArgumentParser, default: object = None) -> 
         metavar="DURATION",
         help="pull a cached remote tag through Docker again when its last pull is older than this "
         f"(e.g. 10m, 1h; env {ENV_REFRESH_TAGS}; default: never, serve Docker's copy)",
+    )
+    parser.add_argument(
+        "--docker-credentials",
+        action="store_const",
+        const=True,
+        default=default,
+        help="pull through Docker with the credentials `docker login` stored on this host when a request "
+        "brings none: anyone who can reach the registry can then pull what those credentials can "
+        f"(env {ENV_DOCKER_CREDENTIALS}=true)",
     )
     parser.add_argument(
         "--no-prefetch",
@@ -474,6 +484,7 @@ def _run(args: argparse.Namespace) -> int:
         containerd_namespace=args.containerd_namespace,
         no_prefetch=args.no_prefetch,
         prefetch_max_age=args.prefetch_max_age,
+        docker_credentials=args.docker_credentials,
     )
     tls = server.ssl_context(settings)
     endpoint = resolve_endpoint(os.environ)

@@ -54,9 +54,17 @@ class PullFailed(Exception):
 class Credentials:
     username: str
     password: str
+    # An OAuth refresh token a credential helper stored instead of a password.
+    identity_token: str | None = None
 
     def __repr__(self) -> str:
         return f"Credentials(username={self.username!r}, password=<hidden>)"
+
+    def registry_auth(self) -> dict[str, str]:
+        """Docker's X-Registry-Auth fields for these credentials."""
+        if self.identity_token:
+            return {"identitytoken": self.identity_token}
+        return {"username": self.username, "password": self.password}
 
 
 @dataclass(frozen=True)
@@ -310,9 +318,7 @@ class DockerClient:
     ) -> None:
         """Pulls through dockerd; each progress event of its JSON stream goes to `on_event`."""
         await self.daemon()
-        auth = None
-        if credentials is not None:
-            auth = {"username": credentials.username, "password": credentials.password}
+        auth = credentials.registry_auth() if credentials is not None else None
         started = time.monotonic()
         log.info("pulling %s through Docker%s", ref, " with credentials" if credentials else "")
         try:

@@ -14,6 +14,7 @@ from .auth import Htpasswd, HtpasswdError
 from .discovery import ZeroCopyConfig, discover
 from .docker import SAVE_PLATFORM_API, DaemonInfo, DockerClient, DockerUnavailable
 from .endpoint import DockerEndpoint
+from .hostcreds import HostCredentials, HostCredentialsError
 from .metrics import Metrics
 from .settings import ENV_ADDR, ENV_CONTAINERD_ADDRESS, ENV_ZERO_COPY, Settings
 
@@ -169,6 +170,27 @@ def write_access_finding(settings: Settings) -> Finding:
     return Finding("warn", *risk)
 
 
+def host_credentials_finding(settings: Settings, credentials: HostCredentials) -> Finding:
+    """Which registries the host's Docker credentials would be used for (names only, never secrets)."""
+    state = "on" if settings.docker_credentials else "off"
+    try:
+        names = credentials.registries()
+        store = credentials.config().creds_store
+    except HostCredentialsError as exc:
+        return Finding(
+            "warn" if settings.docker_credentials else "ok", f"host's Docker credentials ({state}): {exc}"
+        )
+    listed = ", ".join(names) if names else "none"
+    if store:
+        listed += f"; the {store} helper may hold more"
+    text = (
+        f"host's Docker credentials for pulls without credentials: {state} ({listed} in {credentials.path})"
+    )
+    if settings.docker_credentials and (names or store):
+        return Finding("warn", text, "anyone who can reach the registry can pull what these credentials can")
+    return Finding("ok", text)
+
+
 async def diagnose(settings: Settings, docker: DockerClient) -> list[Finding]:
     findings: list[Finding] = []
     try:
@@ -187,6 +209,7 @@ async def diagnose(settings: Settings, docker: DockerClient) -> list[Finding]:
     findings.append(await asyncio.to_thread(cache_finding, settings.cache_dir))
     findings += await port_findings(settings)
     findings.append(write_access_finding(settings))
+    findings.append(await asyncio.to_thread(host_credentials_finding, settings, HostCredentials()))
     return findings
 
 

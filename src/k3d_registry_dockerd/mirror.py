@@ -29,6 +29,7 @@ from .docker import (
 from .errors import RegistryError
 from .exported import ExportedContent
 from .flights import FreshFlight, SingleFlight
+from .hostcreds import HostCredentials, HostCredentialsError
 from .metrics import Metrics
 from .progress import PullEvents, Transfer
 from .reference import DOCKER_HUB, Digest, Repository, parse_repository, split_repo_tag
@@ -49,8 +50,11 @@ class Mirror:
         metrics: Metrics | None = None,
         cache_max_size: int | None = None,
         zero_copy: ZeroCopy | None = None,
+        host_credentials: HostCredentials | None = None,
     ) -> None:
         self.store = store
+        # The docker CLI's stored credentials, for pulls whose request has none (--docker-credentials).
+        self.host_credentials = host_credentials
         self.docker = docker
         self.refresh_tags = refresh_tags
         self.metrics = metrics or Metrics(store.blobs_dir)
@@ -241,8 +245,15 @@ class Mirror:
         return time.time() - pulled[1] > self.refresh_tags
 
     async def _pull(self, repo: Repository, ref: str, credentials: Credentials | None) -> float:
-        key = f"pull {ref} {credentials.username if credentials else ''}"
-        await self._flights.run(key, lambda: self._do_pull(repo, ref, credentials))
+        from_host = False
+        if credentials is None and self.host_credentials is not None:
+            try:
+                credentials = await self.host_credentials.lookup(repo.domain)
+            except HostCredentialsError as exc:
+                log.warning("pulling from %s without the host's Docker credentials: %s", repo.domain, exc)
+            from_host = credentials is not None
+        who = "the host" if from_host else credentials.username if credentials else ""
+        await self._flights.run(f"pull {ref} {who}", lambda: self._do_pull(repo, ref, credentials, from_host))
         return time.time()
 
     def _remember_pull(self, ref: str, image: dict[str, Any], pulled_at: float) -> dict[str, Any]:
@@ -251,18 +262,22 @@ class Mirror:
             self._pulled.pop(next(iter(self._pulled)))
         return image
 
-    async def _do_pull(self, repo: Repository, ref: str, credentials: Credentials | None) -> None:
+    async def _do_pull(
+        self, repo: Repository, ref: str, credentials: Credentials | None, from_host: bool = False
+    ) -> None:
         started, outcome = time.monotonic(), "failed"
         transfer = self.pulling[ref] = Transfer("pull", ref)
+        if from_host:
+            log.info("pulling %s with the host's Docker credentials for %s", ref, repo.domain)
         try:
             async with progress.logged(transfer):
                 await self.docker.pull(ref, credentials, PullEvents(transfer).update)
             outcome = "ok"
         except PullDenied as exc:
             outcome = "denied"
-            if credentials is None:
+            if credentials is None or from_host:
                 # The normal handshake: containerd asks anonymously first, and retries with the pod's
-                # pull secret after this challenge.
+                # pull secret after this challenge (the host's credentials were not enough either).
                 log.info(
                     "pull of %s: %s wants credentials, asking the client for them: %s", ref, repo.domain, exc
                 )

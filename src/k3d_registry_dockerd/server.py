@@ -23,6 +23,7 @@ from .auth import Htpasswd, HtpasswdError
 from .discovery import ZeroCopy, ZeroCopyConfig
 from .docker import DockerClient, DockerUnavailable
 from .endpoint import DockerEndpoint
+from .hostcreds import HostCredentials
 from .metrics import Metrics
 from .mirror import Mirror
 from .prefetch import Prefetcher
@@ -187,6 +188,13 @@ def _log_settings(settings: Settings, endpoint: DockerEndpoint, open_files: int)
         log.info("DELETE may remove Docker's own images (%s)", sources["allow_docker_delete"])
     if not settings.zero_copy:
         log.info("zero-copy from containerd is off (%s): every image is exported", sources["zero_copy"])
+    if settings.docker_credentials:
+        log.info(
+            "pulls without credentials use the host's Docker credentials (%s): anyone who reaches %s "
+            "can pull what they can",
+            sources["docker_credentials"],
+            settings.addr,
+        )
     if settings.prefetch:
         log.info(
             "pre-export of moved tags on: tags pulled in the last %s (%s), as they move in Docker",
@@ -232,6 +240,7 @@ def build_app(settings: Settings, endpoint: DockerEndpoint, write_auth: Htpasswd
         metrics=metrics,
         cache_max_size=settings.cache_max_size,
         zero_copy=zero_copy,
+        host_credentials=HostCredentials() if settings.docker_credentials else None,
     )
     app = create_app(
         mirror,

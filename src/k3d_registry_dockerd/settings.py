@@ -20,6 +20,7 @@ ENV_ALLOW_DOCKER_OVERWRITE = "K3D_REGISTRY_DOCKERD_ALLOW_DOCKER_OVERWRITE"
 ENV_ZERO_COPY = "K3D_REGISTRY_DOCKERD_ZERO_COPY"
 ENV_PREFETCH = "K3D_REGISTRY_DOCKERD_PREFETCH"
 ENV_PREFETCH_MAX_AGE = "K3D_REGISTRY_DOCKERD_PREFETCH_MAX_AGE"
+ENV_DOCKER_CREDENTIALS = "K3D_REGISTRY_DOCKERD_DOCKER_CREDENTIALS"
 # As ctr reads them.
 ENV_CONTAINERD_ADDRESS = "CONTAINERD_ADDRESS"
 ENV_CONTAINERD_NAMESPACE = "CONTAINERD_NAMESPACE"
@@ -140,6 +141,8 @@ class Settings:
     # Pre-export tags clients pulled within `prefetch_max_age` seconds when they move in Docker.
     prefetch: bool = True
     prefetch_max_age: float = 7 * 86400.0
+    # Pull through Docker with the docker CLI's stored credentials when a request brings none.
+    docker_credentials: bool = False
 
     @property
     def addr(self) -> str:
@@ -167,6 +170,7 @@ def resolve(
     containerd_namespace: str | None = None,
     no_prefetch: bool | None = None,
     prefetch_max_age: str | None = None,
+    docker_credentials: bool | None = None,
     env: Mapping[str, str] = os.environ,
 ) -> Settings:
     sources: dict[str, str] = {}
@@ -229,6 +233,13 @@ def resolve(
         ENV_PREFETCH_MAX_AGE,
         DEFAULT_PREFETCH_MAX_AGE,
     )
+    host_credentials = pick(
+        "docker_credentials",
+        "--docker-credentials",
+        "true" if docker_credentials else None,
+        ENV_DOCKER_CREDENTIALS,
+        "false",
+    )
     scheme = env.get(ENV_AUTH, "").strip().lower()
     if scheme not in ("", "htpasswd"):
         raise SettingError(
@@ -259,5 +270,6 @@ def resolve(
         containerd_namespace=ctd_namespace,
         prefetch=parse_bool(prefetch or "true", ENV_PREFETCH),
         prefetch_max_age=parse_duration(max_age or DEFAULT_PREFETCH_MAX_AGE),
+        docker_credentials=parse_bool(host_credentials or "false", ENV_DOCKER_CREDENTIALS),
         sources=sources,
     )

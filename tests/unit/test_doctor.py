@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 from pathlib import Path
 from typing import Any
@@ -16,11 +17,13 @@ from k3d_registry_dockerd.doctor import (
     Finding,
     cache_finding,
     docker_findings,
+    host_credentials_finding,
     port_findings,
     write_access_finding,
     zero_copy_finding,
 )
 from k3d_registry_dockerd.export import Platform
+from k3d_registry_dockerd.hostcreds import HostCredentials
 from k3d_registry_dockerd.mirror import Mirror
 from k3d_registry_dockerd.settings import Settings, resolve
 from k3d_registry_dockerd.store import Store
@@ -152,3 +155,22 @@ async def test_zero_copy_findings(tmp_path: Path) -> None:
     unreachable = await zero_copy_finding(missing, containerd)
     assert unreachable.status == "warn"
     assert "every image is exported" in unreachable.text and "none.sock" in unreachable.text
+
+
+def test_host_credentials_are_listed_by_registry_name_only(tmp_path: Path) -> None:
+    config = {
+        "auths": {"https://index.docker.io/v1/": {"auth": "dTpzM2NyZXQ="}},
+        "credHelpers": {"gcr.io": "gcloud"},
+    }
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    credentials = HostCredentials({"DOCKER_CONFIG": str(tmp_path)})
+    off = host_credentials_finding(
+        resolve(addr=None, cache_dir=None, log_level=None, refresh_tags=None, env={}), credentials
+    )
+    assert off.status == "ok" and "off (docker.io, gcr.io in " in off.text
+    on_settings = resolve(
+        addr=None, cache_dir=None, log_level=None, refresh_tags=None, docker_credentials=True, env={}
+    )
+    on = host_credentials_finding(on_settings, credentials)
+    assert on.status == "warn" and "on (docker.io, gcr.io" in on.text and "anyone" in on.remedy
+    assert "s3cret" not in on.render() and "dTpzM2NyZXQ=" not in on.render()

@@ -47,6 +47,7 @@ def test_defaults() -> None:
         "containerd_namespace": "default",
         "prefetch": "default",
         "prefetch_max_age": "default",
+        "docker_credentials": "default",
     }
     assert settings.zero_copy is True
     assert (settings.containerd_address, settings.containerd_namespace) == (None, None)
@@ -109,6 +110,7 @@ def test_env_beats_default() -> None:
         "containerd_namespace": "default",
         "prefetch": "default",
         "prefetch_max_age": "default",
+        "docker_credentials": "default",
     }
 
 
@@ -139,6 +141,7 @@ def test_flag_beats_env() -> None:
         "containerd_namespace": "default",
         "prefetch": "default",
         "prefetch_max_age": "default",
+        "docker_credentials": "default",
     }
 
 
