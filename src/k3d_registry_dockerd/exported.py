@@ -144,23 +144,28 @@ class ExportedContent:
         if key in self._background:
             self._promote(key)
             self.metrics.prefetch_hits.labels("running").inc()
-        size = int(image.get("Size") or 0)
-        entry = await self._flights.run(
-            key, lambda: self._export_tag(repo, tag, image_id, info, pulled_at, size, key)
-        )
+        entry = await self._tag_flight(repo, tag, image, info, pulled_at)
         return self.served(repo, entry.digest, entry.media_type, cold=True)
 
     async def prefetch(self, repo: Repository, tag: str, image: dict[str, Any], info: DaemonInfo) -> None:
         """Exports Docker's `image` of the tag as a request for it would, before any request does."""
-        image_id = image["Id"]
-        key = export_key(repo.docker_ref(tag), image_id)
+        key = export_key(repo.docker_ref(tag), image["Id"])
         if key not in self._flights:
             self._background.add(key)
-        size = int(image.get("Size") or 0)
         try:
-            await self._flights.run(key, lambda: self._export_tag(repo, tag, image_id, info, None, size, key))
+            await self._tag_flight(repo, tag, image, info, None)
         finally:
             self._background.discard(key)
+
+    async def _tag_flight(
+        self, repo: Repository, tag: str, image: dict[str, Any], info: DaemonInfo, pulled_at: float | None
+    ) -> TagEntry:
+        """The one export of Docker's `image` for the tag, joined when it already runs."""
+        key = export_key(repo.docker_ref(tag), image["Id"])
+        size = int(image.get("Size") or 0)
+        return await self._flights.run(
+            key, lambda: self._export_tag(repo, tag, image["Id"], info, pulled_at, size, key)
+        )
 
     def abandon(self, repo: Repository, tag: str, image_id: str) -> bool:
         """Cancels the pre-export of this image for the tag, unless a request has joined it."""
