@@ -342,7 +342,7 @@ async def blob(request: web.Request) -> web.StreamResponse:
     mirror = request.app[MIRROR]
     repo = parse_repository(request.match_info["name"], request.query.get("ns"))
     digest = Digest.parse(request.match_info["digest"])
-    found = await mirror.blob(repo, digest)
+    found = await mirror.blob(repo, digest, _credentials(request))
     if _EMPTY_SUFFIX_RANGE.fullmatch(request.headers.get(hdrs.RANGE, "")):
         # "the last 0 bytes" is unsatisfiable (RFC 9110 14.1.1); aiohttp would send the whole blob.
         size = (await asyncio.to_thread(found.path.stat)).st_size

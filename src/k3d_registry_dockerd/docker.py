@@ -18,6 +18,7 @@ from typing import Any
 import aiodocker
 import aiohttp
 from aiodocker.exceptions import DockerError, DockerStreamError
+from aiodocker.utils import compose_auth_header
 
 from . import units
 from .endpoint import DockerEndpoint, resolve_endpoint
@@ -334,6 +335,34 @@ class DockerClient:
         except (aiohttp.ClientError, OSError) as exc:
             raise self._lost(exc) from exc
         log.info("pulled %s in %s", ref, units.duration(time.monotonic() - started))
+
+    async def check_pull_access(self, ref: str, domain: str, credentials: Credentials) -> None:
+        """Returns when the registry lets these credentials pull `ref` (a digest reference), asked through
+        Docker; raises PullDenied, PullNotFound or PullFailed with Docker's words otherwise.
+
+        Docker's distribution lookup (`GET /distribution/<ref>/json`) asks the registry every time and
+        stores nothing, where a pull by digest of an image Docker holds is answered from its own store on
+        the classic store. Podman has no such lookup: there it is a pull by digest, which moves no tag."""
+        info = await self.daemon()
+        if info.product.startswith("Podman"):
+            await self.pull(ref, credentials)
+            return
+        header = compose_auth_header(credentials.registry_auth(), domain)
+        try:
+            await self._client()._query_json(f"distribution/{ref}/json", headers={"X-Registry-Auth": header})
+        except DockerError as exc:
+            if exc.status == _CONNECTION_ERROR_STATUS:
+                raise self._lost(exc) from exc
+            if exc.status in (401, 403):
+                raise PullDenied(exc.message) from exc
+            if exc.status == 404:
+                raise PullNotFound(exc.message) from exc
+            kind = classify_pull_error(exc.message)
+            if kind is DockerUnavailable:
+                raise self._lost(exc) from exc
+            raise kind(exc.message) from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            raise self._lost(exc) from exc
 
     @asynccontextmanager
     async def save(self, ref: str, platform: Platform | None) -> AsyncIterator[aiohttp.StreamReader]:

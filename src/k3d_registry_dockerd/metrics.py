@@ -92,4 +92,12 @@ class Metrics:
             ["state"],
             registry=self.registry,
         )
+        self.private_checks = Counter(
+            "k3d_registry_private_checks",
+            "Requests for content pulled with a request's credentials, by how their credentials were "
+            "checked: allowed or refused by the upstream, remembered (allowed within the last minutes), "
+            "missing (none sent), failed (the upstream could not be asked)",
+            ["outcome"],
+            registry=self.registry,
+        )
         self.registry.register(_CacheCollector(blobs_dir))

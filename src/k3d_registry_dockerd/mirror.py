@@ -9,8 +9,10 @@ served fresh on its next request, whichever source serves it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from . import progress
@@ -31,6 +33,7 @@ from .exported import ExportedContent
 from .flights import FreshFlight, SingleFlight
 from .hostcreds import HostCredentials, HostCredentialsError
 from .metrics import Metrics
+from .private import PrivateContent
 from .progress import PullEvents, Transfer
 from .reference import DOCKER_HUB, Digest, Repository, parse_repository, split_repo_tag
 from .store import DigestMismatch, Store, TagEntry
@@ -59,6 +62,10 @@ class Mirror:
         self.refresh_tags = refresh_tags
         self.metrics = metrics or Metrics(store.blobs_dir)
         self.exported = ExportedContent(store, docker, self.metrics, cache_max_size)
+        self.private = PrivateContent(store, docker, self.metrics)
+        # Pulls with a request's credentials, by Docker reference, until their image is marked private:
+        # a request finding the image meanwhile waits, so it is never served before it is guarded.
+        self._protecting: dict[str, list[asyncio.Event]] = {}
         self.zero_copy = zero_copy
         # Pulls through Docker running now, by Docker reference.
         self.pulling: dict[str, Transfer] = {}
@@ -110,24 +117,46 @@ class Mirror:
             return self.exported.served(repo, cached.digest, cached.media_type)
         try:
             image, pulled_at = await self._current_image(repo, tag, cached, credentials)
+            owner = self.private.owner(repo, image_id=image["Id"])
+            if owner is not None:
+                # Before anything is exported for the request.
+                await self.private.require(repo, owner, credentials)
             info = await self._daemon()
             for source in await self._sources(info):
                 served = await source.by_tag(repo, tag, image, info, pulled_at)
                 if served is not None:
+                    if owner is not None:
+                        await self.private.served(repo, owner, served)
                     return served
         except DockerUnavailable as exc:
             without = self._containerd_without_docker()
             served = await without[0].by_tag(repo, tag, None, without[1], None) if without else None
             if served is not None:
+                await self._allowed(repo, served, credentials)
                 log.warning("%s: %s; served as containerd's image record has it", repo.familiar(tag), exc)
                 return served
             stale = self.exported.stale(repo, tag)
             if stale is not None:
+                await self._allowed(repo, stale, credentials, cached.image_id if cached else None)
                 log.warning("serving cached %s (%s) as it was: %s", repo.familiar(tag), stale.digest, exc)
                 self.metrics.manifest_cache.labels("stale").inc()
                 return stale
             raise RegistryError("UNAVAILABLE", str(exc)) from exc
         raise RegistryError("MANIFEST_UNKNOWN", f"manifest unknown: {repo.familiar(tag)}")
+
+    async def _allowed(
+        self,
+        repo: Repository,
+        served: ServedManifest,
+        credentials: Credentials | None,
+        image_id: str | None = None,
+    ) -> ServedManifest:
+        """`served`, unless it is private content the request's credentials do not open (see private.py)."""
+        owner = self.private.owner(repo, image_id=image_id, digest=served.digest)
+        if owner is not None:
+            await self.private.require(repo, owner, credentials)
+            await self.private.served(repo, owner, served)
+        return served
 
     async def _pushed_current(self, repo: Repository, tag: str, pushed: TagEntry) -> bool:
         """A pushed tag wins over Docker's image of that name unless Docker's was changed after the
@@ -150,9 +179,10 @@ class Mirror:
         text = str(digest)
         recorded = self.exported.recorded(repo, text)
         if recorded is not None:
-            return recorded
+            return await self._allowed(repo, recorded, credentials)
+        image_id = None
         try:
-            found = await self._flights.run(
+            found, image_id = await self._flights.run(
                 f"digest {repo.docker_ref(text)}", lambda: self._by_digest(repo, text, credentials)
             )
         except DockerUnavailable as exc:
@@ -162,18 +192,19 @@ class Mirror:
                 raise RegistryError("UNAVAILABLE", str(exc)) from exc
         if found is None:
             raise RegistryError("MANIFEST_UNKNOWN", f"manifest unknown: {repo.familiar(text)}")
-        return found
+        return await self._allowed(repo, found, credentials, image_id)
 
     async def _by_digest(
         self, repo: Repository, digest: str, credentials: Credentials | None
-    ) -> ServedManifest | None:
-        """A digest from the sources, pulled through Docker first when no image has it."""
+    ) -> tuple[ServedManifest | None, str | None]:
+        """A digest from the sources, pulled through Docker first when no image has it; and the ID of
+        Docker's image it belongs to, when known."""
         info = await self._daemon()
         containerd = await self._containerd(info)
         if containerd is not None:
             served = await containerd.by_digest(repo, digest, None, info)
             if served is not None:
-                return served
+                return served, None
         ref = repo.docker_ref(digest)
         image = await self._inspect(ref)
         if image is None and repo.remote and info.containerd_store:
@@ -190,22 +221,24 @@ class Mirror:
                     foreign,
                     info.platform,
                 )
-                return None
+                return None, None
             try:
                 await self._pull(repo, ref, credentials)
             except RegistryError as exc:
                 if exc.code == "MANIFEST_UNKNOWN":
-                    return None
+                    return None, None
                 raise
             image = await self._inspect(ref)
+            if image is not None and credentials is not None:
+                await self.private.protect(repo, image, credentials)
         if image is None:
             log.info("manifest %s: Docker has no image with that digest", repo.familiar(digest))
-            return None
+            return None, None
         for source in await self._sources(info):
             served = await source.by_digest(repo, digest, image, info)
             if served is not None:
-                return served
-        return None
+                return served, image["Id"]
+        return None, image["Id"]
 
     # ---- Docker: inspect and pull ---------------------------------------------------------------
 
@@ -214,23 +247,50 @@ class Mirror:
     ) -> tuple[dict[str, Any], float | None]:
         """Docker's image for the tag (pulled if missing or due for refresh) and when it was pulled."""
         ref = repo.docker_ref(tag)
+        for protecting in list(self._protecting.get(ref, ())):
+            await protecting.wait()
         image = await self._inspect(ref)
         if image is None:
             if not repo.remote:
                 raise RegistryError("MANIFEST_UNKNOWN", f"Docker has no image {repo.familiar(tag)}")
-            pulled_at = await self._pull(repo, ref, credentials)
-            image = await self._inspect(ref)
-            if image is None:
-                raise RegistryError("MANIFEST_UNKNOWN", f"Docker pulled {ref} but does not list it")
+            async with self._pulling_with(ref, credentials):
+                pulled_at = await self._pull(repo, ref, credentials)
+                image = await self._inspect(ref)
+                if image is None:
+                    raise RegistryError("MANIFEST_UNKNOWN", f"Docker pulled {ref} but does not list it")
+                if credentials is not None:
+                    await self.private.protect(repo, image, credentials)
             return self._remember_pull(ref, image, pulled_at), pulled_at
         if not (repo.remote and self._refresh_due(ref, cached, image)):
             return image, None
+        async with self._pulling_with(ref, credentials):
+            try:
+                pulled_at = await self._pull(repo, ref, credentials)
+            except RegistryError as exc:
+                log.warning("refreshing %s failed, serving Docker's copy: %s", ref, exc.message)
+                return image, None
+            fresh = await self._inspect(ref) or image
+            if credentials is not None and fresh["Id"] != image["Id"]:
+                await self.private.protect(repo, fresh, credentials)
+        return self._remember_pull(ref, fresh, pulled_at), pulled_at
+
+    @contextlib.asynccontextmanager
+    async def _pulling_with(self, ref: str, credentials: Credentials | None) -> AsyncIterator[None]:
+        """While a pull with a request's credentials runs and its image is marked private, other requests
+        for the reference wait (see `_protecting`)."""
+        if credentials is None:
+            yield
+            return
+        done = asyncio.Event()
+        self._protecting.setdefault(ref, []).append(done)
         try:
-            pulled_at = await self._pull(repo, ref, credentials)
-        except RegistryError as exc:
-            log.warning("refreshing %s failed, serving Docker's copy: %s", ref, exc.message)
-            return image, None
-        return self._remember_pull(ref, await self._inspect(ref) or image, pulled_at), pulled_at
+            yield
+        finally:
+            waiting = self._protecting[ref]
+            waiting.remove(done)
+            if not waiting:
+                del self._protecting[ref]
+            done.set()
 
     async def _inspect(self, ref: str) -> dict[str, Any] | None:
         """Docker's inspect of `ref`, shared by the requests that arrive while one runs (see FreshFlight)."""
@@ -370,9 +430,15 @@ class Mirror:
 
     # ---- blobs ----------------------------------------------------------------------------------
 
-    async def blob(self, repo: Repository, digest: Digest) -> BlobFile:
-        """A blob's file, if this repository's manifests reference it."""
+    async def blob(
+        self, repo: Repository, digest: Digest, credentials: Credentials | None = None
+    ) -> BlobFile:
+        """A blob's file, if this repository's manifests reference it (and, for private content, the
+        request's credentials open it)."""
         text = str(digest)
+        owner = self.private.owner(repo, digest=text)
+        if owner is not None:
+            await self.private.require(repo, owner, credentials)
         found = await self.exported.blob(repo, text, None)
         if found is None:
             found = await self._containerd_blob(repo, text)

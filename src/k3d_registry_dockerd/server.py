@@ -27,6 +27,7 @@ from .hostcreds import HostCredentials
 from .metrics import Metrics
 from .mirror import Mirror
 from .prefetch import Prefetcher
+from .private import PrivateStateError
 from .settings import ENV_ADDR, ENV_HTPASSWD_PATH, SettingError, Settings
 from .store import Store
 
@@ -255,6 +256,7 @@ def build_app(settings: Settings, endpoint: DockerEndpoint, write_auth: Htpasswd
 
     async def lifecycle(_app: web.Application) -> AsyncIterator[None]:
         await asyncio.to_thread(store.open)
+        await asyncio.to_thread(mirror.private.open)
         try:
             await zero_copy.source(await docker.daemon())
         except DockerUnavailable as exc:
@@ -298,6 +300,8 @@ async def _serve(settings: Settings, endpoint: DockerEndpoint, tls: ssl.SSLConte
                 await runner.setup()
             except OSError as exc:
                 raise StartError(f"cannot open the cache dir {settings.cache_dir}: {exc}") from exc
+            except PrivateStateError as exc:
+                raise StartError(str(exc)) from exc
             for sock in sockets:
                 await web.SockSite(runner, sock, ssl_context=tls, backlog=_LISTEN_BACKLOG).start()
             log.info("serving on %s", settings.addr)

@@ -265,8 +265,23 @@ class Store:
 
     def save_record(self, record: RepositoryRecord) -> None:
         """Replaces the record on disk atomically (blocking: call it off the event loop)."""
-        payload = record.to_json()
-        path = self.records_dir / f"{hashlib.sha256(record.name.encode()).hexdigest()}.json"
+        self._replace(
+            self.records_dir / f"{hashlib.sha256(record.name.encode()).hexdigest()}.json", record.to_json()
+        )
+        self._records[record.name] = record
+
+    def read_state(self, name: str) -> bytes | None:
+        """A state file of the cache's top directory (`save_state`), None when there is none."""
+        try:
+            return (self.root / name).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def save_state(self, name: str, payload: bytes) -> None:
+        """Replaces a state file of the cache's top directory atomically (blocking)."""
+        self._replace(self.root / name, payload)
+
+    def _replace(self, path: Path, payload: bytes) -> None:
         fd, tmp = tempfile.mkstemp(dir=self.tmp_dir, prefix="record-")
         try:
             with os.fdopen(fd, "wb") as handle:
@@ -274,9 +289,8 @@ class Store:
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, path)
-            _fsync_dir(self.records_dir)
+            _fsync_dir(path.parent)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
-        self._records[record.name] = record

@@ -17,6 +17,7 @@ from k3d_registry_dockerd.docker import (
     Credentials,
     DaemonInfo,
     DockerUnavailable,
+    PullDenied,
     PullNotFound,
 )
 from k3d_registry_dockerd.export import Platform
@@ -57,11 +58,14 @@ class FakeDocker:
     upstream: dict[str, LocalImage] = field(default_factory=dict)
     unavailable: bool = False
     pull_error: Exception | None = None
+    # Docker name -> the only credentials its upstream accepts (a private repository).
+    private: dict[str, Credentials] = field(default_factory=dict)
     save_error: Exception | None = None
     # When set, save() waits for it before streaming (to hold an export in flight).
     save_gate: asyncio.Event | None = None
     inspects: list[str] = field(default_factory=list)
     pulls: list[tuple[str, Credentials | None]] = field(default_factory=list)
+    access_checks: list[tuple[str, Credentials]] = field(default_factory=list)
     saves: list[str] = field(default_factory=list)
     loads: list[str] = field(default_factory=list)
     removes: list[str] = field(default_factory=list)
@@ -134,9 +138,26 @@ class FakeDocker:
         self.pulls.append((ref, credentials))
         if self.pull_error is not None:
             raise self.pull_error
+        name = ref.rpartition(":")[0]
+        wanted = self.private.get(name)
+        if wanted is not None and credentials != wanted:
+            raise PullDenied(f"pull access denied for {name}: unauthorized: authentication required")
         if ref not in self.upstream:
             raise PullNotFound(f"manifest for {ref} not found: manifest unknown: manifest unknown")
-        self.images[ref] = self.upstream[ref]
+        pulled = self.upstream[ref]
+        if pulled.image is not None:
+            pulled.inspect.setdefault("RepoDigests", [f"{name}@{pulled.image.digest}"])
+        self.images[ref] = pulled
+
+    async def check_pull_access(self, ref: str, domain: str, credentials: Credentials) -> None:
+        self.access_checks.append((ref, credentials))
+        await self.daemon()
+        name = ref.rpartition("@")[0]
+        wanted = self.private.get(name)
+        if wanted is not None and credentials != wanted:
+            raise PullDenied("unauthorized: authentication required")
+        if not any(ref in image.inspect.get("RepoDigests", []) for image in self.images.values()):
+            raise PullNotFound(f"manifest for {ref} not found: manifest unknown")
 
     @asynccontextmanager
     async def save(self, ref: str, platform: Platform | None) -> AsyncIterator[asyncio.StreamReader]:

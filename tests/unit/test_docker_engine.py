@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import tarfile
@@ -12,7 +13,14 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from k3d_registry_dockerd.docker import DockerClient, DockerFailed
+from k3d_registry_dockerd.docker import (
+    Credentials,
+    DockerClient,
+    DockerFailed,
+    PullDenied,
+    PullFailed,
+    PullNotFound,
+)
 from k3d_registry_dockerd.export import Platform
 
 
@@ -29,8 +37,11 @@ def _tar() -> bytes:
 class Engine:
     """Records what the client asked; answers like dockerd of a given API version."""
 
-    def __init__(self, api_version: str) -> None:
+    def __init__(self, api_version: str, product: str = "Podman Engine") -> None:
         self.api_version = api_version
+        self.product = product
+        # What `GET /distribution/<ref>/json` answers: status and Docker's message.
+        self.distribution_answer: tuple[int, str] = (200, "")
         self.requests: list[tuple[str, dict[str, str]]] = []
         # What `POST /images/load` answers, one JSON line each; the bodies it received.
         self.load_answer: list[dict[str, Any]] = [{"stream": "Loaded image: app:1\n"}]
@@ -45,7 +56,7 @@ class Engine:
                     "ApiVersion": self.api_version,
                     "Os": "linux",
                     "Arch": "arm64",
-                    "Components": [{"Name": "Podman Engine", "Version": "99.0.0"}],
+                    "Components": [{"Name": self.product, "Version": "99.0.0"}],
                 }
             )
 
@@ -69,7 +80,20 @@ class Engine:
                 await response.write(json.dumps(line).encode() + b"\n")
             return response
 
+        async def distribution(request: web.Request) -> web.Response:
+            self.requests.append((request.path, {"auth": request.headers.get("X-Registry-Auth", "")}))
+            status, message = self.distribution_answer
+            if status != 200:
+                return web.json_response({"message": message}, status=status)
+            return web.json_response({"Descriptor": {}, "Platforms": []})
+
+        async def create(request: web.Request) -> web.StreamResponse:
+            self.requests.append((request.path, dict(request.query)))
+            return web.json_response({"status": "Digest: sha256:..."})
+
         app = web.Application()
+        app.router.add_get("/v{api}/distribution/{name:.+}/json", distribution)
+        app.router.add_post("/v{api}/images/create", create)
         app.router.add_post("/v{api}/images/load", load)
         app.router.add_get("/version", version)
         app.router.add_get("/v{api}/version", version)
@@ -82,8 +106,8 @@ class Engine:
 async def engine_at(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Callable[[str], Any]]:
     runners: list[web.AppRunner] = []
 
-    async def start(api_version: str) -> Engine:
-        engine = Engine(api_version)
+    async def start(api_version: str, product: str = "Podman Engine") -> Engine:
+        engine = Engine(api_version, product)
         runner = web.AppRunner(engine.app())
         await runner.setup()
         socket = tmp_path / f"engine-{len(runners)}.sock"
@@ -186,3 +210,45 @@ async def test_load_raises_the_archives_own_error(engine_at: Any) -> None:
             await client.load(failing())
     finally:
         await client.close()
+
+
+REF = "registry.example:5000/team/app@sha256:" + "a" * 64
+CREDENTIALS = Credentials("puller", "s3cret-pw")
+
+
+async def test_pull_access_is_asked_of_the_registry_through_docker(engine_at: Any) -> None:
+    engine = await engine_at("1.45", "Engine")
+    client = DockerClient()
+    try:
+        await client.check_pull_access(REF, "registry.example:5000", CREDENTIALS)
+        asked = [query for path, query in engine.requests if path.endswith(f"/distribution/{REF}/json")]
+        auth = json.loads(base64.urlsafe_b64decode(asked[0]["auth"]))
+        assert auth == {
+            "username": "puller",
+            "password": "s3cret-pw",
+            "serveraddress": "registry.example:5000",
+        }
+        for status, message, refusal in (
+            (401, "unauthorized: authentication required", PullDenied),
+            (403, "denied: requested access to the resource is denied", PullDenied),
+            (404, "manifest unknown", PullNotFound),
+            (500, "Get https://registry.example:5000/v2/: dial tcp: connection refused", PullFailed),
+        ):
+            engine.distribution_answer = (status, message)
+            with pytest.raises(refusal, match=message.split(":")[0]):
+                await client.check_pull_access(REF, "registry.example:5000", CREDENTIALS)
+    finally:
+        await client.close()
+    assert not [path for path, _ in engine.requests if path.endswith("/images/create")]
+
+
+async def test_pull_access_on_podman_is_a_pull_by_digest(engine_at: Any) -> None:
+    engine = await engine_at("1.41")
+    client = DockerClient()
+    try:
+        await client.check_pull_access(REF, "registry.example:5000", CREDENTIALS)
+    finally:
+        await client.close()
+    (pulled,) = [query for path, query in engine.requests if path.endswith("/images/create")]
+    assert pulled["fromImage"].startswith("registry.example:5000/team/app")
+    assert not [path for path, _ in engine.requests if "/distribution/" in path]

@@ -696,7 +696,12 @@ class Dockerd:
     def image_saves(self, since: float) -> list[str]:
         """What Docker exported (`docker save`) from the UNIX time `since` until now, as its event stream
         tells: the proof that an export did, or did not, happen."""
-        filters = urllib.parse.quote(json.dumps({"type": ["image"], "event": ["save"]}))
+        return self.image_events("save", since)
+
+    def image_events(self, action: str, since: float) -> list[str]:
+        """The images (or, for a pull, the references) of Docker's image events of this kind from the
+        UNIX time `since` until now."""
+        filters = urllib.parse.quote(json.dumps({"type": ["image"], "event": [action]}))
         status, body = self.api("GET", f"/events?since={since:.9f}&until={time.time():.9f}&filters={filters}")
         if status != 200:
             raise RuntimeError(f"GET /events on {self.name}: {status} {body[:500]!r}")
