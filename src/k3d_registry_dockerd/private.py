@@ -139,7 +139,9 @@ class PrivateContent:
         if reference is not None:
             private.digests[reference.rpartition("@")[2]] = image_id
         log.info(
-            "%s (%s) came with a client's credentials: served only to accepted ones", reference, image_id
+            "%s (%s) came with a client's credentials: served only to accepted ones",
+            reference or repo.docker_name,
+            image_id,
         )
         await self._save()
         self._remember_answer(self._key(repo, credentials), True)
