@@ -16,7 +16,7 @@ from typing import NoReturn, TypeVar
 
 import pytest
 
-from .cri import CriNode
+from .cri import CriNode, CriNodeFactory
 from .daemons import (
     DOCKER26_USR,
     DOCKER28_USR,
@@ -224,6 +224,34 @@ def cri_node(request: pytest.FixtureRequest) -> Iterator[CriNode]:
         lambda: CriNode(usr=usr),
         lambda ctd: f"cri node (containerd {ctd.version}, CRI)",
     )
+
+
+@pytest.fixture
+def cri_node_factory() -> Iterator[CriNodeFactory]:
+    """Factory: ``cri_node_factory("1.7" | "2.1", image_pull_progress_timeout="4s",
+    use_local_image_pull=True)`` starts a CRI node of the test's own with settings the session's
+    ``cri_node`` does not have (containerd reads them at start); stopped and removed when the test ends."""
+    made: list[CriNode] = []
+
+    def factory(
+        version: str, *, image_pull_progress_timeout: str = "5m0s", use_local_image_pull: bool = False
+    ) -> CriNode:
+        usr = NODES[version]
+        try:
+            CriNode.check_available(usr)
+        except WorldUnavailable as exc:
+            _missing(f"cri node (containerd {version})", exc)
+        created = CriNode(
+            usr=usr,
+            image_pull_progress_timeout=image_pull_progress_timeout,
+            use_local_image_pull=use_local_image_pull,
+        )
+        made.append(created)
+        return created.start()
+
+    yield factory
+    for created in made:
+        created.close()
 
 
 @pytest.fixture(autouse=True)

@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Self
+from typing import Any, Protocol, Self
 
 import grpc
 
@@ -394,6 +394,14 @@ class CriNode(Containerd):
 
     def __repr__(self) -> str:
         return f"<CriNode containerd {self.version or '?'} {self.address} mirror={self.mirror}>"
+
+
+class CriNodeFactory(Protocol):
+    """Type of the ``cri_node_factory`` fixture: a CRI node of a test's own, with its own settings."""
+
+    def __call__(
+        self, version: str, *, image_pull_progress_timeout: str = ..., use_local_image_pull: bool = ...
+    ) -> CriNode: ...
 
 
 def pull_seconds(node: CriNode, ref: str, **kwargs: Any) -> tuple[str, float]:
