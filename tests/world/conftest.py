@@ -16,6 +16,7 @@ from typing import NoReturn, TypeVar
 
 import pytest
 
+from .cri import CriNode, CriNodeFactory
 from .daemons import (
     DOCKER26_USR,
     DOCKER28_USR,
@@ -39,7 +40,7 @@ UPSTREAM_PASSWORD = "s3cret-pw"
 NODES = {"1.7": DOCKER26_USR, "2.1": DOCKER28_USR}
 _unavailable: dict[str, str] = {}
 _timings: dict[str, float] = {}
-_started: list[Dockerd | UpstreamRegistry | Containerd | Podman] = []
+_started: list[Dockerd | UpstreamRegistry | Containerd | CriNode | Podman] = []
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -79,7 +80,7 @@ def _missing(name: str, exc: WorldUnavailable) -> NoReturn:
     pytest.skip(f"test world: {name} unavailable: {exc}")
 
 
-Service = TypeVar("Service", Dockerd, UpstreamRegistry, Containerd, Podman)
+Service = TypeVar("Service", Dockerd, UpstreamRegistry, CriNode, Containerd, Podman)
 
 
 def _service(
@@ -209,6 +210,50 @@ def node(request: pytest.FixtureRequest) -> Iterator[Containerd]:
     )
 
 
+@pytest.fixture(scope="session", params=sorted(NODES))
+def cri_node(request: pytest.FixtureRequest) -> Iterator[CriNode]:
+    """kubelet's node: containerd 1.7 and 2.1 with the CRI plugin, its `config_path` the hosts dir that
+    `set_mirror` writes (`_default/hosts.toml`, as k3s writes it for `mirrors: "*"`); each test using it
+    runs on both. `pull_image(ref, username, password)` is kubelet's PullImage with a pull secret; also
+    `list_images()`, `image_status(ref)`, `remove_image(ref)`, `client` (tests/world/cri.py). Emptied
+    (images, content, mirrors) before each test using it."""
+    usr = NODES[request.param]
+    yield from _service(
+        f"cri node (containerd {request.param})",
+        lambda: CriNode.check_available(usr),
+        lambda: CriNode(usr=usr),
+        lambda ctd: f"cri node (containerd {ctd.version}, CRI)",
+    )
+
+
+@pytest.fixture
+def cri_node_factory() -> Iterator[CriNodeFactory]:
+    """Factory: ``cri_node_factory("1.7" | "2.1", image_pull_progress_timeout="4s",
+    use_local_image_pull=True)`` starts a CRI node of the test's own with settings the session's
+    ``cri_node`` does not have (containerd reads them at start); stopped and removed when the test ends."""
+    made: list[CriNode] = []
+
+    def factory(
+        version: str, *, image_pull_progress_timeout: str = "5m0s", use_local_image_pull: bool = False
+    ) -> CriNode:
+        usr = NODES[version]
+        try:
+            CriNode.check_available(usr)
+        except WorldUnavailable as exc:
+            _missing(f"cri node (containerd {version})", exc)
+        created = CriNode(
+            usr=usr,
+            image_pull_progress_timeout=image_pull_progress_timeout,
+            use_local_image_pull=use_local_image_pull,
+        )
+        made.append(created)
+        return created.start()
+
+    yield factory
+    for created in made:
+        created.close()
+
+
 @pytest.fixture(autouse=True)
 def _world_reset(request: pytest.FixtureRequest) -> Iterator[None]:
     """Give each test a clean node, and bring back any daemon an earlier test left stopped."""
@@ -219,6 +264,10 @@ def _world_reset(request: pytest.FixtureRequest) -> Iterator[None]:
         ctd: Containerd = request.getfixturevalue("node")
         ctd.clean()
         ctd.clear_mirrors()
+    if "cri_node" in request.fixturenames:
+        cri: CriNode = request.getfixturevalue("cri_node")
+        cri.clean()
+        cri.clear_mirrors()
     yield
 
 

@@ -1054,14 +1054,16 @@ class Containerd(_SingleProcessService):
         shutil.rmtree(self.hosts_dir, ignore_errors=True)
         self.mirror = None
 
+    def config_text(self) -> str:
+        """The config.toml this node starts with (no CRI: pulls go through ctr)."""
+        return containerd_config(root=self.root / "root", state=self.root / "state", address=self.address)
+
     def start(self, timeout: float = 30.0) -> Self:
         if self._proc and self._proc.running:
             return self
         self.check_available(self.usr)
         self.hosts_dir.mkdir(parents=True, exist_ok=True)
-        self.config_path.write_text(
-            containerd_config(root=self.root / "root", state=self.root / "state", address=self.address)
-        )
+        self.config_path.write_text(self.config_text())
         env = {**os.environ, "PATH": search_path(self.usr / "bin", *RUNC_PATH)}
         began = time.monotonic()
         self._proc = ManagedProcess(
