@@ -158,6 +158,7 @@ def test_kubelet_pull_secret_reaches_the_private_upstream_through_the_registry(
     # the mirror after its 401 challenge, and the registry pulls through Docker with it.
     mark = upstream_auth.log_mark()
     image_ref = cri_node.pull_image(pushed.ref, user, password)
+    served_before = [m for m in node_requests(registry, "/blobs/") if m["status"] == "200"]
     statuses = [m["status"] for m in node_requests(registry, manifests)][1:]
     print(f"containerd {cri_node.version}, with the pull secret: the registry answered {statuses}")
     assert statuses[:2] == ["401", "200"]
@@ -166,6 +167,21 @@ def test_kubelet_pull_secret_reaches_the_private_upstream_through_the_registry(
     status = cri_node.image_status(pushed.ref)
     assert status is not None and status.id == image_ref
     assert password not in registry.log_text()
+
+    # Private from now on (content protection): another pod without the secret, or with a wrong one, gets
+    # nothing of it from the registry, though Docker holds it; the right secret gets it from the cache.
+    cri_node.clean()
+    for secret in (None, "guessed-pw"):
+        since = len(node_requests(registry, manifests))
+        with pytest.raises(CriError):
+            cri_node.pull_image(pushed.ref, user if secret else None, secret, timeout=120)
+        answered = [m["status"] for m in node_requests(registry, manifests)][since:]
+        print(f"containerd {cri_node.version}, secret {secret!r} after the private pull: {answered}")
+        assert answered and set(answered) == {"401"}
+    assert not [m for m in node_requests(registry, "/blobs/") if m["status"] == "200"][len(served_before) :]
+    started = time.time()
+    assert cri_node.pull_image(pushed.ref, user, password) == image_ref
+    assert docker.image_saves(started) == []
 
 
 # --------------------------------------------------------------------------- big images, kubelet's deadline
