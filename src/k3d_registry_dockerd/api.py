@@ -7,7 +7,8 @@ import errno
 import json
 import logging
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any
 
 from aiohttp import BasicAuth, hdrs, web
 from aiohttp.abc import AbstractAccessLogger
@@ -15,7 +16,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.log import server_logger
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from . import PRODUCT, __version__, blobfiles
+from . import PRODUCT, __version__, blobfiles, units
 from .auth import Htpasswd
 from .content import ServedManifest
 from .docker import Credentials
@@ -39,6 +40,7 @@ UPLOADS: web.AppKey[Uploads] = web.AppKey("uploads", Uploads)
 PREFETCHER: web.AppKey[Prefetcher] = web.AppKey("prefetcher", Prefetcher)
 PUSHES: web.AppKey[Pushes] = web.AppKey("pushes", Pushes)
 WRITE_AUTH: web.AppKey[Htpasswd | None] = web.AppKey("write_auth", Htpasswd)
+ANSWER_WITHIN: web.AppKey[float | None] = web.AppKey("answer_within", float)
 API_VERSION = ("Docker-Distribution-API-Version", "registry/2.0")
 SERVER = f"{PRODUCT}/{__version__}"
 _EMPTY_SUFFIX_RANGE = re.compile(r"\s*bytes\s*=\s*-0+\s*")
@@ -192,7 +194,7 @@ async def manifest(request: web.Request) -> web.Response:
     reference = request.match_info["reference"]
     credentials = _credentials(request)
     if is_digest(reference):
-        served = await mirror.manifest_by_digest(repo, Digest.parse(reference), credentials)
+        work = mirror.manifest_by_digest(repo, Digest.parse(reference), credentials)
     else:
         try:
             tag = parse_tag(reference)
@@ -200,7 +202,12 @@ async def manifest(request: web.Request) -> web.Response:
             # No manifest can have such a tag: a pull of it is a plain 404, as the conformance suite wants
             # (TAG_INVALID is for a push naming one).
             raise RegistryError("MANIFEST_UNKNOWN", f"manifest unknown: {exc.message}") from exc
-        served = await mirror.manifest_by_tag(repo, tag, credentials)
+        work = mirror.manifest_by_tag(repo, tag, credentials)
+    within = request.app[ANSWER_WITHIN]
+    if within is not None and request.headers.get(hdrs.USER_AGENT, "").startswith("containerd/"):
+        served = await _answered_within(within, work, repo.familiar(reference))
+    else:
+        served = await work
     request[SERVED] = served
     return web.Response(
         body=served.body,
@@ -210,6 +217,36 @@ async def manifest(request: web.Request) -> web.Response:
             hdrs.ETAG: f'"{served.digest}"',
         },
     )
+
+
+async def _answered_within(
+    seconds: float, work: Coroutine[Any, Any, ServedManifest], what: str
+) -> ServedManifest:
+    """The manifest, or a 503 once `seconds` passed: containerd's CRI cancels a pull that shows no
+    progress for image_pull_progress_timeout (a wait for our answer counts, in containerd 1.7), without
+    trying another host, while a 503 makes it try the upstream itself. The work is not cancelled: it goes
+    on to its end (pull, private marking, export) and the next request finds it done or joins it."""
+    task = asyncio.ensure_future(work)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=seconds)
+    except asyncio.CancelledError:
+        task.add_done_callback(_settled)
+        raise
+    if task in done:
+        return task.result()
+    task.add_done_callback(_settled)
+    raise RegistryError(
+        "UNAVAILABLE",
+        f"{what} is not ready after {units.duration(seconds)}: Docker is still pulling or exporting it (it "
+        "goes on); answered now so the node can try the upstream before its CRI gives up",
+        headers={hdrs.RETRY_AFTER: "10"},
+    )
+
+
+def _settled(task: asyncio.Task[ServedManifest]) -> None:
+    """Takes the outcome of work nobody waits for any more (its failure was logged where it happened)."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _repository(request: web.Request) -> Repository:
@@ -447,9 +484,11 @@ def create_app(
     allow_docker_delete: bool = False,
     allow_docker_overwrite: bool = False,
     write_auth: Htpasswd | None = None,
+    answer_within: float | None = None,
 ) -> web.Application:
     app = web.Application(middlewares=[_oci_errors, _write_access])
     app[MIRROR] = mirror
+    app[ANSWER_WITHIN] = answer_within
     app[WRITE_AUTH] = write_auth
     uploads = app[UPLOADS] = Uploads(mirror.store)
     pushes = app[PUSHES] = Pushes(

@@ -22,6 +22,7 @@ from .settings import (
     ENV_ADDR,
     ENV_ALLOW_DOCKER_DELETE,
     ENV_ALLOW_DOCKER_OVERWRITE,
+    ENV_ANSWER_WITHIN,
     ENV_AUTH,
     ENV_CACHE_DIR,
     ENV_CACHE_MAX_SIZE,
@@ -116,6 +117,14 @@ def _server_options(parser: argparse.ArgumentParser, default: object = None) -> 
         metavar="DURATION",
         help="pre-export a moved tag only if a client pulled it within this (e.g. 1d, 12h; env "
         f"{ENV_PREFETCH_MAX_AGE}; default 7d)",
+    )
+    parser.add_argument(
+        "--answer-within",
+        default=default,
+        metavar="DURATION",
+        help="answer containerd's manifest requests within this (503 while the pull or export through "
+        "Docker goes on), before containerd's CRI gives up on a pull without progress (5m); 0 waits "
+        f"for the work (env {ENV_ANSWER_WITHIN}; default 4m)",
     )
     parser.add_argument(
         "--log-level",
@@ -485,6 +494,7 @@ def _run(args: argparse.Namespace) -> int:
         no_prefetch=args.no_prefetch,
         prefetch_max_age=args.prefetch_max_age,
         docker_credentials=args.docker_credentials,
+        answer_within=args.answer_within,
     )
     tls = server.ssl_context(settings)
     endpoint = resolve_endpoint(os.environ)

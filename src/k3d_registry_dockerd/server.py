@@ -249,6 +249,7 @@ def build_app(settings: Settings, endpoint: DockerEndpoint, write_auth: Htpasswd
         allow_docker_delete=settings.allow_docker_delete,
         allow_docker_overwrite=settings.allow_docker_overwrite,
         write_auth=write_auth,
+        answer_within=settings.answer_within,
     )
     prefetcher = Prefetcher(mirror, settings.prefetch_max_age) if settings.prefetch else None
     if prefetcher is not None:

@@ -21,6 +21,7 @@ ENV_ZERO_COPY = "K3D_REGISTRY_DOCKERD_ZERO_COPY"
 ENV_PREFETCH = "K3D_REGISTRY_DOCKERD_PREFETCH"
 ENV_PREFETCH_MAX_AGE = "K3D_REGISTRY_DOCKERD_PREFETCH_MAX_AGE"
 ENV_DOCKER_CREDENTIALS = "K3D_REGISTRY_DOCKERD_DOCKER_CREDENTIALS"
+ENV_ANSWER_WITHIN = "K3D_REGISTRY_DOCKERD_ANSWER_WITHIN"
 # As ctr reads them.
 ENV_CONTAINERD_ADDRESS = "CONTAINERD_ADDRESS"
 ENV_CONTAINERD_NAMESPACE = "CONTAINERD_NAMESPACE"
@@ -33,6 +34,8 @@ ENV_HTPASSWD_PATH = "REGISTRY_AUTH_HTPASSWD_PATH"
 DEFAULT_ADDR = ":5000"
 DEFAULT_REALM = "k3d-registry-dockerd"
 DEFAULT_PREFETCH_MAX_AGE = "7d"
+# Below the 5 minutes containerd's CRI waits for a pull's progress (image_pull_progress_timeout).
+DEFAULT_ANSWER_WITHIN = "4m"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
@@ -143,6 +146,9 @@ class Settings:
     prefetch_max_age: float = 7 * 86400.0
     # Pull through Docker with the docker CLI's stored credentials when a request brings none.
     docker_credentials: bool = False
+    # Answer containerd's manifest requests within this many seconds (503 while the pull or export goes
+    # on), so a node can try the upstream before its CRI cancels the pull; None: wait for the work.
+    answer_within: float | None = 240.0
 
     @property
     def addr(self) -> str:
@@ -171,6 +177,7 @@ def resolve(
     no_prefetch: bool | None = None,
     prefetch_max_age: str | None = None,
     docker_credentials: bool | None = None,
+    answer_within: str | None = None,
     env: Mapping[str, str] = os.environ,
 ) -> Settings:
     sources: dict[str, str] = {}
@@ -240,6 +247,10 @@ def resolve(
         ENV_DOCKER_CREDENTIALS,
         "false",
     )
+    within = pick("answer_within", "--answer-within", answer_within, ENV_ANSWER_WITHIN, DEFAULT_ANSWER_WITHIN)
+    within_seconds = (
+        None if (within or "").strip().lower() in ("0", "off") else parse_duration(within or "4m")
+    )
     scheme = env.get(ENV_AUTH, "").strip().lower()
     if scheme not in ("", "htpasswd"):
         raise SettingError(
@@ -271,5 +282,6 @@ def resolve(
         prefetch=parse_bool(prefetch or "true", ENV_PREFETCH),
         prefetch_max_age=parse_duration(max_age or DEFAULT_PREFETCH_MAX_AGE),
         docker_credentials=parse_bool(host_credentials or "false", ENV_DOCKER_CREDENTIALS),
+        answer_within=within_seconds or None,
         sources=sources,
     )

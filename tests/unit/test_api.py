@@ -317,6 +317,44 @@ async def test_blob_of_another_repository(client: TestClient, docker: FakeDocker
 # ---- single flight, freshness, restart --------------------------------------------------------------
 
 
+async def test_containerd_is_answered_503_in_time_while_the_export_goes_on(
+    aiohttp_client: Any, store: Store, docker: FakeDocker
+) -> None:
+    client = await aiohttp_client(create_app(Mirror(store, docker), answer_within=0.2))
+    docker.save_gate = asyncio.Event()
+    containerd = {"User-Agent": "containerd/1.7.24"}
+    response = await client.head("/v2/alpine/manifests/latest", headers=containerd)
+    assert response.status == 503
+    assert response.headers["Retry-After"] == "10"
+    assert docker.saves == [ALPINE]  # still running
+    # Other clients (docker, skopeo, `warm`) wait for the work, however long it takes.
+    waiting = asyncio.ensure_future(client.get("/v2/alpine/manifests/latest"))
+    await asyncio.sleep(0.3)
+    assert not waiting.done()
+    docker.save_gate.set()
+    assert (await waiting).status == 200
+    assert (await client.get("/v2/alpine/manifests/latest", headers=containerd)).status == 200
+    assert docker.saves == [ALPINE]
+
+
+async def test_a_late_answer_does_not_cut_a_private_pull_short(
+    aiohttp_client: Any, store: Store, docker: FakeDocker
+) -> None:
+    """The 503 leaves the work running: a pull with a pod's secret still ends with the image marked."""
+    docker.upstream[REDIS] = local_image("redis-7", REDIS)
+    docker.private["docker.io/library/redis"] = Credentials("puller", "s3cret-pw")
+    docker.save_gate = asyncio.Event()
+    client = await aiohttp_client(create_app(Mirror(store, docker), answer_within=0.1))
+    headers = {"User-Agent": "containerd/2.1.9", **basic_auth("puller", "s3cret-pw")}
+    assert (await client.get(REDIS_PATH, headers=headers)).status == 503
+    docker.save_gate.set()
+    state = store.root / "private.json"
+    while not state.exists() or "redis" not in state.read_text():
+        await asyncio.sleep(0.01)
+    await error_of(await client.get(REDIS_PATH), 401, "UNAUTHORIZED")
+    assert (await client.get(REDIS_PATH, headers=headers)).status == 200
+
+
 async def test_concurrent_requests_share_one_export(client: TestClient, docker: FakeDocker) -> None:
     docker.save_gate = asyncio.Event()
 

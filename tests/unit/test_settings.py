@@ -48,6 +48,7 @@ def test_defaults() -> None:
         "prefetch": "default",
         "prefetch_max_age": "default",
         "docker_credentials": "default",
+        "answer_within": "default",
     }
     assert settings.zero_copy is True
     assert (settings.containerd_address, settings.containerd_namespace) == (None, None)
@@ -77,6 +78,15 @@ def test_prefetch_is_on_for_a_week_by_default_and_can_be_turned_off() -> None:
     assert resolve(**{**NO_FLAGS, "prefetch_max_age": "30m"}, env=env).prefetch_max_age == 1800
     with pytest.raises(SettingError, match="needs a unit"):
         resolve(**{**NO_FLAGS, "prefetch_max_age": "7"}, env={})
+
+
+def test_containerd_is_answered_within_four_minutes_by_default() -> None:
+    assert resolve(**NO_FLAGS, env={"HOME": "/h"}).answer_within == 240
+    assert resolve(**{**NO_FLAGS, "answer_within": "90s"}, env={}).answer_within == 90
+    for off in ("0", "off"):
+        assert resolve(**NO_FLAGS, env={"K3D_REGISTRY_DOCKERD_ANSWER_WITHIN": off}).answer_within is None
+    with pytest.raises(SettingError, match="needs a unit"):
+        resolve(**{**NO_FLAGS, "answer_within": "30"}, env={})
 
 
 def test_env_beats_default() -> None:
@@ -111,6 +121,7 @@ def test_env_beats_default() -> None:
         "prefetch": "default",
         "prefetch_max_age": "default",
         "docker_credentials": "default",
+        "answer_within": "default",
     }
 
 
@@ -142,6 +153,7 @@ def test_flag_beats_env() -> None:
         "prefetch": "default",
         "prefetch_max_age": "default",
         "docker_credentials": "default",
+        "answer_within": "default",
     }
 
 

@@ -29,6 +29,7 @@ from .daemons import (
 )
 from .docker_proxy import DockerProxy
 from .images import BuiltImage, MiB, build_image, push_image
+from .relay import ThrottledRelay
 from .test_mirror import exports, node_name, served_blobs
 
 _ACCESS = re.compile(
@@ -335,3 +336,55 @@ def test_a_slow_export_against_containerd_s_pull_progress_timeout(
         assert exports(registry) == 1
         assert len(docker26.image_saves(since)) == 1
         assert node.image_status(f"{name}:1") is not None
+
+
+@pytest.mark.parametrize(
+    ("version", "local_pull"), [("1.7", False), ("2.1", True)], ids=["1.7", "2.1-local-pull"]
+)
+def test_a_slow_pull_through_docker_is_answered_in_time_and_the_node_goes_upstream(
+    version: str,
+    local_pull: bool,
+    docker26: Dockerd,
+    docker20: Dockerd,
+    upstream: UpstreamRegistry,
+    cri_node_factory: CriNodeFactory,
+    registry_under_test: RegistryFactory,
+) -> None:
+    """`--answer-within` below the node's image_pull_progress_timeout: a pull through Docker from a far
+    upstream outlasts it, the registry answers 503 in time, and containerd pulls from the upstream itself
+    (bytes flowing all along) instead of cancelling the pod's pull. Docker's pull goes on, so the next
+    node gets the image from the registry."""
+    name = f"far/app-{version.replace('.', '')}"
+    built = build_image(
+        docker20, f"cri-far-src:{version}", layers=3, size=18 * MiB, seed=f"cri-far/{version}"
+    )
+    push_image(docker20, built, upstream, name, "1")
+    node = cri_node_factory(version, image_pull_progress_timeout="6s", use_local_image_pull=local_pull)
+    with ThrottledRelay("127.0.0.1", upstream.port, rate=0.75 * MiB) as far:
+        ref = f"{far.addr}/{name}:1"
+        registry = registry_under_test(docker26, extra_args=["--answer-within", "2s"])
+        node.set_mirror(registry.addr)
+        mark = upstream.log_mark()
+        began = time.monotonic()
+        node.pull_image(ref, timeout=300)
+        seconds = time.monotonic() - began
+        first = node_requests(registry, f"/{name}/manifests/1")[0]
+        assert first["status"] == "503", first.group(0)
+        went_upstream = [
+            agent for status, agent in upstream_requests(upstream, mark, name) if status == "200"
+        ]
+        assert any(agent.startswith("containerd/") for agent in went_upstream), went_upstream
+        record(
+            "cri-progress-timeout.txt",
+            f"containerd {node.version} CRI, image_pull_progress_timeout 6s, --answer-within 2s, a pull "
+            f"through Docker at 0.75 MiB/s per connection: 503 after {float(first['seconds']):.1f}s, "
+            f"PullImage from the upstream in {seconds:.1f}s",
+        )
+        wait_until(lambda: f"pulled {ref} in " in registry.log_text(), timeout=240, what="Docker's pull")
+
+        node.clean()
+        mark = upstream.log_mark()
+        node.pull_image(ref, timeout=300)
+        assert not [a for _, a in upstream_requests(upstream, mark, name) if a.startswith("containerd/")]
+        assert node_requests(registry, f"/{name}/manifests/1")[-1]["status"] == "200"
+        assert served_blobs(registry)
