@@ -50,6 +50,16 @@ def node_requests(
     return found
 
 
+def logged_requests(registry: RegistryProcess, path_part: str, count: int) -> list[re.Match[str]]:
+    """``node_requests``, once at least ``count`` are logged: aiohttp writes an access-log line just after
+    the response, so a client (or a test) can be a moment ahead of it."""
+    return wait_until(
+        lambda: (found := node_requests(registry, path_part)) and len(found) >= count and found,
+        timeout=30,
+        what=f"{count} requests for {path_part} in the registry's access log",
+    )
+
+
 # distribution's access log (combined): HOST - - [DATE] "METHOD PATH HTTP/1.1" STATUS SIZE "REFERER" "UA".
 _UPSTREAM_ACCESS = re.compile(
     r'^\S+ \S+ \S+ \[[^\]]+\] "[A-Z]+ (?P<path>\S+) [^"]*" (?P<status>\d{3}) \S+ "[^"]*" "(?P<agent>[^"]*)"'
@@ -149,7 +159,7 @@ def test_kubelet_pull_secret_reaches_the_private_upstream_through_the_registry(
     with pytest.raises(CriError) as refused:
         cri_node.pull_image(pushed.ref, timeout=120)
     print(f"containerd {cri_node.version}, no pull secret: {refused.value.details}")
-    assert [m["status"] for m in node_requests(registry, manifests)] == ["401"]
+    assert [m["status"] for m in logged_requests(registry, manifests, 1)] == ["401"]
     assert pushed.ref not in {tag for image in cri_node.list_images() for tag in image.repo_tags}
     direct = upstream_requests(upstream_auth, mark, pushed.repository)
     print(f"containerd {cri_node.version}, no pull secret: the upstream answered {direct}")
@@ -159,8 +169,8 @@ def test_kubelet_pull_secret_reaches_the_private_upstream_through_the_registry(
     # the mirror after its 401 challenge, and the registry pulls through Docker with it.
     mark = upstream_auth.log_mark()
     image_ref = cri_node.pull_image(pushed.ref, user, password)
+    statuses = [m["status"] for m in logged_requests(registry, manifests, 3)][1:]
     served_before = [m for m in node_requests(registry, "/blobs/") if m["status"] == "200"]
-    statuses = [m["status"] for m in node_requests(registry, manifests)][1:]
     print(f"containerd {cri_node.version}, with the pull secret: the registry answered {statuses}")
     assert statuses[:2] == ["401", "200"]
     assert docker.image_id(pushed.ref)
@@ -299,8 +309,9 @@ def test_a_slow_export_against_containerd_s_pull_progress_timeout(
         except CriError as exc:
             image_ref, outcome = None, f"{exc.code.name}: {exc.details}"
         seconds = time.monotonic() - began
-        again = "not needed"
+        again, tries = "not needed", 1
         if image_ref is None:
+            tries = 2
             # kubelet's next try while the export still runs: it waits for that same export.
             try:
                 node.pull_image(f"{name}:1", timeout=300)
@@ -329,7 +340,8 @@ def test_a_slow_export_against_containerd_s_pull_progress_timeout(
             assert "registry-1.docker.io" not in outcome
         else:
             assert image_ref is not None and not cancelled, outcome
-        assert {m["method"] for m in node_requests(registry, f"/library/{name}/manifests/1")} == {"HEAD"}
+        heads = logged_requests(registry, f"/library/{name}/manifests/1", tries)
+        assert [m["method"] for m in heads] == ["HEAD"] * tries
 
         retried = node.pull_image(f"{name}:1", timeout=60)
         assert image_ref in (None, retried)
