@@ -204,6 +204,15 @@ def _log_settings(settings: Settings, endpoint: DockerEndpoint, open_files: int)
         )
     else:
         log.info("pre-exports off (%s): a moved tag is exported when next pulled", sources["prefetch"])
+    if settings.answer_within is not None:
+        log.info(
+            "containerd is answered within %s (%s): 503 while a pull or export goes on, so a node tries the "
+            "upstream",
+            units.duration(settings.answer_within),
+            sources["answer_within"],
+        )
+    else:
+        log.info("containerd's requests wait for every pull and export (%s)", sources["answer_within"])
     if settings.tls_cert is not None:
         log.info("serving HTTPS with %s (%s)", settings.tls_cert, sources["tls_cert"])
 
