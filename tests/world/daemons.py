@@ -732,7 +732,10 @@ class Dockerd:
 
 # --------------------------------------------------------------------------- upstream registry
 
-_ACCESS_LOG = re.compile(r'"(?P<method>[A-Z]+) (?P<path>\S+) HTTP/[0-9.]+" (?P<status>\d{3}) ')
+# distribution's access log (combined): HOST - - [DATE] "METHOD PATH HTTP/1.1" STATUS SIZE "REFERER" "UA".
+_ACCESS_LOG = re.compile(
+    r'"(?P<method>[A-Z]+) (?P<path>\S+) HTTP/[0-9.]+" (?P<status>\d{3}) (?:\S+ "[^"]*" "(?P<agent>[^"]*)")?'
+)
 
 
 @dataclass(frozen=True)
@@ -742,6 +745,8 @@ class AccessLogEntry:
     method: str
     path: str
     status: int
+    # The client's user agent: `docker/…` is dockerd pulling for us, `containerd/…` a node going around us.
+    agent: str = ""
 
 
 class UpstreamRegistry:
@@ -863,7 +868,7 @@ class UpstreamRegistry:
         except FileNotFoundError:
             return []
         return [
-            AccessLogEntry(m["method"], m["path"], int(m["status"]))
+            AccessLogEntry(m["method"], m["path"], int(m["status"]), m["agent"] or "")
             for m in (_ACCESS_LOG.search(line) for line in text.splitlines())
             if m
         ]

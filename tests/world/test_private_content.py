@@ -5,30 +5,28 @@ stays open."""
 from __future__ import annotations
 
 import base64
-import re
 import time
 from pathlib import Path
 
 from . import oci_client
 from .daemons import Containerd, Dockerd, RegistryFactory, RegistryProcess, UpstreamRegistry
 from .images import MiB, build_image, push_image, registry_login
+from .test_cri import node_requests
 from .test_mirror import ACCEPT, ctr_ok, node_name, served_blobs
 
 
 def node_statuses(registry: RegistryProcess, path: str, since: int) -> list[str]:
-    """Statuses the registry answered containerd with for requests whose path contains `path`."""
-    return [
-        re.search(r'" (\d{3}) ', line).group(1)  # type: ignore[union-attr]
-        for line in registry.log_text()[since:].splitlines()
-        if "aiohttp.access" in line and path in line and "containerd/" in line
-    ]
+    """Statuses the registry answered containerd with for requests whose path contains `path`, after the
+    first `since` of them."""
+    return [m["status"] for m in node_requests(registry, path)[since:]]
 
 
-def upstream_lines(upstream: UpstreamRegistry, mark: int, user_agent: str, path: str = "") -> list[str]:
-    """Access-log lines of the upstream since `mark` from clients with this user agent."""
-    text = upstream.log_path.read_bytes()[mark:].decode(errors="replace")
+def upstream_gets(upstream: UpstreamRegistry, mark: int, agent: str, path: str = "") -> list[int]:
+    """Statuses of the upstream's GETs since `mark` from clients with this user agent."""
     return [
-        line for line in text.splitlines() if f'"{user_agent}' in line and path in line and '"GET ' in line
+        r.status
+        for r in upstream.requests(mark)
+        if r.method == "GET" and r.agent.startswith(agent) and path in r.path
     ]
 
 
@@ -45,6 +43,7 @@ def test_private_content_is_served_only_to_accepted_credentials(
     pushed = push_image(docker20, built, upstream_auth, f"guarded/app-{node_name(node)}-{docker.name}", "v1")
     registry = registry_under_test(docker)
     node.set_mirror(registry.addr)
+    manifests = f"/{pushed.repository}/manifests/v1"
 
     # The first pull: anonymous, challenged, then with the pod's secret, pulled through Docker.
     ctr_ok(node, pushed.ref, user=secret)
@@ -55,28 +54,26 @@ def test_private_content_is_served_only_to_accepted_credentials(
     # Another node, or a pod without the secret: refused by us; containerd then asks the upstream, which
     # refuses too. Nothing of the image is served to it.
     node.clean()
-    since, mark, started = len(registry.log_text()), upstream_auth.log_mark(), time.time()
+    since, mark, started = len(node_requests(registry, manifests)), upstream_auth.log_mark(), time.time()
+    blobs_since = len(registry.log_text())
     anonymous = node.pull(pushed.ref, timeout=120)
     assert anonymous.returncode != 0
-    assert node_statuses(registry, f"/{pushed.repository}/manifests/v1", since) == ["401"]
+    assert node_statuses(registry, manifests, since) == ["401"]
     assert not [
         line
-        for line in registry.log_text()[since:].splitlines()
+        for line in registry.log_text()[blobs_since:].splitlines()
         if "/blobs/sha256:" in line and '" 200 ' in line
     ]
     assert docker.image_events("pull", started) == []
-    assert upstream_lines(upstream_auth, mark, "docker/") == []  # no credentials, nothing to check
+    assert upstream_gets(upstream_auth, mark, "docker/") == []  # no credentials, nothing to check
     assert {r.status for r in upstream_auth.requests(mark) if "/manifests/" in r.path} == {401}
 
     # Wrong credentials: put to the upstream through Docker for the digest, refused; nothing moves.
-    since, mark, started = len(registry.log_text()), upstream_auth.log_mark(), time.time()
+    since, mark, started = len(node_requests(registry, manifests)), upstream_auth.log_mark(), time.time()
     wrong = node.pull(pushed.ref, user=f"{user}:guessed-pw", timeout=120)
     assert wrong.returncode != 0
-    assert "401" in node_statuses(registry, f"/{pushed.repository}/manifests/v1", since)
-    found = upstream_lines(upstream_auth, mark, "docker/", "/manifests/sha256:")
-    assert len(found) == 1, upstream_auth.log_text()[-3000:]
-    checked = found[0]
-    assert '" 401 ' in checked
+    assert "401" in node_statuses(registry, manifests, since)
+    assert upstream_gets(upstream_auth, mark, "docker/", "/manifests/sha256:") == [401]
     assert docker.image_events("pull", started) == []
     assert "guessed-pw" not in registry.log_text() and password not in registry.log_text()
 
@@ -86,13 +83,12 @@ def test_private_content_is_served_only_to_accepted_credentials(
     registry.start()
     for attempt in range(2):
         node.clean()
-        since, mark, started = len(registry.log_text()), upstream_auth.log_mark(), time.time()
+        since, mark, started = len(node_requests(registry, manifests)), upstream_auth.log_mark(), time.time()
         ctr_ok(node, pushed.ref, user=secret)
-        assert node_statuses(registry, f"/{pushed.repository}/manifests/v1", since)[-1] == "200"
-        assert upstream_lines(upstream_auth, mark, "containerd/", "/blobs/") == []
-        checks = upstream_lines(upstream_auth, mark, "docker/", "/manifests/sha256:")
-        assert len(checks) == (1 if attempt == 0 else 0), checks
-        assert all('" 200 ' in line for line in checks)
+        assert node_statuses(registry, manifests, since)[-1] == "200"
+        assert upstream_gets(upstream_auth, mark, "containerd/", "/blobs/") == []
+        checks = upstream_gets(upstream_auth, mark, "docker/", "/manifests/sha256:")
+        assert checks == ([200] if attempt == 0 else [])
         assert docker.image_saves(started) == docker.image_events("pull", started) == []
 
     # By hand: a blob and the manifest by digest are guarded too.
