@@ -193,7 +193,6 @@ class PrivateContent:
             raise RegistryError(
                 "UNAVAILABLE",
                 f"{repo.docker_name} was pulled with a client's credentials, and they cannot be checked now",
-                status=503,
                 detail=str(exc),
             ) from exc
         self._metrics.private_checks.labels("allowed").inc()

@@ -248,9 +248,8 @@ def resolve(
         "false",
     )
     within = pick("answer_within", "--answer-within", answer_within, ENV_ANSWER_WITHIN, DEFAULT_ANSWER_WITHIN)
-    within_seconds = (
-        None if (within or "").strip().lower() in ("0", "off") else parse_duration(within or "4m")
-    )
+    within = within or DEFAULT_ANSWER_WITHIN
+    within_seconds = None if within.strip().lower() in ("0", "off") else parse_duration(within)
     scheme = env.get(ENV_AUTH, "").strip().lower()
     if scheme not in ("", "htpasswd"):
         raise SettingError(
