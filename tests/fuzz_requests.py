@@ -30,7 +30,7 @@ from typing import Any
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from k3d_registry_dockerd.errors import STATUS_BY_CODE
+from k3d_registry_dockerd.oci.errors import STATUS_BY_CODE
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"

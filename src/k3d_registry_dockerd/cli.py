@@ -16,8 +16,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__, cache, cachedir, configs, doctor, server, units, warm, workloads
-from .endpoint import EndpointError, resolve_endpoint
+from . import __version__, configs, doctor, server, warm, workloads
+from .cache import directory, maintenance
+from .cache.store import Store
+from .common import units
+from .docker.endpoint import EndpointError, resolve_endpoint
 from .settings import (
     ENV_ADDR,
     ENV_ALLOW_DOCKER_DELETE,
@@ -47,7 +50,6 @@ from .settings import (
     resolve,
     resolve_cache_dir,
 )
-from .store import Store
 
 PROG = "k3d-registry-dockerd"
 _VERBS = {"ls": "list", "verify": "verify", "prune": "prune"}
@@ -368,18 +370,18 @@ def _cache_command(args: argparse.Namespace) -> int:
             f"(--cache-dir or {ENV_CACHE_DIR} name another)"
         )
     older_than = parse_duration(args.older_than) if getattr(args, "older_than", None) else None
-    with cachedir.CacheDirLock(cache_dir):
+    with directory.CacheDirLock(cache_dir):
         store = Store(cache_dir)
         store.open()
         if args.action == "ls":
             return _cache_ls(store)
         if args.action == "verify":
-            checked, corrupt = cache.verify(store)
+            checked, corrupt = maintenance.verify(store)
             for path in corrupt:
                 print(f"✗ removed {path}: its bytes do not match its digest")
             print(f"checked {checked} blobs, {len(corrupt)} corrupt")
             return 1 if corrupt else 0
-        result = cache.prune(
+        result = maintenance.prune(
             store, older_than=older_than, everything=args.all, include_pushed=args.include_pushed
         )
     print(
@@ -397,7 +399,7 @@ def _cache_command(args: argparse.Namespace) -> int:
 def _cache_ls(store: Store) -> int:
     print(f"{'REPOSITORY':40} {'TAGS':20} {'DIGEST':19} {'SIZE':>10}  {'SOURCE':7} LAST USED")
     now = time.time()
-    for image in cache.images(store):
+    for image in maintenance.images(store):
         source = "pushed" if image.pushed else "docker"
         print(
             f"{image.repository:40} {','.join(image.tags):20} {image.digest[:19]} "
@@ -517,7 +519,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(args)
     except (SettingError, EndpointError) as exc:
         return _fail(str(exc), 2)
-    except cachedir.CacheDirError as exc:
+    except directory.CacheDirError as exc:
         return _fail(str(exc))
     except KeyboardInterrupt:
         return 130

@@ -9,14 +9,16 @@ from pathlib import Path
 
 import aiohttp
 
-from . import PRODUCT, cachedir, server, units
-from .auth import Htpasswd, HtpasswdError
-from .discovery import ZeroCopyConfig, discover
-from .docker import SAVE_PLATFORM_API, DaemonInfo, DockerClient, DockerUnavailable
-from .endpoint import DockerEndpoint
-from .hostcreds import HostCredentials, HostCredentialsError
-from .metrics import Metrics
+from . import PRODUCT, server
+from .cache import directory
+from .common import units
+from .common.metrics import Metrics
+from .docker.endpoint import DockerEndpoint
+from .docker.engine import SAVE_PLATFORM_API, DaemonInfo, DockerClient, DockerUnavailable
+from .docker.hostcreds import HostCredentials, HostCredentialsError
 from .settings import ENV_ADDR, ENV_CONTAINERD_ADDRESS, ENV_ZERO_COPY, Settings
+from .sources.discovery import ZeroCopyConfig, discover
+from .web.auth import Htpasswd, HtpasswdError
 
 # Engine API 1.44 (Docker 25) is where image save started writing an OCI image layout.
 OCI_SAVE_API = (1, 44)
@@ -95,16 +97,16 @@ async def zero_copy_finding(settings: Settings, info: DaemonInfo) -> Finding:
 
 def cache_finding(cache_dir: Path) -> Finding:
     try:
-        cachedir.prepare(cache_dir)
-    except cachedir.CacheDirError as exc:
+        directory.prepare(cache_dir)
+    except directory.CacheDirError as exc:
         return Finding("fail", str(exc))
     blobs = [path for path in (cache_dir / "blobs").rglob("*") if path.is_file()]
     size = sum(path.stat().st_size for path in blobs)
     held = ""
     try:
-        with cachedir.CacheDirLock(cache_dir):
+        with directory.CacheDirLock(cache_dir):
             pass
-    except cachedir.CacheDirError:
+    except directory.CacheDirError:
         held = ", in use by the running registry"
     return Finding("ok", f"cache dir {cache_dir} is writable: {len(blobs)} blobs, {units.size(size)}{held}")
 

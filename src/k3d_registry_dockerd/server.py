@@ -17,19 +17,21 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from . import __version__, cachedir, logs, units
-from .api import MIRROR, PREFETCHER, UPLOADS, AccessLogger, create_app
-from .auth import Htpasswd, HtpasswdError
-from .discovery import ZeroCopy, ZeroCopyConfig
-from .docker import DockerClient, DockerUnavailable
-from .endpoint import DockerEndpoint
-from .hostcreds import HostCredentials
-from .metrics import Metrics
-from .mirror import Mirror
-from .prefetch import Prefetcher
-from .private import PrivateStateError
+from . import __version__, logs
+from .cache import directory
+from .cache.store import Store
+from .common import units
+from .common.metrics import Metrics
+from .docker.endpoint import DockerEndpoint
+from .docker.engine import DockerClient, DockerUnavailable
+from .docker.hostcreds import HostCredentials
+from .mirror.mirror import Mirror
+from .mirror.prefetch import Prefetcher
+from .mirror.private import PrivateStateError
 from .settings import ENV_ADDR, ENV_HTPASSWD_PATH, SettingError, Settings
-from .store import Store
+from .sources.discovery import ZeroCopy, ZeroCopyConfig
+from .web.auth import Htpasswd, HtpasswdError
+from .web.routes import MIRROR, PREFETCHER, UPLOADS, AccessLogger, create_app
 
 log = logging.getLogger("k3d_registry_dockerd")
 # glibc mallopt parameters (malloc.h).
@@ -297,8 +299,8 @@ async def _until_stopped() -> str:
 
 
 async def _serve(settings: Settings, endpoint: DockerEndpoint, tls: ssl.SSLContext | None) -> None:
-    cachedir.prepare(settings.cache_dir)
-    lock = cachedir.CacheDirLock(settings.cache_dir)
+    directory.prepare(settings.cache_dir)
+    lock = directory.CacheDirLock(settings.cache_dir)
     lock.acquire()
     try:
         write_auth = _write_auth(settings)
@@ -341,7 +343,7 @@ def serve(settings: Settings, endpoint: DockerEndpoint, tls: ssl.SSLContext | No
     _log_settings(settings, endpoint, raise_open_files_limit())
     try:
         asyncio.run(_serve(settings, endpoint, tls))
-    except (StartError, cachedir.CacheDirError) as exc:
+    except (StartError, directory.CacheDirError) as exc:
         log.error("%s", exc, exc_info=log.isEnabledFor(logging.DEBUG))
         return 1
     return 0

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from .errors import RegistryError
-from .export import DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST
-from .reference import Digest, docker_name, parse_repository, parse_tag
+from .oci.errors import RegistryError
+from .oci.reference import Digest, docker_name, parse_repository, parse_tag
+from .sources.savestream import DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST
 
 DEFAULT_REGISTRY = "http://localhost:5000"
 DEFAULT_PARALLEL = 3

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from k3d_registry_dockerd.store import Store
+from k3d_registry_dockerd.cache.store import Store
 
 
 @pytest.fixture

@@ -13,14 +13,14 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from k3d_registry_dockerd.docker import (
+from k3d_registry_dockerd.docker.engine import (
     Credentials,
     DaemonInfo,
     DockerUnavailable,
     PullDenied,
     PullNotFound,
 )
-from k3d_registry_dockerd.export import Platform
+from k3d_registry_dockerd.sources.savestream import Platform
 
 from .saves import Image, classic_save, make_image
 

@@ -15,9 +15,8 @@ import pytest
 from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from k3d_registry_dockerd import status as status_module
-from k3d_registry_dockerd.api import create_app
-from k3d_registry_dockerd.docker import (
+from k3d_registry_dockerd.cache.store import Store
+from k3d_registry_dockerd.docker.engine import (
     Credentials,
     DockerClient,
     DockerFailed,
@@ -26,9 +25,10 @@ from k3d_registry_dockerd.docker import (
     PullFailed,
     PullNotFound,
 )
-from k3d_registry_dockerd.export import Platform
-from k3d_registry_dockerd.mirror import Mirror
-from k3d_registry_dockerd.store import Store
+from k3d_registry_dockerd.mirror.mirror import Mirror
+from k3d_registry_dockerd.sources.savestream import Platform
+from k3d_registry_dockerd.web import status as status_module
+from k3d_registry_dockerd.web.routes import create_app
 
 from .fakes import FakeDocker, LocalImage, local_image
 from .saves import (

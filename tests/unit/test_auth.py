@@ -8,7 +8,7 @@ import bcrypt
 import pytest
 from aiohttp import encode_basic_auth
 
-from k3d_registry_dockerd.auth import Htpasswd, HtpasswdError, parse_htpasswd
+from k3d_registry_dockerd.web.auth import Htpasswd, HtpasswdError, parse_htpasswd
 
 
 def _entry(user: str, password: str, prefix: bytes = b"$2y$") -> str:

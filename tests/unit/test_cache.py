@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import time
 
-from k3d_registry_dockerd import cache
-from k3d_registry_dockerd.reference import Digest
-from k3d_registry_dockerd.store import ManifestEntry, RepositoryRecord, Store, TagEntry
+from k3d_registry_dockerd.cache import maintenance
+from k3d_registry_dockerd.cache.store import ManifestEntry, RepositoryRecord, Store, TagEntry
+from k3d_registry_dockerd.oci.reference import Digest
 
 MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 
@@ -33,7 +33,7 @@ def test_ls_lists_tagged_images_by_last_use(store: Store) -> None:
     old, old_blobs = _image(store, "old")
     new, new_blobs = _image(store, "new")
     _record(store, "docker.io/library/app", {"1": (old, old_blobs, now - 86400), "2": (new, new_blobs, now)})
-    listed = cache.images(store)
+    listed = maintenance.images(store)
     assert [(i.tags, i.digest) for i in listed] == [(("2",), new), (("1",), old)]
     assert listed[0].size == sum(store.blob_size(d) or 0 for d in [new, *new_blobs])
 
@@ -42,7 +42,7 @@ def test_verify_removes_corrupt_blobs(store: Store) -> None:
     manifest, blobs = _image(store, "v")
     path = store.blob_path(Digest.parse(blobs[1]))
     path.write_bytes(b"bit rot")
-    checked, corrupt = cache.verify(store)
+    checked, corrupt = maintenance.verify(store)
     assert checked == 3
     assert corrupt == [path]
     assert not path.exists()
@@ -56,7 +56,7 @@ def test_prune_older_than_keeps_shared_blobs(store: Store) -> None:
     _record(
         store, "docker.io/library/app", {"old": (old, old_blobs, now - 3600), "new": (new, new_blobs, now)}
     )
-    result = cache.prune(store, older_than=600)
+    result = maintenance.prune(store, older_than=600)
     assert (result.tags, result.manifests) == (1, 1)
     assert not store.has_blob(old)
     assert not store.has_blob(old_blobs[0])
@@ -73,12 +73,12 @@ def test_prune_all_and_orphans(store: Store) -> None:
     manifest, blobs = _image(store, "x")
     orphan = store.put_bytes(b"left by an export that was rejected")
     _record(store, "docker.io/library/x", {"1": (manifest, blobs, now)})
-    assert cache.prune(store, older_than=3600).blobs == 1  # only the orphan
+    assert maintenance.prune(store, older_than=3600).blobs == 1  # only the orphan
     assert not store.has_blob(orphan)
-    result = cache.prune(store, everything=True)
+    result = maintenance.prune(store, everything=True)
     assert (result.tags, result.blobs) == (1, 3)
     assert list(store.blobs_dir.glob("*/*")) == []
-    assert cache.images(store) == []
+    assert maintenance.images(store) == []
 
 
 def test_evict_drops_least_recently_used_but_not_the_protected(store: Store) -> None:
@@ -95,18 +95,20 @@ def test_evict_drops_least_recently_used_but_not_the_protected(store: Store) -> 
             "c": (newest, newest_blobs, now),
         },
     )
-    total = cache.cache_bytes(store)
+    total = maintenance.cache_bytes(store)
     one_image = (
-        total - cache.cache_bytes(store) + sum(store.blob_size(d) or 0 for d in [newest, *newest_blobs[:2]])
+        total
+        - maintenance.cache_bytes(store)
+        + sum(store.blob_size(d) or 0 for d in [newest, *newest_blobs[:2]])
     )
     # Room for two images' own blobs: only the least recently used one has to go.
-    dropped = cache.evict(store, total - one_image + 1, protected=set()).dropped
+    dropped = maintenance.evict(store, total - one_image + 1, protected=set()).dropped
     assert [image.digest for image in dropped] == [oldest]
     assert not store.has_blob(oldest_blobs[0])
     assert store.has_blob(oldest_blobs[2])  # shared with the images that stay
 
     # The protected image stays even when the limit asks for everything to go.
-    dropped = cache.evict(store, 0, protected={("docker.io/library/app", middle)}).dropped
+    dropped = maintenance.evict(store, 0, protected={("docker.io/library/app", middle)}).dropped
     assert [image.digest for image in dropped] == [newest]
     assert all(store.has_blob(d) for d in [middle, *middle_blobs])
     record = store.record("docker.io/library/app")
@@ -117,7 +119,7 @@ def test_evict_keeps_blobs_a_running_export_relies_on(store: Store) -> None:
     now = time.time()
     old, old_blobs = _image(store, "old")
     _record(store, "docker.io/library/app", {"old": (old, old_blobs, now - 60)})
-    dropped = cache.evict(store, 0, protected=set(), keep_blobs={old_blobs[1]}).dropped
+    dropped = maintenance.evict(store, 0, protected=set(), keep_blobs={old_blobs[1]}).dropped
     assert [image.digest for image in dropped] == [old]
     assert not store.has_blob(old_blobs[0])
     assert store.has_blob(old_blobs[1])
@@ -129,14 +131,14 @@ def test_evict_keeps_an_image_while_any_of_its_blobs_is_being_fetched(store: Sto
     new, new_blobs = _image(store, "new")
     _record(store, "docker.io/library/app", {"old": (old, old_blobs, now - 60), "new": (new, new_blobs, now)})
     # A client fetching a layer of the old image under another repository does not protect it here.
-    dropped = cache.evict(store, 0, protected={("docker.io/library/other", old_blobs[0])}).dropped
+    dropped = maintenance.evict(store, 0, protected={("docker.io/library/other", old_blobs[0])}).dropped
     assert [image.digest for image in dropped] == [old, new]
 
     old, old_blobs = _image(store, "old")
     _record(store, "docker.io/library/app", {"old": (old, old_blobs, now - 60)})
-    kept = cache.evict(store, 0, protected={("docker.io/library/app", old_blobs[-1])})
+    kept = maintenance.evict(store, 0, protected={("docker.io/library/app", old_blobs[-1])})
     assert kept.dropped == []
-    assert kept.remaining == cache.cache_bytes(store) > 0
+    assert kept.remaining == maintenance.cache_bytes(store) > 0
     assert all(store.has_blob(d) for d in [old, *old_blobs])
 
 
@@ -156,12 +158,12 @@ def test_prune_keeps_pushed_images_unless_asked(store: Store) -> None:
     pushed, pushed_blobs = _pushed(store, "docker.io/library/app", "dev", "pushed", now - 86400)
 
     for options in ({"older_than": 3600.0}, {"everything": True}):
-        result = cache.prune(store, **options)  # type: ignore[arg-type]
+        result = maintenance.prune(store, **options)  # type: ignore[arg-type]
         assert result.kept_pushed == 1
         assert store.record("docker.io/library/app").tags.keys() == {"dev"}
         assert all(store.has_blob(d) for d in [pushed, *pushed_blobs])
     assert not store.has_blob(exported)
 
-    result = cache.prune(store, everything=True, include_pushed=True)
+    result = maintenance.prune(store, everything=True, include_pushed=True)
     assert (result.tags, result.kept_pushed) == (1, 0)
     assert not any(store.has_blob(d) for d in [pushed, *pushed_blobs])

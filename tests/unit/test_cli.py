@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from k3d_registry_dockerd import cli, server
-from k3d_registry_dockerd.cachedir import CacheDirLock
+from k3d_registry_dockerd.cache.directory import CacheDirLock
 
 
 @pytest.fixture

@@ -25,9 +25,9 @@ from aiohttp.test_utils import TestClient
 from multidict import CIMultiDictProxy
 from yarl import URL
 
-from k3d_registry_dockerd.api import create_app
-from k3d_registry_dockerd.mirror import Mirror
-from k3d_registry_dockerd.store import Store
+from k3d_registry_dockerd.cache.store import Store
+from k3d_registry_dockerd.mirror.mirror import Mirror
+from k3d_registry_dockerd.web.routes import create_app
 
 from .fakes import FakeDocker, local_image
 from .saves import digest_of, layer_tar

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from k3d_registry_dockerd import docker as docker_module
-from k3d_registry_dockerd.docker import (
+from k3d_registry_dockerd.docker import engine as docker_module
+from k3d_registry_dockerd.docker.engine import (
     Credentials,
     DaemonInfo,
     DockerClient,
@@ -16,7 +16,7 @@ from k3d_registry_dockerd.docker import (
     PullNotFound,
     classify_pull_error,
 )
-from k3d_registry_dockerd.export import Platform
+from k3d_registry_dockerd.sources.savestream import Platform
 
 
 @pytest.mark.parametrize(

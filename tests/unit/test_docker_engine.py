@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from k3d_registry_dockerd.docker import (
+from k3d_registry_dockerd.docker.engine import (
     Credentials,
     DockerClient,
     DockerFailed,
@@ -21,7 +21,7 @@ from k3d_registry_dockerd.docker import (
     PullFailed,
     PullNotFound,
 )
-from k3d_registry_dockerd.export import Platform
+from k3d_registry_dockerd.sources.savestream import Platform
 
 
 def _tar() -> bytes:

@@ -10,9 +10,10 @@ from typing import Any
 import bcrypt
 
 from k3d_registry_dockerd import __version__
-from k3d_registry_dockerd.api import create_app
-from k3d_registry_dockerd.cachedir import CacheDirLock
-from k3d_registry_dockerd.docker import DaemonInfo
+from k3d_registry_dockerd.cache.directory import CacheDirLock
+from k3d_registry_dockerd.cache.store import Store
+from k3d_registry_dockerd.docker.engine import DaemonInfo
+from k3d_registry_dockerd.docker.hostcreds import HostCredentials
 from k3d_registry_dockerd.doctor import (
     Finding,
     cache_finding,
@@ -22,11 +23,10 @@ from k3d_registry_dockerd.doctor import (
     write_access_finding,
     zero_copy_finding,
 )
-from k3d_registry_dockerd.export import Platform
-from k3d_registry_dockerd.hostcreds import HostCredentials
-from k3d_registry_dockerd.mirror import Mirror
+from k3d_registry_dockerd.mirror.mirror import Mirror
 from k3d_registry_dockerd.settings import Settings, resolve
-from k3d_registry_dockerd.store import Store
+from k3d_registry_dockerd.sources.savestream import Platform
+from k3d_registry_dockerd.web.routes import create_app
 
 from .fakes import FakeDocker
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from k3d_registry_dockerd.endpoint import (
+from k3d_registry_dockerd.docker.endpoint import (
     DockerEndpoint,
     EndpointError,
     TLSFiles,

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from k3d_registry_dockerd.errors import STATUS_BY_CODE, RegistryError
+from k3d_registry_dockerd.oci.errors import STATUS_BY_CODE, RegistryError
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from k3d_registry_dockerd.export import (
+from k3d_registry_dockerd.cache.store import Store
+from k3d_registry_dockerd.sources.savestream import (
     OCI_CONFIG,
     OCI_INDEX,
     OCI_LAYER_TAR,
@@ -22,7 +23,6 @@ from k3d_registry_dockerd.export import (
     read_save_stream,
     select_root,
 )
-from k3d_registry_dockerd.store import Store
 
 from .saves import (
     DOCKER_MANIFEST,

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from k3d_registry_dockerd.flights import FreshFlight
+from k3d_registry_dockerd.common.flights import FreshFlight
 
 
 class Calls:

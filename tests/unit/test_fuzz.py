@@ -24,9 +24,9 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from k3d_registry_dockerd.api import UPLOADS, create_app
-from k3d_registry_dockerd.mirror import Mirror
-from k3d_registry_dockerd.store import Store
+from k3d_registry_dockerd.cache.store import Store
+from k3d_registry_dockerd.mirror.mirror import Mirror
+from k3d_registry_dockerd.web.routes import UPLOADS, create_app
 
 from ..fuzz_requests import (
     CORPUS,

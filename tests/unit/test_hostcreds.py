@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from k3d_registry_dockerd.docker import Credentials, PullDenied
-from k3d_registry_dockerd.errors import RegistryError
-from k3d_registry_dockerd.hostcreds import (
+from k3d_registry_dockerd.cache.store import Store
+from k3d_registry_dockerd.docker.engine import Credentials, PullDenied
+from k3d_registry_dockerd.docker.hostcreds import (
     DockerConfig,
     HostCredentials,
     HostCredentialsError,
@@ -21,9 +21,9 @@ from k3d_registry_dockerd.hostcreds import (
     parse_helper_answer,
     registry_of,
 )
-from k3d_registry_dockerd.mirror import Mirror
-from k3d_registry_dockerd.reference import parse_repository
-from k3d_registry_dockerd.store import Store
+from k3d_registry_dockerd.mirror.mirror import Mirror
+from k3d_registry_dockerd.oci.errors import RegistryError
+from k3d_registry_dockerd.oci.reference import parse_repository
 
 from .fakes import FakeDocker, local_image
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 import base64
 from typing import Any
 
-from k3d_registry_dockerd.api import create_app
-from k3d_registry_dockerd.mirror import Mirror
-from k3d_registry_dockerd.store import Store
+from k3d_registry_dockerd.cache.store import Store
+from k3d_registry_dockerd.mirror.mirror import Mirror
+from k3d_registry_dockerd.web.routes import create_app
 
 from .fakes import FakeDocker, local_image
 

@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from k3d_registry_dockerd.export import OCI_INDEX, OCI_MANIFEST, Platform
-from k3d_registry_dockerd.load import image_archive, load_into_docker, loadable_manifest
-from k3d_registry_dockerd.store import Store
+from k3d_registry_dockerd.cache.store import Store
+from k3d_registry_dockerd.push.docker_load import image_archive, load_into_docker, loadable_manifest
+from k3d_registry_dockerd.sources.savestream import OCI_INDEX, OCI_MANIFEST, Platform
 
 from .fakes import FakeDocker
 from .saves import (
@@ -211,7 +211,7 @@ async def test_load_into_docker_loads_and_returns_the_image_id(
     image = make_image("app")
     put(store, image)
     docker: Any = FakeDocker()
-    with caplog.at_level(logging.INFO, "k3d_registry_dockerd.load"):
+    with caplog.at_level(logging.INFO, "k3d_registry_dockerd.push"):
         image_id = await load_into_docker(
             store, docker, "docker.io/library/app:dev", image.digest, OCI_MANIFEST
         )
@@ -226,7 +226,7 @@ async def test_load_into_docker_skips_what_docker_cannot_run(
     image = make_image("arm64", arch="arm64")
     put(store, image)
     docker: Any = FakeDocker()
-    with caplog.at_level(logging.INFO, "k3d_registry_dockerd.load"):
+    with caplog.at_level(logging.INFO, "k3d_registry_dockerd.push"):
         assert await load_into_docker(store, docker, "app:1", image.digest, OCI_MANIFEST) is None
     assert docker.loads == []
     assert "not loading app:1 into Docker: a foreign platform linux/arm64" in caplog.text

@@ -9,9 +9,10 @@ from typing import Any
 
 import pytest
 
-from k3d_registry_dockerd import cache
-from k3d_registry_dockerd.mirror import Mirror
-from k3d_registry_dockerd.prefetch import (
+from k3d_registry_dockerd.cache import maintenance
+from k3d_registry_dockerd.cache.store import RepositoryRecord, Store, TagEntry
+from k3d_registry_dockerd.mirror.mirror import Mirror
+from k3d_registry_dockerd.mirror.prefetch import (
     Prefetcher,
     PrefetchQueue,
     due,
@@ -19,9 +20,8 @@ from k3d_registry_dockerd.prefetch import (
     moved_ref,
     served_tags,
 )
-from k3d_registry_dockerd.reference import parse_repository
-from k3d_registry_dockerd.status import RecentProblems, RecentPulls, snapshot
-from k3d_registry_dockerd.store import RepositoryRecord, Store, TagEntry
+from k3d_registry_dockerd.oci.reference import parse_repository
+from k3d_registry_dockerd.web.status import RecentProblems, RecentPulls, snapshot
 
 from .fakes import FakeDocker, local_image
 
@@ -228,7 +228,7 @@ async def test_a_tag_that_moves_again_cancels_its_pre_export(
     assert mirror.store.record("docker.io/library/app").tags["dev"].image_id == third.id  # type: ignore[union-attr]
     # Nothing the cancelled export stored stays behind unreferenced.
     stored = {f"sha256:{path.name}" for path in mirror.store.blobs_dir.glob("*/*")}
-    assert stored <= cache.referenced(mirror.store)
+    assert stored <= maintenance.referenced(mirror.store)
 
 
 async def test_a_pull_during_the_pre_export_joins_it(

@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from k3d_registry_dockerd.api import create_app
-from k3d_registry_dockerd.docker import Credentials
-from k3d_registry_dockerd.mirror import Mirror
-from k3d_registry_dockerd.private import STATE_FILE, PrivateContent, PrivateStateError
-from k3d_registry_dockerd.store import Store
+from k3d_registry_dockerd.cache.store import Store
+from k3d_registry_dockerd.docker.engine import Credentials
+from k3d_registry_dockerd.mirror.mirror import Mirror
+from k3d_registry_dockerd.mirror.private import STATE_FILE, PrivateContent, PrivateStateError
+from k3d_registry_dockerd.web.routes import create_app
 
 from .fakes import FakeDocker, local_image
 from .test_api import basic_auth, error_of

@@ -7,8 +7,8 @@ import logging
 
 import pytest
 
-from k3d_registry_dockerd import progress
-from k3d_registry_dockerd.progress import PullEvents, Transfer
+from k3d_registry_dockerd.common import progress
+from k3d_registry_dockerd.common.progress import PullEvents, Transfer
 
 
 def test_waiting_for_the_first_byte() -> None:
@@ -47,7 +47,7 @@ def test_pull_events_count_layers_bytes() -> None:
 
 async def test_logged_reports_while_the_block_runs(caplog: pytest.LogCaptureFixture) -> None:
     transfer = Transfer("pull", "x:1", expected=100, received=50)
-    with caplog.at_level(logging.INFO, logger="k3d_registry_dockerd.progress"):
+    with caplog.at_level(logging.INFO, logger="k3d_registry_dockerd.common"):
         async with progress.logged(transfer, interval=0.01):
             await asyncio.sleep(0.05)
     lines = [m for m in caplog.messages if m.startswith("pull of x:1 through Docker: 50 B of 100 B")]

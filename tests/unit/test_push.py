@@ -15,14 +15,14 @@ import pytest
 from aiohttp import encode_basic_auth
 from aiohttp.test_utils import TestClient
 
-from k3d_registry_dockerd import cache
-from k3d_registry_dockerd.api import UPLOADS, create_app
-from k3d_registry_dockerd.auth import Htpasswd
-from k3d_registry_dockerd.errors import RegistryError
-from k3d_registry_dockerd.manifests import parse_pushed
-from k3d_registry_dockerd.mirror import Mirror
-from k3d_registry_dockerd.store import Store
-from k3d_registry_dockerd.uploads import Uploads, parse_content_range
+from k3d_registry_dockerd.cache import maintenance
+from k3d_registry_dockerd.cache.store import Store
+from k3d_registry_dockerd.mirror.mirror import Mirror
+from k3d_registry_dockerd.oci.errors import RegistryError
+from k3d_registry_dockerd.oci.manifests import parse_pushed
+from k3d_registry_dockerd.push.uploads import Uploads, parse_content_range
+from k3d_registry_dockerd.web.auth import Htpasswd
+from k3d_registry_dockerd.web.routes import UPLOADS, create_app
 
 from .fakes import FakeDocker, local_image
 from .saves import DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, Image, digest_of, make_image, make_index
@@ -305,9 +305,9 @@ async def test_pushed_content_is_never_evicted(aiohttp_client: Any, store: Store
     client, _mirror = await make(aiohttp_client, store, docker, load_pushed=False)
     image = make_image("pushed")
     await push_image(client, "my-app", image, "dev")
-    assert cache.evict(store, 0, set()).dropped == []
+    assert maintenance.evict(store, 0, set()).dropped == []
     assert all(store.has_blob(d) for d in image.blobs())
-    assert cache.prune(store, older_than=0).blobs == 0
+    assert maintenance.prune(store, older_than=0).blobs == 0
 
 
 # ---- uploads ---------------------------------------------------------------------------------------
@@ -466,7 +466,7 @@ async def test_full_disk_drops_the_upload_and_names_the_cache(
     def full(self: Any, chunk: bytes) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("k3d_registry_dockerd.store.BlobWriter.write", full)
+    monkeypatch.setattr("k3d_registry_dockerd.cache.store.BlobWriter.write", full)
     response = await client.patch(started.headers["Location"], data=b"x" * 100)
     assert response.status == 507
     assert str(store.root) in (await response.json())["errors"][0]["message"]

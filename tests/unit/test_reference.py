@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from k3d_registry_dockerd.errors import RegistryError
-from k3d_registry_dockerd.reference import (
+from k3d_registry_dockerd.oci.errors import RegistryError
+from k3d_registry_dockerd.oci.reference import (
     MAX_NAME_LENGTH,
     Digest,
     is_digest,

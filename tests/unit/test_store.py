@@ -6,15 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from k3d_registry_dockerd.errors import RegistryError
-from k3d_registry_dockerd.reference import Digest
-from k3d_registry_dockerd.store import (
+from k3d_registry_dockerd.cache.store import (
     DigestMismatch,
     ManifestEntry,
     RepositoryRecord,
     Store,
     TagEntry,
 )
+from k3d_registry_dockerd.oci.errors import RegistryError
+from k3d_registry_dockerd.oci.reference import Digest
 
 
 def sha(data: bytes) -> str:
@@ -182,7 +182,7 @@ def test_unreadable_record_is_ignored_with_a_warning(
     store.save_record(good)
     (store.records_dir / "broken.json").write_bytes(content)
     reopened = Store(store.root)
-    with caplog.at_level(logging.WARNING, logger="k3d_registry_dockerd.store"):
+    with caplog.at_level(logging.WARNING, logger="k3d_registry_dockerd.cache"):
         reopened.open()
     assert reopened.record(good.name) == good
     assert any("broken.json" in message for message in caplog.messages)
@@ -204,7 +204,7 @@ def test_leftover_temp_files_are_removed_on_open(store: Store, caplog: pytest.Lo
     (store.tmp_dir / "record-abc").write_bytes(b"{}")
     assert len(files_under(store.tmp_dir)) == 2
     reopened = Store(store.root)
-    with caplog.at_level(logging.INFO, logger="k3d_registry_dockerd.store"):
+    with caplog.at_level(logging.INFO, logger="k3d_registry_dockerd.cache"):
         reopened.open()
     assert files_under(store.tmp_dir) == []
     assert any("removed 2 temp files" in message for message in caplog.messages)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from k3d_registry_dockerd import units
+from k3d_registry_dockerd.common import units
 
 
 @pytest.mark.parametrize(

@@ -9,11 +9,11 @@ from typing import Any
 import pytest
 
 from k3d_registry_dockerd import warm, workloads
-from k3d_registry_dockerd.api import create_app
+from k3d_registry_dockerd.cache.store import Store
 from k3d_registry_dockerd.cli import main
-from k3d_registry_dockerd.errors import RegistryError
-from k3d_registry_dockerd.mirror import Mirror
-from k3d_registry_dockerd.store import Store
+from k3d_registry_dockerd.mirror.mirror import Mirror
+from k3d_registry_dockerd.oci.errors import RegistryError
+from k3d_registry_dockerd.web.routes import create_app
 
 from .fakes import FakeDocker, local_image
 

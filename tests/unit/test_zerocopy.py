@@ -13,15 +13,15 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
-from k3d_registry_dockerd.api import create_app
-from k3d_registry_dockerd.containerd import ContainerdUnavailable, Descriptor
-from k3d_registry_dockerd.discovery import ZeroCopy, ZeroCopyConfig, candidate_addresses, discover
-from k3d_registry_dockerd.docker import DaemonInfo
-from k3d_registry_dockerd.export import Platform
-from k3d_registry_dockerd.metrics import Metrics
-from k3d_registry_dockerd.mirror import Mirror
-from k3d_registry_dockerd.store import Store
-from k3d_registry_dockerd.zerocopy import ContainerdContent
+from k3d_registry_dockerd.cache.store import Store
+from k3d_registry_dockerd.common.metrics import Metrics
+from k3d_registry_dockerd.docker.containerd import ContainerdUnavailable, Descriptor
+from k3d_registry_dockerd.docker.engine import DaemonInfo
+from k3d_registry_dockerd.mirror.mirror import Mirror
+from k3d_registry_dockerd.sources.containerd import ContainerdContent
+from k3d_registry_dockerd.sources.discovery import ZeroCopy, ZeroCopyConfig, candidate_addresses, discover
+from k3d_registry_dockerd.sources.savestream import Platform
+from k3d_registry_dockerd.web.routes import create_app
 
 from .fakes import FakeDocker, LocalImage
 from .saves import OCI_INDEX, Image, digest_of, make_image, make_index

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from k3d_registry_dockerd.errors import STATUS_BY_CODE
+from k3d_registry_dockerd.oci.errors import STATUS_BY_CODE
 
 from . import oci_client
 from .daemons import NO_ZERO_COPY, Dockerd, RegistryFactory, RegistryProcess

@@ -32,7 +32,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from k3d_registry_dockerd.store import Store
+from k3d_registry_dockerd.cache.store import Store
 
 from . import oci_client
 from .daemons import (

@@ -19,10 +19,10 @@ from typing import Any
 
 import pytest
 
-from k3d_registry_dockerd.docker import DockerClient
-from k3d_registry_dockerd.export import OCI_CONFIG, OCI_INDEX, OCI_MANIFEST, Platform
-from k3d_registry_dockerd.load import load_into_docker
-from k3d_registry_dockerd.store import Store
+from k3d_registry_dockerd.cache.store import Store
+from k3d_registry_dockerd.docker.engine import DockerClient
+from k3d_registry_dockerd.push.docker_load import load_into_docker
+from k3d_registry_dockerd.sources.savestream import OCI_CONFIG, OCI_INDEX, OCI_MANIFEST, Platform
 
 from .daemons import Dockerd, Podman, unix_http
 from .images import BUSYBOX, FIXED_MTIME, sha256_digest
@@ -181,7 +181,7 @@ async def test_an_image_of_another_platform_is_skipped(
     pushed = push_image(store, platform, seed="foreign")
     ref = "127.0.0.1:5000/pushed/foreign:1"
 
-    with caplog.at_level(logging.INFO, "k3d_registry_dockerd.load"):
+    with caplog.at_level(logging.INFO, "k3d_registry_dockerd.push"):
         assert await load_into_docker(store, docker, ref, pushed.digest, OCI_MANIFEST) is None
 
     assert f"not loading {ref} into Docker: a foreign platform {platform}" in caplog.text

@@ -704,7 +704,7 @@ def test_json_logs(docker: Dockerd, registry_under_test: RegistryFactory) -> Non
     logged_at = datetime.datetime.fromisoformat(entries[0]["time"])
     assert logged_at.tzinfo is not None
     assert abs(logged_at.timestamp() - time.time()) < 600
-    assert any(e["logger"] == "k3d_registry_dockerd.exported" and "exported" in e["message"] for e in entries)
+    assert any(e["logger"] == "k3d_registry_dockerd.sources" and "exported" in e["message"] for e in entries)
 
 
 def test_cache_ls_verify_prune(docker: Dockerd, registry_under_test: RegistryFactory) -> None:

@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 
 from aiohttp import StreamReader
 
-from .errors import RegistryError
-from .reference import Digest
-from .store import BlobWriter, DigestMismatch, Store
+from ..cache.store import BlobWriter, DigestMismatch, Store
+from ..oci.errors import RegistryError
+from ..oci.reference import Digest
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(__package__)
 
 # An upload no request touched for this long is abandoned: its temp file is removed.
 IDLE_TIMEOUT = 30 * 60.0

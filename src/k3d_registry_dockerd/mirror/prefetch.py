@@ -17,15 +17,16 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from . import cache, units
-from .docker import DockerFailed, DockerUnavailable
-from .errors import RegistryError
-from .events import ImageEvents
+from ..cache import maintenance
+from ..cache.store import RepositoryRecord, TagEntry
+from ..common import units
+from ..docker.engine import DockerFailed, DockerUnavailable
+from ..docker.events import ImageEvents
+from ..oci.errors import RegistryError
+from ..oci.reference import repository_of, split_repo_tag
 from .mirror import Mirror
-from .reference import repository_of, split_repo_tag
-from .store import RepositoryRecord, TagEntry
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(__package__)
 # Docker's actions that can point a tag at another image (a build's final step is a `tag`; the
 # containerd image store reports new images as `create`, untagged ones as `delete`; Podman ends a build
 # with `build`, naming only the image).
@@ -264,7 +265,7 @@ class Prefetcher:
             return  # a request exported it meanwhile
         limit = self.mirror.exported.cache_max_size
         if limit is not None:
-            total = await asyncio.to_thread(cache.cache_bytes, self.mirror.store)
+            total = await asyncio.to_thread(maintenance.cache_bytes, self.mirror.store)
             growth = expected_growth(image, self.mirror.store.blob_size)
             if total + growth > limit:
                 log.info(

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from .docker import DaemonInfo
-from .reference import Repository
+from ..docker.engine import DaemonInfo
+from ..oci.reference import Repository
 
 
 @dataclass(frozen=True)

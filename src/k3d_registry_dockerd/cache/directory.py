@@ -15,7 +15,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from .settings import ENV_CACHE_DIR
+from ..settings import ENV_CACHE_DIR
 
 LOCK_FILE = "lock"
 _REMEDY = f"point --cache-dir (or {ENV_CACHE_DIR}) at a directory this user can write"

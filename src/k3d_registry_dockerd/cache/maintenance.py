@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .reference import Digest
+from ..oci.reference import Digest
 from .store import RepositoryRecord, Store, TagEntry
 
 CHUNK = 1 << 20

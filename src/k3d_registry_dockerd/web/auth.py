@@ -19,7 +19,7 @@ from pathlib import Path
 import bcrypt
 from aiohttp import BasicAuth
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(__package__)
 
 _BCRYPT_PREFIXES = ("$2a$", "$2b$", "$2y$")
 _REMEMBERED = 256

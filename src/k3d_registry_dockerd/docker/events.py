@@ -7,9 +7,9 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from .docker import DockerClient, DockerFailed, DockerUnavailable
+from .engine import DockerClient, DockerFailed, DockerUnavailable
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(__package__)
 RETRY_FIRST = 0.5
 RETRY_MAX = 10.0
 

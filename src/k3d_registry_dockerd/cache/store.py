@@ -19,9 +19,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .reference import Digest
+from ..oci.reference import Digest
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(__package__)
 
 RECORD_VERSION = 1
 FLUSH_EVERY = 16 << 20

@@ -10,9 +10,10 @@ from dataclasses import asdict, dataclass
 from importlib import resources
 from typing import Any
 
-from . import __version__, cache
-from .mirror import Mirror
-from .prefetch import Prefetcher
+from .. import __version__
+from ..cache import maintenance
+from ..mirror.mirror import Mirror
+from ..mirror.prefetch import Prefetcher
 
 RECENT_PROBLEMS = 20
 RECENT_PULLS = 20
@@ -118,8 +119,8 @@ async def snapshot(
     mirror: Mirror, problems: RecentProblems, pulls: RecentPulls, prefetcher: Prefetcher | None = None
 ) -> dict[str, Any]:
     """Everything the page shows; the cache walk runs off the event loop."""
-    images = await asyncio.to_thread(cache.images, mirror.store)
-    total = await asyncio.to_thread(cache.cache_bytes, mirror.store)
+    images = await asyncio.to_thread(maintenance.images, mirror.store)
+    total = await asyncio.to_thread(maintenance.cache_bytes, mirror.store)
     counts = _cache_counts(mirror)
     answered = sum(counts.values())
     transfers = [export.transfer for export in list(mirror.exported.in_progress.values())] + list(

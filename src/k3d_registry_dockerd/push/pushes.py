@@ -17,16 +17,16 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from . import cache
-from .docker import DockerClient, DockerFailed, DockerUnavailable
-from .errors import RegistryError
-from .load import load_into_docker
-from .manifests import PushedManifest, parse_pushed
-from .mirror import Mirror
-from .reference import Digest, Repository, is_digest, parse_repository, parse_tag
-from .store import ManifestEntry, RepositoryRecord, TagEntry
+from ..cache import maintenance
+from ..cache.store import ManifestEntry, RepositoryRecord, TagEntry
+from ..docker.engine import DockerClient, DockerFailed, DockerUnavailable
+from ..mirror.mirror import Mirror
+from ..oci.errors import RegistryError
+from ..oci.manifests import PushedManifest, parse_pushed
+from ..oci.reference import Digest, Repository, is_digest, parse_repository, parse_tag
+from .docker_load import load_into_docker
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(__package__)
 
 
 def _own(repo: Repository, what: str) -> None:
@@ -39,7 +39,7 @@ def _own(repo: Repository, what: str) -> None:
 def _without_tags(record: RepositoryRecord, dropped: set[str]) -> RepositoryRecord:
     """The record without these tags (and what only they kept); a Docker tag this registry loaded for
     one of them is forgotten too, as deleting the tag removed it from Docker or found it changed."""
-    kept = cache.with_tags(record, {t: e for t, e in record.tags.items() if t not in dropped})
+    kept = maintenance.with_tags(record, {t: e for t, e in record.tags.items() if t not in dropped})
     return replace(kept, loaded={t: i for t, i in record.loaded.items() if t not in dropped})
 
 

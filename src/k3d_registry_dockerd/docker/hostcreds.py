@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .docker import Credentials
+from ..oci.errors import RegistryError
+from ..oci.reference import DOCKER_HUB, normalize_registry
 from .endpoint import config_dir
-from .errors import RegistryError
-from .reference import DOCKER_HUB, normalize_registry
+from .engine import Credentials
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(__package__)
 # The key `docker login` stores Docker Hub's credentials under, and the server URL its helpers know.
 DOCKER_HUB_KEY = "https://index.docker.io/v1/"
 HELPER_TIMEOUT = 10.0

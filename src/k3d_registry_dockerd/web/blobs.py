@@ -12,10 +12,10 @@ from typing import BinaryIO
 
 from aiohttp import hdrs, web
 
-from .content import BlobFile
-from .errors import RegistryError
+from ..oci.errors import RegistryError
+from ..sources.content import BlobFile
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(__package__)
 # Sent only once the whole file is known to match its digest.
 HELD_BACK = 64 << 10
 CHUNK = 1 << 20

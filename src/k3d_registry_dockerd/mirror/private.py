@@ -23,16 +23,16 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .content import ServedManifest
-from .docker import Credentials, DockerClient, DockerUnavailable, PullDenied, PullFailed, PullNotFound
-from .errors import RegistryError
-from .flights import SingleFlight
-from .manifests import parse_pushed
-from .metrics import Metrics
-from .reference import Repository, docker_name
-from .store import Store
+from ..cache.store import Store
+from ..common.flights import SingleFlight
+from ..common.metrics import Metrics
+from ..docker.engine import Credentials, DockerClient, DockerUnavailable, PullDenied, PullFailed, PullNotFound
+from ..oci.errors import RegistryError
+from ..oci.manifests import parse_pushed
+from ..oci.reference import Repository, docker_name
+from ..sources.content import ServedManifest
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(__package__)
 
 STATE_FILE = "private.json"
 STATE_VERSION = 1

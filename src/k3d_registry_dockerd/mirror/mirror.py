@@ -15,10 +15,12 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from . import progress
-from .content import BlobFile, ImageContent, ServedManifest
-from .discovery import ZeroCopy
-from .docker import (
+from ..cache.store import DigestMismatch, Store, TagEntry
+from ..common import progress
+from ..common.flights import FreshFlight, SingleFlight
+from ..common.metrics import Metrics
+from ..common.progress import PullEvents, Transfer
+from ..docker.engine import (
     Credentials,
     DaemonInfo,
     DockerClient,
@@ -28,18 +30,16 @@ from .docker import (
     PullFailed,
     PullNotFound,
 )
-from .errors import RegistryError
-from .exported import ExportedContent
-from .flights import FreshFlight, SingleFlight
-from .hostcreds import HostCredentials, HostCredentialsError
-from .metrics import Metrics
+from ..docker.hostcreds import HostCredentials, HostCredentialsError
+from ..oci.errors import RegistryError
+from ..oci.reference import DOCKER_HUB, Digest, Repository, parse_repository, split_repo_tag
+from ..sources.containerd import ContainerdContent
+from ..sources.content import BlobFile, ImageContent, ServedManifest
+from ..sources.discovery import ZeroCopy
+from ..sources.exported import ExportedContent
 from .private import PrivateContent
-from .progress import PullEvents, Transfer
-from .reference import DOCKER_HUB, Digest, Repository, parse_repository, split_repo_tag
-from .store import DigestMismatch, Store, TagEntry
-from .zerocopy import ContainerdContent
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(__package__)
 READY_TIMEOUT = 5.0
 PULLS_REMEMBERED = 4096
 

@@ -16,11 +16,17 @@ from typing import Any
 
 import aiohttp
 
-from . import cache, progress, units
+from ..cache import maintenance
+from ..cache.store import ManifestEntry, RepositoryRecord, Store, TagEntry
+from ..common import progress, units
+from ..common.flights import SingleFlight
+from ..common.metrics import Metrics
+from ..common.progress import Transfer
+from ..docker.engine import DaemonInfo, DockerClient, DockerFailed, DockerUnavailable, failure_reason
+from ..oci.errors import RegistryError
+from ..oci.reference import Digest, Repository
 from .content import BlobFile, ServedManifest
-from .docker import DaemonInfo, DockerClient, DockerFailed, DockerUnavailable, failure_reason
-from .errors import RegistryError
-from .export import (
+from .savestream import (
     INDEX_TYPES,
     ExportError,
     ExportPlan,
@@ -32,13 +38,8 @@ from .export import (
     read_save_stream,
     select_root,
 )
-from .flights import SingleFlight
-from .metrics import Metrics
-from .progress import Transfer
-from .reference import Digest, Repository
-from .store import ManifestEntry, RepositoryRecord, Store, TagEntry
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(__package__)
 LAST_USE_RESOLUTION = 60.0
 # How long an image stays safe from --cache-max-size eviction after a client fetched any part of it. A
 # pull fetches manifest, config and layers one after another (containerd three at a time), so the gaps
@@ -315,7 +316,7 @@ class ExportedContent:
         fetched = set(self._fetched)
         in_use: set[str] = set().union(*(export.claimed for export in self.in_progress.values()))
         async with self._record_lock:
-            eviction = await asyncio.to_thread(cache.evict, self.store, limit, fetched, in_use)
+            eviction = await asyncio.to_thread(maintenance.evict, self.store, limit, fetched, in_use)
         if eviction.remaining > limit:
             log.info(
                 "cache at %s stays over the %s limit: the rest is in use (fetched in the last %s, or an "
@@ -371,7 +372,7 @@ class ExportedContent:
             record = change(current)
             if free_blobs:
                 in_use: set[str] = set().union(*(e.claimed for e in self.in_progress.values()))
-                await asyncio.to_thread(cache.replace_record, self.store, record, in_use)
+                await asyncio.to_thread(maintenance.replace_record, self.store, record, in_use)
             elif record != current:
                 await asyncio.to_thread(self.store.save_record, record)
             return record
@@ -413,8 +414,8 @@ class ExportedContent:
         """Removes blobs an export stored that no record references and no other export relies on."""
         async with self._record_lock:
             others = [e.claimed for k, e in self.in_progress.items() if k != key]
-            unused = stored - cache.referenced(self.store) - set().union(*others)
-            freed = await asyncio.to_thread(cache.remove_blobs, self.store, unused)
+            unused = stored - maintenance.referenced(self.store) - set().union(*others)
+            freed = await asyncio.to_thread(maintenance.remove_blobs, self.store, unused)
         if freed:
             log.info("removed %s the export of %s stored but nothing uses", units.size(freed), ref)
 

@@ -9,8 +9,15 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..sources.savestream import (
+    DOCKER_MANIFEST,
+    INDEX_TYPES,
+    MANIFEST_TYPES,
+    MAX_MANIFEST_SIZE,
+    OCI_INDEX,
+    OCI_MANIFEST,
+)
 from .errors import RegistryError
-from .export import DOCKER_MANIFEST, INDEX_TYPES, MANIFEST_TYPES, MAX_MANIFEST_SIZE, OCI_INDEX, OCI_MANIFEST
 from .reference import Digest
 
 PUSHABLE_TYPES = MANIFEST_TYPES | INDEX_TYPES

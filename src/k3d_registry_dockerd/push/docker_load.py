@@ -17,13 +17,21 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import IO, Any
 
-from .docker import DockerClient, DockerFailed
-from .export import CHUNK, INDEX_TYPES, MANIFEST_TYPES, OCI_INDEX, OCI_MANIFEST, Platform, platform_text
-from .manifests import IMAGE_CONFIG_TYPES
-from .reference import Digest, split_repo_tag
-from .store import Store
+from ..cache.store import Store
+from ..docker.engine import DockerClient, DockerFailed
+from ..oci.manifests import IMAGE_CONFIG_TYPES
+from ..oci.reference import Digest, split_repo_tag
+from ..sources.savestream import (
+    CHUNK,
+    INDEX_TYPES,
+    MANIFEST_TYPES,
+    OCI_INDEX,
+    OCI_MANIFEST,
+    Platform,
+    platform_text,
+)
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(__package__)
 
 OCI_LAYOUT = b'{"imageLayoutVersion":"1.0.0"}'
 _MTIME = 0  # fixed, like the content: the same image gives the same archive

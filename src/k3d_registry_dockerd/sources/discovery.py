@@ -10,12 +10,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .containerd import DEFAULT_NAMESPACE, SYSTEM_ADDRESS, ContainerdClient, ContainerdUnavailable
-from .docker import DaemonInfo
-from .metrics import Metrics
-from .zerocopy import ContainerdContent
+from ..common.metrics import Metrics
+from ..docker.containerd import DEFAULT_NAMESPACE, SYSTEM_ADDRESS, ContainerdClient, ContainerdUnavailable
+from ..docker.engine import DaemonInfo
+from .containerd import ContainerdContent
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(__package__)
 # Where a dockerd started without --exec-root runs its own containerd.
 DOCKERD_MANAGED_ADDRESS = "/var/run/docker/containerd/containerd.sock"
 RETRY_AFTER = 30.0

@@ -16,20 +16,22 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.log import server_logger
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from . import PRODUCT, __version__, blobfiles, units
+from .. import PRODUCT, __version__
+from ..common import units
+from ..docker.engine import Credentials
+from ..mirror.mirror import Mirror
+from ..mirror.prefetch import Prefetcher
+from ..oci.errors import RegistryError
+from ..oci.reference import Digest, Repository, is_digest, parse_repository, parse_tag
+from ..push.pushes import Pushes
+from ..push.uploads import Upload, Uploads
+from ..sources.content import ServedManifest
+from ..sources.savestream import MAX_MANIFEST_SIZE, OCI_INDEX
+from . import blobs
 from .auth import Htpasswd
-from .content import ServedManifest
-from .docker import Credentials
-from .errors import RegistryError
-from .export import MAX_MANIFEST_SIZE, OCI_INDEX
-from .mirror import Mirror
-from .prefetch import Prefetcher
-from .push import Pushes
-from .reference import Digest, Repository, is_digest, parse_repository, parse_tag
 from .status import PAGE, RecentProblems, RecentPulls, snapshot
-from .uploads import Upload, Uploads
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(__package__)
 
 MIRROR: web.AppKey[Mirror] = web.AppKey("mirror", Mirror)
 PROBLEMS: web.AppKey[RecentProblems] = web.AppKey("problems", RecentProblems)
@@ -384,7 +386,7 @@ async def blob(request: web.Request) -> web.StreamResponse:
         # "the last 0 bytes" is unsatisfiable (RFC 9110 14.1.1); aiohttp would send the whole blob.
         size = (await asyncio.to_thread(found.path.stat)).st_size
         raise web.HTTPRequestRangeNotSatisfiable(headers={hdrs.CONTENT_RANGE: f"bytes */{size}"})
-    return await blobfiles.send(
+    return await blobs.send(
         request,
         found,
         {
@@ -509,7 +511,7 @@ def create_app(
     # The status page shows the registry's recent warnings and errors.
     problems = app[PROBLEMS] = RecentProblems()
     app[PULLS] = RecentPulls()
-    package_logger = logging.getLogger(__package__)
+    package_logger = logging.getLogger(__name__.partition(".")[0])
     package_logger.addHandler(problems)
     malformed = _MalformedRequests()
     server_logger.addFilter(malformed)

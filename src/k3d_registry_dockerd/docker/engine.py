@@ -20,11 +20,11 @@ import aiohttp
 from aiodocker.exceptions import DockerError, DockerStreamError
 from aiodocker.utils import compose_auth_header
 
-from . import units
+from ..common import units
+from ..sources.savestream import Platform
 from .endpoint import DockerEndpoint, resolve_endpoint
-from .export import Platform
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(__package__)
 
 # Engine API 1.48 (Docker 28) added the `platform` parameter to image save.
 SAVE_PLATFORM_API = (1, 48)

@@ -15,7 +15,7 @@ from grpc import aio
 
 from . import containerd_api as api
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(__package__)
 
 DEFAULT_NAMESPACE = "moby"
 SYSTEM_ADDRESS = "/run/containerd/containerd.sock"

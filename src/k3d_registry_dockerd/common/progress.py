@@ -14,7 +14,7 @@ from typing import Any
 
 from . import units
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(__package__)
 
 INTERVAL = 5.0
 

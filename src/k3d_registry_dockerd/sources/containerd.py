@@ -20,10 +20,13 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-from .containerd import ContainerdClient, ContainerdUnavailable, Descriptor
+from ..common.flights import FreshFlight
+from ..common.metrics import Metrics
+from ..docker.containerd import ContainerdClient, ContainerdUnavailable, Descriptor
+from ..docker.engine import DaemonInfo
+from ..oci.reference import Digest, Repository
 from .content import BlobFile, ServedManifest
-from .docker import DaemonInfo
-from .export import (
+from .savestream import (
     INDEX_TYPES,
     ExportPlan,
     IncompleteImage,
@@ -32,11 +35,8 @@ from .export import (
     foreign_platform,
     plan_manifests,
 )
-from .flights import FreshFlight
-from .metrics import Metrics
-from .reference import Digest, Repository
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(__package__)
 PLAN_LIMIT = 4096
 BODY_LIMIT = 1024
 VERIFIED_LIMIT = 65536
