@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import aiohttp
 
 from .oci.errors import RegistryError
+from .oci.mediatypes import DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST
 from .oci.reference import Digest, docker_name, parse_repository, parse_tag
-from .sources.savestream import DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST
 
 DEFAULT_REGISTRY = "http://localhost:5000"
 DEFAULT_PARALLEL = 3

@@ -20,7 +20,7 @@ from k3d_registry_dockerd.docker.engine import (
     PullDenied,
     PullNotFound,
 )
-from k3d_registry_dockerd.sources.savestream import Platform
+from k3d_registry_dockerd.oci.platform import Platform
 
 from .saves import Image, classic_save, make_image
 

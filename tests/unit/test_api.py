@@ -26,7 +26,7 @@ from k3d_registry_dockerd.docker.engine import (
     PullNotFound,
 )
 from k3d_registry_dockerd.mirror.mirror import Mirror
-from k3d_registry_dockerd.sources.savestream import Platform
+from k3d_registry_dockerd.oci.platform import Platform
 from k3d_registry_dockerd.web import status as status_module
 from k3d_registry_dockerd.web.routes import create_app
 

@@ -16,7 +16,7 @@ from k3d_registry_dockerd.docker.engine import (
     PullNotFound,
     classify_pull_error,
 )
-from k3d_registry_dockerd.sources.savestream import Platform
+from k3d_registry_dockerd.oci.platform import Platform
 
 
 @pytest.mark.parametrize(

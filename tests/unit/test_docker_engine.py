@@ -21,7 +21,7 @@ from k3d_registry_dockerd.docker.engine import (
     PullFailed,
     PullNotFound,
 )
-from k3d_registry_dockerd.sources.savestream import Platform
+from k3d_registry_dockerd.oci.platform import Platform
 
 
 def _tar() -> bytes:

@@ -24,8 +24,8 @@ from k3d_registry_dockerd.doctor import (
     zero_copy_finding,
 )
 from k3d_registry_dockerd.mirror.mirror import Mirror
+from k3d_registry_dockerd.oci.platform import Platform
 from k3d_registry_dockerd.settings import Settings, resolve
-from k3d_registry_dockerd.sources.savestream import Platform
 from k3d_registry_dockerd.web.routes import create_app
 
 from .fakes import FakeDocker

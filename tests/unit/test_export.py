@@ -8,18 +8,13 @@ from pathlib import Path
 import pytest
 
 from k3d_registry_dockerd.cache.store import Store
+from k3d_registry_dockerd.oci.mediatypes import OCI_CONFIG, OCI_INDEX, OCI_LAYER_TAR, OCI_MANIFEST
+from k3d_registry_dockerd.oci.platform import Platform
+from k3d_registry_dockerd.sources.plans import IncompleteImage, Root, plan_manifests
 from k3d_registry_dockerd.sources.savestream import (
-    OCI_CONFIG,
-    OCI_INDEX,
-    OCI_LAYER_TAR,
-    OCI_MANIFEST,
     ExportError,
-    IncompleteImage,
-    Platform,
-    Root,
     SaveContents,
     ThreadedStream,
-    plan_manifests,
     read_save_stream,
     select_root,
 )

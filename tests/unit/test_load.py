@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 
 from k3d_registry_dockerd.cache.store import Store
+from k3d_registry_dockerd.oci.mediatypes import OCI_INDEX, OCI_MANIFEST
+from k3d_registry_dockerd.oci.platform import Platform
 from k3d_registry_dockerd.push.docker_load import image_archive, load_into_docker, loadable_manifest
-from k3d_registry_dockerd.sources.savestream import OCI_INDEX, OCI_MANIFEST, Platform
 
 from .fakes import FakeDocker
 from .saves import (

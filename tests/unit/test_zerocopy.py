@@ -18,9 +18,9 @@ from k3d_registry_dockerd.common.metrics import Metrics
 from k3d_registry_dockerd.docker.containerd import ContainerdUnavailable, Descriptor
 from k3d_registry_dockerd.docker.engine import DaemonInfo
 from k3d_registry_dockerd.mirror.mirror import Mirror
+from k3d_registry_dockerd.oci.platform import Platform
 from k3d_registry_dockerd.sources.containerd import ContainerdContent
 from k3d_registry_dockerd.sources.discovery import ZeroCopy, ZeroCopyConfig, candidate_addresses, discover
-from k3d_registry_dockerd.sources.savestream import Platform
 from k3d_registry_dockerd.web.routes import create_app
 
 from .fakes import FakeDocker, LocalImage

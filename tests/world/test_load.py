@@ -21,8 +21,9 @@ import pytest
 
 from k3d_registry_dockerd.cache.store import Store
 from k3d_registry_dockerd.docker.engine import DockerClient
+from k3d_registry_dockerd.oci.mediatypes import OCI_CONFIG, OCI_INDEX, OCI_MANIFEST
+from k3d_registry_dockerd.oci.platform import Platform
 from k3d_registry_dockerd.push.docker_load import load_into_docker
-from k3d_registry_dockerd.sources.savestream import OCI_CONFIG, OCI_INDEX, OCI_MANIFEST, Platform
 
 from .daemons import Dockerd, Podman, unix_http
 from .images import BUSYBOX, FIXED_MTIME, sha256_digest

@@ -21,7 +21,7 @@ from aiodocker.exceptions import DockerError, DockerStreamError
 from aiodocker.utils import compose_auth_header
 
 from ..common import units
-from ..sources.savestream import Platform
+from ..oci.platform import Platform
 from .endpoint import DockerEndpoint, resolve_endpoint
 
 log = logging.getLogger(__package__)

@@ -9,22 +9,19 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..sources.savestream import (
+from .errors import RegistryError
+from .mediatypes import (
     DOCKER_MANIFEST,
+    IMAGE_CONFIG_TYPES,
     INDEX_TYPES,
     MANIFEST_TYPES,
     MAX_MANIFEST_SIZE,
     OCI_INDEX,
     OCI_MANIFEST,
 )
-from .errors import RegistryError
 from .reference import Digest
 
 PUSHABLE_TYPES = MANIFEST_TYPES | INDEX_TYPES
-OCI_EMPTY = "application/vnd.oci.empty.v1+json"
-IMAGE_CONFIG_TYPES = frozenset(
-    {"application/vnd.oci.image.config.v1+json", "application/vnd.docker.container.image.v1+json"}
-)
 
 
 @dataclass(frozen=True)

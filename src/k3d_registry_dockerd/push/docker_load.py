@@ -19,21 +19,15 @@ from typing import IO, Any
 
 from ..cache.store import Store
 from ..docker.engine import DockerClient, DockerFailed
-from ..oci.manifests import IMAGE_CONFIG_TYPES
+from ..oci.mediatypes import IMAGE_CONFIG_TYPES, INDEX_TYPES, MANIFEST_TYPES, OCI_INDEX, OCI_MANIFEST
+from ..oci.platform import Platform, platform_text
 from ..oci.reference import Digest, split_repo_tag
-from ..sources.savestream import (
-    CHUNK,
-    INDEX_TYPES,
-    MANIFEST_TYPES,
-    OCI_INDEX,
-    OCI_MANIFEST,
-    Platform,
-    platform_text,
-)
 
 log = logging.getLogger(__package__)
 
 OCI_LAYOUT = b'{"imageLayoutVersion":"1.0.0"}'
+# Blobs are read into the archive this much at a time, off the event loop.
+CHUNK = 1 << 20
 _MTIME = 0  # fixed, like the content: the same image gives the same archive
 
 

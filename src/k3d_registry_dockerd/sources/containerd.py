@@ -24,17 +24,11 @@ from ..common.flights import FreshFlight
 from ..common.metrics import Metrics
 from ..docker.containerd import ContainerdClient, ContainerdUnavailable, Descriptor
 from ..docker.engine import DaemonInfo
+from ..oci.mediatypes import INDEX_TYPES
+from ..oci.platform import Platform, foreign_platform
 from ..oci.reference import Digest, Repository
 from .content import BlobFile, ServedManifest
-from .savestream import (
-    INDEX_TYPES,
-    ExportPlan,
-    IncompleteImage,
-    Platform,
-    Root,
-    foreign_platform,
-    plan_manifests,
-)
+from .plans import ImagePlan, IncompleteImage, Root, plan_manifests
 
 log = logging.getLogger(__package__)
 PLAN_LIMIT = 4096
@@ -51,7 +45,7 @@ class ContainerdContent:
         self.metrics = metrics
         # Root digest -> what of that image is complete enough to serve (content-addressed: it changes
         # only when containerd removes blobs, and then the plan is dropped).
-        self._plans: OrderedDict[str, ExportPlan] = OrderedDict()
+        self._plans: OrderedDict[str, ImagePlan] = OrderedDict()
         # Docker name -> root digests resolved for it: what the repository's manifests are.
         self._roots: dict[str, set[str]] = {}
         # Digest -> (inode, size, mtime) of the file whose bytes were hashed and matched.
@@ -98,7 +92,7 @@ class ContainerdContent:
             ):
                 del self._plans[root]
 
-    async def _plan(self, target: Descriptor, platform: Platform) -> ExportPlan:
+    async def _plan(self, target: Descriptor, platform: Platform) -> ImagePlan:
         """What of an image can be served (IncompleteImage when its own platform lacks blobs)."""
         plan = self._plans.get(target.digest)
         if plan is None:
@@ -109,7 +103,7 @@ class ContainerdContent:
                 self._plans.popitem(last=False)
         return plan
 
-    async def _manifest(self, plan: ExportPlan, digest: str, cold: bool) -> ServedManifest | None:
+    async def _manifest(self, plan: ImagePlan, digest: str, cold: bool) -> ServedManifest | None:
         body = self._bodies.get(digest)
         if body is None:
             body = await asyncio.to_thread(self._read, digest)
@@ -168,7 +162,7 @@ class ContainerdContent:
 
     async def _repository_plans(
         self, repo: Repository, info: DaemonInfo, *, refresh: bool
-    ) -> list[ExportPlan]:
+    ) -> list[ImagePlan]:
         """Plans of the repository's images: those resolved before, or (`refresh`) every image record
         containerd has under the repository's name."""
         if refresh:
@@ -189,12 +183,10 @@ class ContainerdContent:
         roots = self._roots.get(repo.docker_name, set())
         return [plan for root in list(roots) if (plan := self._plans.get(root)) is not None]
 
-    async def _find(
-        self, repo: Repository, digest: str, info: DaemonInfo, *, blob: bool
-    ) -> ExportPlan | None:
+    async def _find(self, repo: Repository, digest: str, info: DaemonInfo, *, blob: bool) -> ImagePlan | None:
         """The plan under this repository that serves `digest` (as a manifest, or any blob of it)."""
 
-        def serves(plan: ExportPlan) -> bool:
+        def serves(plan: ImagePlan) -> bool:
             if digest in plan.manifests:
                 return True
             return blob and any(digest in m.references for m in plan.manifests.values())

@@ -24,20 +24,12 @@ from ..common.metrics import Metrics
 from ..common.progress import Transfer
 from ..docker.engine import DaemonInfo, DockerClient, DockerFailed, DockerUnavailable, failure_reason
 from ..oci.errors import RegistryError
+from ..oci.mediatypes import INDEX_TYPES
+from ..oci.platform import Platform, foreign_platform
 from ..oci.reference import Digest, Repository
 from .content import BlobFile, ServedManifest
-from .savestream import (
-    INDEX_TYPES,
-    ExportError,
-    ExportPlan,
-    IncompleteImage,
-    Platform,
-    ThreadedStream,
-    foreign_platform,
-    plan_manifests,
-    read_save_stream,
-    select_root,
-)
+from .plans import ImagePlan, IncompleteImage, plan_manifests
+from .savestream import ExportError, ThreadedStream, read_save_stream, select_root
 
 log = logging.getLogger(__package__)
 LAST_USE_RESOLUTION = 60.0
@@ -230,7 +222,7 @@ class ExportedContent:
 
     async def _export_digest(
         self, repo: Repository, ref: str, digest: str, image: dict[str, Any], info: DaemonInfo
-    ) -> ExportPlan:
+    ) -> ImagePlan:
         try:
             plan = await self._export(
                 export_key(ref, image["Id"]),
@@ -266,7 +258,7 @@ class ExportedContent:
         ref = repo.docker_ref(tag)
         entries: list[TagEntry] = []
 
-        async def keep(plan: ExportPlan) -> None:
+        async def keep(plan: ImagePlan) -> None:
             now = time.time()
             background = key in self._background
             previous = self.cached_tag(repo, tag)
@@ -384,8 +376,8 @@ class ExportedContent:
         info: DaemonInfo,
         names: tuple[str, ...],
         size: int,
-        keep: Callable[[ExportPlan], Awaitable[None]],
-    ) -> ExportPlan:
+        keep: Callable[[ImagePlan], Awaitable[None]],
+    ) -> ImagePlan:
         """Exports an image into the store and has `keep` record what is served of it; whatever else the
         export stored (a failed export's blobs, files Docker adds that no manifest uses) is removed."""
         self.metrics.exports_in_flight.inc()
@@ -421,7 +413,7 @@ class ExportedContent:
 
     async def _save_into_store(
         self, ref: str, info: DaemonInfo, names: tuple[str, ...], export: ExportProgress
-    ) -> ExportPlan:
+    ) -> ImagePlan:
         """Streams `docker save` of one image into the store and plans what of it can be served."""
         self.exports += 1
         started = time.monotonic()

@@ -1,4 +1,4 @@
-"""Reads a `docker save` stream into the store and works out which manifests can be served.
+"""Reads a `docker save` stream into the store and names the images it holds.
 
 Three shapes arrive here: an OCI image layout written by Docker >= 25 (classic store: manifests Docker
 generates; containerd image store: the original indexes and manifests), and the legacy format of older
@@ -19,22 +19,13 @@ import re
 import tarfile
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import IO, Any
 
-from ..cache.store import DigestMismatch, ManifestEntry, Store
+from ..cache.store import DigestMismatch, Store
+from ..oci.mediatypes import OCI_CONFIG, OCI_LAYER_TAR, OCI_MANIFEST
+from .plans import Root
 
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
-OCI_LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
-DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-INDEX_TYPES = frozenset({OCI_INDEX, DOCKER_MANIFEST_LIST})
-MANIFEST_TYPES = frozenset({OCI_MANIFEST, DOCKER_MANIFEST})
-
-# containerd refuses manifests above about 4 MiB; nothing legitimate in a save stream's metadata is larger.
-MAX_MANIFEST_SIZE = 4 << 20
 MAX_METADATA_SIZE = 16 << 20
 CHUNK = 1 << 20
 _METADATA_FILES = frozenset({"index.json", "manifest.json", "oci-layout", "repositories"})
@@ -48,56 +39,12 @@ class ExportError(Exception):
     """The save stream is malformed, truncated or carries bytes that do not match their digests."""
 
 
-class IncompleteImage(Exception):
-    """The export lacks blobs a manifest needs (e.g. moby/moby#49473), so it must not be served."""
-
-
-@dataclass(frozen=True)
-class Platform:
-    os: str
-    architecture: str
-    variant: str | None = None
-
-    def matches(self, platform: dict[str, Any] | None) -> bool:
-        if not platform or platform.get("os") != self.os or platform.get("architecture") != self.architecture:
-            return False
-        # arm64 manifests often omit their variant, which then means v8.
-        default = "v8" if self.architecture == "arm64" else None
-        want, have = self.variant or default, platform.get("variant") or default
-        return want is None or have is None or want == have
-
-    def __str__(self) -> str:
-        return "/".join(part for part in (self.os, self.architecture, self.variant) if part)
-
-    def as_json(self) -> str:
-        data = {"os": self.os, "architecture": self.architecture}
-        if self.variant:
-            data["variant"] = self.variant
-        return json.dumps(data)
-
-
-@dataclass(frozen=True)
-class Root:
-    """One image the save stream names: a manifest or an index, and the names it was saved under."""
-
-    digest: str
-    media_type: str
-    size: int
-    names: tuple[str, ...] = ()
-
-
 @dataclass
 class SaveContents:
     layout: str
     roots: list[Root]
     blobs_written: int = 0
     bytes_written: int = 0
-
-
-@dataclass
-class ExportPlan:
-    root: Root
-    manifests: dict[str, ManifestEntry] = field(default_factory=dict)
 
 
 class ThreadedStream(io.RawIOBase):
@@ -393,93 +340,3 @@ def select_root(roots: list[Root], wanted: tuple[str, ...]) -> Root:
         if set(root.names) & set(wanted):
             return root
     raise ExportError(f"save stream names {len(roots)} images, none of them {' or '.join(wanted)}")
-
-
-def plan_manifests(
-    root: Root,
-    read: Callable[[str], bytes | None],
-    has_blob: Callable[[str], bool],
-    platform: Platform,
-) -> ExportPlan:
-    """Decides which manifests of an export are complete enough to serve.
-
-    An index is served when the child for `platform` is complete (clients of other platforms get 404 for
-    their absent children and fall back upstream); a manifest only when all its blobs are present.
-    """
-    plan = ExportPlan(root=root)
-    raw = read(root.digest)
-    if raw is None:
-        raise IncompleteImage(f"the export lacks its own manifest {root.digest}")
-    media_type, data = _parse_manifest(raw, root.media_type, root.digest)
-    if media_type in INDEX_TYPES:
-        children = data.get("manifests", [])
-        wanted = None
-        for child in children:
-            entry = _complete_manifest(child, read, has_blob)
-            if entry is None:
-                continue
-            plan.manifests[child["digest"]] = entry
-            if wanted is None and platform.matches(child.get("platform")):
-                wanted = child["digest"]
-        if wanted is None:
-            listed = ", ".join(platform_text(c.get("platform")) for c in children) or "nothing"
-            raise IncompleteImage(
-                f"index {root.digest} has no complete manifest for {platform} (it lists {listed}; "
-                "the export lacks the blobs of the others)"
-            )
-        plan.manifests[root.digest] = ManifestEntry(media_type, len(raw), [c["digest"] for c in children])
-        return plan
-    entry = _complete_manifest({"digest": root.digest, "mediaType": media_type}, read, has_blob)
-    if entry is None:
-        raise IncompleteImage(f"manifest {root.digest} references blobs the export does not contain")
-    plan.manifests[root.digest] = entry
-    return plan
-
-
-def foreign_platform(raw_index: bytes | None, digest: str, platform: Platform) -> str | None:
-    """The platform an index (its stored bytes) lists `digest` for, when that is not `platform`; None when
-    it lists no such child or lists it for `platform`."""
-    try:
-        children = json.loads(raw_index or b"").get("manifests")
-    except (ValueError, AttributeError):
-        return None
-    if not isinstance(children, list):
-        return None
-    child = next((c for c in children if isinstance(c, dict) and c.get("digest") == digest), None)
-    if child is None or platform.matches(child.get("platform")):
-        return None
-    return platform_text(child.get("platform"))
-
-
-def platform_text(platform: dict[str, Any] | None) -> str:
-    if not platform:
-        return "unknown"
-    return "/".join(str(platform[k]) for k in ("os", "architecture", "variant") if platform.get(k))
-
-
-def _parse_manifest(raw: bytes, media_type: str, digest: str) -> tuple[str, dict[str, Any]]:
-    if len(raw) > MAX_MANIFEST_SIZE:
-        raise IncompleteImage(f"manifest {digest} is {len(raw)} bytes, larger than clients accept")
-    try:
-        data = json.loads(raw)
-    except ValueError as exc:
-        raise IncompleteImage(f"manifest {digest} is not JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise IncompleteImage(f"manifest {digest} is not a JSON object")
-    return data.get("mediaType") or media_type, data
-
-
-def _complete_manifest(
-    descriptor: dict[str, Any], read: Callable[[str], bytes | None], has_blob: Callable[[str], bool]
-) -> ManifestEntry | None:
-    """The entry for an image manifest whose config and layers are all present, else None."""
-    raw = read(descriptor["digest"])
-    if raw is None:
-        return None
-    media_type, data = _parse_manifest(raw, descriptor.get("mediaType", OCI_MANIFEST), descriptor["digest"])
-    if media_type not in MANIFEST_TYPES:
-        return None
-    references = [data["config"]["digest"], *(layer["digest"] for layer in data.get("layers", []))]
-    if not all(has_blob(digest) for digest in references):
-        return None
-    return ManifestEntry(media_type, len(raw), references)

@@ -22,11 +22,11 @@ from ..docker.engine import Credentials
 from ..mirror.mirror import Mirror
 from ..mirror.prefetch import Prefetcher
 from ..oci.errors import RegistryError
+from ..oci.mediatypes import MAX_MANIFEST_SIZE, OCI_INDEX
 from ..oci.reference import Digest, Repository, is_digest, parse_repository, parse_tag
 from ..push.pushes import Pushes
 from ..push.uploads import Upload, Uploads
 from ..sources.content import ServedManifest
-from ..sources.savestream import MAX_MANIFEST_SIZE, OCI_INDEX
 from . import blobs
 from .auth import Htpasswd
 from .status import PAGE, RecentProblems, RecentPulls, snapshot
