@@ -46,6 +46,7 @@ from .settings import (
     LOG_FORMATS,
     LOG_LEVELS,
     SettingError,
+    cache_dir_problem,
     parse_duration,
     resolve,
     resolve_cache_dir,
@@ -520,7 +521,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SettingError, EndpointError) as exc:
         return _fail(str(exc), 2)
     except directory.CacheDirError as exc:
-        return _fail(str(exc))
+        return _fail(cache_dir_problem(exc))
     except KeyboardInterrupt:
         return 130
     except Exception as exc:

@@ -16,7 +16,7 @@ from .common.metrics import Metrics
 from .docker.endpoint import DockerEndpoint
 from .docker.engine import SAVE_PLATFORM_API, DaemonInfo, DockerClient, DockerUnavailable
 from .docker.hostcreds import HostCredentials, HostCredentialsError
-from .settings import ENV_ADDR, ENV_CONTAINERD_ADDRESS, ENV_ZERO_COPY, Settings
+from .settings import ENV_ADDR, ENV_CONTAINERD_ADDRESS, ENV_ZERO_COPY, Settings, cache_dir_problem
 from .sources.discovery import ZeroCopyConfig, discover
 from .web.auth import Htpasswd, HtpasswdError
 
@@ -99,7 +99,7 @@ def cache_finding(cache_dir: Path) -> Finding:
     try:
         directory.prepare(cache_dir)
     except directory.CacheDirError as exc:
-        return Finding("fail", str(exc))
+        return Finding("fail", cache_dir_problem(exc))
     blobs = [path for path in (cache_dir / "blobs").rglob("*") if path.is_file()]
     size = sum(path.stat().st_size for path in blobs)
     held = ""

@@ -28,7 +28,7 @@ from .docker.hostcreds import HostCredentials
 from .mirror.mirror import Mirror
 from .mirror.prefetch import Prefetcher
 from .mirror.private import PrivateStateError
-from .settings import ENV_ADDR, ENV_HTPASSWD_PATH, SettingError, Settings
+from .settings import ENV_ADDR, ENV_HTPASSWD_PATH, SettingError, Settings, cache_dir_problem
 from .sources.discovery import ZeroCopy, ZeroCopyConfig
 from .web.auth import Htpasswd, HtpasswdError
 from .web.routes import MIRROR, PREFETCHER, UPLOADS, AccessLogger, create_app
@@ -299,9 +299,12 @@ async def _until_stopped() -> str:
 
 
 async def _serve(settings: Settings, endpoint: DockerEndpoint, tls: ssl.SSLContext | None) -> None:
-    directory.prepare(settings.cache_dir)
     lock = directory.CacheDirLock(settings.cache_dir)
-    lock.acquire()
+    try:
+        directory.prepare(settings.cache_dir)
+        lock.acquire()
+    except directory.CacheDirError as exc:
+        raise StartError(cache_dir_problem(exc)) from exc
     try:
         write_auth = _write_auth(settings)
         sockets = listen(settings.host, settings.port)
@@ -343,7 +346,7 @@ def serve(settings: Settings, endpoint: DockerEndpoint, tls: ssl.SSLContext | No
     _log_settings(settings, endpoint, raise_open_files_limit())
     try:
         asyncio.run(_serve(settings, endpoint, tls))
-    except (StartError, directory.CacheDirError) as exc:
+    except StartError as exc:
         log.error("%s", exc, exc_info=log.isEnabledFor(logging.DEBUG))
         return 1
     return 0

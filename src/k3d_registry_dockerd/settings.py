@@ -8,6 +8,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from .cache.directory import CacheDirError
+
 ENV_ADDR = "REGISTRY_HTTP_ADDR"
 ENV_CACHE_DIR = "K3D_REGISTRY_DOCKERD_CACHE_DIR"
 ENV_LOG_LEVEL = "K3D_REGISTRY_DOCKERD_LOG_LEVEL"
@@ -55,6 +57,13 @@ _SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?", re.IGNORECASE)
 
 class SettingError(ValueError):
     """A flag or environment variable has a value that cannot be used."""
+
+
+def cache_dir_problem(exc: CacheDirError) -> str:
+    """Why the cache dir cannot be used, and what to do about it in terms of the setting."""
+    if exc.held:
+        return f"{exc}: stop it first, or give this one another --cache-dir"
+    return f"{exc}; point --cache-dir (or {ENV_CACHE_DIR}) at a directory this user can write"
 
 
 def default_cache_dir(env: Mapping[str, str]) -> Path:
