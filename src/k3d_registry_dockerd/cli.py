@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import sys
 import time
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,28 +23,11 @@ from .common import units
 from .docker.endpoint import EndpointError, resolve_endpoint
 from .settings import (
     ENV_ADDR,
-    ENV_ALLOW_DOCKER_DELETE,
-    ENV_ALLOW_DOCKER_OVERWRITE,
-    ENV_ANSWER_WITHIN,
-    ENV_AUTH,
     ENV_CACHE_DIR,
-    ENV_CACHE_MAX_SIZE,
-    ENV_CONTAINERD_ADDRESS,
-    ENV_CONTAINERD_NAMESPACE,
-    ENV_DOCKER_CREDENTIALS,
-    ENV_HTPASSWD_PATH,
-    ENV_HTPASSWD_REALM,
-    ENV_LOAD_PUSHED,
-    ENV_LOG_FORMAT,
     ENV_LOG_LEVEL,
-    ENV_PREFETCH,
-    ENV_PREFETCH_MAX_AGE,
-    ENV_REFRESH_TAGS,
-    ENV_TLS_CERT,
-    ENV_TLS_KEY,
-    ENV_ZERO_COPY,
-    LOG_FORMATS,
-    LOG_LEVELS,
+    OPTION,
+    OPTIONS,
+    Option,
     SettingError,
     cache_dir_problem,
     parse_duration,
@@ -64,155 +47,31 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(allow_abbrev=False, **options)
 
 
-def _cache_dir_option(parser: argparse.ArgumentParser, default: object) -> None:
-    parser.add_argument(
-        "--cache-dir",
-        default=default,
-        metavar="DIR",
-        help=f"where blobs and records are kept (env {ENV_CACHE_DIR}; "
-        "default $XDG_CACHE_HOME/k3d-registry-dockerd or ~/.cache/k3d-registry-dockerd)",
-    )
+def _add_option(parser: argparse.ArgumentParser, option: Option, default: object) -> None:
+    if option.switch is not None:
+        parser.add_argument(
+            option.flag,
+            dest=option.dest,
+            action="store_const",
+            const=True,
+            default=default,
+            help=option.help_text(),
+        )
+    else:
+        parser.add_argument(
+            option.flag,
+            dest=option.dest,
+            default=default,
+            metavar=None if option.choices else option.metavar,
+            choices=option.choices,
+            help=option.help_text(),
+        )
 
 
 def _server_options(parser: argparse.ArgumentParser, default: object = None) -> None:
     """The server's settings; `default` SUPPRESS keeps options given before a command from being reset."""
-    parser.add_argument(
-        "--addr",
-        default=default,
-        metavar="HOST:PORT",
-        help=f"where to listen (env {ENV_ADDR}, as k3d sets it; default :5000, all interfaces)",
-    )
-    _cache_dir_option(parser, default)
-    parser.add_argument(
-        "--cache-max-size",
-        default=default,
-        metavar="SIZE",
-        help="evict least recently used images when the cache grows past this (e.g. 20GiB; "
-        f"env {ENV_CACHE_MAX_SIZE}; default: no limit)",
-    )
-    parser.add_argument(
-        "--refresh-tags",
-        default=default,
-        metavar="DURATION",
-        help="pull a cached remote tag through Docker again when its last pull is older than this "
-        f"(e.g. 10m, 1h; env {ENV_REFRESH_TAGS}; default: never, serve Docker's copy)",
-    )
-    parser.add_argument(
-        "--docker-credentials",
-        action="store_const",
-        const=True,
-        default=default,
-        help="pull through Docker with the credentials `docker login` stored on this host when a request "
-        "brings none: anyone who can reach the registry can then pull what those credentials can "
-        f"(env {ENV_DOCKER_CREDENTIALS}=true)",
-    )
-    parser.add_argument(
-        "--no-prefetch",
-        action="store_const",
-        const=True,
-        default=default,
-        help="do not pre-export tags that move in Docker (a rebuilt tag is then exported when a client "
-        f"next pulls it; env {ENV_PREFETCH}=false)",
-    )
-    parser.add_argument(
-        "--prefetch-max-age",
-        default=default,
-        metavar="DURATION",
-        help="pre-export a moved tag only if a client pulled it within this (e.g. 1d, 12h; env "
-        f"{ENV_PREFETCH_MAX_AGE}; default 7d)",
-    )
-    parser.add_argument(
-        "--answer-within",
-        default=default,
-        metavar="DURATION",
-        help="answer containerd's manifest requests within this (503 while the pull or export through "
-        "Docker goes on), before containerd's CRI gives up on a pull without progress (5m); 0 waits "
-        f"for the work (env {ENV_ANSWER_WITHIN}; default 4m)",
-    )
-    parser.add_argument(
-        "--log-level",
-        default=default,
-        choices=LOG_LEVELS,
-        help=f"how much to log; debug adds tracebacks to errors (env {ENV_LOG_LEVEL}; default info)",
-    )
-    parser.add_argument(
-        "--log-format",
-        default=default,
-        choices=LOG_FORMATS,
-        help=f"text lines or one JSON object per line (env {ENV_LOG_FORMAT}; default text)",
-    )
-    parser.add_argument(
-        "--no-load-pushed",
-        action="store_const",
-        const=True,
-        default=default,
-        help=f"do not load pushed images into Docker (env {ENV_LOAD_PUSHED}=false)",
-    )
-    parser.add_argument(
-        "--allow-docker-overwrite",
-        action="store_const",
-        const=True,
-        default=default,
-        help="let a pushed image replace a tag Docker already has; by default a push moves only tags "
-        f"this registry's own loads made (env {ENV_ALLOW_DOCKER_OVERWRITE}=true)",
-    )
-    parser.add_argument(
-        "--allow-docker-delete",
-        action="store_const",
-        const=True,
-        default=default,
-        help="let DELETE requests remove Docker's own images, not only pushed content "
-        f"(env {ENV_ALLOW_DOCKER_DELETE}=true)",
-    )
-    parser.add_argument(
-        "--auth-htpasswd-path",
-        default=default,
-        metavar="FILE",
-        help="pushes and deletes need credentials from this htpasswd file of bcrypt entries, as "
-        f"`htpasswd -B` writes them; pulls stay open (env {ENV_HTPASSWD_PATH}, with {ENV_AUTH}=htpasswd)",
-    )
-    parser.add_argument(
-        "--auth-htpasswd-realm",
-        default=default,
-        metavar="REALM",
-        help=f"the realm named in the push challenge (env {ENV_HTPASSWD_REALM}; "
-        "default k3d-registry-dockerd)",
-    )
-    parser.add_argument(
-        "--no-zero-copy",
-        action="store_const",
-        const=True,
-        default=default,
-        help="export every image from Docker, also when Docker's containerd image store could be served "
-        f"as it is (env {ENV_ZERO_COPY}=false)",
-    )
-    parser.add_argument(
-        "--containerd-address",
-        default=default,
-        metavar="SOCKET",
-        help="the socket of the containerd Docker's image store lives in (env "
-        f"{ENV_CONTAINERD_ADDRESS}; default: what Docker reports, else dockerd's own, else "
-        "/run/containerd/containerd.sock)",
-    )
-    parser.add_argument(
-        "--containerd-namespace",
-        default=default,
-        metavar="NAME",
-        help=f"the containerd namespace of Docker's images (env {ENV_CONTAINERD_NAMESPACE}; default: what "
-        "Docker reports, else moby)",
-    )
-    parser.add_argument(
-        "--tls-cert",
-        default=default,
-        metavar="FILE",
-        help=f"serve HTTPS with this certificate chain (env {ENV_TLS_CERT})",
-    )
-    parser.add_argument(
-        "--tls-key",
-        default=default,
-        metavar="FILE",
-        help=f"the certificate's private key (env {ENV_TLS_KEY})",
-    )
+    for option in OPTIONS:
+        _add_option(parser, option, default)
 
 
 def _config_options(parser: argparse.ArgumentParser, name: str, port_help: str) -> None:
@@ -270,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prune.add_argument("--include-pushed", action="store_true", help="pushed images too")
     for action in (listing, verify, prune):
-        _cache_dir_option(action, argparse.SUPPRESS)
+        _add_option(action, OPTION["cache_dir"], argparse.SUPPRESS)
 
     warming = commands.add_parser(
         "warm",
@@ -477,28 +336,7 @@ def _run(args: argparse.Namespace) -> int:
         return _warm_command(args)
     if args.command == "cache":
         return _cache_command(args)
-    settings = resolve(
-        addr=args.addr,
-        cache_dir=args.cache_dir,
-        log_level=args.log_level,
-        refresh_tags=args.refresh_tags,
-        log_format=args.log_format,
-        cache_max_size=args.cache_max_size,
-        tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
-        no_load_pushed=args.no_load_pushed,
-        allow_docker_delete=args.allow_docker_delete,
-        allow_docker_overwrite=args.allow_docker_overwrite,
-        htpasswd_path=args.auth_htpasswd_path,
-        htpasswd_realm=args.auth_htpasswd_realm,
-        no_zero_copy=args.no_zero_copy,
-        containerd_address=args.containerd_address,
-        containerd_namespace=args.containerd_namespace,
-        no_prefetch=args.no_prefetch,
-        prefetch_max_age=args.prefetch_max_age,
-        docker_credentials=args.docker_credentials,
-        answer_within=args.answer_within,
-    )
+    settings = resolve(**vars(args))
     tls = server.ssl_context(settings)
     endpoint = resolve_endpoint(os.environ)
     if args.command == "doctor":
@@ -529,5 +367,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             getattr(args, "log_level", None) == "debug"
             or os.environ.get(ENV_LOG_LEVEL, "").lower() == "debug"
         ):
-            logging.getLogger(PROG).exception("unexpected error")
+            # Logging is configured only by the server, so the traceback goes straight to stderr.
+            traceback.print_exc()
         return _fail(f"unexpected error: {exc!r} (run with --log-level debug for the traceback)")

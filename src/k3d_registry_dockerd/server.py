@@ -20,7 +20,6 @@ from aiohttp import web
 from . import __version__, logs
 from .cache import directory
 from .cache.store import Store
-from .common import units
 from .common.metrics import Metrics
 from .docker.endpoint import DockerEndpoint
 from .docker.engine import DockerClient, DockerUnavailable
@@ -165,58 +164,11 @@ def _listen_failure(host: str | None, port: int, exc: OSError) -> str:
 
 
 def _log_settings(settings: Settings, endpoint: DockerEndpoint, open_files: int) -> None:
-    sources = settings.sources
     log.info("k3d-registry-dockerd %s", __version__)
     log.info("open-files limit %d", open_files)
-    log.info("listen address %s (%s)", settings.addr, sources["addr"])
-    log.info("cache dir %s (%s)", settings.cache_dir, sources["cache_dir"])
-    log.info("log level %s (%s)", settings.log_level, sources["log_level"])
     log.info("Docker at %s", endpoint.describe())
-    if settings.refresh_tags is not None:
-        log.info(
-            "refresh remote tags after %s (%s)",
-            units.duration(settings.refresh_tags),
-            sources["refresh_tags"],
-        )
-    if settings.cache_max_size is not None:
-        log.info("cache limit %s (%s)", units.size(settings.cache_max_size), sources["cache_max_size"])
-    log.info(
-        "pushed images %s loaded into Docker (%s)",
-        "are" if settings.load_pushed else "are not",
-        sources["load_pushed"],
-    )
-    if settings.allow_docker_overwrite:
-        log.info("pushes may replace Docker's own tags (%s)", sources["allow_docker_overwrite"])
-    if settings.allow_docker_delete:
-        log.info("DELETE may remove Docker's own images (%s)", sources["allow_docker_delete"])
-    if not settings.zero_copy:
-        log.info("zero-copy from containerd is off (%s): every image is exported", sources["zero_copy"])
-    if settings.docker_credentials:
-        log.info(
-            "pulls without credentials use the host's Docker credentials (%s): anyone who reaches %s "
-            "can pull what they can",
-            sources["docker_credentials"],
-            settings.addr,
-        )
-    if settings.prefetch:
-        log.info(
-            "pre-export of moved tags on: tags pulled in the last %s (%s), as they move in Docker",
-            units.duration(settings.prefetch_max_age),
-            sources["prefetch_max_age"],
-        )
-    else:
-        log.info("pre-exports off (%s): a moved tag is exported when next pulled", sources["prefetch"])
-    if settings.answer_within is not None:
-        log.info(
-            "containerd is answered within %s (%s): 503 while a pull or export goes on, so a node tries the "
-            "upstream",
-            units.duration(settings.answer_within),
-            sources["answer_within"],
-        )
-    else:
-        log.info("containerd's requests wait for every pull and export (%s)", sources["answer_within"])
-    if settings.tls_cert is not None:
-        log.info("serving HTTPS with %s (%s)", settings.tls_cert, sources["tls_cert"])
+    for line in settings.described():
+        log.info("%s", line)
 
 
 def _write_auth(settings: Settings) -> Htpasswd | None:

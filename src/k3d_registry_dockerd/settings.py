@@ -1,14 +1,19 @@
-"""Every setting, resolved from flags and the environment (a flag wins), with where each value came from."""
+"""Every setting of the server, declared once (`OPTIONS`): its flag, its environment variable, its default,
+how its text is read, what its help says and how the start log names it. The parser, `resolve` (a flag wins
+over the environment, which wins over the default), the help and the start log all read the declarations.
+"""
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .cache.directory import CacheDirError
+from .common import units
 
 ENV_ADDR = "REGISTRY_HTTP_ADDR"
 ENV_CACHE_DIR = "K3D_REGISTRY_DOCKERD_CACHE_DIR"
@@ -72,15 +77,6 @@ def default_cache_dir(env: Mapping[str, str]) -> Path:
     return Path(base) / "k3d-registry-dockerd"
 
 
-def resolve_cache_dir(flag: str | None, env: Mapping[str, str]) -> tuple[Path, str]:
-    """The cache dir and where it came from (flag, environment or default)."""
-    if flag is not None:
-        return Path(flag).expanduser(), "flag --cache-dir"
-    if env.get(ENV_CACHE_DIR):
-        return Path(env[ENV_CACHE_DIR]).expanduser(), f"env {ENV_CACHE_DIR}"
-    return default_cache_dir(env), "default"
-
-
 def parse_addr(text: str) -> tuple[str | None, int]:
     """``HOST:PORT``, ``:PORT`` (all interfaces) or ``[IPv6]:PORT``, as distribution's registry reads it."""
     host, sep, port = text.rpartition(":")
@@ -91,6 +87,11 @@ def parse_addr(text: str) -> tuple[str | None, int]:
     elif ":" in host or "[" in host or "]" in host:
         raise SettingError(f"address {text!r}: an IPv6 host needs brackets, as in [::1]:5000")
     return host or None, int(port)
+
+
+def format_addr(host: str | None, port: int) -> str:
+    host = host or ""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def parse_duration(text: str) -> float:
@@ -122,174 +123,357 @@ def parse_size(text: str) -> int:
     return int(float(number) * (1024 if binary else 1000) ** power)
 
 
+def _path(text: str) -> Path:
+    return Path(text).expanduser()
+
+
+def _one_of(what: str, choices: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.lower()
+        if value not in choices:
+            raise SettingError(f"{what} {value!r} is not one of {', '.join(choices)}")
+        return value
+
+    return parse
+
+
+def _duration_or_off(text: str) -> float | None:
+    return None if text.strip().lower() in ("0", "off") else parse_duration(text) or None
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting of the server, and everything said about it."""
+
+    name: str
+    flag: str
+    env: str
+    # What it does, for --help; the parser adds the environment variable and the default.
+    help: str
+    # As a person would write it, read like a given value; None: not set.
+    default: str | None = None
+    # The default as --help states it, when not `default` itself.
+    default_help: str | None = None
+    metavar: str | None = None
+    choices: tuple[str, ...] | None = None
+    # For a flag that takes no value: the value it stands for ("false" for --no-prefetch).
+    switch: str | None = None
+    # Text to value; SettingError when it cannot be used. Booleans are read by `parse_bool`.
+    parse: Callable[[str], Any] = str
+    # The start log's line for the resolved settings (its source is added), None when not worth a line.
+    describe: Callable[[Settings], str | None] = lambda _settings: None
+
+    @property
+    def dest(self) -> str:
+        """The parser's name for the flag's value: the setting's, with `no_` for a flag turning it off."""
+        return f"no_{self.name}" if self.switch == "false" else self.name
+
+    def help_text(self) -> str:
+        default = self.default_help or self.default
+        if self.switch is not None:
+            return f"{self.help} (env {self.env}={self.switch})"
+        return f"{self.help} (env {self.env}" + (f"; default {default})" if default else ")")
+
+    def read(self, text: str) -> Any:
+        return parse_bool(text, self.env) if self.switch is not None else self.parse(text)
+
+    def pick(self, flags: Mapping[str, Any], env: Mapping[str, str]) -> tuple[str | None, str]:
+        """The setting's text, and where it came from: a flag given, else its (non-empty) environment
+        variable, else the default."""
+        given = flags.get(self.dest)
+        if given is not None and given is not False:
+            return self.switch or str(given), f"flag {self.flag}"
+        if env.get(self.env):
+            return env[self.env], f"env {self.env}"
+        return self.default, "default"
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option(
+        "addr",
+        "--addr",
+        ENV_ADDR,
+        "where to listen, as k3d sets it",
+        DEFAULT_ADDR,
+        default_help=":5000, all interfaces",
+        metavar="HOST:PORT",
+        parse=lambda text: format_addr(*parse_addr(text)),
+        describe=lambda s: f"listen address {s.addr}",
+    ),
+    Option(
+        "cache_dir",
+        "--cache-dir",
+        ENV_CACHE_DIR,
+        "where blobs and records are kept",
+        default_help="$XDG_CACHE_HOME/k3d-registry-dockerd or ~/.cache/k3d-registry-dockerd",
+        metavar="DIR",
+        parse=_path,
+        describe=lambda s: f"cache dir {s.cache_dir}",
+    ),
+    Option(
+        "cache_max_size",
+        "--cache-max-size",
+        ENV_CACHE_MAX_SIZE,
+        "evict least recently used images when the cache grows past this, e.g. 20GiB",
+        default_help="no limit",
+        metavar="SIZE",
+        parse=parse_size,
+        describe=lambda s: (
+            f"cache limit {units.size(s.cache_max_size)}" if s.cache_max_size is not None else None
+        ),
+    ),
+    Option(
+        "refresh_tags",
+        "--refresh-tags",
+        ENV_REFRESH_TAGS,
+        "pull a cached remote tag through Docker again when its last pull is older than this, e.g. 10m or 1h",
+        default_help="never, serve Docker's copy",
+        metavar="DURATION",
+        parse=parse_duration,
+        describe=lambda s: (
+            f"refresh remote tags after {units.duration(s.refresh_tags)}" if s.refresh_tags else None
+        ),
+    ),
+    Option(
+        "docker_credentials",
+        "--docker-credentials",
+        ENV_DOCKER_CREDENTIALS,
+        "pull through Docker with the credentials `docker login` stored on this host when a request "
+        "brings none: anyone who can reach the registry can then pull what those credentials can",
+        "false",
+        switch="true",
+        describe=lambda s: (
+            f"pulls without credentials use the host's Docker credentials: anyone who reaches {s.addr} "
+            "can pull what they can"
+            if s.docker_credentials
+            else None
+        ),
+    ),
+    Option(
+        "prefetch",
+        "--no-prefetch",
+        ENV_PREFETCH,
+        "do not pre-export tags that move in Docker: a rebuilt tag is then exported when a client next "
+        "pulls it",
+        "true",
+        switch="false",
+        describe=lambda s: (
+            None if s.prefetch else "pre-exports off: a moved tag is exported when next pulled"
+        ),
+    ),
+    Option(
+        "prefetch_max_age",
+        "--prefetch-max-age",
+        ENV_PREFETCH_MAX_AGE,
+        "pre-export a moved tag only if a client pulled it within this, e.g. 1d or 12h",
+        DEFAULT_PREFETCH_MAX_AGE,
+        metavar="DURATION",
+        parse=parse_duration,
+        describe=lambda s: (
+            f"pre-export of moved tags on: tags pulled in the last {units.duration(s.prefetch_max_age)}, "
+            "as they move in Docker"
+            if s.prefetch
+            else None
+        ),
+    ),
+    Option(
+        "answer_within",
+        "--answer-within",
+        ENV_ANSWER_WITHIN,
+        "answer containerd's manifest requests within this (503 while the pull or export through Docker "
+        "goes on), before containerd's CRI gives up on a pull without progress (5m); 0 waits for the work",
+        DEFAULT_ANSWER_WITHIN,
+        metavar="DURATION",
+        parse=_duration_or_off,
+        describe=lambda s: (
+            f"containerd is answered within {units.duration(s.answer_within)}: 503 while a pull or export "
+            "goes on, so a node tries the upstream"
+            if s.answer_within
+            else "containerd's requests wait for every pull and export"
+        ),
+    ),
+    Option(
+        "log_level",
+        "--log-level",
+        ENV_LOG_LEVEL,
+        "how much to log; debug adds tracebacks to errors",
+        "info",
+        choices=LOG_LEVELS,
+        parse=_one_of("log level", LOG_LEVELS),
+        describe=lambda s: f"log level {s.log_level}",
+    ),
+    Option(
+        "log_format",
+        "--log-format",
+        ENV_LOG_FORMAT,
+        "text lines or one JSON object per line",
+        "text",
+        choices=LOG_FORMATS,
+        parse=_one_of("log format", LOG_FORMATS),
+    ),
+    Option(
+        "load_pushed",
+        "--no-load-pushed",
+        ENV_LOAD_PUSHED,
+        "do not load pushed images into Docker",
+        "true",
+        switch="false",
+        describe=lambda s: f"pushed images {'are' if s.load_pushed else 'are not'} loaded into Docker",
+    ),
+    Option(
+        "allow_docker_overwrite",
+        "--allow-docker-overwrite",
+        ENV_ALLOW_DOCKER_OVERWRITE,
+        "let a pushed image replace a tag Docker already has; by default a push moves only tags this "
+        "registry's own loads made",
+        "false",
+        switch="true",
+        describe=lambda s: "pushes may replace Docker's own tags" if s.allow_docker_overwrite else None,
+    ),
+    Option(
+        "allow_docker_delete",
+        "--allow-docker-delete",
+        ENV_ALLOW_DOCKER_DELETE,
+        "let DELETE requests remove Docker's own images, not only pushed content",
+        "false",
+        switch="true",
+        describe=lambda s: "DELETE may remove Docker's own images" if s.allow_docker_delete else None,
+    ),
+    Option(
+        "htpasswd_path",
+        "--auth-htpasswd-path",
+        ENV_HTPASSWD_PATH,
+        "pushes and deletes need credentials from this htpasswd file of bcrypt entries, as `htpasswd -B` "
+        f"writes them; pulls stay open; the environment variable with {ENV_AUTH}=htpasswd",
+        metavar="FILE",
+        parse=_path,
+    ),
+    Option(
+        "htpasswd_realm",
+        "--auth-htpasswd-realm",
+        ENV_HTPASSWD_REALM,
+        "the realm named in the push challenge",
+        DEFAULT_REALM,
+        metavar="REALM",
+    ),
+    Option(
+        "zero_copy",
+        "--no-zero-copy",
+        ENV_ZERO_COPY,
+        "export every image from Docker, also when Docker's containerd image store could be served as it is",
+        "true",
+        switch="false",
+        describe=lambda s: (
+            None if s.zero_copy else "zero-copy from containerd is off: every image is exported"
+        ),
+    ),
+    Option(
+        "containerd_address",
+        "--containerd-address",
+        ENV_CONTAINERD_ADDRESS,
+        "the socket of the containerd Docker's image store lives in",
+        default_help="what Docker reports, else dockerd's own, else /run/containerd/containerd.sock",
+        metavar="SOCKET",
+    ),
+    Option(
+        "containerd_namespace",
+        "--containerd-namespace",
+        ENV_CONTAINERD_NAMESPACE,
+        "the containerd namespace of Docker's images",
+        default_help="what Docker reports, else moby",
+        metavar="NAME",
+    ),
+    Option(
+        "tls_cert",
+        "--tls-cert",
+        ENV_TLS_CERT,
+        "serve HTTPS with this certificate chain",
+        metavar="FILE",
+        parse=_path,
+        describe=lambda s: f"serving HTTPS with {s.tls_cert}" if s.tls_cert else None,
+    ),
+    Option("tls_key", "--tls-key", ENV_TLS_KEY, "the certificate's private key", metavar="FILE", parse=_path),
+)
+OPTION = {option.name: option for option in OPTIONS}
+
+
 @dataclass(frozen=True)
 class Settings:
-    host: str | None
-    port: int
+    addr: str
     cache_dir: Path
-    log_level: str
-    log_format: str
-    refresh_tags: float | None
     # Evict least recently used images when the cache grows past this many bytes; None: no limit.
     cache_max_size: int | None
-    # Serve HTTPS with this certificate (chain) and key; plain HTTP when None.
-    tls_cert: Path | None
-    tls_key: Path | None
-    # Load pushed images into Docker; let DELETE remove Docker's own images; let a loaded push move a
-    # tag Docker already had (not one this registry's own load made).
+    refresh_tags: float | None
+    # Pull through Docker with the docker CLI's stored credentials when a request brings none.
+    docker_credentials: bool
+    # Pre-export tags clients pulled within `prefetch_max_age` seconds when they move in Docker.
+    prefetch: bool
+    prefetch_max_age: float
+    # Answer containerd's manifest requests within this many seconds (503 while the pull or export goes
+    # on), so a node can try the upstream before its CRI cancels the pull; None: wait for the work.
+    answer_within: float | None
+    log_level: str
+    log_format: str
+    # Load pushed images into Docker; let a loaded push move a tag Docker already had (not one this
+    # registry's own load made); let DELETE remove Docker's own images.
     load_pushed: bool
-    allow_docker_delete: bool
     allow_docker_overwrite: bool
+    allow_docker_delete: bool
     # Pushes and deletes need credentials from this htpasswd file; None: anyone may write.
     htpasswd_path: Path | None
     htpasswd_realm: str
-    # setting name -> "flag --addr", "env REGISTRY_HTTP_ADDR" or "default"
-    sources: Mapping[str, str]
     # Serve Docker's containerd image store from containerd's content store; where that containerd
     # listens and the namespace of Docker's images (None: as Docker reports, or the usual places).
-    zero_copy: bool = True
-    containerd_address: str | None = None
-    containerd_namespace: str | None = None
-    # Pre-export tags clients pulled within `prefetch_max_age` seconds when they move in Docker.
-    prefetch: bool = True
-    prefetch_max_age: float = 7 * 86400.0
-    # Pull through Docker with the docker CLI's stored credentials when a request brings none.
-    docker_credentials: bool = False
-    # Answer containerd's manifest requests within this many seconds (503 while the pull or export goes
-    # on), so a node can try the upstream before its CRI cancels the pull; None: wait for the work.
-    answer_within: float | None = 240.0
+    zero_copy: bool
+    containerd_address: str | None
+    containerd_namespace: str | None
+    # Serve HTTPS with this certificate (chain) and key; plain HTTP when None.
+    tls_cert: Path | None
+    tls_key: Path | None
+    # setting name -> "flag --addr", "env REGISTRY_HTTP_ADDR" or "default"
+    sources: Mapping[str, str]
 
     @property
-    def addr(self) -> str:
-        host = self.host or ""
-        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+    def host(self) -> str | None:
+        return parse_addr(self.addr)[0]
+
+    @property
+    def port(self) -> int:
+        return parse_addr(self.addr)[1]
+
+    def described(self) -> Iterator[str]:
+        """The start log's lines, each with where its value came from."""
+        for option in OPTIONS:
+            text = option.describe(self)
+            if text is not None:
+                yield f"{text} ({self.sources[option.name]})"
 
 
-def resolve(
-    *,
-    addr: str | None,
-    cache_dir: str | None,
-    log_level: str | None,
-    refresh_tags: str | None,
-    log_format: str | None = None,
-    cache_max_size: str | None = None,
-    tls_cert: str | None = None,
-    tls_key: str | None = None,
-    no_load_pushed: bool | None = None,
-    allow_docker_delete: bool | None = None,
-    allow_docker_overwrite: bool | None = None,
-    htpasswd_path: str | None = None,
-    htpasswd_realm: str | None = None,
-    no_zero_copy: bool | None = None,
-    containerd_address: str | None = None,
-    containerd_namespace: str | None = None,
-    no_prefetch: bool | None = None,
-    prefetch_max_age: str | None = None,
-    docker_credentials: bool | None = None,
-    answer_within: str | None = None,
-    env: Mapping[str, str] = os.environ,
-) -> Settings:
+def resolve(*, env: Mapping[str, str] = os.environ, **flags: Any) -> Settings:
+    """The settings from the flags given (by the parser's names, None when not given) and the environment;
+    an empty environment variable counts as unset."""
+    values: dict[str, Any] = {}
     sources: dict[str, str] = {}
-
-    def pick(name: str, flag: str, value: str | None, env_name: str, default: str | None) -> str | None:
-        if value is not None:
-            sources[name] = f"flag {flag}"
-            return value
-        if env.get(env_name):
-            sources[name] = f"env {env_name}"
-            return env[env_name]
-        sources[name] = "default"
-        return default
-
-    host, port = parse_addr(pick("addr", "--addr", addr, ENV_ADDR, DEFAULT_ADDR) or DEFAULT_ADDR)
-    cache, sources["cache_dir"] = resolve_cache_dir(cache_dir, env)
-    level = (pick("log_level", "--log-level", log_level, ENV_LOG_LEVEL, "info") or "info").lower()
-    if level not in LOG_LEVELS:
-        raise SettingError(f"log level {level!r} is not one of {', '.join(LOG_LEVELS)}")
-    log_format_ = (pick("log_format", "--log-format", log_format, ENV_LOG_FORMAT, "text") or "text").lower()
-    if log_format_ not in LOG_FORMATS:
-        raise SettingError(f"log format {log_format_!r} is not one of {', '.join(LOG_FORMATS)}")
-    refresh = pick("refresh_tags", "--refresh-tags", refresh_tags, ENV_REFRESH_TAGS, None)
-    max_size = pick("cache_max_size", "--cache-max-size", cache_max_size, ENV_CACHE_MAX_SIZE, None)
-    cert = pick("tls_cert", "--tls-cert", tls_cert, ENV_TLS_CERT, None)
-    key = pick("tls_key", "--tls-key", tls_key, ENV_TLS_KEY, None)
-    if bool(cert) != bool(key):
+    for option in OPTIONS:
+        text, sources[option.name] = option.pick(flags, env)
+        values[option.name] = option.read(text) if text is not None else None
+    values["cache_dir"] = values["cache_dir"] or default_cache_dir(env)
+    if bool(values["tls_cert"]) != bool(values["tls_key"]):
         raise SettingError("TLS needs both a certificate (--tls-cert) and a key (--tls-key)")
-    load = pick(
-        "load_pushed", "--no-load-pushed", "false" if no_load_pushed else None, ENV_LOAD_PUSHED, "true"
-    )
-    delete = pick(
-        "allow_docker_delete",
-        "--allow-docker-delete",
-        "true" if allow_docker_delete else None,
-        ENV_ALLOW_DOCKER_DELETE,
-        "false",
-    )
-    overwrite = pick(
-        "allow_docker_overwrite",
-        "--allow-docker-overwrite",
-        "true" if allow_docker_overwrite else None,
-        ENV_ALLOW_DOCKER_OVERWRITE,
-        "false",
-    )
-    htpasswd = pick("htpasswd_path", "--auth-htpasswd-path", htpasswd_path, ENV_HTPASSWD_PATH, None)
-    realm = pick("htpasswd_realm", "--auth-htpasswd-realm", htpasswd_realm, ENV_HTPASSWD_REALM, DEFAULT_REALM)
-    zero_copy = pick("zero_copy", "--no-zero-copy", "false" if no_zero_copy else None, ENV_ZERO_COPY, "true")
-    ctd_address = pick(
-        "containerd_address", "--containerd-address", containerd_address, ENV_CONTAINERD_ADDRESS, None
-    )
-    ctd_namespace = pick(
-        "containerd_namespace", "--containerd-namespace", containerd_namespace, ENV_CONTAINERD_NAMESPACE, None
-    )
-    prefetch = pick("prefetch", "--no-prefetch", "false" if no_prefetch else None, ENV_PREFETCH, "true")
-    max_age = pick(
-        "prefetch_max_age",
-        "--prefetch-max-age",
-        prefetch_max_age,
-        ENV_PREFETCH_MAX_AGE,
-        DEFAULT_PREFETCH_MAX_AGE,
-    )
-    host_credentials = pick(
-        "docker_credentials",
-        "--docker-credentials",
-        "true" if docker_credentials else None,
-        ENV_DOCKER_CREDENTIALS,
-        "false",
-    )
-    within = pick("answer_within", "--answer-within", answer_within, ENV_ANSWER_WITHIN, DEFAULT_ANSWER_WITHIN)
-    within = within or DEFAULT_ANSWER_WITHIN
-    within_seconds = None if within.strip().lower() in ("0", "off") else parse_duration(within)
     scheme = env.get(ENV_AUTH, "").strip().lower()
     if scheme not in ("", "htpasswd"):
         raise SettingError(
             f"{ENV_AUTH}={env[ENV_AUTH]!r} is not supported: pushes are checked against an htpasswd file "
             f"({ENV_AUTH}=htpasswd with {ENV_HTPASSWD_PATH})"
         )
-    if scheme and not htpasswd:
+    if scheme and not values["htpasswd_path"]:
         raise SettingError(
             f"{ENV_AUTH}=htpasswd needs the file: set {ENV_HTPASSWD_PATH} or --auth-htpasswd-path"
         )
-    return Settings(
-        host=host,
-        port=port,
-        cache_dir=cache,
-        log_level=level,
-        log_format=log_format_,
-        refresh_tags=parse_duration(refresh) if refresh else None,
-        cache_max_size=parse_size(max_size) if max_size else None,
-        tls_cert=Path(cert).expanduser() if cert else None,
-        tls_key=Path(key).expanduser() if key else None,
-        load_pushed=parse_bool(load or "true", ENV_LOAD_PUSHED),
-        allow_docker_delete=parse_bool(delete or "false", ENV_ALLOW_DOCKER_DELETE),
-        allow_docker_overwrite=parse_bool(overwrite or "false", ENV_ALLOW_DOCKER_OVERWRITE),
-        htpasswd_path=Path(htpasswd).expanduser() if htpasswd else None,
-        htpasswd_realm=realm or DEFAULT_REALM,
-        zero_copy=parse_bool(zero_copy or "true", ENV_ZERO_COPY),
-        containerd_address=ctd_address,
-        containerd_namespace=ctd_namespace,
-        prefetch=parse_bool(prefetch or "true", ENV_PREFETCH),
-        prefetch_max_age=parse_duration(max_age or DEFAULT_PREFETCH_MAX_AGE),
-        docker_credentials=parse_bool(host_credentials or "false", ENV_DOCKER_CREDENTIALS),
-        answer_within=within_seconds or None,
-        sources=sources,
-    )
+    return Settings(**values, sources=sources)
+
+
+def resolve_cache_dir(flag: str | None, env: Mapping[str, str]) -> tuple[Path, str]:
+    """The cache dir and where it came from, for the commands that take no other setting."""
+    text, source = OPTION["cache_dir"].pick({"cache_dir": flag}, env)
+    return (_path(text) if text else default_cache_dir(env)), source

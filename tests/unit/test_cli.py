@@ -119,3 +119,20 @@ def test_invalid_docker_host_is_one_line(
         "k3d-registry-dockerd: DOCKER_HOST='bogus' is not a Docker address: "
         "use unix:///path/to/docker.sock or tcp://HOST:PORT\n"
     )
+
+
+def test_an_unexpected_error_is_one_line_with_its_traceback_only_for_debug(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(_args: argparse.Namespace) -> int:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(cli, "_run", broken)
+    assert cli.main(["doctor"]) == 1
+    assert capsys.readouterr().err == (
+        "k3d-registry-dockerd: unexpected error: RuntimeError('boom') (run with --log-level debug for the "
+        "traceback)\n"
+    )
+    assert cli.main(["--log-level", "debug", "doctor"]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith("Traceback (most recent call last):") and "RuntimeError: boom" in error

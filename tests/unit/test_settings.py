@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -9,9 +10,11 @@ from k3d_registry_dockerd.settings import (
     ENV_CACHE_DIR,
     ENV_LOG_LEVEL,
     ENV_REFRESH_TAGS,
+    OPTIONS,
     SettingError,
     Settings,
     default_cache_dir,
+    format_addr,
     parse_addr,
     parse_duration,
     parse_size,
@@ -227,24 +230,9 @@ def test_parse_addr_rejects_bare_ipv6() -> None:
     ("host", "port", "addr"), [(None, 5000, ":5000"), ("::1", 1, "[::1]:1"), ("h", 2, "h:2")]
 )
 def test_settings_addr(host: str | None, port: int, addr: str) -> None:
-    settings = Settings(
-        host=host,
-        port=port,
-        cache_dir=Path("/c"),
-        log_level="info",
-        log_format="text",
-        refresh_tags=None,
-        cache_max_size=None,
-        tls_cert=None,
-        tls_key=None,
-        load_pushed=True,
-        allow_docker_delete=False,
-        allow_docker_overwrite=False,
-        htpasswd_path=None,
-        htpasswd_realm="r",
-        sources={},
-    )
-    assert settings.addr == addr
+    assert format_addr(host, port) == addr
+    settings = resolve(**{**NO_FLAGS, "addr": addr}, env={})
+    assert (settings.addr, settings.host, settings.port) == (addr, host, port)
 
 
 @pytest.mark.parametrize(
@@ -399,3 +387,29 @@ def test_htpasswd_misconfigurations() -> None:
         resolve(**NO_FLAGS, env={"REGISTRY_AUTH": "token"})
     with pytest.raises(SettingError, match="REGISTRY_AUTH=htpasswd needs the file"):
         resolve(**NO_FLAGS, env={"REGISTRY_AUTH": "htpasswd"})
+
+
+def test_every_setting_is_declared_once_with_its_environment_in_its_help() -> None:
+    names = [option.name for option in OPTIONS]
+    assert len(names) == len(set(names))
+    assert set(names) == {field.name for field in fields(Settings)} - {"sources"}
+    for option in OPTIONS:
+        assert option.env in option.help_text() and option.flag.startswith("--")
+        if option.default is not None:
+            option.read(option.default)
+
+
+def test_the_start_log_names_each_value_and_where_it_came_from() -> None:
+    settings = resolve(
+        **{**NO_FLAGS, "no_load_pushed": True, "cache_max_size": "1GiB"},
+        env={"HOME": "/h", "K3D_REGISTRY_DOCKERD_ALLOW_DOCKER_OVERWRITE": "yes"},
+    )
+    lines = list(settings.described())
+    assert "listen address :5000 (default)" in lines
+    assert "cache limit 1 GiB (flag --cache-max-size)" in lines
+    assert "pushed images are not loaded into Docker (flag --no-load-pushed)" in lines
+    assert "pushes may replace Docker's own tags (env K3D_REGISTRY_DOCKERD_ALLOW_DOCKER_OVERWRITE)" in lines
+    assert (
+        "pre-export of moved tags on: tags pulled in the last 7d, as they move in Docker (default)" in lines
+    )
+    assert not any("DELETE" in line or "HTTPS" in line for line in lines)
