@@ -17,6 +17,7 @@ from typing import Any
 
 from ..cache.store import DigestMismatch, Store, TagEntry
 from ..common import progress
+from ..common.bounded import BoundedDict
 from ..common.flights import FreshFlight, SingleFlight
 from ..common.metrics import Metrics
 from ..common.progress import PullEvents, Transfer
@@ -75,7 +76,7 @@ class Mirror:
         self.loading: dict[str, asyncio.Task[None]] = {}
         # Docker reference -> (image ID, when this registry pulled it), for tags served without a cache
         # record (zero-copy): --refresh-tags needs to know when they were pulled.
-        self._pulled: dict[str, tuple[str, float]] = {}
+        self._pulled: BoundedDict[str, tuple[str, float]] = BoundedDict(PULLS_REMEMBERED)
         # Docker's facts when it last answered: containerd's image records can be read without Docker.
         self._last_info: DaemonInfo | None = None
 
@@ -318,8 +319,6 @@ class Mirror:
 
     def _remember_pull(self, ref: str, image: dict[str, Any], pulled_at: float) -> dict[str, Any]:
         self._pulled[ref] = (image["Id"], pulled_at)
-        while len(self._pulled) > PULLS_REMEMBERED:
-            self._pulled.pop(next(iter(self._pulled)))
         return image
 
     async def _do_pull(

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..cache.store import Store
+from ..common.bounded import BoundedDict
 from ..common.flights import SingleFlight
 from ..common.metrics import Metrics
 from ..docker.engine import Credentials, DockerClient, DockerUnavailable, PullDenied, PullFailed, PullNotFound
@@ -82,7 +83,7 @@ class PrivateContent:
         self._remember = remember
         self._repos: dict[str, PrivateRepository] | None = None
         # sha256(repository, credentials) -> (accepted, until when that answer stands).
-        self._answers: dict[bytes, tuple[bool, float]] = {}
+        self._answers: BoundedDict[bytes, tuple[bool, float]] = BoundedDict(REMEMBERED)
         self._checks = SingleFlight()
         self._saving = asyncio.Lock()
 
@@ -216,9 +217,6 @@ class PrivateContent:
         return hashlib.sha256("\0".join(parts).encode()).digest()
 
     def _remember_answer(self, key: bytes, accepted: bool) -> None:
-        self._answers.pop(key, None)
-        while len(self._answers) >= REMEMBERED:
-            self._answers.pop(next(iter(self._answers)))
         seconds = self._remember if accepted else min(self._remember, REMEMBER_REFUSAL_SECONDS)
         self._answers[key] = (accepted, time.monotonic() + seconds)
 

@@ -16,10 +16,10 @@ import asyncio
 import hashlib
 import logging
 import os
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+from ..common.bounded import BoundedDict
 from ..common.flights import FreshFlight
 from ..common.metrics import Metrics
 from ..docker.containerd import ContainerdClient, ContainerdUnavailable, Descriptor
@@ -45,13 +45,13 @@ class ContainerdContent:
         self.metrics = metrics
         # Root digest -> what of that image is complete enough to serve (content-addressed: it changes
         # only when containerd removes blobs, and then the plan is dropped).
-        self._plans: OrderedDict[str, ImagePlan] = OrderedDict()
+        self._plans: BoundedDict[str, ImagePlan] = BoundedDict(PLAN_LIMIT)
         # Docker name -> root digests resolved for it: what the repository's manifests are.
         self._roots: dict[str, set[str]] = {}
         # Digest -> (inode, size, mtime) of the file whose bytes were hashed and matched.
-        self._verified: OrderedDict[str, tuple[int, int, int]] = OrderedDict()
+        self._verified: BoundedDict[str, tuple[int, int, int]] = BoundedDict(VERIFIED_LIMIT)
         # Manifest bytes read and verified, by digest: a tag request costs no file read and hash.
-        self._bodies: OrderedDict[str, bytes] = OrderedDict()
+        self._bodies: BoundedDict[str, bytes] = BoundedDict(BODY_LIMIT)
         # Image record lookups, shared by the tag requests arriving while one runs (as Docker inspects).
         self._lookups = FreshFlight()
 
@@ -99,8 +99,6 @@ class ContainerdContent:
             root = Root(target.digest, target.media_type, target.size)
             plan = await asyncio.to_thread(plan_manifests, root, self._read, self._has, platform)
             self._plans[target.digest] = plan
-            while len(self._plans) > PLAN_LIMIT:
-                self._plans.popitem(last=False)
         return plan
 
     async def _manifest(self, plan: ImagePlan, digest: str, cold: bool) -> ServedManifest | None:
@@ -111,8 +109,6 @@ class ContainerdContent:
                 self._forget(digest)
                 return None
             self._bodies[digest] = body
-            while len(self._bodies) > BODY_LIMIT:
-                self._bodies.popitem(last=False)
         self.metrics.manifest_cache.labels("containerd").inc()
         return ServedManifest(digest, plan.manifests[digest].media_type, body, cold)
 
@@ -257,8 +253,6 @@ class ContainerdContent:
             self._mismatch(digest, "a blob")
             return
         self._verified[digest] = _identity(opened)
-        while len(self._verified) > VERIFIED_LIMIT:
-            self._verified.popitem(last=False)
 
 
 def _described(image: dict[str, Any] | None) -> Descriptor | None:

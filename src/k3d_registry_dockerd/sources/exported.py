@@ -19,6 +19,7 @@ import aiohttp
 from ..cache import maintenance
 from ..cache.store import ManifestEntry, RepositoryRecord, Store, TagEntry
 from ..common import progress, units
+from ..common.bounded import BoundedDict
 from ..common.flights import SingleFlight
 from ..common.metrics import Metrics
 from ..common.progress import Transfer
@@ -83,7 +84,7 @@ class ExportedContent:
         self._requests_idle = asyncio.Event()
         self._requests_idle.set()
         # Digests a Docker image was found not to contain, so repeated requests cost no new export.
-        self._absent: dict[tuple[str, str], str] = {}
+        self._absent: BoundedDict[tuple[str, str], str] = BoundedDict(ABSENT_LIMIT)
         self._record_lock = asyncio.Lock()
         # When a client last fetched (Docker name, digest): pulls in progress, kept from eviction.
         self._fetched: dict[tuple[str, str], float] = {}
@@ -333,8 +334,6 @@ class ExportedContent:
             self._fetched[(repo.docker_name, digest)] = time.monotonic()
 
     def _remember_absent(self, repo: Repository, digest: str, image_id: str) -> None:
-        if len(self._absent) >= ABSENT_LIMIT:
-            self._absent.pop(next(iter(self._absent)))
         self._absent[(repo.docker_name, digest)] = image_id
 
     async def _update(

@@ -19,6 +19,8 @@ from pathlib import Path
 import bcrypt
 from aiohttp import BasicAuth
 
+from ..common.bounded import BoundedDict
+
 log = logging.getLogger(__package__)
 
 _BCRYPT_PREFIXES = ("$2a$", "$2b$", "$2y$")
@@ -58,7 +60,7 @@ class Htpasswd:
         self.path = path
         self.realm = realm
         self._loaded: _Loaded | None = None
-        self._verified: dict[bytes, str] = {}
+        self._verified: BoundedDict[bytes, str] = BoundedDict(_REMEMBERED)
 
     @property
     def challenge(self) -> dict[str, str]:
@@ -102,8 +104,6 @@ class Htpasswd:
             return credentials.login
         if not await asyncio.to_thread(_checkpw, credentials.password, hashed):
             return None
-        if len(self._verified) >= _REMEMBERED:
-            self._verified.pop(next(iter(self._verified)))
         self._verified[key.digest()] = credentials.login
         return credentials.login
 
