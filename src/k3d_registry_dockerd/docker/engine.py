@@ -5,6 +5,7 @@ Failures are turned into a few exception types the mirror can act on; Docker's o
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -195,6 +196,35 @@ class DockerClient:
     def describe(self) -> str:
         return self.endpoint.describe()
 
+    def _failure(self, exc: BaseException, what: str) -> DockerUnavailable | DockerFailed:
+        """What a failed call raises: Docker's refusal (DockerFailed, its words after `what`), or Docker gone
+        (not reached, the connection broke, or it cancelled the call because it is stopping)."""
+        if (
+            isinstance(exc, DockerError)
+            and exc.status != _CONNECTION_ERROR_STATUS
+            and not shutting_down(exc.message)
+        ):
+            return DockerFailed(f"{what}: {exc.message}")
+        return self._lost(exc)
+
+    @asynccontextmanager
+    async def _calling(self, what: str) -> AsyncIterator[aiodocker.Docker]:
+        """The client for one call, once Docker's facts are known; its failures raised as `_failure` says."""
+        await self.daemon()
+        try:
+            yield self._client()
+        except (DockerError, aiohttp.ClientError, OSError) as exc:
+            raise self._failure(exc, what) from exc
+
+    @asynccontextmanager
+    async def _opened(self, what: str, path: str, params: dict[str, Any]) -> AsyncIterator[Any]:
+        """A streamed response, once Docker answered; only opening it is Docker's failure (`_failure`): what
+        goes wrong while the caller reads it (a stream that breaks, a cache that is full) is the caller's."""
+        async with contextlib.AsyncExitStack() as stack:
+            async with self._calling(what) as client:
+                response = await stack.enter_async_context(client._query(path, params=params, timeout=None))
+            yield response
+
     def _lost(self, exc: BaseException) -> DockerUnavailable:
         reason = failure_reason(exc)
         if self._info is not None:
@@ -242,17 +272,13 @@ class DockerClient:
 
     async def inspect(self, ref: str) -> dict[str, Any] | None:
         """The image's inspect data, or None when Docker does not have it."""
-        await self.daemon()
-        try:
-            return await self._client().images.inspect(ref)
-        except DockerError as exc:
-            if exc.status == 404:
-                return None
-            if exc.status == _CONNECTION_ERROR_STATUS:
-                raise self._lost(exc) from exc
-            raise DockerFailed(f"inspecting {ref}: {exc.message}") from exc
-        except (aiohttp.ClientError, OSError) as exc:
-            raise self._lost(exc) from exc
+        async with self._calling(f"inspecting {ref}") as client:
+            try:
+                return await client.images.inspect(ref)
+            except DockerError as exc:
+                if exc.status == 404:
+                    return None
+                raise
 
     async def repo_tags(self) -> list[str]:
         """Every `name:tag` Docker has (`docker images`)."""
@@ -260,15 +286,8 @@ class DockerClient:
 
     async def tagged_images(self) -> list[tuple[str, str]]:
         """(`name:tag`, image ID) of every tag Docker has, in one call."""
-        await self.daemon()
-        try:
-            listed = await self._client().images.list()
-        except DockerError as exc:
-            if exc.status == _CONNECTION_ERROR_STATUS:
-                raise self._lost(exc) from exc
-            raise DockerFailed(f"listing images: {exc.message}") from exc
-        except (aiohttp.ClientError, OSError) as exc:
-            raise self._lost(exc) from exc
+        async with self._calling("listing images") as client:
+            listed = await client.images.list()
         return [(tag, str(image.get("Id"))) for image in listed for tag in image.get("RepoTags") or []]
 
     @asynccontextmanager
@@ -276,15 +295,9 @@ class DockerClient:
         """Docker's image events from now on (`docker events --filter type=image`), once the stream is
         open: Docker sends its headers at once, so nothing that happens after entering is missed. The
         stream ending or breaking (dockerd stopped) raises DockerUnavailable."""
-        await self.daemon()
         params = {"filters": json.dumps({"type": ["image"]})}
-        try:
-            async with self._client()._query("events", params=params, timeout=None) as response:
-                yield self._events(response.content)
-        except DockerError as exc:
-            if exc.status == _CONNECTION_ERROR_STATUS:
-                raise self._lost(exc) from exc
-            raise DockerFailed(f"following events: {exc.message}") from exc
+        async with self._opened("following events", "events", params=params) as response:
+            yield self._events(response.content)
 
     async def _events(self, stream: aiohttp.StreamReader) -> AsyncIterator[dict[str, Any]]:
         try:
@@ -301,15 +314,8 @@ class DockerClient:
 
     async def remove(self, ref: str) -> None:
         """`docker rmi <ref>`: untags it, and deletes the image when that was its last name."""
-        await self.daemon()
-        try:
-            await self._client().images.delete(ref)
-        except DockerError as exc:
-            if exc.status == _CONNECTION_ERROR_STATUS:
-                raise self._lost(exc) from exc
-            raise DockerFailed(f"removing {ref}: {exc.message}") from exc
-        except (aiohttp.ClientError, OSError) as exc:
-            raise self._lost(exc) from exc
+        async with self._calling(f"removing {ref}") as client:
+            await client.images.delete(ref)
 
     async def pull(
         self,
@@ -322,18 +328,18 @@ class DockerClient:
         auth = credentials.registry_auth() if credentials is not None else None
         started = time.monotonic()
         log.info("pulling %s through Docker%s", ref, " with credentials" if credentials else "")
-        try:
-            async for event in self._client().images.pull(ref, auth=auth, stream=True):
-                if on_event is not None:
-                    on_event(event)
-        except (DockerStreamError, DockerError) as exc:
-            if isinstance(exc, DockerStreamError) or exc.status != _CONNECTION_ERROR_STATUS:
-                kind = classify_pull_error(exc.message)
-                if kind is not DockerUnavailable:
-                    raise kind(exc.message) from exc
-            raise self._lost(exc) from exc
-        except (aiohttp.ClientError, OSError) as exc:
-            raise self._lost(exc) from exc
+        async with self._calling(f"pulling {ref}") as client:
+            try:
+                async for event in client.images.pull(ref, auth=auth, stream=True):
+                    if on_event is not None:
+                        on_event(event)
+            except (DockerStreamError, DockerError) as exc:
+                # Docker's words say whether the upstream refused, lacks the image, or failed otherwise.
+                if isinstance(exc, DockerStreamError) or exc.status != _CONNECTION_ERROR_STATUS:
+                    kind = classify_pull_error(exc.message)
+                    if kind is not DockerUnavailable:
+                        raise kind(exc.message) from exc
+                raise
         log.info("pulled %s in %s", ref, units.duration(time.monotonic() - started))
 
     async def check_pull_access(self, ref: str, domain: str, credentials: Credentials) -> None:
@@ -348,21 +354,16 @@ class DockerClient:
             await self.pull(ref, credentials)
             return
         header = compose_auth_header(credentials.registry_auth(), domain)
-        try:
-            await self._client()._query_json(f"distribution/{ref}/json", headers={"X-Registry-Auth": header})
-        except DockerError as exc:
-            if exc.status == _CONNECTION_ERROR_STATUS:
-                raise self._lost(exc) from exc
-            if exc.status in (401, 403):
-                raise PullDenied(exc.message) from exc
-            if exc.status == 404:
-                raise PullNotFound(exc.message) from exc
-            kind = classify_pull_error(exc.message)
-            if kind is DockerUnavailable:
-                raise self._lost(exc) from exc
-            raise kind(exc.message) from exc
-        except (aiohttp.ClientError, OSError) as exc:
-            raise self._lost(exc) from exc
+        async with self._calling(f"looking up {ref}") as client:
+            try:
+                await client._query_json(f"distribution/{ref}/json", headers={"X-Registry-Auth": header})
+            except DockerError as exc:
+                kind = {401: PullDenied, 403: PullDenied, 404: PullNotFound}.get(exc.status)
+                if kind is None and exc.status != _CONNECTION_ERROR_STATUS:
+                    kind = classify_pull_error(exc.message)
+                if kind is None or kind is DockerUnavailable:
+                    raise
+                raise kind(exc.message) from exc
 
     @asynccontextmanager
     async def save(self, ref: str, platform: Platform | None) -> AsyncIterator[aiohttp.StreamReader]:
@@ -371,16 +372,9 @@ class DockerClient:
         params: dict[str, Any] = {}
         if platform is not None and info.api >= SAVE_PLATFORM_API:
             params["platform"] = platform.as_json()
-        client = self._client()
-        try:
-            # aiodocker's export_image takes no query parameters; its _query is the same request path.
-            async with client._query(f"images/{ref}/get", params=params, timeout=None) as response:
-                yield response.content
-        except DockerError as exc:
-            # A daemon shutting down cancels the save it was asked for: that is Docker going away.
-            if exc.status == _CONNECTION_ERROR_STATUS or shutting_down(exc.message):
-                raise self._lost(exc) from exc
-            raise DockerFailed(f"saving {ref}: {exc.message}") from exc
+        # aiodocker's export_image takes no query parameters; its _query is the same request path.
+        async with self._opened(f"saving {ref}", f"images/{ref}/get", params=params) as response:
+            yield response.content
 
     async def load(self, archive: AsyncIterator[bytes]) -> str:
         """`docker load` of a tar stream, sent as it is produced; the names (or IDs) Docker reports loaded.
@@ -425,16 +419,10 @@ class DockerClient:
                         what, colon, name = text.partition(":")
                         if colon and what.startswith("Loaded image"):
                             loaded.append(name.strip())
-        except DockerError as exc:
+        except (DockerError, aiohttp.ClientError, OSError) as exc:
             if source_failed:
                 raise source_failed[0] from exc
-            if exc.status == _CONNECTION_ERROR_STATUS:
-                raise self._lost(exc) from exc
-            raise DockerFailed(f"loading an image: {exc.message}") from exc
-        except (aiohttp.ClientError, OSError) as exc:
-            if source_failed:
-                raise source_failed[0] from exc
-            raise self._lost(exc) from exc
+            raise self._failure(exc, "loading an image") from exc
         except ValueError as exc:
             raise DockerFailed(f"loading an image: Docker answered with something not JSON: {exc}") from exc
         return ", ".join(loaded)
