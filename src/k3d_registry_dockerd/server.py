@@ -13,24 +13,22 @@ import resource
 import signal
 import socket
 import ssl
-from collections.abc import AsyncIterator
 
 from aiohttp import web
 
 from . import __version__, logs
 from .cache import directory
 from .cache.store import Store
-from .common.metrics import Metrics
 from .docker.endpoint import DockerEndpoint
-from .docker.engine import DockerClient, DockerUnavailable
+from .docker.engine import DockerClient
 from .docker.hostcreds import HostCredentials
-from .mirror.mirror import Mirror
-from .mirror.prefetch import Prefetcher
 from .mirror.private import PrivateStateError
 from .settings import ENV_ADDR, ENV_HTPASSWD_PATH, SettingError, Settings, cache_dir_problem
-from .sources.discovery import ZeroCopy, ZeroCopyConfig
+from .sources.discovery import ZeroCopyConfig
+from .web.app import AccessLogger, create_app
+from .web.assembly import assemble
 from .web.auth import Htpasswd, HtpasswdError
-from .web.routes import MIRROR, PREFETCHER, UPLOADS, AccessLogger, create_app
+from .web.routes import REGISTRY
 
 log = logging.getLogger("k3d_registry_dockerd")
 # glibc mallopt parameters (malloc.h).
@@ -190,51 +188,21 @@ def _write_auth(settings: Settings) -> Htpasswd | None:
 
 
 def build_app(settings: Settings, endpoint: DockerEndpoint, write_auth: Htpasswd | None) -> web.Application:
-    store = Store(settings.cache_dir)
-    docker = DockerClient(endpoint)
-    metrics = Metrics(store.blobs_dir)
-    zero_copy = ZeroCopy(
-        ZeroCopyConfig(settings.zero_copy, settings.containerd_address, settings.containerd_namespace),
-        metrics,
-    )
-    mirror = Mirror(
-        store,
-        docker,
-        refresh_tags=settings.refresh_tags,
-        metrics=metrics,
+    registry = assemble(
+        Store(settings.cache_dir),
+        DockerClient(endpoint),
         cache_max_size=settings.cache_max_size,
-        zero_copy=zero_copy,
+        refresh_tags=settings.refresh_tags,
+        zero_copy=ZeroCopyConfig(
+            settings.zero_copy, settings.containerd_address, settings.containerd_namespace
+        ),
         host_credentials=HostCredentials() if settings.docker_credentials else None,
-    )
-    app = create_app(
-        mirror,
+        prefetch_max_age=settings.prefetch_max_age if settings.prefetch else None,
         load_pushed=settings.load_pushed,
         allow_docker_delete=settings.allow_docker_delete,
         allow_docker_overwrite=settings.allow_docker_overwrite,
-        write_auth=write_auth,
-        answer_within=settings.answer_within,
     )
-    prefetcher = Prefetcher(mirror, settings.prefetch_max_age) if settings.prefetch else None
-    if prefetcher is not None:
-        app[PREFETCHER] = prefetcher
-
-    async def lifecycle(_app: web.Application) -> AsyncIterator[None]:
-        await asyncio.to_thread(store.open)
-        await asyncio.to_thread(mirror.private.open)
-        try:
-            await zero_copy.source(await docker.daemon())
-        except DockerUnavailable as exc:
-            log.warning("%s; serving what is cached and retrying on every request that needs Docker", exc)
-        if prefetcher is not None:
-            prefetcher.start()
-        yield
-        if prefetcher is not None:
-            await prefetcher.close()
-        await zero_copy.close()
-        await docker.close()
-
-    app.cleanup_ctx.append(lifecycle)
-    return app
+    return create_app(registry, write_auth=write_auth, answer_within=settings.answer_within)
 
 
 async def _until_stopped() -> str:
@@ -279,8 +247,8 @@ async def _serve(settings: Settings, endpoint: DockerEndpoint, tls: ssl.SSLConte
             log.info(
                 "stopping (%s): %d exports and %d uploads in flight",
                 why,
-                len(app[MIRROR].exported.in_progress),
-                len(app[UPLOADS]),
+                len(app[REGISTRY].transfers.running("export", "pre-export")),
+                len(app[REGISTRY].uploads),
             )
         finally:
             await runner.cleanup()

@@ -73,13 +73,20 @@ class FakeDocker:
     event_streams: int = 0
     _event_queues: list[asyncio.Queue[dict[str, Any] | Exception]] = field(default_factory=list)
 
+    # Docker's facts when it last answered.
+    last_info: DaemonInfo | None = None
+
     def describe(self) -> str:
         return "unix:///fake.sock (default)"
+
+    async def close(self) -> None:
+        pass
 
     async def daemon(self) -> DaemonInfo:
         if self.unavailable:
             raise DockerUnavailable("Docker is unreachable at unix:///fake.sock (default): fake is down")
-        return DaemonInfo("27.5.1", "1.47", self.platform, "overlay2", self.containerd_store)
+        self.last_info = DaemonInfo("27.5.1", "1.47", self.platform, "overlay2", self.containerd_store)
+        return self.last_info
 
     async def repo_tags(self) -> list[str]:
         return [ref for ref, _ in await self.tagged_images()]

@@ -25,10 +25,10 @@ from k3d_registry_dockerd.docker.engine import (
     PullFailed,
     PullNotFound,
 )
-from k3d_registry_dockerd.mirror.mirror import Mirror
 from k3d_registry_dockerd.oci.platform import Platform
 from k3d_registry_dockerd.web import status as status_module
-from k3d_registry_dockerd.web.routes import create_app
+from k3d_registry_dockerd.web.app import create_app
+from k3d_registry_dockerd.web.assembly import Registry, assemble
 
 from .fakes import FakeDocker, LocalImage, local_image
 from .saves import (
@@ -56,8 +56,8 @@ def docker() -> FakeDocker:
 
 @pytest.fixture
 def make_client(aiohttp_client: Any, store: Store, docker: FakeDocker) -> MakeClient:
-    async def make(mirror: Mirror | None = None) -> TestClient:
-        return await aiohttp_client(create_app(mirror or Mirror(store, docker)))
+    async def make(registry: Registry | None = None) -> TestClient:
+        return await aiohttp_client(create_app(registry or assemble(store, docker)))
 
     return make
 
@@ -320,7 +320,7 @@ async def test_blob_of_another_repository(client: TestClient, docker: FakeDocker
 async def test_containerd_is_answered_503_in_time_while_the_export_goes_on(
     aiohttp_client: Any, store: Store, docker: FakeDocker
 ) -> None:
-    client = await aiohttp_client(create_app(Mirror(store, docker), answer_within=0.2))
+    client = await aiohttp_client(create_app(assemble(store, docker), answer_within=0.2))
     docker.save_gate = asyncio.Event()
     containerd = {"User-Agent": "containerd/1.7.24"}
     response = await client.head("/v2/alpine/manifests/latest", headers=containerd)
@@ -344,7 +344,7 @@ async def test_a_late_answer_does_not_cut_a_private_pull_short(
     docker.upstream[REDIS] = local_image("redis-7", REDIS)
     docker.private["docker.io/library/redis"] = Credentials("puller", "s3cret-pw")
     docker.save_gate = asyncio.Event()
-    client = await aiohttp_client(create_app(Mirror(store, docker), answer_within=0.1))
+    client = await aiohttp_client(create_app(assemble(store, docker), answer_within=0.1))
     headers = {"User-Agent": "containerd/2.1.9", **basic_auth("puller", "s3cret-pw")}
     assert (await client.get(REDIS_PATH, headers=headers)).status == 503
     docker.save_gate.set()
@@ -406,7 +406,7 @@ async def test_restart_serves_the_cache_without_exporting(
 
     reopened = Store(store.root)
     reopened.open()
-    second = await make_client(Mirror(reopened, docker))
+    second = await make_client(assemble(reopened, docker))
     response = await second.get("/v2/alpine/manifests/latest")
     assert response.status == 200
     assert response.headers["Docker-Content-Digest"] == image.digest
@@ -529,7 +529,7 @@ async def test_real_client_without_daemon_is_503(
     monkeypatch.setenv("DOCKER_HOST", f"unix://{socket}")
     real = DockerClient()
     try:
-        client = await make_client(Mirror(store, real))
+        client = await make_client(assemble(store, real))
         error = await error_of(await client.get("/v2/alpine/manifests/latest"), 503, "UNAVAILABLE")
         assert f"unix://{socket} (DOCKER_HOST): No such file or directory" in error["message"]
     finally:
@@ -565,7 +565,7 @@ async def test_refresh_tags(make_client: MakeClient, store: Store, docker: FakeD
     assert docker.pulls == []  # Docker had it and refreshing is off
     assert store.record("docker.io/library/redis").tags["7"].pulled_at is None
 
-    refreshing = await make_client(Mirror(store, docker, refresh_tags=0.0))
+    refreshing = await make_client(assemble(store, docker, refresh_tags=0.0))
     docker.pull_error = PullFailed("toomanyrequests: rate limit")
     response = await refreshing.get(REDIS_PATH)
     assert response.status == 200
@@ -590,7 +590,7 @@ async def test_refresh_picks_up_a_new_upstream_image(
 ) -> None:
     docker.images[REDIS] = local_image("redis-7", REDIS)
     docker.upstream[REDIS] = local_image("redis-7-new", REDIS)
-    client = await make_client(Mirror(store, docker, refresh_tags=0.0))
+    client = await make_client(assemble(store, docker, refresh_tags=0.0))
     response = await client.get(REDIS_PATH)
     assert response.headers["Docker-Content-Digest"] == docker.upstream[REDIS].image.digest
     assert docker.pulls == [(REDIS, None)]

@@ -26,8 +26,8 @@ from multidict import CIMultiDictProxy
 from yarl import URL
 
 from k3d_registry_dockerd.cache.store import Store
-from k3d_registry_dockerd.mirror.mirror import Mirror
-from k3d_registry_dockerd.web.routes import create_app
+from k3d_registry_dockerd.web.app import create_app
+from k3d_registry_dockerd.web.assembly import assemble
 
 from .fakes import FakeDocker, local_image
 from .saves import digest_of, layer_tar
@@ -436,7 +436,7 @@ def docker() -> RecordingDocker:
 
 @pytest.fixture
 async def registry(aiohttp_client: Any, store: Store, docker: RecordingDocker) -> Registry:
-    return Registry(await aiohttp_client(create_app(Mirror(store, docker))))
+    return Registry(await aiohttp_client(create_app(assemble(store, docker))))
 
 
 def test_resolve_keeps_queries_and_handles_relative_and_absolute_locations() -> None:

@@ -23,10 +23,10 @@ from k3d_registry_dockerd.doctor import (
     write_access_finding,
     zero_copy_finding,
 )
-from k3d_registry_dockerd.mirror.mirror import Mirror
 from k3d_registry_dockerd.oci.platform import Platform
 from k3d_registry_dockerd.settings import Settings, resolve
-from k3d_registry_dockerd.web.routes import create_app
+from k3d_registry_dockerd.web.app import create_app
+from k3d_registry_dockerd.web.assembly import assemble
 
 from .fakes import FakeDocker
 
@@ -98,7 +98,7 @@ async def test_port_in_use_by_something_else_blocks() -> None:
 async def test_port_served_by_this_registry_is_recognized(aiohttp_server: Any, tmp_path: Path) -> None:
     store = Store(tmp_path)
     store.open()
-    running = await aiohttp_server(create_app(Mirror(store, FakeDocker())))
+    running = await aiohttp_server(create_app(assemble(store, FakeDocker())))
     findings = await port_findings(_settings(f"127.0.0.1:{running.port}"))
     assert findings[0].status == "ok"
     assert f"this registry ({__version__}) serves there" in findings[0].text

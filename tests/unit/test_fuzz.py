@@ -25,8 +25,9 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from k3d_registry_dockerd.cache.store import Store
-from k3d_registry_dockerd.mirror.mirror import Mirror
-from k3d_registry_dockerd.web.routes import UPLOADS, create_app
+from k3d_registry_dockerd.web.app import create_app
+from k3d_registry_dockerd.web.assembly import assemble
+from k3d_registry_dockerd.web.routes import REGISTRY
 
 from ..fuzz_requests import (
     CORPUS,
@@ -99,7 +100,7 @@ async def registry(aiohttp_client: Any, store: Store) -> Registry:
     docker.images[ALPINE] = local_image("alpine-1", ALPINE)
     docker.images[TEAM_APP] = local_image("team-app", TEAM_APP)
     docker.upstream[BUSYBOX] = local_image("busybox-1", BUSYBOX)
-    client = await aiohttp_client(create_app(Mirror(store, docker), load_pushed=False))
+    client = await aiohttp_client(create_app(assemble(store, docker, load_pushed=False)))
     assert (await client.get("/v2/alpine/manifests/latest")).status == 200
     alpine = docker.images[ALPINE].image
     assert alpine is not None
@@ -165,7 +166,7 @@ async def test_nasty_request(registry: Registry, store: Store, tmp_path: Path, n
     before = outside_store(tmp_path, store)
     tally = Tally()
     request = nasty.resolve(corpus_fields(registry.seeds))
-    uploads_before = len(registry.client.app[UPLOADS])
+    uploads_before = len(registry.client.app[REGISTRY].uploads)
     temp_before = set((store.root / "tmp").iterdir())
 
     answer = await asyncio.to_thread(registry.send, request)
@@ -182,7 +183,7 @@ async def test_nasty_request(registry: Registry, store: Store, tmp_path: Path, n
     assert cache_strays(store.root) == []
     if request.method == "POST" and answer.status >= 400:
         # A refused upload start leaves no session (and no temp file) behind.
-        sessions = len(registry.client.app[UPLOADS]) - uploads_before
+        sessions = len(registry.client.app[REGISTRY].uploads) - uploads_before
         temp = sorted(p.name for p in set((store.root / "tmp").iterdir()) - temp_before)
         assert (sessions, temp) == (0, []), (
             f"{request.describe()} was refused ({answer.describe()}) but left {sessions} upload session(s) "

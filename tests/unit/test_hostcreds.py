@@ -21,9 +21,9 @@ from k3d_registry_dockerd.docker.hostcreds import (
     parse_helper_answer,
     registry_of,
 )
-from k3d_registry_dockerd.mirror.mirror import Mirror
 from k3d_registry_dockerd.oci.errors import RegistryError
 from k3d_registry_dockerd.oci.reference import parse_repository
+from k3d_registry_dockerd.web.assembly import assemble
 
 from .fakes import FakeDocker, local_image
 
@@ -146,7 +146,8 @@ async def test_pulls_without_credentials_use_the_host_s(store: Store, tmp_path: 
     write_config(tmp_path, {"auths": {PRIVATE: {"auth": basic("host-user", "host-pw")}}})
     ref = f"{PRIVATE}/team/app:1"
     docker = FakeDocker(upstream={ref: local_image("private", ref)})
-    mirror = Mirror(store, docker, host_credentials=HostCredentials({"DOCKER_CONFIG": str(tmp_path)}))  # type: ignore[arg-type]
+    credentials = HostCredentials({"DOCKER_CONFIG": str(tmp_path)})
+    mirror = assemble(store, docker, host_credentials=credentials).mirror  # type: ignore[arg-type]
     repo = parse_repository("team/app", PRIVATE)
     await mirror.manifest_by_tag(repo, "1", None)
     assert docker.pulls == [(ref, Credentials("host-user", "host-pw"))]
@@ -167,5 +168,6 @@ async def test_pulls_without_credentials_use_the_host_s(store: Store, tmp_path: 
 async def test_without_the_setting_the_host_s_credentials_are_not_used(store: Store, tmp_path: Path) -> None:
     ref = f"{PRIVATE}/team/app:1"
     docker = FakeDocker(upstream={ref: local_image("private", ref)})
-    await Mirror(store, docker).manifest_by_tag(parse_repository("team/app", PRIVATE), "1", None)  # type: ignore[arg-type]
+    mirror = assemble(store, docker).mirror  # type: ignore[arg-type]
+    await mirror.manifest_by_tag(parse_repository("team/app", PRIVATE), "1", None)
     assert docker.pulls == [(ref, None)]

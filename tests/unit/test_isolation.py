@@ -13,8 +13,8 @@ import base64
 from typing import Any
 
 from k3d_registry_dockerd.cache.store import Store
-from k3d_registry_dockerd.mirror.mirror import Mirror
-from k3d_registry_dockerd.web.routes import create_app
+from k3d_registry_dockerd.web.app import create_app
+from k3d_registry_dockerd.web.assembly import assemble
 
 from .fakes import FakeDocker, local_image
 
@@ -26,7 +26,7 @@ async def test_a_blob_pulled_with_credentials_cannot_be_mounted_into_the_own_nam
 ) -> None:
     docker = FakeDocker()
     docker.upstream[PRIVATE_REF] = local_image("private", PRIVATE_REF)
-    client = await aiohttp_client(create_app(Mirror(store, docker), load_pushed=False))
+    client = await aiohttp_client(create_app(assemble(store, docker, load_pushed=False)))
     secret = {"Authorization": "Basic " + base64.b64encode(b"puller:s3cret-pw").decode()}
     pulled = await client.get("/v2/private/iso/manifests/v1?ns=registry.example.com", headers=secret)
     assert pulled.status == 200

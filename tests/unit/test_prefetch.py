@@ -1,17 +1,17 @@
-"""Pre-exports of moved tags: the scheduling rules, over a real Mirror and Store with a fake Docker."""
+"""Pre-exports of moved tags: the scheduling rules, over a real registry and store with a fake Docker."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from typing import Any
 
 import pytest
 
 from k3d_registry_dockerd.cache import maintenance
 from k3d_registry_dockerd.cache.store import RepositoryRecord, Store, TagEntry
-from k3d_registry_dockerd.mirror.mirror import Mirror
 from k3d_registry_dockerd.mirror.prefetch import (
     Prefetcher,
     PrefetchQueue,
@@ -21,6 +21,7 @@ from k3d_registry_dockerd.mirror.prefetch import (
     served_tags,
 )
 from k3d_registry_dockerd.oci.reference import parse_repository
+from k3d_registry_dockerd.web.assembly import Registry, assemble
 from k3d_registry_dockerd.web.status import RecentProblems, RecentPulls, snapshot
 
 from .fakes import FakeDocker, local_image
@@ -121,7 +122,7 @@ def test_expected_growth_leaves_out_layers_the_cache_holds() -> None:
     assert expected_growth({}, sizes.get) == 0
 
 
-# ---- with the mirror -------------------------------------------------------------------------------
+# ---- with the registry -----------------------------------------------------------------------------
 
 
 async def until(condition: Callable[[], bool], what: str) -> None:
@@ -143,50 +144,51 @@ def docker() -> FakeDocker:
 
 
 @pytest.fixture
-def mirror(store: Store, docker: FakeDocker) -> Mirror:
-    return Mirror(store, docker)  # type: ignore[arg-type]
+def registry(store: Store, docker: FakeDocker) -> Registry:
+    return assemble(store, docker, prefetch_max_age=WEEK)  # type: ignore[arg-type]
 
 
 @pytest.fixture
-async def prefetcher(mirror: Mirror, docker: FakeDocker) -> AsyncIterator[Prefetcher]:
-    running = Prefetcher(mirror, WEEK)
+async def prefetcher(registry: Registry, docker: FakeDocker) -> AsyncIterator[Prefetcher]:
+    running = registry.prefetcher
+    assert running is not None
     running.start()
     await until(lambda: docker.event_streams == 1, "the event stream open")
     yield running
     await running.close()
 
 
-async def pull(mirror: Mirror, ref: str) -> str:
+async def pull(registry: Registry, ref: str) -> str:
     name, _, tag = ref.removeprefix("docker.io/library/").rpartition(":")
-    return (await mirror.manifest_by_tag(parse_repository(name, None), tag, None)).digest
+    return (await registry.mirror.manifest_by_tag(parse_repository(name, None), tag, None)).digest
 
 
-def count(mirror: Mirror, metric: str, **labels: str) -> float:
-    return mirror.metrics.registry.get_sample_value(metric, labels) or 0.0
+def count(registry: Registry, metric: str, **labels: str) -> float:
+    return registry.metrics.registry.get_sample_value(metric, labels) or 0.0
 
 
 async def test_a_served_tag_that_moves_is_exported_before_it_is_asked_for(
-    mirror: Mirror, docker: FakeDocker, prefetcher: Prefetcher
+    registry: Registry, docker: FakeDocker, prefetcher: Prefetcher
 ) -> None:
-    await pull(mirror, APP)
+    await pull(registry, APP)
     rebuilt = local_image("app-2", APP)
     docker.retag(APP, rebuilt)
     await until(lambda: docker.saves == [APP, APP] and prefetcher.running is None, "the pre-export")
-    assert count(mirror, "k3d_registry_prefetches_total", outcome="exported") == 1
-    record = mirror.store.record("docker.io/library/app")
+    assert count(registry, "k3d_registry_prefetches_total", outcome="exported") == 1
+    record = registry.store.record("docker.io/library/app")
     assert record is not None and record.tags["dev"].image_id == rebuilt.id and record.tags["dev"].prefetched
 
-    served = await mirror.manifest_by_tag(parse_repository("app", None), "dev", None)
+    served = await registry.mirror.manifest_by_tag(parse_repository("app", None), "dev", None)
     assert docker.saves == [APP, APP]  # the pull found it exported
     assert not served.cold
-    assert count(mirror, "k3d_registry_prefetch_hits_total", state="ready") == 1
-    assert not mirror.store.record("docker.io/library/app").tags["dev"].prefetched  # type: ignore[union-attr]
+    assert count(registry, "k3d_registry_prefetch_hits_total", state="ready") == 1
+    assert not registry.store.record("docker.io/library/app").tags["dev"].prefetched  # type: ignore[union-attr]
 
 
 async def test_a_tag_never_served_is_left_alone(
-    mirror: Mirror, docker: FakeDocker, prefetcher: Prefetcher
+    registry: Registry, docker: FakeDocker, prefetcher: Prefetcher
 ) -> None:
-    await pull(mirror, APP)
+    await pull(registry, APP)
     docker.retag(OTHER, local_image("other-2", OTHER))
     docker.retag(APP, local_image("app-2", APP))
     await until(lambda: len(docker.saves) == 2 and prefetcher.running is None, "the pre-export")
@@ -195,10 +197,10 @@ async def test_a_tag_never_served_is_left_alone(
 
 
 async def test_a_tag_not_pulled_within_the_max_age_is_left_alone(
-    mirror: Mirror, docker: FakeDocker, prefetcher: Prefetcher
+    registry: Registry, docker: FakeDocker, prefetcher: Prefetcher
 ) -> None:
-    await pull(mirror, APP)
-    await mirror.exported.edit_record(
+    await pull(registry, APP)
+    await registry.records.edit(
         "docker.io/library/app",
         lambda record: RepositoryRecord(
             record.name,
@@ -212,49 +214,51 @@ async def test_a_tag_not_pulled_within_the_max_age_is_left_alone(
 
 
 async def test_a_tag_that_moves_again_cancels_its_pre_export(
-    mirror: Mirror, docker: FakeDocker, prefetcher: Prefetcher
+    registry: Registry, docker: FakeDocker, prefetcher: Prefetcher
 ) -> None:
-    await pull(mirror, APP)
+    await pull(registry, APP)
     docker.save_gate = asyncio.Event()
     docker.retag(APP, local_image("app-2", APP))
     await until(lambda: len(docker.saves) == 2, "the first pre-export started")
     third = local_image("app-3", APP)
     docker.retag(APP, third)
     await until(
-        lambda: count(mirror, "k3d_registry_prefetches_total", outcome="superseded") == 1, "it stopped"
+        lambda: count(registry, "k3d_registry_prefetches_total", outcome="superseded") == 1, "it stopped"
     )
     docker.save_gate.set()
-    await until(lambda: count(mirror, "k3d_registry_prefetches_total", outcome="exported") == 1, "the second")
-    assert mirror.store.record("docker.io/library/app").tags["dev"].image_id == third.id  # type: ignore[union-attr]
+    await until(
+        lambda: count(registry, "k3d_registry_prefetches_total", outcome="exported") == 1, "the second"
+    )
+    assert registry.store.record("docker.io/library/app").tags["dev"].image_id == third.id  # type: ignore[union-attr]
     # Nothing the cancelled export stored stays behind unreferenced.
-    stored = {f"sha256:{path.name}" for path in mirror.store.blobs_dir.glob("*/*")}
-    assert stored <= maintenance.referenced(mirror.store)
+    stored = {f"sha256:{path.name}" for path in registry.store.blobs_dir.glob("*/*")}
+    assert stored <= maintenance.referenced(registry.store)
 
 
 async def test_a_pull_during_the_pre_export_joins_it(
-    mirror: Mirror, docker: FakeDocker, prefetcher: Prefetcher
+    registry: Registry, docker: FakeDocker, prefetcher: Prefetcher
 ) -> None:
-    await pull(mirror, APP)
+    await pull(registry, APP)
     docker.save_gate = asyncio.Event()
     rebuilt = local_image("app-2", APP)
     docker.retag(APP, rebuilt)
     await until(lambda: len(docker.saves) == 2, "the pre-export started")
-    request = asyncio.ensure_future(pull(mirror, APP))
-    await until(lambda: count(mirror, "k3d_registry_prefetch_hits_total", state="running") == 1, "the join")
+    request = asyncio.ensure_future(pull(registry, APP))
+    await until(lambda: count(registry, "k3d_registry_prefetch_hits_total", state="running") == 1, "the join")
     docker.save_gate.set()
     await request
     assert docker.saves == [APP, APP]
-    entry_ = mirror.store.record("docker.io/library/app").tags["dev"]  # type: ignore[union-attr]
+    entry_ = registry.store.record("docker.io/library/app").tags["dev"]  # type: ignore[union-attr]
     assert entry_.image_id == rebuilt.id and not entry_.prefetched  # a request used it
-    assert count(mirror, "k3d_registry_prefetches_total", outcome="exported") == 1
+    assert count(registry, "k3d_registry_prefetches_total", outcome="exported") == 1
 
 
 async def test_a_request_s_export_goes_ahead_of_pre_exports(
-    mirror: Mirror, docker: FakeDocker, prefetcher: Prefetcher
+    registry: Registry, docker: FakeDocker, prefetcher: Prefetcher
 ) -> None:
-    await pull(mirror, APP)
+    await pull(registry, APP)
     docker.save_gate = asyncio.Event()
-    request = asyncio.ensure_future(pull(mirror, OTHER))
+    request = asyncio.ensure_future(pull(registry, OTHER))
     await until(lambda: docker.saves == [APP, OTHER], "the request's export started")
     docker.retag(APP, local_image("app-2", APP))
     await asyncio.sleep(0.3)
@@ -266,12 +270,12 @@ async def test_a_request_s_export_goes_ahead_of_pre_exports(
 
 
 async def test_one_pre_export_at_a_time_newest_move_first(
-    mirror: Mirror, docker: FakeDocker, prefetcher: Prefetcher
+    registry: Registry, docker: FakeDocker, prefetcher: Prefetcher
 ) -> None:
     third = "docker.io/library/third:dev"
     docker.images[third] = local_image("third-1", third)
     for ref in (APP, OTHER, third):
-        await pull(mirror, ref)
+        await pull(registry, ref)
     docker.save_gate = asyncio.Event()
     docker.retag(APP, local_image("app-2", APP))
     await until(lambda: len(docker.saves) == 4, "the first pre-export started")
@@ -286,16 +290,17 @@ async def test_one_pre_export_at_a_time_newest_move_first(
 
 
 async def test_nothing_is_pre_exported_past_the_cache_limit(store: Store, docker: FakeDocker) -> None:
-    mirror = Mirror(store, docker, cache_max_size=1)  # type: ignore[arg-type]
-    running = Prefetcher(mirror, WEEK)
+    registry = assemble(store, docker, cache_max_size=1, prefetch_max_age=WEEK)  # type: ignore[arg-type]
+    running = registry.prefetcher
+    assert running is not None
     running.start()
     try:
-        await pull(mirror, APP)
+        await pull(registry, APP)
         rebuilt = local_image("app-2", APP)
         rebuilt.inspect["Size"] = 10_000
         docker.retag(APP, rebuilt)
         await until(
-            lambda: count(mirror, "k3d_registry_prefetches_total", outcome="over_limit") == 1, "skipped"
+            lambda: count(registry, "k3d_registry_prefetches_total", outcome="over_limit") == 1, "skipped"
         )
         assert docker.saves == [APP]
     finally:
@@ -303,23 +308,23 @@ async def test_nothing_is_pre_exported_past_the_cache_limit(store: Store, docker
 
 
 async def test_nothing_is_exported_when_containerd_s_store_serves_docker_s_images(
-    mirror: Mirror, docker: FakeDocker, prefetcher: Prefetcher, monkeypatch: pytest.MonkeyPatch
+    registry: Registry, docker: FakeDocker, prefetcher: Prefetcher, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    await pull(mirror, APP)
+    await pull(registry, APP)
 
     async def zero_copy(_info: Any) -> bool:
         return False
 
-    monkeypatch.setattr(mirror, "exports_needed", zero_copy)
+    monkeypatch.setattr(registry.sources, "exports_needed", zero_copy)
     docker.retag(APP, local_image("app-2", APP))
     await asyncio.sleep(0.3)
     assert docker.saves == [APP] and len(prefetcher.queue) == 0
 
 
 async def test_a_tag_moved_while_docker_was_away_is_found_when_the_events_resume(
-    mirror: Mirror, docker: FakeDocker, prefetcher: Prefetcher
+    registry: Registry, docker: FakeDocker, prefetcher: Prefetcher
 ) -> None:
-    await pull(mirror, APP)
+    await pull(registry, APP)
     docker.unavailable = True
     docker.break_event_streams()
     await until(lambda: not prefetcher.events.following, "the stream broken")
@@ -332,19 +337,19 @@ async def test_a_tag_moved_while_docker_was_away_is_found_when_the_events_resume
 
 
 async def test_the_status_page_shows_a_pre_export_running_and_done(
-    mirror: Mirror, docker: FakeDocker, prefetcher: Prefetcher
+    registry: Registry, docker: FakeDocker, prefetcher: Prefetcher
 ) -> None:
-    await pull(mirror, APP)
+    await pull(registry, APP)
     docker.save_gate = asyncio.Event()
     docker.retag(APP, local_image("app-2", APP))
     await until(lambda: len(docker.saves) == 2, "the pre-export started")
     problems, pulls = RecentProblems(), RecentPulls()
-    running = await snapshot(mirror, problems, pulls, prefetcher)
+    running = await snapshot(registry, problems, pulls)
     assert [(t["kind"], t["ref"]) for t in running["transfers"]] == [("pre-export", APP)]
     assert running["prefetch"]["running"] == APP and running["prefetch"]["following"]
     docker.save_gate.set()
     await until(lambda: prefetcher.running is None, "the pre-export done")
-    done = await snapshot(mirror, problems, pulls, prefetcher)
+    done = await snapshot(registry, problems, pulls)
     assert done["transfers"] == []
     assert [(o["ref"], o["outcome"]) for o in done["prefetch"]["recent"]] == [(APP, "exported")]
-    assert (await snapshot(mirror, problems, pulls))["prefetch"] is None  # --no-prefetch
+    assert (await snapshot(replace(registry, prefetcher=None), problems, pulls))["prefetch"] is None

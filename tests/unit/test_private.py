@@ -13,9 +13,9 @@ from aiohttp.test_utils import TestClient
 
 from k3d_registry_dockerd.cache.store import Store
 from k3d_registry_dockerd.docker.engine import Credentials
-from k3d_registry_dockerd.mirror.mirror import Mirror
-from k3d_registry_dockerd.mirror.private import STATE_FILE, PrivateContent, PrivateStateError
-from k3d_registry_dockerd.web.routes import create_app
+from k3d_registry_dockerd.mirror.private import STATE_FILE, PrivateStateError
+from k3d_registry_dockerd.web.app import create_app
+from k3d_registry_dockerd.web.assembly import Registry, assemble
 
 from .fakes import FakeDocker, local_image
 from .test_api import basic_auth, error_of
@@ -36,8 +36,8 @@ def docker() -> FakeDocker:
     return fake
 
 
-async def start(aiohttp_client: Any, mirror: Mirror) -> TestClient:
-    return await aiohttp_client(create_app(mirror))
+async def start(aiohttp_client: Any, registry: Registry) -> TestClient:
+    return await aiohttp_client(create_app(registry))
 
 
 def manifest_of(body: bytes) -> dict[str, Any]:
@@ -56,7 +56,7 @@ async def pulled_privately(client: TestClient) -> dict[str, Any]:
 async def test_the_puller_is_served_and_others_are_challenged(
     aiohttp_client: Any, store: Store, docker: FakeDocker
 ) -> None:
-    client = await start(aiohttp_client, Mirror(store, docker))
+    client = await start(aiohttp_client, assemble(store, docker))
     manifest = await pulled_privately(client)
     digest = docker.upstream[REF].image.digest  # type: ignore[union-attr]
     assert docker.access_checks == []  # the pull itself proved the credentials
@@ -86,12 +86,12 @@ async def test_the_puller_is_served_and_others_are_challenged(
 async def test_accepted_credentials_are_checked_again_after_a_restart_then_remembered(
     aiohttp_client: Any, store: Store, docker: FakeDocker, tmp_path: Path
 ) -> None:
-    await pulled_privately(await start(aiohttp_client, Mirror(store, docker)))
+    await pulled_privately(await start(aiohttp_client, assemble(store, docker)))
     assert (store.root / STATE_FILE).is_file()
 
     restarted = Store(store.root)
     restarted.open()
-    client = await start(aiohttp_client, Mirror(restarted, docker))
+    client = await start(aiohttp_client, assemble(restarted, docker))
     await error_of(await client.get(PATH), 401, "UNAUTHORIZED")
     for _ in range(3):
         assert (await client.get(PATH, headers=RIGHT)).status == 200
@@ -101,9 +101,9 @@ async def test_accepted_credentials_are_checked_again_after_a_restart_then_remem
 async def test_accepted_credentials_are_asked_again_once_forgotten(
     aiohttp_client: Any, store: Store, docker: FakeDocker
 ) -> None:
-    mirror = Mirror(store, docker)
-    mirror.private = PrivateContent(store, docker, mirror.metrics, remember=0.0)
-    client = await start(aiohttp_client, mirror)
+    registry = assemble(store, docker)  # type: ignore[arg-type]
+    registry.guard.remember = 0.0
+    client = await start(aiohttp_client, registry)
     await pulled_privately(client)
     before = len(docker.access_checks)
     for _ in range(2):
@@ -117,7 +117,7 @@ async def test_accepted_credentials_are_asked_again_once_forgotten(
 async def test_unchecked_while_docker_is_down_is_503(
     aiohttp_client: Any, store: Store, docker: FakeDocker
 ) -> None:
-    client = await start(aiohttp_client, Mirror(store, docker))
+    client = await start(aiohttp_client, assemble(store, docker))
     await pulled_privately(client)
     docker.unavailable = True
     # Remembered credentials are served from the cache as it was; others cannot be checked.
@@ -132,7 +132,7 @@ async def test_content_docker_had_or_pulled_anonymously_stays_open(
     docker.images[REF] = docker.upstream[REF]  # pulled on the host, e.g. after `docker login`
     public = "registry.example:5000/team/public:v1"
     docker.upstream[public] = local_image("public-app", public)
-    client = await start(aiohttp_client, Mirror(store, docker))
+    client = await start(aiohttp_client, assemble(store, docker))
     # Credentials on a request for something Docker has do not make it private.
     assert (await client.get(PATH, headers=RIGHT)).status == 200
     assert (await client.get(PATH)).status == 200
@@ -149,7 +149,7 @@ async def test_content_pulled_with_the_host_s_credentials_stays_open(
         async def lookup(self, domain: str) -> Credentials | None:
             return OWNER
 
-    client = await start(aiohttp_client, Mirror(store, docker, host_credentials=Host()))  # type: ignore[arg-type]
+    client = await start(aiohttp_client, assemble(store, docker, host_credentials=Host()))  # type: ignore[arg-type]
     assert (await client.get(PATH)).status == 200
     assert (await client.get(PATH)).status == 200
     assert not (store.root / STATE_FILE).exists()
@@ -168,7 +168,7 @@ async def test_a_request_arriving_during_the_private_pull_waits_for_the_guard(
             await release.wait()
 
     monkeypatch.setattr(docker, "pull", held_pull)
-    client = await start(aiohttp_client, Mirror(store, docker))
+    client = await start(aiohttp_client, assemble(store, docker))
     owner = asyncio.create_task(client.get(PATH, headers=RIGHT))
     await pulled.wait()  # Docker has the image now; it is not marked private yet
     other = asyncio.create_task(client.get(PATH))
@@ -182,13 +182,13 @@ async def test_a_request_arriving_during_the_private_pull_waits_for_the_guard(
 async def test_an_unreadable_record_stops_the_start(store: Store, docker: FakeDocker) -> None:
     (store.root / STATE_FILE).write_text("{not json")
     with pytest.raises(PrivateStateError, match="unreadable"):
-        PrivateContent(store, docker, Mirror(store, docker).metrics).open()
+        assemble(store, docker).guard.open()  # type: ignore[arg-type]
 
 
 async def test_credentials_never_reach_the_logs(
     aiohttp_client: Any, store: Store, docker: FakeDocker, caplog: pytest.LogCaptureFixture
 ) -> None:
-    client = await start(aiohttp_client, Mirror(store, docker))
+    client = await start(aiohttp_client, assemble(store, docker))
     await pulled_privately(client)
     await client.get(PATH, headers=WRONG)
     assert "s3cret-pw" not in caplog.text and "guessed" not in caplog.text

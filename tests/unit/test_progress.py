@@ -8,7 +8,8 @@ import logging
 import pytest
 
 from k3d_registry_dockerd.common import progress
-from k3d_registry_dockerd.common.progress import PullEvents, Transfer
+from k3d_registry_dockerd.common.progress import Transfer, Transfers
+from k3d_registry_dockerd.docker.engine import PullEvents
 
 
 def test_waiting_for_the_first_byte() -> None:
@@ -45,11 +46,16 @@ def test_pull_events_count_layers_bytes() -> None:
     assert (pull.done, pull.expected) == (1_000_001, 4_000_000)
 
 
-async def test_logged_reports_while_the_block_runs(caplog: pytest.LogCaptureFixture) -> None:
+async def test_a_tracked_transfer_is_listed_and_reported_while_the_block_runs(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     transfer = Transfer("pull", "x:1", expected=100, received=50)
+    transfers = Transfers()
     with caplog.at_level(logging.INFO, logger="k3d_registry_dockerd.common"):
-        async with progress.logged(transfer, interval=0.01):
+        async with transfers.track(transfer, interval=0.01):
+            assert transfers.running() == [transfer] and transfers.running("export") == []
             await asyncio.sleep(0.05)
+    assert transfers.running() == []
     lines = [m for m in caplog.messages if m.startswith("pull of x:1 through Docker: 50 B of 100 B")]
     assert len(lines) >= 2
     count = len(caplog.messages)

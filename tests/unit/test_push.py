@@ -17,12 +17,13 @@ from aiohttp.test_utils import TestClient
 
 from k3d_registry_dockerd.cache import maintenance
 from k3d_registry_dockerd.cache.store import Store
-from k3d_registry_dockerd.mirror.mirror import Mirror
 from k3d_registry_dockerd.oci.errors import RegistryError
 from k3d_registry_dockerd.oci.manifests import parse_pushed
 from k3d_registry_dockerd.push.uploads import Uploads, parse_content_range
+from k3d_registry_dockerd.web.app import create_app
+from k3d_registry_dockerd.web.assembly import Registry, assemble
 from k3d_registry_dockerd.web.auth import Htpasswd
-from k3d_registry_dockerd.web.routes import UPLOADS, create_app
+from k3d_registry_dockerd.web.routes import REGISTRY
 
 from .fakes import FakeDocker, local_image
 from .saves import DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, Image, digest_of, make_image, make_index
@@ -36,10 +37,10 @@ def docker() -> FakeDocker:
 
 
 async def make(
-    aiohttp_client: Any, store: Store, docker: FakeDocker, **options: Any
-) -> tuple[TestClient, Mirror]:
-    mirror = Mirror(store, docker)
-    return await aiohttp_client(create_app(mirror, **options)), mirror
+    aiohttp_client: Any, store: Store, docker: FakeDocker, write_auth: Htpasswd | None = None, **options: Any
+) -> tuple[TestClient, Registry]:
+    registry = assemble(store, docker, **options)  # type: ignore[arg-type]
+    return await aiohttp_client(create_app(registry, write_auth=write_auth)), registry
 
 
 async def push_blob(client: TestClient, name: str, data: bytes) -> str:
@@ -59,10 +60,9 @@ async def push_image(client: TestClient, name: str, image: Image, tag: str) -> s
     return response.headers["Docker-Content-Digest"]
 
 
-async def settle(mirror: Mirror) -> None:
+async def settle(registry: Registry) -> None:
     """Waits for background loads into Docker."""
-    while mirror.loading:
-        await asyncio.gather(*mirror.loading.values(), return_exceptions=True)
+    await registry.loads.idle()
 
 
 async def manifest_digest(client: TestClient, path: str) -> str | None:
@@ -76,10 +76,10 @@ async def manifest_digest(client: TestClient, path: str) -> str | None:
 async def test_pushed_image_is_loaded_into_docker_and_served_byte_exact(
     aiohttp_client: Any, store: Store, docker: FakeDocker
 ) -> None:
-    client, mirror = await make(aiohttp_client, store, docker)
+    client, registry = await make(aiohttp_client, store, docker)
     image = make_image("pushed", docker_media_types=True)
     digest = await push_image(client, "my-app", image, "dev")
-    await settle(mirror)
+    await settle(registry)
     assert docker.loads == [APP]
     assert docker.images[APP].id == image.config_digest
     # Docker now has it too, but the pushed bytes are what is served: no export of Docker's copy.
@@ -92,19 +92,19 @@ async def test_pushed_image_is_loaded_into_docker_and_served_byte_exact(
 
 
 async def test_no_load_pushed(aiohttp_client: Any, store: Store, docker: FakeDocker) -> None:
-    client, mirror = await make(aiohttp_client, store, docker, load_pushed=False)
+    client, registry = await make(aiohttp_client, store, docker, load_pushed=False)
     await push_image(client, "my-app", make_image("pushed"), "dev")
-    await settle(mirror)
+    await settle(registry)
     assert docker.loads == []
 
 
 async def test_foreign_platform_is_not_loaded_and_says_why(
     aiohttp_client: Any, store: Store, docker: FakeDocker, caplog: pytest.LogCaptureFixture
 ) -> None:
-    client, mirror = await make(aiohttp_client, store, docker)
+    client, registry = await make(aiohttp_client, store, docker)
     caplog.set_level(logging.INFO)
     await push_image(client, "my-app", make_image("arm", arch="arm64"), "dev")
-    await settle(mirror)
+    await settle(registry)
     assert docker.loads == []
     assert "not loading docker.io/library/my-app:dev into Docker" in caplog.text
     assert "arm64" in caplog.text
@@ -113,7 +113,7 @@ async def test_foreign_platform_is_not_loaded_and_says_why(
 async def test_index_push_loads_the_host_platform_child(
     aiohttp_client: Any, store: Store, docker: FakeDocker
 ) -> None:
-    client, mirror = await make(aiohttp_client, store, docker)
+    client, registry = await make(aiohttp_client, store, docker)
     amd, arm = make_image("amd"), make_image("arm", arch="arm64")
     for child in (amd, arm):
         await push_image(client, "multi", child, child.digest)
@@ -122,7 +122,7 @@ async def test_index_push_loads_the_host_platform_child(
     )
     response = await client.put("/v2/multi/manifests/v1", data=index, headers={"Content-Type": OCI_INDEX})
     assert response.status == 201
-    await settle(mirror)
+    await settle(registry)
     assert docker.images["docker.io/library/multi:v1"].id == amd.config_digest
     got = await client.get("/v2/multi/manifests/v1")
     assert await got.read() == index
@@ -131,11 +131,11 @@ async def test_index_push_loads_the_host_platform_child(
 async def test_docker_unreachable_push_still_lands(
     aiohttp_client: Any, store: Store, docker: FakeDocker
 ) -> None:
-    client, mirror = await make(aiohttp_client, store, docker)
+    client, registry = await make(aiohttp_client, store, docker)
     docker.unavailable = True
     image = make_image("offline")
     digest = await push_image(client, "my-app", image, "dev")
-    await settle(mirror)
+    await settle(registry)
     assert await manifest_digest(client, "/v2/my-app/manifests/dev") == digest
 
 
@@ -146,10 +146,10 @@ async def test_a_push_never_moves_a_tag_docker_already_has(
     aiohttp_client: Any, store: Store, docker: FakeDocker, caplog: pytest.LogCaptureFixture
 ) -> None:
     docker.images[APP] = own = local_image("docker-built", APP)
-    client, mirror = await make(aiohttp_client, store, docker)
+    client, registry = await make(aiohttp_client, store, docker)
     with caplog.at_level(logging.WARNING):
         digest = await push_image(client, "my-app", make_image("pushed"), "dev")
-        await settle(mirror)
+        await settle(registry)
     assert docker.loads == []
     assert docker.images[APP].id == own.id
     assert f"Docker's own my-app:dev ({own.id}) stays as it is" in caplog.text
@@ -161,15 +161,15 @@ async def test_a_push_never_moves_a_tag_docker_already_has(
 async def test_a_tag_this_registry_loaded_follows_later_pushes_across_restarts(
     aiohttp_client: Any, store: Store, docker: FakeDocker
 ) -> None:
-    client, mirror = await make(aiohttp_client, store, docker)
+    client, registry = await make(aiohttp_client, store, docker)
     await push_image(client, "my-app", first := make_image("first"), "dev")
-    await settle(mirror)
+    await settle(registry)
     assert docker.images[APP].id == first.config_digest
     restarted = Store(store.root)
     restarted.open()
-    client, mirror = await make(aiohttp_client, restarted, docker)
+    client, registry = await make(aiohttp_client, restarted, docker)
     await push_image(client, "my-app", second := make_image("second"), "dev")
-    await settle(mirror)
+    await settle(registry)
     assert docker.loads == [APP, APP]
     assert docker.images[APP].id == second.config_digest
     assert restarted.record("docker.io/library/my-app").loaded == {"dev": second.config_digest}
@@ -178,22 +178,22 @@ async def test_a_tag_this_registry_loaded_follows_later_pushes_across_restarts(
 async def test_a_loaded_tag_rebuilt_in_docker_is_docker_s_again(
     aiohttp_client: Any, store: Store, docker: FakeDocker
 ) -> None:
-    client, mirror = await make(aiohttp_client, store, docker)
+    client, registry = await make(aiohttp_client, store, docker)
     await push_image(client, "my-app", make_image("first"), "dev")
-    await settle(mirror)
+    await settle(registry)
     docker.images[APP] = rebuilt = local_image("rebuilt", APP)
     await push_image(client, "my-app", make_image("second"), "dev")
-    await settle(mirror)
+    await settle(registry)
     assert docker.loads == [APP]
     assert docker.images[APP].id == rebuilt.id
 
 
 async def test_allow_docker_overwrite(aiohttp_client: Any, store: Store, docker: FakeDocker) -> None:
     docker.images[APP] = local_image("docker-built", APP)
-    client, mirror = await make(aiohttp_client, store, docker, allow_docker_overwrite=True)
+    client, registry = await make(aiohttp_client, store, docker, allow_docker_overwrite=True)
     image = make_image("pushed")
     await push_image(client, "my-app", image, "dev")
-    await settle(mirror)
+    await settle(registry)
     assert docker.loads == [APP]
     assert docker.images[APP].id == image.config_digest
 
@@ -202,7 +202,7 @@ async def test_pushed_wins_over_docker_image_of_the_same_name(
     aiohttp_client: Any, store: Store, docker: FakeDocker
 ) -> None:
     docker.images[APP] = local_image("docker-built", APP)
-    client, _mirror = await make(aiohttp_client, store, docker, load_pushed=False)
+    client, _registry = await make(aiohttp_client, store, docker, load_pushed=False)
     digest = await push_image(client, "my-app", make_image("pushed"), "dev")
     assert await manifest_digest(client, "/v2/my-app/manifests/dev") == digest
     assert docker.saves == []
@@ -211,9 +211,9 @@ async def test_pushed_wins_over_docker_image_of_the_same_name(
 async def test_docker_rebuild_after_the_push_is_served(
     aiohttp_client: Any, store: Store, docker: FakeDocker
 ) -> None:
-    client, mirror = await make(aiohttp_client, store, docker)
+    client, registry = await make(aiohttp_client, store, docker)
     pushed = await push_image(client, "my-app", make_image("pushed"), "dev")
-    await settle(mirror)
+    await settle(registry)
     docker.images[APP] = rebuilt = local_image("rebuilt", APP)
     assert await manifest_digest(client, "/v2/my-app/manifests/dev") == rebuilt.image.digest
     # What was pushed stays servable by digest.
@@ -224,7 +224,7 @@ async def test_pushed_tags_are_listed_with_dockers(
     aiohttp_client: Any, store: Store, docker: FakeDocker
 ) -> None:
     docker.images["docker.io/library/my-app:docker"] = local_image("d", "docker.io/library/my-app:docker")
-    client, _mirror = await make(aiohttp_client, store, docker, load_pushed=False)
+    client, _registry = await make(aiohttp_client, store, docker, load_pushed=False)
     await push_image(client, "my-app", make_image("pushed"), "dev")
     listed = await (await client.get("/v2/my-app/tags/list")).json()
     assert listed == {"name": "my-app", "tags": ["dev", "docker"]}
@@ -237,9 +237,9 @@ async def test_pushed_tags_are_listed_with_dockers(
 async def test_deleting_a_pushed_tag_untags_what_was_loaded(
     aiohttp_client: Any, store: Store, docker: FakeDocker
 ) -> None:
-    client, mirror = await make(aiohttp_client, store, docker)
+    client, registry = await make(aiohttp_client, store, docker)
     digest = await push_image(client, "my-app", make_image("pushed"), "dev")
-    await settle(mirror)
+    await settle(registry)
     assert (await client.delete("/v2/my-app/manifests/dev")).status == 202
     assert docker.removes == [APP]
     assert (await client.get("/v2/my-app/manifests/dev")).status == 404
@@ -249,9 +249,9 @@ async def test_deleting_a_pushed_tag_untags_what_was_loaded(
 async def test_deleting_a_pushed_tag_leaves_a_later_docker_image_alone(
     aiohttp_client: Any, store: Store, docker: FakeDocker
 ) -> None:
-    client, mirror = await make(aiohttp_client, store, docker)
+    client, registry = await make(aiohttp_client, store, docker)
     await push_image(client, "my-app", make_image("pushed"), "dev")
-    await settle(mirror)
+    await settle(registry)
     docker.images[APP] = local_image("rebuilt", APP)
     assert (await client.delete("/v2/my-app/manifests/dev")).status == 202
     assert docker.removes == []
@@ -262,7 +262,7 @@ async def test_docker_images_are_not_deleted_by_default(
     aiohttp_client: Any, store: Store, docker: FakeDocker
 ) -> None:
     docker.images[APP] = local_image("docker-built", APP)
-    client, _mirror = await make(aiohttp_client, store, docker)
+    client, _registry = await make(aiohttp_client, store, docker)
     served = await manifest_digest(client, "/v2/my-app/manifests/dev")
     for path in ("/v2/my-app/manifests/dev", f"/v2/my-app/manifests/{served}"):
         response = await client.delete(path)
@@ -274,7 +274,7 @@ async def test_docker_images_are_not_deleted_by_default(
 
 async def test_allow_docker_delete(aiohttp_client: Any, store: Store, docker: FakeDocker) -> None:
     docker.images[APP] = local_image("docker-built", APP)
-    client, _mirror = await make(aiohttp_client, store, docker, allow_docker_delete=True)
+    client, _registry = await make(aiohttp_client, store, docker, allow_docker_delete=True)
     await manifest_digest(client, "/v2/my-app/manifests/dev")
     assert (await client.delete("/v2/my-app/manifests/dev")).status == 202
     assert docker.removes == [APP]
@@ -287,7 +287,7 @@ async def test_delete_with_ns_evicts_the_cache_only(
     docker.images["docker.io/library/alpine:latest"] = image = local_image(
         "alpine", "docker.io/library/alpine:latest"
     )
-    client, _mirror = await make(aiohttp_client, store, docker)
+    client, _registry = await make(aiohttp_client, store, docker)
     path = "/v2/library/alpine/manifests/latest?ns=docker.io"
     assert await manifest_digest(client, path) == image.image.digest
     layer = image.image.layer_digests[0]
@@ -302,7 +302,7 @@ async def test_delete_with_ns_evicts_the_cache_only(
 
 
 async def test_pushed_content_is_never_evicted(aiohttp_client: Any, store: Store, docker: FakeDocker) -> None:
-    client, _mirror = await make(aiohttp_client, store, docker, load_pushed=False)
+    client, _registry = await make(aiohttp_client, store, docker, load_pushed=False)
     image = make_image("pushed")
     await push_image(client, "my-app", image, "dev")
     assert maintenance.evict(store, 0, set()).dropped == []
@@ -325,8 +325,8 @@ async def test_abandoned_uploads_are_dropped(store: Store) -> None:
 
 
 async def test_upload_expiry_runs_in_the_app(aiohttp_client: Any, store: Store, docker: FakeDocker) -> None:
-    client, _mirror = await make(aiohttp_client, store, docker)
-    uploads = client.app[UPLOADS]
+    client, _registry = await make(aiohttp_client, store, docker)
+    uploads = client.app[REGISTRY].uploads
     response = await client.post("/v2/my-app/blobs/uploads/")
     assert response.status == 202
     uploads.idle_timeout = 0.0
@@ -345,7 +345,7 @@ def test_content_range_forms() -> None:
 async def test_wrong_digest_leaves_nothing_behind(
     aiohttp_client: Any, store: Store, docker: FakeDocker
 ) -> None:
-    client, _mirror = await make(aiohttp_client, store, docker)
+    client, _registry = await make(aiohttp_client, store, docker)
     response = await client.post(f"/v2/my-app/blobs/uploads/?digest={digest_of(b'other')}", data=b"data")
     assert response.status == 400
     assert (await response.json())["errors"][0]["code"] == "DIGEST_INVALID"
@@ -445,7 +445,7 @@ async def test_mount_only_from_pushed_content(aiohttp_client: Any, store: Store,
     """A blob exported from Docker (maybe a private upstream's) cannot be mounted into another name."""
     ref = "docker.io/team/private:1"
     docker.images[ref] = image = local_image("private", ref)
-    client, _mirror = await make(aiohttp_client, store, docker, load_pushed=False)
+    client, _registry = await make(aiohttp_client, store, docker, load_pushed=False)
     assert await manifest_digest(client, "/v2/team/private/manifests/1") == image.image.digest
     layer = image.image.layer_digests[0]
     response = await client.post(f"/v2/elsewhere/blobs/uploads/?mount={layer}&from=team/private")
@@ -460,7 +460,7 @@ async def test_mount_only_from_pushed_content(aiohttp_client: Any, store: Store,
 async def test_full_disk_drops_the_upload_and_names_the_cache(
     aiohttp_client: Any, store: Store, docker: FakeDocker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    client, _mirror = await make(aiohttp_client, store, docker)
+    client, _registry = await make(aiohttp_client, store, docker)
     started = await client.post("/v2/my-app/blobs/uploads/")
 
     def full(self: Any, chunk: bytes) -> None:
@@ -480,7 +480,7 @@ async def test_a_mirror_request_for_a_pushed_name_does_not_pull_over_it(
     """`team/app:v1` pushed here is Docker's docker.io/team/app:v1: containerd asking with ns=docker.io
     gets it, and no upstream pull replaces it."""
     docker.upstream["docker.io/team/app:v1"] = local_image("hub", "docker.io/team/app:v1")
-    client, _mirror = await make(aiohttp_client, store, docker, load_pushed=False)
+    client, _registry = await make(aiohttp_client, store, docker, load_pushed=False)
     digest = await push_image(client, "team/app", make_image("pushed"), "v1")
     assert await manifest_digest(client, "/v2/team/app/manifests/v1?ns=docker.io") == digest
     assert docker.pulls == []
@@ -502,7 +502,7 @@ async def test_writes_need_htpasswd_credentials_reads_do_not(
     aiohttp_client: Any, store: Store, docker: FakeDocker, htpasswd: Htpasswd
 ) -> None:
     docker.images["docker.io/library/local:1"] = local_image("local", "docker.io/library/local:1")
-    client, mirror = await make(aiohttp_client, store, docker, write_auth=htpasswd)
+    client, registry = await make(aiohttp_client, store, docker, write_auth=htpasswd)
     image = make_image("pushed")
     blob = image.layers[0]
     anonymous = [
@@ -540,6 +540,6 @@ async def test_writes_need_htpasswd_credentials_reads_do_not(
         "/v2/my-app/manifests/dev", data=image.manifest, headers={**good, "Content-Type": image.media_type}
     )
     assert put.status == 201
-    await settle(mirror)
+    await settle(registry)
     assert (await client.get("/v2/my-app/manifests/dev")).status == 200
     assert (await client.delete("/v2/my-app/manifests/dev", headers=good)).status == 202

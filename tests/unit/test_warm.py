@@ -11,9 +11,9 @@ import pytest
 from k3d_registry_dockerd import warm, workloads
 from k3d_registry_dockerd.cache.store import Store
 from k3d_registry_dockerd.cli import main
-from k3d_registry_dockerd.mirror.mirror import Mirror
 from k3d_registry_dockerd.oci.errors import RegistryError
-from k3d_registry_dockerd.web.routes import create_app
+from k3d_registry_dockerd.web.app import create_app
+from k3d_registry_dockerd.web.assembly import assemble
 
 from .fakes import FakeDocker, local_image
 
@@ -108,7 +108,7 @@ async def test_warming_through_the_registry(aiohttp_server: Any, store: Store) -
         "warm-local", "docker.io/library/alpine:latest"
     )
     docker.upstream["ghcr.io/team/app:1"] = local_image("warm-pulled", "ghcr.io/team/app:1")
-    server = await aiohttp_server(create_app(Mirror(store, docker)))
+    server = await aiohttp_server(create_app(assemble(store, docker)))
     seen: list[warm.Outcome] = []
     outcomes = await warm.warm(
         ["alpine", "ghcr.io/team/app:1", "ghcr.io/team/gone:1", "Not A Ref"],

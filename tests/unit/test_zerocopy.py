@@ -17,11 +17,16 @@ from k3d_registry_dockerd.cache.store import Store
 from k3d_registry_dockerd.common.metrics import Metrics
 from k3d_registry_dockerd.docker.containerd import ContainerdUnavailable, Descriptor
 from k3d_registry_dockerd.docker.engine import DaemonInfo
-from k3d_registry_dockerd.mirror.mirror import Mirror
 from k3d_registry_dockerd.oci.platform import Platform
 from k3d_registry_dockerd.sources.containerd import ContainerdContent
-from k3d_registry_dockerd.sources.discovery import ZeroCopy, ZeroCopyConfig, candidate_addresses, discover
-from k3d_registry_dockerd.web.routes import create_app
+from k3d_registry_dockerd.sources.discovery import (
+    ContainerdDiscovery,
+    ZeroCopyConfig,
+    candidate_addresses,
+    discover,
+)
+from k3d_registry_dockerd.web.app import create_app
+from k3d_registry_dockerd.web.assembly import assemble
 
 from .fakes import FakeDocker, LocalImage
 from .saves import OCI_INDEX, Image, digest_of, make_image, make_index
@@ -92,10 +97,9 @@ def world(tmp_path: Path, store: Store) -> World:
 @pytest.fixture
 async def client(aiohttp_client: Any, world: World) -> TestClient:
     metrics = Metrics(world.store.blobs_dir)
-    zero_copy = ZeroCopy(ZeroCopyConfig(), metrics)
-    zero_copy.content = ContainerdContent(world.containerd, world.blobs, metrics)  # type: ignore[arg-type]
-    mirror = Mirror(world.store, world.docker, metrics=metrics, zero_copy=zero_copy)  # type: ignore[arg-type]
-    return await aiohttp_client(create_app(mirror))
+    registry = assemble(world.store, world.docker, metrics=metrics, zero_copy=ZeroCopyConfig())  # type: ignore[arg-type]
+    registry.discovery.content = ContainerdContent(world.containerd, world.blobs, metrics)  # type: ignore[arg-type]
+    return await aiohttp_client(create_app(registry))
 
 
 async def get(client: TestClient, path: str, **headers: str) -> tuple[int, bytes, Any]:
@@ -267,7 +271,7 @@ async def test_discovery_says_why_not(tmp_path: Path) -> None:
 
 
 async def test_the_classic_store_is_never_served_zero_copy(tmp_path: Path) -> None:
-    zero_copy = ZeroCopy(ZeroCopyConfig(), Metrics(tmp_path))
+    zero_copy = ContainerdDiscovery(ZeroCopyConfig(), Metrics(tmp_path))
     assert await zero_copy.source(_info(containerd_store=False, storage_driver="overlay2")) is None
     assert zero_copy.off_reason is not None and "classic" in zero_copy.off_reason
 

@@ -58,40 +58,33 @@ class Transfer:
         }
 
 
-@contextlib.asynccontextmanager
-async def logged(transfer: Transfer, interval: float | None = None) -> AsyncIterator[Transfer]:
-    """Logs `transfer.line()` every `interval` seconds (INTERVAL by default) while the block runs."""
+class Transfers:
+    """The pulls and exports running now, each registered while it runs (`track`): what the status page
+    draws and the stop log counts."""
 
-    async def report() -> None:
-        while True:
-            await asyncio.sleep(INTERVAL if interval is None else interval)
-            log.info("%s", transfer.line())
+    def __init__(self) -> None:
+        self._running: dict[int, Transfer] = {}
 
-    task = asyncio.ensure_future(report())
-    try:
-        yield transfer
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    @contextlib.asynccontextmanager
+    async def track(self, transfer: Transfer, interval: float | None = None) -> AsyncIterator[Transfer]:
+        """Registers `transfer` and logs `transfer.line()` every `interval` seconds (INTERVAL by default)
+        while the block runs."""
 
+        async def report() -> None:
+            while True:
+                await asyncio.sleep(INTERVAL if interval is None else interval)
+                log.info("%s", transfer.line())
 
-class PullEvents:
-    """Reads dockerd's pull progress stream (per-layer JSON events) into a Transfer's byte counts."""
+        self._running[id(transfer)] = transfer
+        task = asyncio.ensure_future(report())
+        try:
+            yield transfer
+        finally:
+            del self._running[id(transfer)]
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
-    def __init__(self, transfer: Transfer) -> None:
-        self.transfer = transfer
-        self.layers: dict[str, tuple[int, int]] = {}
-        self.done_layers: set[str] = set()
-
-    def update(self, event: dict[str, Any]) -> None:
-        layer, status = event.get("id"), event.get("status", "")
-        if layer and status in ("Pull complete", "Already exists"):
-            self.done_layers.add(layer)
-            total = self.layers.get(layer, (0, 0))[1]
-            self.layers[layer] = (total, total)
-        detail = event.get("progressDetail") or {}
-        if layer and status == "Downloading" and detail.get("total"):
-            self.layers[layer] = (int(detail.get("current", 0)), int(detail["total"]))
-        self.transfer.received = sum(current for current, _ in self.layers.values())
-        self.transfer.expected = sum(total for _, total in self.layers.values())
+    def running(self, *kinds: str) -> list[Transfer]:
+        """Those running now (of these kinds: "pull", "export", "pre-export"), oldest first."""
+        return [t for t in self._running.values() if not kinds or t.kind in kinds]

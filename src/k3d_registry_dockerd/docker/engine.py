@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +22,7 @@ from aiodocker.exceptions import DockerError, DockerStreamError
 from aiodocker.utils import compose_auth_header
 
 from ..common import units
+from ..common.progress import Transfer
 from ..oci.platform import Platform
 from .endpoint import DockerEndpoint, resolve_endpoint
 
@@ -159,6 +160,27 @@ def _product(version: dict[str, Any]) -> str:
     return names[0]
 
 
+class PullEvents:
+    """Reads dockerd's pull progress stream (per-layer JSON events) into a Transfer's byte counts."""
+
+    def __init__(self, transfer: Transfer) -> None:
+        self.transfer = transfer
+        self.layers: dict[str, tuple[int, int]] = {}
+        self.done_layers: set[str] = set()
+
+    def update(self, event: dict[str, Any]) -> None:
+        layer, status = event.get("id"), event.get("status", "")
+        if layer and status in ("Pull complete", "Already exists"):
+            self.done_layers.add(layer)
+            total = self.layers.get(layer, (0, 0))[1]
+            self.layers[layer] = (total, total)
+        detail = event.get("progressDetail") or {}
+        if layer and status == "Downloading" and detail.get("total"):
+            self.layers[layer] = (int(detail.get("current", 0)), int(detail["total"]))
+        self.transfer.received = sum(current for current, _ in self.layers.values())
+        self.transfer.expected = sum(total for _, total in self.layers.values())
+
+
 class DockerClient:
     """One long-lived Engine API client; reconnects (and renegotiates the API version) by itself.
 
@@ -171,6 +193,8 @@ class DockerClient:
         self._docker: aiodocker.Docker | None = None
         self._connector: aiohttp.BaseConnector | None = None
         self._info: DaemonInfo | None = None
+        # Docker's facts when it last answered, kept while it is away.
+        self.last_info: DaemonInfo | None = None
 
     def _client(self) -> aiodocker.Docker:
         if self._docker is None:
@@ -259,6 +283,7 @@ class DockerClient:
             containerd_namespace=((info.get("Containerd") or {}).get("Namespaces") or {}).get("Containers")
             or None,
         )
+        self.last_info = self._info
         log.info(
             "%s %s (API %s, %s) at %s, storage: %s",
             self._info.product,
@@ -317,22 +342,17 @@ class DockerClient:
         async with self._calling(f"removing {ref}") as client:
             await client.images.delete(ref)
 
-    async def pull(
-        self,
-        ref: str,
-        credentials: Credentials | None,
-        on_event: Callable[[dict[str, Any]], None] | None = None,
-    ) -> None:
-        """Pulls through dockerd; each progress event of its JSON stream goes to `on_event`."""
+    async def pull(self, ref: str, credentials: Credentials | None, transfer: Transfer | None = None) -> None:
+        """Pulls through dockerd; its progress stream counts into `transfer`."""
         await self.daemon()
         auth = credentials.registry_auth() if credentials is not None else None
         started = time.monotonic()
         log.info("pulling %s through Docker%s", ref, " with credentials" if credentials else "")
+        events = PullEvents(transfer or Transfer("pull", ref))
         async with self._calling(f"pulling {ref}") as client:
             try:
                 async for event in client.images.pull(ref, auth=auth, stream=True):
-                    if on_event is not None:
-                        on_event(event)
+                    events.update(event)
             except (DockerStreamError, DockerError) as exc:
                 # Docker's words say whether the upstream refused, lacks the image, or failed otherwise.
                 if isinstance(exc, DockerStreamError) or exc.status != _CONNECTION_ERROR_STATUS:

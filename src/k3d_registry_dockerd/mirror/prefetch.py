@@ -13,18 +13,20 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from ..cache import maintenance
+from ..cache.records import Records
 from ..cache.store import RepositoryRecord, TagEntry
 from ..common import units
-from ..docker.engine import DockerFailed, DockerUnavailable
+from ..common.metrics import Metrics
+from ..docker.engine import DockerClient, DockerFailed, DockerUnavailable
 from ..docker.events import ImageEvents
 from ..oci.errors import RegistryError
 from ..oci.reference import repository_of, split_repo_tag
-from .mirror import Mirror
+from ..sources.select import Sources
 
 log = logging.getLogger(__package__)
 # Docker's actions that can point a tag at another image (a build's final step is a `tag`; the
@@ -130,15 +132,30 @@ class Outcome:
 class Prefetcher:
     """Keeps the tags clients pulled warm as they move in Docker (see the module's docstring)."""
 
-    def __init__(self, mirror: Mirror, max_age: float) -> None:
-        self.mirror = mirror
+    def __init__(
+        self,
+        docker: DockerClient,
+        sources: Sources,
+        records: Records,
+        metrics: Metrics,
+        max_age: float,
+        loading: Container[str] = (),
+    ) -> None:
+        self.docker = docker
+        self.sources = sources
+        self.exported = sources.exported
+        self.records = records
+        self.store = records.store
+        self.metrics = metrics
         self.max_age = max_age
+        # Docker references a pushed image is being loaded into Docker under (owned by the pushes).
+        self.loading = loading
         self.queue = PrefetchQueue()
         self.running: Job | None = None
         # The running job's tag moved on before its export began.
         self._superseded = False
         self.recent: list[Outcome] = []
-        self.events = ImageEvents(mirror.docker, self._on_event, self._on_connect)
+        self.events = ImageEvents(docker, self._on_event, self._on_connect)
         self._moved: set[str] = set()
         self._all_moved = False
         self._looked_at = asyncio.Event()
@@ -155,9 +172,7 @@ class Prefetcher:
 
     async def close(self) -> None:
         if self.running is not None:
-            self.mirror.exported.abandon(
-                repository_of(self.running.name), self.running.tag, self.running.image_id
-            )
+            self.exported.abandon(repository_of(self.running.name), self.running.tag, self.running.image_id)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -194,21 +209,21 @@ class Prefetcher:
 
     async def _look_at(self, refs: set[str] | None) -> None:
         """Queues a pre-export for each served tag (of `refs`, or all) whose image in Docker moved."""
-        served = served_tags(self.mirror.store.records(), time.time(), self.max_age)
+        served = served_tags(self.store.records(), time.time(), self.max_age)
         if refs is not None:
             served = {ref: entry for ref, entry in served.items() if ref in refs}
         if not served:
             return
-        info = await self.mirror.docker.daemon()
-        if not await self.mirror.exports_needed(info):
+        info = await self.docker.daemon()
+        if not await self.sources.exports_needed(info):
             return
         if refs is not None and len(served) == 1:
             ((ref, _),) = served.items()
-            image = await self.mirror.docker.inspect(ref)
+            image = await self.docker.inspect(ref)
             current = {ref: image["Id"]} if image else {}
         else:
             current = {}
-            for repo_tag, image_id in await self.mirror.docker.tagged_images():
+            for repo_tag, image_id in await self.docker.tagged_images():
                 found = split_repo_tag(repo_tag)
                 if found is not None:
                     current[f"{found[0]}:{found[1]}"] = image_id
@@ -225,8 +240,8 @@ class Prefetcher:
         ):
             # Superseded: the tag moved on (or is gone) before its export was done.
             self._superseded = True
-            self.mirror.exported.abandon(repository_of(name), tag, running.image_id)
-        if docker_id is None or not due(entry, docker_id) or f"{name}:{tag}" in self.mirror.loading:
+            self.exported.abandon(repository_of(name), tag, running.image_id)
+        if docker_id is None or not due(entry, docker_id) or f"{name}:{tag}" in self.loading:
             self.queue.drop(name, tag)
             return
         if running is not None and (running.name, running.tag, running.image_id) == (name, tag, docker_id):
@@ -239,7 +254,7 @@ class Prefetcher:
     async def _export_due(self) -> None:
         while True:
             await self._queued.wait()
-            await self.mirror.exported.requests_idle()
+            await self.exported.requests_idle()
             job = self.queue.pop()
             if job is None:
                 self._queued.clear()
@@ -253,20 +268,20 @@ class Prefetcher:
     async def _export(self, job: Job) -> None:
         repo = repository_of(job.name)
         try:
-            info = await self.mirror.docker.daemon()
-            image = await self.mirror.docker.inspect(job.ref)
+            info = await self.docker.daemon()
+            image = await self.docker.inspect(job.ref)
         except (DockerUnavailable, DockerFailed) as exc:
             log.debug("no pre-export of %s: %s", job.ref, exc)
             return
-        if image is None or image["Id"] != job.image_id or not await self.mirror.exports_needed(info):
+        if image is None or image["Id"] != job.image_id or not await self.sources.exports_needed(info):
             return  # moved again (its newer job is queued), or nothing to export
-        cached = self.mirror.exported.cached_tag(repo, job.tag)
+        cached = self.exported.cached_tag(repo, job.tag)
         if cached is not None and not due(cached, image["Id"]):
             return  # a request exported it meanwhile
-        limit = self.mirror.exported.cache_max_size
+        limit = self.records.limit
         if limit is not None:
-            total = await asyncio.to_thread(maintenance.cache_bytes, self.mirror.store)
-            growth = expected_growth(image, self.mirror.store.blob_size)
+            total = await asyncio.to_thread(maintenance.cache_bytes, self.store)
+            growth = expected_growth(image, self.store.blob_size)
             if total + growth > limit:
                 log.info(
                     "no pre-export of %s: about %s more would take the cache (%s) past its %s limit",
@@ -283,7 +298,7 @@ class Prefetcher:
             return
         log.info("%s moved to %s in Docker: pre-export started", repo.familiar(job.tag), job.image_id)
         try:
-            await self.mirror.exported.prefetch(repo, job.tag, image, info)
+            await self.exported.prefetch(repo, job.tag, image, info)
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
@@ -298,7 +313,7 @@ class Prefetcher:
             self._done(job, "exported", time.monotonic() - started)
 
     def _done(self, job: Job, outcome: str, seconds: float) -> None:
-        self.mirror.metrics.prefetches.labels(outcome).inc()
+        self.metrics.prefetches.labels(outcome).inc()
         self.recent.insert(0, Outcome(job.ref, job.image_id, outcome, seconds, time.time()))
         del self.recent[RECENT_OUTCOMES:]
 

@@ -73,14 +73,17 @@ def referenced(served: ServedManifest) -> list[str]:
         return []
 
 
-class PrivateContent:
+class PrivateGuard:
+    """Who may see content pulled with a request's credentials (see the module's docstring)."""
+
     def __init__(
         self, store: Store, docker: DockerClient, metrics: Metrics, remember: float = REMEMBER_SECONDS
     ) -> None:
         self._store = store
         self._docker = docker
         self._metrics = metrics
-        self._remember = remember
+        # How long an accepted credential counts as accepted without asking again.
+        self.remember = remember
         self._repos: dict[str, PrivateRepository] | None = None
         # sha256(repository, credentials) -> (accepted, until when that answer stands).
         self._answers: BoundedDict[bytes, tuple[bool, float]] = BoundedDict(REMEMBERED)
@@ -122,6 +125,35 @@ class PrivateContent:
         if image_id is not None and image_id in private.images:
             return image_id
         return private.digests.get(digest) if digest is not None else None
+
+    async def admit(
+        self,
+        repo: Repository,
+        credentials: Credentials | None,
+        *,
+        image_id: str | None = None,
+        digest: str | None = None,
+    ) -> str | None:
+        """The private image a request is for (by Docker's image ID or a digest served for it), once the
+        request's credentials open it (else 401, or 503 when the upstream cannot be asked); None for open
+        content."""
+        owner = self.owner(repo, image_id=image_id, digest=digest)
+        if owner is not None:
+            await self.require(repo, owner, credentials)
+        return owner
+
+    async def admit_served(
+        self,
+        repo: Repository,
+        served: ServedManifest,
+        credentials: Credentials | None,
+        image_id: str | None = None,
+    ) -> ServedManifest:
+        """`served`, unless it is private content the request's credentials do not open."""
+        owner = await self.admit(repo, credentials, image_id=image_id, digest=served.digest)
+        if owner is not None:
+            await self.served(repo, owner, served)
+        return served
 
     async def protect(self, repo: Repository, image: dict[str, Any], credentials: Credentials) -> None:
         """Makes an image Docker just pulled with the request's credentials private; those credentials
@@ -217,7 +249,7 @@ class PrivateContent:
         return hashlib.sha256("\0".join(parts).encode()).digest()
 
     def _remember_answer(self, key: bytes, accepted: bool) -> None:
-        seconds = self._remember if accepted else min(self._remember, REMEMBER_REFUSAL_SECONDS)
+        seconds = self.remember if accepted else min(self.remember, REMEMBER_REFUSAL_SECONDS)
         self._answers[key] = (accepted, time.monotonic() + seconds)
 
     async def _save(self) -> None:

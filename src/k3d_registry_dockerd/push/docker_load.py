@@ -9,11 +9,12 @@ loader decompresses what it gets and checks it against the config's diff_ids.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import tarfile
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -225,3 +226,43 @@ async def load_into_docker(
         raise DockerFailed(f"Docker reported loading {ref} but has no image by that name")
     log.info("loaded %s into Docker as %s", ref, image["Id"])
     return str(image["Id"])
+
+
+class Loads:
+    """Pushed images being loaded into Docker, by Docker reference: loads of one reference run in push order,
+    and while one runs, the pushed manifest is what the tag is served as (the mirror asks `ref in loads`)."""
+
+    def __init__(self) -> None:
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+
+    def __contains__(self, ref: object) -> bool:
+        return ref in self._tasks
+
+    def start(self, ref: str, load: Callable[[asyncio.Task[None] | None], Awaitable[None]]) -> None:
+        """Runs `load` (given the load of `ref` still running, to wait for) in the background."""
+        task = asyncio.ensure_future(load(self._tasks.get(ref)))
+        self._tasks[ref] = task
+        task.add_done_callback(lambda done: self._done(ref, done))
+
+    def _done(self, ref: str, task: asyncio.Task[None]) -> None:
+        if self._tasks.get(ref) is task:
+            del self._tasks[ref]
+        if not task.cancelled() and task.exception() is not None:
+            log.error("loading %s into Docker failed", ref, exc_info=task.exception())
+
+    async def settled(self, ref: str) -> None:
+        """Returns once the load of `ref` running now (if any) is over, however it ended."""
+        task = self._tasks.get(ref)
+        if task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(task)
+
+    async def idle(self) -> None:
+        """Returns once no load runs, loads started meanwhile included."""
+        while self._tasks:
+            await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+
+    async def close(self) -> None:
+        for task in list(self._tasks.values()):
+            task.cancel()
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)

@@ -14,17 +14,19 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
 from ..cache import maintenance
+from ..cache.records import Records
 from ..cache.store import ManifestEntry, RepositoryRecord, TagEntry
 from ..docker.engine import DockerClient, DockerFailed, DockerUnavailable
-from ..mirror.mirror import Mirror
 from ..oci.errors import RegistryError
 from ..oci.manifests import PushedManifest, parse_pushed
 from ..oci.reference import Digest, Repository, is_digest, parse_repository, parse_tag
-from .docker_load import load_into_docker
+from ..sources.select import Sources
+from .docker_load import Loads, load_into_docker
 
 log = logging.getLogger(__package__)
 
@@ -46,15 +48,20 @@ def _without_tags(record: RepositoryRecord, dropped: set[str]) -> RepositoryReco
 class Pushes:
     def __init__(
         self,
-        mirror: Mirror,
+        docker: DockerClient,
+        records: Records,
+        sources: Sources,
+        loads: Loads,
         *,
         load_pushed: bool = True,
         allow_docker_delete: bool = False,
         allow_docker_overwrite: bool = False,
     ) -> None:
-        self.mirror = mirror
-        self.store = mirror.store
-        self.docker: DockerClient = mirror.docker
+        self.docker = docker
+        self.records = records
+        self.store = records.store
+        self.sources = sources
+        self.loads = loads
         self.load_pushed = load_pushed
         self.allow_docker_delete = allow_docker_delete
         self.allow_docker_overwrite = allow_docker_overwrite
@@ -96,7 +103,7 @@ class Pushes:
                 )
             return record if text in record.blobs else replace(record, blobs=[*record.blobs, text])
 
-        await self.mirror.exported.edit_record(repo.docker_name, add)
+        await self.records.edit(repo.docker_name, add)
 
     # ---- manifests -------------------------------------------------------------------------------
 
@@ -134,7 +141,7 @@ class Pushes:
         for blob in pushed.blobs:
             if blob.external or (record.serves_blob(blob.digest) and self.store.has_blob(blob.digest)):
                 continue
-            if await self.mirror.keep_in_cache(repo, blob.digest):
+            if await self.sources.keep_in_cache(repo, blob.digest, self.store):
                 await self.link(repo, Digest.parse(blob.digest))
 
     async def put_manifest(
@@ -173,7 +180,7 @@ class Pushes:
                 )
             return replace(record, manifests={**record.manifests, digest: entry}, tags=tags)
 
-        await self.mirror.exported.edit_record(repo.docker_name, add)
+        await self.records.edit(repo.docker_name, add)
         log.info("pushed %s (%s, %d bytes)", repo.familiar(tag or digest), digest, len(body))
         if tag is not None and self.load_pushed:
             self._start_load(repo, tag, digest, pushed.media_type)
@@ -190,19 +197,11 @@ class Pushes:
     # ---- loading into Docker ---------------------------------------------------------------------
 
     def _start_load(self, repo: Repository, tag: str, digest: str, media_type: str) -> None:
-        """Loads the pushed image into Docker in the background; loads of one tag run in push order.
+        """Loads the pushed image into Docker in the background, after the loads of the tag before it.
         While it runs, the mirror serves the pushed manifest for the tag whatever Docker has."""
-        ref = repo.docker_ref(tag)
-        previous = self.mirror.loading.get(ref)
-        task = asyncio.ensure_future(self._load(repo, tag, digest, media_type, previous))
-        self.mirror.loading[ref] = task
-        task.add_done_callback(lambda done: self._loaded(ref, done))
-
-    def _loaded(self, ref: str, task: asyncio.Task[None]) -> None:
-        if self.mirror.loading.get(ref) is task:
-            del self.mirror.loading[ref]
-        if not task.cancelled() and task.exception() is not None:
-            log.error("loading %s into Docker failed", ref, exc_info=task.exception())
+        self.loads.start(
+            repo.docker_ref(tag), lambda previous: self._load(repo, tag, digest, media_type, previous)
+        )
 
     def _loaded_id(self, repo: Repository, tag: str) -> str | None:
         """The image this registry put into Docker under the tag by loading a push, if it did."""
@@ -244,18 +243,7 @@ class Pushes:
                 tags = {**tags, tag: replace(entry, image_id=image_id)}
             return replace(record, tags=tags, loaded={**record.loaded, tag: image_id})
 
-        await self.mirror.exported.edit_record(repo.docker_name, mark)
-
-    async def _settle_load(self, ref: str) -> None:
-        task = self.mirror.loading.get(ref)
-        if task is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.shield(task)
-
-    async def close(self) -> None:
-        for task in list(self.mirror.loading.values()):
-            task.cancel()
-        await asyncio.gather(*self.mirror.loading.values(), return_exceptions=True)
+        await self.records.edit(repo.docker_name, mark)
 
     # ---- deletes ---------------------------------------------------------------------------------
 
@@ -286,7 +274,7 @@ class Pushes:
 
     async def _delete_tag(self, repo: Repository, tag: str) -> None:
         ref = repo.docker_ref(tag)
-        await self._settle_load(ref)
+        await self.loads.settled(ref)
         record = self.store.record(repo.docker_name)
         entry = record.tags.get(tag) if record else None
         if repo.remote:
@@ -308,10 +296,18 @@ class Pushes:
             await self._forget(repo, lambda r: _without_tags(r, {tag}))
         log.info("deleted %s%s", repo.familiar(tag), " from the cache" if repo.remote else "")
 
+    async def _docker_refs_of(self, repo: Repository, digest: str) -> list[str] | None:
+        """Docker's tags of `digest` in this repository when containerd's content store serves it."""
+        try:
+            info = await self.docker.daemon()
+        except DockerUnavailable:
+            return None
+        return await self.sources.docker_refs_of(repo, digest, info)
+
     async def _delete_digest(self, repo: Repository, digest: str) -> None:
         record = self.store.record(repo.docker_name)
         if record is None or digest not in record.manifests:
-            refs = None if repo.remote else await self.mirror.docker_refs_of(repo, digest)
+            refs = None if repo.remote else await self._docker_refs_of(repo, digest)
             if refs is None:
                 raise RegistryError("MANIFEST_UNKNOWN", f"manifest unknown: {repo.familiar(digest)}")
             # Served from containerd's content store: Docker's own image, untagged only when allowed.
@@ -325,7 +321,7 @@ class Pushes:
             if not record.manifests[digest].pushed and not self.allow_docker_delete:
                 raise self._docker_delete_refused(repo.familiar(digest))
             for tag in [t for t, e in record.tags.items() if e.digest == digest]:
-                await self._settle_load(repo.docker_ref(tag))
+                await self.loads.settled(repo.docker_ref(tag))
             # Loads that just finished changed the tags' entries.
             record = self.store.record(repo.docker_name) or record
             for tag, entry in record.tags.items():
@@ -355,8 +351,8 @@ class Pushes:
         await self._forget(repo, lambda r: replace(r, blobs=[b for b in r.blobs if b != text]))
         log.info("deleted blob %s from %s", text, repo.name)
 
-    async def _forget(self, repo: Repository, change: Any) -> None:
-        await self.mirror.exported.edit_record(repo.docker_name, change, free_blobs=True)
+    async def _forget(self, repo: Repository, change: Callable[[RepositoryRecord], RepositoryRecord]) -> None:
+        await self.records.edit(repo.docker_name, change, free_blobs=True)
 
     # ---- referrers -------------------------------------------------------------------------------
 

@@ -30,7 +30,7 @@ class ZeroCopyConfig:
     namespace: str | None = None
 
 
-class ZeroCopy:
+class ContainerdDiscovery:
     """Finds Docker's containerd once Docker is known to use its image store, and says why not if not.
 
     Discovery is retried at most every RETRY_AFTER seconds, so a containerd that comes later is used."""
@@ -61,6 +61,14 @@ class ZeroCopy:
                     self.content = found
                     self.off_reason = None
         return self.content
+
+    def describe(self) -> str:
+        """One phrase for the status page: where zero-copy serves from, or why it does not."""
+        if not self.config.enabled:
+            return "zero-copy off"
+        if self.content is not None:
+            return f"zero-copy from containerd at {self.content.client.address}"
+        return f"zero-copy off: {self.off_reason}" if self.off_reason else "zero-copy not checked yet"
 
     def _off(self, reason: str) -> None:
         if reason != self.off_reason:

@@ -16,13 +16,13 @@ from typing import Any
 
 import aiohttp
 
-from ..cache import maintenance
+from ..cache.records import Records
 from ..cache.store import ManifestEntry, RepositoryRecord, Store, TagEntry
-from ..common import progress, units
+from ..common import units
 from ..common.bounded import BoundedDict
 from ..common.flights import SingleFlight
 from ..common.metrics import Metrics
-from ..common.progress import Transfer
+from ..common.progress import Transfer, Transfers
 from ..docker.engine import DaemonInfo, DockerClient, DockerFailed, DockerUnavailable, failure_reason
 from ..oci.errors import RegistryError
 from ..oci.mediatypes import INDEX_TYPES
@@ -34,21 +34,15 @@ from .savestream import ExportError, ThreadedStream, read_save_stream, select_ro
 
 log = logging.getLogger(__package__)
 LAST_USE_RESOLUTION = 60.0
-# How long an image stays safe from --cache-max-size eviction after a client fetched any part of it. A
-# pull fetches manifest, config and layers one after another (containerd three at a time), so the gaps
-# between its requests are a layer's transfer time; a layer being sent survives eviction anyway (the
-# open file outlives its unlink). Five minutes covers 3 GB layers at 10 MB/s.
-IN_USE_GRACE = 300.0
 ABSENT_LIMIT = 4096
 
 
 @dataclass
 class ExportProgress:
-    """An export running now: how far it got, and the blobs it relies on (evictions leave them alone)."""
+    """An export running now: how far it got (expected: Docker's figure for the image's size, which the
+    save stream about matches), and whether it may read on."""
 
-    # Expected: Docker's figure for the image's size; the save stream is about as long.
     transfer: Transfer
-    claimed: set[str] = field(default_factory=set)
     # A pre-export no request has asked for yet: it pauses while exports for requests run.
     background: bool = False
     # Set while the export may read on.
@@ -61,22 +55,23 @@ def export_key(ref: str, image_id: str) -> str:
 
 
 class ExportedContent:
-    """The store's images, exported once per Docker image ID (concurrent requests share the export),
-    evicted past `cache_max_size`; never anything outside our cache dir.
+    """The store's images, exported once per Docker image ID (concurrent requests share the export);
+    never anything outside our cache dir. Records are changed (and evicted) through `records`.
 
     A pre-export (`prefetch`) is the same export started before any request: a request for that image
     joins it, and until one does it yields to the exports requests are waiting for.
     """
 
     def __init__(
-        self, store: Store, docker: DockerClient, metrics: Metrics, cache_max_size: int | None = None
+        self, store: Store, docker: DockerClient, records: Records, transfers: Transfers, metrics: Metrics
     ) -> None:
         self.store = store
         self.docker = docker
+        self.records = records
+        self.transfers = transfers
         self.metrics = metrics
-        self.cache_max_size = cache_max_size
         # By export key.
-        self.in_progress: dict[str, ExportProgress] = {}
+        self._in_progress: dict[str, ExportProgress] = {}
         self.exports = 0
         self._flights = SingleFlight()
         # Export keys of pre-exports no request has joined.
@@ -85,9 +80,6 @@ class ExportedContent:
         self._requests_idle.set()
         # Digests a Docker image was found not to contain, so repeated requests cost no new export.
         self._absent: BoundedDict[tuple[str, str], str] = BoundedDict(ABSENT_LIMIT)
-        self._record_lock = asyncio.Lock()
-        # When a client last fetched (Docker name, digest): pulls in progress, kept from eviction.
-        self._fetched: dict[tuple[str, str], float] = {}
 
     def cached_tag(self, repo: Repository, tag: str) -> TagEntry | None:
         record = self.store.record(repo.docker_name)
@@ -97,7 +89,7 @@ class ExportedContent:
         body = self.store.read_blob(digest)
         if body is None:
             raise RegistryError("MANIFEST_UNKNOWN", f"manifest {digest} is no longer in the cache")
-        self._note_fetch(repo, digest)
+        self.records.fetched(repo.docker_name, digest)
         return ServedManifest(digest, media_type, body, cold)
 
     def stale(self, repo: Repository, tag: str) -> ServedManifest | None:
@@ -176,7 +168,7 @@ class ExportedContent:
     def _promote(self, key: str) -> None:
         """A request joined a pre-export: from now on it is that request's export."""
         self._background.discard(key)
-        export = self.in_progress.get(key)
+        export = self._in_progress.get(key)
         if export is not None:
             export.background = False
             export.transfer.kind = "export"
@@ -184,12 +176,12 @@ class ExportedContent:
 
     def _reschedule(self) -> None:
         """Pre-exports read on only while no export for a request runs; those always do."""
-        busy = any(not export.background for export in self.in_progress.values())
+        busy = any(not export.background for export in self._in_progress.values())
         if busy:
             self._requests_idle.clear()
         else:
             self._requests_idle.set()
-        for export in self.in_progress.values():
+        for export in self._in_progress.values():
             if export.background and busy:
                 export.go.clear()
             else:
@@ -236,14 +228,15 @@ class ExportedContent:
         except RegistryError:
             self._remember_absent(repo, digest, image["Id"])
             raise
-        await self._enforce_limit(repo, plan.root.digest)
+        await self.records.enforce_limit(repo.docker_name, plan.root.digest)
         return plan
 
     async def blob(self, repo: Repository, digest: str, info: DaemonInfo | None) -> BlobFile | None:
+        """A blob a record of the repository references, whatever Docker runs (`info` is not needed)."""
         record = self.store.record(repo.docker_name)
         if record is None or not record.serves_blob(digest) or not self.store.has_blob(digest):
             return None
-        self._note_fetch(repo, digest)
+        self.records.fetched(repo.docker_name, digest)
         return BlobFile(self.store.blob_path(Digest.parse(digest)), digest)
 
     async def _export_tag(
@@ -277,7 +270,7 @@ class ExportedContent:
             entries.append(entry)
 
         await self._export(key, ref, info, (ref, repo.familiar(tag), tag), size, keep)
-        await self._enforce_limit(repo, entries[0].digest)
+        await self.records.enforce_limit(repo.docker_name, entries[0].digest)
         return entries[0]
 
     def _previous_pull(self, repo: Repository, tag: str, image_id: str) -> float | None:
@@ -296,43 +289,6 @@ class ExportedContent:
                     return found
         return None
 
-    async def _enforce_limit(self, repo: Repository, digest: str) -> None:
-        """Evicts least recently used images past --cache-max-size, keeping the one just exported, the
-        ones clients fetched from in the last IN_USE_GRACE seconds and every blob an export still running
-        relies on: the cache exceeds the limit only by those."""
-        if self.cache_max_size is None:
-            return
-        limit = self.cache_max_size
-        now = time.monotonic()
-        self._fetched[(repo.docker_name, digest)] = now
-        self._fetched = {key: at for key, at in self._fetched.items() if now - at < IN_USE_GRACE}
-        fetched = set(self._fetched)
-        in_use: set[str] = set().union(*(export.claimed for export in self.in_progress.values()))
-        async with self._record_lock:
-            eviction = await asyncio.to_thread(maintenance.evict, self.store, limit, fetched, in_use)
-        if eviction.remaining > limit:
-            log.info(
-                "cache at %s stays over the %s limit: the rest is in use (fetched in the last %s, or an "
-                "export running) and is evicted once idle",
-                units.size(eviction.remaining),
-                units.size(limit),
-                units.duration(IN_USE_GRACE),
-            )
-        for image in eviction.dropped:
-            self.metrics.evictions.inc()
-            log.info(
-                "evicted %s %s (%s, tags %s) to keep the cache under %s",
-                image.repository,
-                image.digest,
-                units.size(image.size),
-                ",".join(image.tags),
-                units.size(limit),
-            )
-
-    def _note_fetch(self, repo: Repository, digest: str) -> None:
-        if self.cache_max_size is not None:
-            self._fetched[(repo.docker_name, digest)] = time.monotonic()
-
     def _remember_absent(self, repo: Repository, digest: str, image_id: str) -> None:
         self._absent[(repo.docker_name, digest)] = image_id
 
@@ -350,23 +306,7 @@ class ExportedContent:
                 manifests={**current.manifests, **manifests, **pushed},
             )
 
-        await self.edit_record(repo.docker_name, merge)
-
-    async def edit_record(
-        self, name: str, change: Callable[[RepositoryRecord], RepositoryRecord], *, free_blobs: bool = False
-    ) -> RepositoryRecord:
-        """Applies `change` to a repository's record (an empty one if none) and saves the result, one
-        change at a time; `change` raises to refuse. With `free_blobs`, blobs the record no longer needs
-        and nothing else uses (exports running included) are removed from the cache."""
-        async with self._record_lock:
-            current = self.store.record(name) or RepositoryRecord(name=name)
-            record = change(current)
-            if free_blobs:
-                in_use: set[str] = set().union(*(e.claimed for e in self.in_progress.values()))
-                await asyncio.to_thread(maintenance.replace_record, self.store, record, in_use)
-            elif record != current:
-                await asyncio.to_thread(self.store.save_record, record)
-            return record
+        await self.records.edit(repo.docker_name, merge)
 
     async def _export(
         self,
@@ -382,36 +322,30 @@ class ExportedContent:
         self.metrics.exports_in_flight.inc()
         background = key in self._background
         transfer = Transfer("pre-export" if background else "export", ref, size)
-        export = self.in_progress[key] = ExportProgress(transfer, background=background)
+        export = self._in_progress[key] = ExportProgress(transfer, background=background)
         self._reschedule()
         started, outcome = time.monotonic(), "failed"
-        try:
-            async with progress.logged(export.transfer):
-                plan = await self._save_into_store(ref, info, names, export)
-            await keep(plan)
-            outcome = "ok"
-            return plan
-        except asyncio.CancelledError:
-            outcome = "cancelled"
-            raise
-        finally:
-            await self._discard_unused(key, ref, export.claimed)
-            self.in_progress.pop(key, None)
-            self._reschedule()
-            self.metrics.exports_in_flight.dec()
-            self.metrics.exports.labels(outcome).observe(time.monotonic() - started)
-
-    async def _discard_unused(self, key: str, ref: str, stored: set[str]) -> None:
-        """Removes blobs an export stored that no record references and no other export relies on."""
-        async with self._record_lock:
-            others = [e.claimed for k, e in self.in_progress.items() if k != key]
-            unused = stored - maintenance.referenced(self.store) - set().union(*others)
-            freed = await asyncio.to_thread(maintenance.remove_blobs, self.store, unused)
-        if freed:
-            log.info("removed %s the export of %s stored but nothing uses", units.size(freed), ref)
+        with self.records.claim() as claimed:
+            try:
+                async with self.transfers.track(export.transfer):
+                    plan = await self._save_into_store(ref, info, names, export, claimed)
+                await keep(plan)
+                outcome = "ok"
+                return plan
+            except asyncio.CancelledError:
+                outcome = "cancelled"
+                raise
+            finally:
+                freed = await self.records.discard_unused(claimed)
+                if freed:
+                    log.info("removed %s the export of %s stored but nothing uses", units.size(freed), ref)
+                self._in_progress.pop(key, None)
+                self._reschedule()
+                self.metrics.exports_in_flight.dec()
+                self.metrics.exports.labels(outcome).observe(time.monotonic() - started)
 
     async def _save_into_store(
-        self, ref: str, info: DaemonInfo, names: tuple[str, ...], export: ExportProgress
+        self, ref: str, info: DaemonInfo, names: tuple[str, ...], export: ExportProgress, claimed: set[str]
     ) -> ImagePlan:
         """Streams `docker save` of one image into the store and plans what of it can be served."""
         self.exports += 1
@@ -427,9 +361,7 @@ class ExportedContent:
             async with self.docker.save(ref, platform) as stream:
                 reader = ThreadedStream(stream, loop, gate=export.go.wait)
                 export.transfer.counter = lambda: reader.bytes_read
-                work = asyncio.ensure_future(
-                    asyncio.to_thread(read_save_stream, reader, self.store, export.claimed)
-                )
+                work = asyncio.ensure_future(asyncio.to_thread(read_save_stream, reader, self.store, claimed))
                 try:
                     contents = await asyncio.shield(work)
                 finally:

@@ -1,177 +1,37 @@
-"""The HTTP side: OCI distribution endpoints, status page, metrics, health. Handlers only translate HTTP."""
+"""The OCI distribution endpoints, the status page, metrics and health: handlers that only translate HTTP
+into calls on the registry's parts (`assembly.Registry`) and their answers (or OCI errors) back."""
 
 from __future__ import annotations
 
 import asyncio
-import errno
 import json
-import logging
 import re
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import Coroutine
 from typing import Any
 
 from aiohttp import BasicAuth, hdrs, web
-from aiohttp.abc import AbstractAccessLogger
-from aiohttp.http_exceptions import HttpProcessingError
-from aiohttp.log import server_logger
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from .. import PRODUCT, __version__
 from ..common import units
 from ..docker.engine import Credentials
-from ..mirror.mirror import Mirror
-from ..mirror.prefetch import Prefetcher
 from ..oci.errors import RegistryError
 from ..oci.mediatypes import MAX_MANIFEST_SIZE, OCI_INDEX
 from ..oci.reference import Digest, Repository, is_digest, parse_repository, parse_tag
-from ..push.pushes import Pushes
-from ..push.uploads import Upload, Uploads
+from ..push.uploads import Upload
 from ..sources.content import ServedManifest
-from . import blobs
+from . import blobs, status
+from .assembly import Registry
 from .auth import Htpasswd
-from .status import PAGE, RecentProblems, RecentPulls, snapshot
+from .status import RecentProblems, RecentPulls
 
-log = logging.getLogger(__package__)
-
-MIRROR: web.AppKey[Mirror] = web.AppKey("mirror", Mirror)
+REGISTRY: web.AppKey[Registry] = web.AppKey("registry", Registry)
 PROBLEMS: web.AppKey[RecentProblems] = web.AppKey("problems", RecentProblems)
 PULLS: web.AppKey[RecentPulls] = web.AppKey("pulls", RecentPulls)
 # What a manifest request was answered with, for the recent-pulls list.
 SERVED: web.RequestKey[ServedManifest] = web.RequestKey("served", ServedManifest)
-UPLOADS: web.AppKey[Uploads] = web.AppKey("uploads", Uploads)
-PREFETCHER: web.AppKey[Prefetcher] = web.AppKey("prefetcher", Prefetcher)
-PUSHES: web.AppKey[Pushes] = web.AppKey("pushes", Pushes)
 WRITE_AUTH: web.AppKey[Htpasswd | None] = web.AppKey("write_auth", Htpasswd)
 ANSWER_WITHIN: web.AppKey[float | None] = web.AppKey("answer_within", float)
-API_VERSION = ("Docker-Distribution-API-Version", "registry/2.0")
-SERVER = f"{PRODUCT}/{__version__}"
 _EMPTY_SUFFIX_RANGE = re.compile(r"\s*bytes\s*=\s*-0+\s*")
-
-
-class AccessLogger(AbstractAccessLogger):
-    """One line per request: client, request line, status, body bytes, seconds, user agent.
-
-    aiohttp's own `%b` counts only headers for sendfile responses, so blob sizes come from Content-Length.
-    """
-
-    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        sent = response.content_length if response.content_length is not None else response.body_length
-        if request.method == hdrs.METH_HEAD:
-            sent = 0
-        self.logger.info(
-            '%s "%s %s HTTP/%d.%d" %d %d %.6fs "%s"',
-            request.remote,
-            request.method,
-            request.path_qs,
-            request.version.major,
-            request.version.minor,
-            response.status,
-            sent,
-            time,
-            request.headers.get(hdrs.USER_AGENT, "-"),
-        )
-
-
-class _MalformedRequests(logging.Filter):
-    """aiohttp logs a request it cannot parse (an over-long line, a bad header) as an ERROR with a
-    traceback; that is the client's mistake, so it becomes one INFO line."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, HttpProcessingError):
-            record.levelno, record.levelname = logging.INFO, "INFO"
-            record.msg, record.args, record.exc_info, record.exc_text = (
-                "refused a malformed request: %s",
-                (exc,),
-                None,
-                None,
-            )
-        return True
-
-
-def _error_response(request: web.Request, error: RegistryError) -> web.Response:
-    level = logging.WARNING if error.status >= 500 else logging.INFO
-    log.log(
-        level, "%s %s -> %d %s: %s", request.method, request.path_qs, error.status, error.code, error.message
-    )
-    return web.json_response(error.body(), status=error.status, headers=error.headers)
-
-
-@web.middleware
-async def _oci_errors(request: web.Request, handler: web.Handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except RegistryError as error:
-        return _error_response(request, error)
-    except web.HTTPNotFound:
-        return _error_response(request, RegistryError("NAME_UNKNOWN", "no such endpoint", status=404))
-    except web.HTTPMethodNotAllowed:
-        return _error_response(
-            request, RegistryError("UNSUPPORTED", f"{request.method} is not supported here")
-        )
-    except OSError as exc:
-        if exc.errno not in (errno.EMFILE, errno.ENFILE):
-            raise
-        # Out of descriptors is load, not a bug: the client should retry, not give up on a 500.
-        return _error_response(
-            request, RegistryError("UNAVAILABLE", f"too many open files, retry later: {exc.strerror}")
-        )
-
-
-@web.middleware
-async def _write_access(request: web.Request, handler: web.Handler) -> web.StreamResponse:
-    """With an htpasswd file, what writes (uploads, manifest PUTs, deletes) needs its credentials; a
-    refusal is a Basic challenge, for wrong credentials too, as distribution answers.
-
-    `GET /v2/` challenges too: docker and skopeo send credentials only to a registry whose `/v2/` asked
-    for them, so an open one makes every push fail. Pulls stay open: containerd never asks `/v2/` and
-    skopeo goes on without credentials (docker, as against distribution, then wants a `docker login`)."""
-    auth = request.app[WRITE_AUTH]
-    if (
-        auth is not None
-        and request.match_info.handler in _CHALLENGED
-        and await auth.allows(request.headers.get(hdrs.AUTHORIZATION)) is None
-    ):
-        raise RegistryError(
-            "UNAUTHORIZED",
-            "authentication required: pushes and deletes need credentials (pulls need none)",
-            headers=auth.challenge,
-        )
-    return await handler(request)
-
-
-async def _on_response(request: web.Request, response: web.StreamResponse) -> None:
-    """Adds the registry API version header and our name (which `doctor` recognizes), and counts the
-    response (status and size are final here)."""
-    response.headers[API_VERSION[0]] = API_VERSION[1]
-    response.headers[hdrs.SERVER] = SERVER
-    handler = request.match_info.handler
-    route = "unmatched" if request.match_info.http_exception else getattr(handler, "__name__", "other")
-    metrics = request.app[MIRROR].metrics
-    metrics.requests.labels(route, request.method, str(response.status)).inc()
-    sent = (response.content_length or 0) if request.method != hdrs.METH_HEAD else 0
-    if sent:
-        metrics.served_bytes.labels(route).inc(sent)
-    if route in ("manifest", "blob") and 200 <= response.status < 300:
-        _note_pull(request, sent)
-
-
-def _note_pull(request: web.Request, sent: int) -> None:
-    """Adds a manifest or blob response to the recent pulls (the client, the image, cold or warm)."""
-    try:
-        repo = _repository(request)
-    except RegistryError:
-        return
-    reference = request.match_info.get("reference") or request.match_info.get("digest", "")
-    served = request.get(SERVED)
-    request.app[PULLS].served(
-        request.remote or "?",
-        repo.docker_name,
-        repo.familiar(reference),
-        sent,
-        tag=served is not None and not is_digest(reference),
-        cold=served is not None and served.cold,
-    )
 
 
 def _credentials(request: web.Request) -> Credentials | None:
@@ -191,7 +51,7 @@ async def base(_request: web.Request) -> web.Response:
 
 
 async def manifest(request: web.Request) -> web.Response:
-    mirror = request.app[MIRROR]
+    mirror = request.app[REGISTRY].mirror
     repo = parse_repository(request.match_info["name"], request.query.get("ns"))
     reference = request.match_info["reference"]
     credentials = _credentials(request)
@@ -251,19 +111,19 @@ def _settled(task: asyncio.Task[ServedManifest]) -> None:
         task.exception()
 
 
-def _repository(request: web.Request) -> Repository:
+def request_repository(request: web.Request) -> Repository:
     return parse_repository(request.match_info["name"], request.query.get("ns"))
 
 
 async def put_manifest(request: web.Request) -> web.Response:
-    repo = _repository(request)
-    request.app[PUSHES].check_writable(repo)
+    repo = request_repository(request)
+    request.app[REGISTRY].pushes.check_writable(repo)
     body = await request.content.read(MAX_MANIFEST_SIZE + 1)
     while len(body) <= MAX_MANIFEST_SIZE and (
         more := await request.content.read(MAX_MANIFEST_SIZE + 1 - len(body))
     ):
         body += more
-    digest, pushed = await request.app[PUSHES].put_manifest(
+    digest, pushed = await request.app[REGISTRY].pushes.put_manifest(
         repo, request.match_info["reference"], body, request.headers.get(hdrs.CONTENT_TYPE)
     )
     headers = {hdrs.LOCATION: f"/v2/{repo.name}/manifests/{digest}", "Docker-Content-Digest": digest}
@@ -273,15 +133,17 @@ async def put_manifest(request: web.Request) -> web.Response:
 
 
 async def delete_manifest(request: web.Request) -> web.Response:
-    await request.app[PUSHES].delete_manifest(_repository(request), request.match_info["reference"])
+    await request.app[REGISTRY].pushes.delete_manifest(
+        request_repository(request), request.match_info["reference"]
+    )
     return web.Response(status=202)
 
 
 async def referrers(request: web.Request) -> web.Response:
-    repo = _repository(request)
+    repo = request_repository(request)
     digest = Digest.parse(request.match_info["digest"])
     artifact_type = request.query.get("artifactType")
-    found = await request.app[PUSHES].referrers(repo, digest, artifact_type)
+    found = await request.app[REGISTRY].pushes.referrers(repo, digest, artifact_type)
     headers = {hdrs.CONTENT_TYPE: OCI_INDEX}
     if artifact_type is not None:
         headers["OCI-Filters-Applied"] = "artifactType"
@@ -303,7 +165,7 @@ def _blob_created(repo: Repository, digest: Digest) -> web.Response:
 async def _receive(request: web.Request, repo: Repository, upload: Upload, digest: Digest | None) -> None:
     """Appends the request body to the upload and, given a digest, finishes it; one request at a time
     per upload. A 416 tells the client where the upload stands, so it can resume."""
-    uploads = request.app[UPLOADS]
+    uploads = request.app[REGISTRY].uploads
     async with upload.lock:
         try:
             if request.body_exists:
@@ -317,12 +179,12 @@ async def _receive(request: web.Request, repo: Repository, upload: Upload, diges
                 error.headers.update(upload.headers(_upload_path(repo, upload)))
             raise
     if digest is not None:
-        await request.app[PUSHES].link(repo, digest)
+        await request.app[REGISTRY].pushes.link(repo, digest)
 
 
 async def start_upload(request: web.Request) -> web.Response:
-    repo = _repository(request)
-    pushes = request.app[PUSHES]
+    repo = request_repository(request)
+    pushes = request.app[REGISTRY].pushes
     pushes.check_writable(repo)
     mount, source = request.query.get("mount"), request.query.get("from")
     if mount is not None:
@@ -330,20 +192,20 @@ async def start_upload(request: web.Request) -> web.Response:
         if source is not None and await pushes.mount(repo, digest, source):
             return _blob_created(repo, digest)
     digest = Digest.parse(request.query["digest"]) if "digest" in request.query else None
-    upload = await request.app[UPLOADS].start(repo.docker_name)
+    upload = await request.app[REGISTRY].uploads.start(repo.docker_name)
     if digest is not None:
         try:
             await _receive(request, repo, upload, digest)
         finally:
-            if upload.id in request.app[UPLOADS]:
-                await request.app[UPLOADS].cancel(upload)
+            if upload.id in request.app[REGISTRY].uploads:
+                await request.app[REGISTRY].uploads.cancel(upload)
         return _blob_created(repo, digest)
     return web.Response(status=202, headers=upload.headers(_upload_path(repo, upload)))
 
 
 def _upload(request: web.Request) -> tuple[Repository, Upload]:
-    repo = _repository(request)
-    return repo, request.app[UPLOADS].get(repo.docker_name, request.match_info["upload"])
+    repo = request_repository(request)
+    return repo, request.app[REGISTRY].uploads.get(repo.docker_name, request.match_info["upload"])
 
 
 async def upload_status(request: web.Request) -> web.Response:
@@ -368,17 +230,19 @@ async def finish_upload(request: web.Request) -> web.Response:
 
 async def cancel_upload(request: web.Request) -> web.Response:
     _repo, upload = _upload(request)
-    await request.app[UPLOADS].cancel(upload)
+    await request.app[REGISTRY].uploads.cancel(upload)
     return web.Response(status=204)
 
 
 async def delete_blob(request: web.Request) -> web.Response:
-    await request.app[PUSHES].delete_blob(_repository(request), Digest.parse(request.match_info["digest"]))
+    await request.app[REGISTRY].pushes.delete_blob(
+        request_repository(request), Digest.parse(request.match_info["digest"])
+    )
     return web.Response(status=202)
 
 
 async def blob(request: web.Request) -> web.StreamResponse:
-    mirror = request.app[MIRROR]
+    mirror = request.app[REGISTRY].mirror
     repo = parse_repository(request.match_info["name"], request.query.get("ns"))
     digest = Digest.parse(request.match_info["digest"])
     found = await mirror.blob(repo, digest, _credentials(request))
@@ -421,12 +285,12 @@ def _page(request: web.Request, items: list[str]) -> tuple[list[str], dict[str, 
 
 async def tags_list(request: web.Request) -> web.Response:
     repo = parse_repository(request.match_info["name"], request.query.get("ns"))
-    tags, headers = _page(request, await request.app[MIRROR].tags(repo))
+    tags, headers = _page(request, await request.app[REGISTRY].listings.tags(repo))
     return web.json_response({"name": repo.name, "tags": tags}, headers=headers)
 
 
 async def catalog(request: web.Request) -> web.Response:
-    repositories, headers = _page(request, await request.app[MIRROR].catalog())
+    repositories, headers = _page(request, await request.app[REGISTRY].listings.catalog())
     return web.json_response({"repositories": repositories}, headers=headers)
 
 
@@ -437,7 +301,7 @@ async def healthz(_request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     """Docker reachable and the cache writable: what serving a new image needs."""
-    problems = await request.app[MIRROR].readiness()
+    problems = await status.readiness(request.app[REGISTRY])
     if problems:
         return web.json_response({"status": "unavailable", "problems": problems}, status=503)
     return web.json_response({"status": "ok"})
@@ -445,103 +309,20 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     """Prometheus text format; the cache gauges walk the blob directory, so off the event loop."""
-    body = await asyncio.to_thread(generate_latest, request.app[MIRROR].metrics.registry)
+    body = await asyncio.to_thread(generate_latest, request.app[REGISTRY].metrics.registry)
     return web.Response(body=body, headers={hdrs.CONTENT_TYPE: CONTENT_TYPE_LATEST})
 
 
 async def status_page(_request: web.Request) -> web.Response:
-    return web.Response(text=PAGE, content_type="text/html")
+    return web.Response(text=status.PAGE, content_type="text/html")
 
 
 async def status_json(request: web.Request) -> web.Response:
     app = request.app
-    return web.json_response(await snapshot(app[MIRROR], app[PROBLEMS], app[PULLS], app.get(PREFETCHER)))
+    return web.json_response(await status.snapshot(app[REGISTRY], app[PROBLEMS], app[PULLS]))
 
 
 async def unsupported(request: web.Request) -> web.Response:
     if request.method in (hdrs.METH_GET, hdrs.METH_HEAD):
         raise RegistryError("NAME_UNKNOWN", f"no such endpoint: {request.path}", status=404)
     raise RegistryError("UNSUPPORTED", f"{request.method} {request.path} is not supported")
-
-
-_CHALLENGED = frozenset(
-    {
-        base,
-        put_manifest,
-        delete_manifest,
-        start_upload,
-        upload_status,
-        patch_upload,
-        finish_upload,
-        cancel_upload,
-        delete_blob,
-    }
-)
-
-
-def create_app(
-    mirror: Mirror,
-    *,
-    load_pushed: bool = True,
-    allow_docker_delete: bool = False,
-    allow_docker_overwrite: bool = False,
-    write_auth: Htpasswd | None = None,
-    answer_within: float | None = None,
-) -> web.Application:
-    app = web.Application(middlewares=[_oci_errors, _write_access])
-    app[MIRROR] = mirror
-    app[ANSWER_WITHIN] = answer_within
-    app[WRITE_AUTH] = write_auth
-    uploads = app[UPLOADS] = Uploads(mirror.store)
-    pushes = app[PUSHES] = Pushes(
-        mirror,
-        load_pushed=load_pushed,
-        allow_docker_delete=allow_docker_delete,
-        allow_docker_overwrite=allow_docker_overwrite,
-    )
-
-    async def run_uploads(_app: web.Application) -> AsyncIterator[None]:
-        expiry = asyncio.ensure_future(uploads.expire_forever())
-        yield
-        expiry.cancel()
-        await pushes.close()
-        await uploads.close()
-
-    app.cleanup_ctx.append(run_uploads)
-    # The status page shows the registry's recent warnings and errors.
-    problems = app[PROBLEMS] = RecentProblems()
-    app[PULLS] = RecentPulls()
-    package_logger = logging.getLogger(__name__.partition(".")[0])
-    package_logger.addHandler(problems)
-    malformed = _MalformedRequests()
-    server_logger.addFilter(malformed)
-
-    async def detach(_app: web.Application) -> None:
-        package_logger.removeHandler(problems)
-        server_logger.removeFilter(malformed)
-
-    app.on_cleanup.append(detach)
-    app.on_response_prepare.append(_on_response)
-    app.router.add_get("/", status_page)
-    app.router.add_get("/status.json", status_json)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/v2/", base)
-    app.router.add_get("/v2", base)
-    app.router.add_get("/v2/_catalog", catalog)
-    app.router.add_get("/v2/{name:.+}/tags/list", tags_list)
-    app.router.add_get("/v2/{name:.+}/manifests/{reference}", manifest)
-    app.router.add_put("/v2/{name:.+}/manifests/{reference}", put_manifest)
-    app.router.add_delete("/v2/{name:.+}/manifests/{reference}", delete_manifest)
-    app.router.add_get("/v2/{name:.+}/referrers/{digest}", referrers)
-    app.router.add_post("/v2/{name:.+}/blobs/uploads/", start_upload)
-    app.router.add_post("/v2/{name:.+}/blobs/uploads", start_upload)
-    app.router.add_get("/v2/{name:.+}/blobs/uploads/{upload}", upload_status)
-    app.router.add_patch("/v2/{name:.+}/blobs/uploads/{upload}", patch_upload)
-    app.router.add_put("/v2/{name:.+}/blobs/uploads/{upload}", finish_upload)
-    app.router.add_delete("/v2/{name:.+}/blobs/uploads/{upload}", cancel_upload)
-    app.router.add_get("/v2/{name:.+}/blobs/{digest}", blob)
-    app.router.add_delete("/v2/{name:.+}/blobs/{digest}", delete_blob)
-    app.router.add_route("*", "/v2/{tail:.*}", unsupported)
-    return app

@@ -12,10 +12,12 @@ from typing import Any
 
 from .. import __version__
 from ..cache import maintenance
-from ..mirror.mirror import Mirror
-from ..mirror.prefetch import Prefetcher
+from ..common.metrics import Metrics
+from ..docker.engine import DaemonInfo, DockerClient, DockerUnavailable
+from .assembly import Registry
 
 RECENT_PROBLEMS = 20
+READY_TIMEOUT = 5.0
 RECENT_PULLS = 20
 # A pull is a run of requests from one client for one repository: its manifests, then its blobs
 # (containerd fetches three at a time, each layer taking as long as its bytes do).
@@ -80,9 +82,33 @@ class RecentPulls:
         pull.last = now
 
 
-async def _docker_state(mirror: Mirror) -> dict[str, Any]:
-    where = mirror.docker.describe()
-    info = await mirror.docker_state()
+async def docker_state(docker: DockerClient) -> DaemonInfo | str:
+    """Docker's daemon facts, or why it cannot be reached (within READY_TIMEOUT seconds)."""
+    try:
+        async with asyncio.timeout(READY_TIMEOUT):
+            return await docker.daemon()
+    except DockerUnavailable as exc:
+        return str(exc)
+    except TimeoutError:
+        return f"Docker did not answer within {READY_TIMEOUT:.0f}s"
+
+
+async def readiness(registry: Registry) -> dict[str, str]:
+    """Problems that stop the registry from serving new images, by component; empty when ready."""
+    problems: dict[str, str] = {}
+    docker = await docker_state(registry.docker)
+    if isinstance(docker, str):
+        problems["docker"] = docker
+    try:
+        await asyncio.to_thread(registry.store.check_writable)
+    except OSError as exc:
+        problems["cache"] = f"cache {registry.store.root} is not writable: {exc.strerror or exc}"
+    return problems
+
+
+async def _docker(registry: Registry) -> dict[str, Any]:
+    where = registry.docker.describe()
+    info = await docker_state(registry.docker)
     if isinstance(info, str):
         return {"reachable": False, "endpoint": where, "problem": info}
     return {
@@ -93,47 +119,33 @@ async def _docker_state(mirror: Mirror) -> dict[str, Any]:
         "api_version": info.api_version,
         "platform": str(info.platform),
         "storage": info.storage,
-        "zero_copy": _zero_copy_state(mirror),
+        "zero_copy": registry.discovery.describe(),
     }
 
 
-def _zero_copy_state(mirror: Mirror) -> str:
-    """One phrase: where zero-copy serves from, or why it does not."""
-    zero_copy = mirror.zero_copy
-    if zero_copy is None or not zero_copy.config.enabled:
-        return "zero-copy off"
-    if zero_copy.content is not None:
-        return f"zero-copy from containerd at {zero_copy.content.client.address}"
-    return f"zero-copy off: {zero_copy.off_reason}" if zero_copy.off_reason else "zero-copy not checked yet"
-
-
-def _cache_counts(mirror: Mirror) -> dict[str, float]:
-    registry = mirror.metrics.registry
+def _cache_counts(metrics: Metrics) -> dict[str, float]:
     return {
-        result: registry.get_sample_value("k3d_registry_manifest_cache_total", {"result": result}) or 0.0
+        result: metrics.registry.get_sample_value("k3d_registry_manifest_cache_total", {"result": result})
+        or 0.0
         for result in ("hit", "miss", "stale", "containerd")
     }
 
 
-async def snapshot(
-    mirror: Mirror, problems: RecentProblems, pulls: RecentPulls, prefetcher: Prefetcher | None = None
-) -> dict[str, Any]:
-    """Everything the page shows; the cache walk runs off the event loop."""
-    images = await asyncio.to_thread(maintenance.images, mirror.store)
-    total = await asyncio.to_thread(maintenance.cache_bytes, mirror.store)
-    counts = _cache_counts(mirror)
+async def snapshot(registry: Registry, problems: RecentProblems, pulls: RecentPulls) -> dict[str, Any]:
+    """Everything the page shows, each part from its owner; the cache walk runs off the event loop."""
+    store = registry.store
+    images = await asyncio.to_thread(maintenance.images, store)
+    total = await asyncio.to_thread(maintenance.cache_bytes, store)
+    counts = _cache_counts(registry.metrics)
     answered = sum(counts.values())
-    transfers = [export.transfer for export in list(mirror.exported.in_progress.values())] + list(
-        mirror.pulling.values()
-    )
     return {
         "version": __version__,
         "time": time.time(),
-        "docker": await _docker_state(mirror),
+        "docker": await _docker(registry),
         "cache": {
-            "dir": str(mirror.store.root),
+            "dir": str(store.root),
             "bytes": total,
-            "limit": mirror.exported.cache_max_size,
+            "limit": registry.records.limit,
             # Answered without an export: from the cache, or from containerd's content store as it is.
             "hit_rate": (answered - counts["miss"]) / answered if answered else None,
             "tag_requests": answered,
@@ -149,9 +161,9 @@ async def snapshot(
             }
             for image in images
         ],
-        "transfers": [transfer.as_json() for transfer in transfers],
+        "transfers": [transfer.as_json() for transfer in registry.transfers.running()],
         # None when pre-exports are off.
-        "prefetch": prefetcher.state() if prefetcher is not None else None,
+        "prefetch": registry.prefetcher.state() if registry.prefetcher is not None else None,
         "pulls": [asdict(pull) for pull in pulls.entries],
         "problems": list(problems.entries),
     }

@@ -1,0 +1,132 @@
+"""One running registry's parts, wired once: each part is the one owner of its state, and gets the others it
+uses handed in, so nothing reaches through another part for a third."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from ..cache.records import Records
+from ..cache.store import Store
+from ..common.metrics import Metrics
+from ..common.progress import Transfers
+from ..docker.engine import DockerClient, DockerUnavailable
+from ..docker.hostcreds import HostCredentials
+from ..mirror.current import CurrentImages
+from ..mirror.listing import Listings
+from ..mirror.mirror import Mirror
+from ..mirror.prefetch import Prefetcher
+from ..mirror.private import PrivateGuard
+from ..push.docker_load import Loads
+from ..push.pushes import Pushes
+from ..push.uploads import Uploads
+from ..sources.discovery import ContainerdDiscovery, ZeroCopyConfig
+from ..sources.exported import ExportedContent
+from ..sources.select import Sources
+
+log = logging.getLogger(__package__)
+
+
+@dataclass
+class Registry:
+    store: Store
+    docker: DockerClient
+    metrics: Metrics
+    # Pulls and exports running now.
+    transfers: Transfers
+    # The one writer of the cache's records.
+    records: Records
+    exported: ExportedContent
+    discovery: ContainerdDiscovery
+    sources: Sources
+    guard: PrivateGuard
+    images: CurrentImages
+    mirror: Mirror
+    listings: Listings
+    # Pushed images being loaded into Docker.
+    loads: Loads
+    pushes: Pushes
+    uploads: Uploads
+    # None when pre-exports are off.
+    prefetcher: Prefetcher | None = None
+
+    async def start(self) -> None:
+        """Opens what is on disk and looks at Docker once; blocking reads run off the event loop."""
+        await asyncio.to_thread(self.store.open)
+        await asyncio.to_thread(self.guard.open)
+        try:
+            await self.discovery.source(await self.docker.daemon())
+        except DockerUnavailable as exc:
+            log.warning("%s; serving what is cached and retrying on every request that needs Docker", exc)
+        if self.prefetcher is not None:
+            self.prefetcher.start()
+
+    async def stop(self) -> None:
+        if self.prefetcher is not None:
+            await self.prefetcher.close()
+        await self.loads.close()
+        await self.uploads.close()
+        await self.discovery.close()
+        await self.docker.close()
+
+
+def assemble(
+    store: Store,
+    docker: DockerClient,
+    *,
+    metrics: Metrics | None = None,
+    cache_max_size: int | None = None,
+    refresh_tags: float | None = None,
+    zero_copy: ZeroCopyConfig | None = None,
+    host_credentials: HostCredentials | None = None,
+    prefetch_max_age: float | None = None,
+    load_pushed: bool = True,
+    allow_docker_delete: bool = False,
+    allow_docker_overwrite: bool = False,
+) -> Registry:
+    """The parts of a registry serving `docker`'s images from `store`. Docker's containerd is looked for
+    only with a `zero_copy` config, pre-exports run only with a `prefetch_max_age`."""
+    metrics = metrics or Metrics(store.blobs_dir)
+    transfers = Transfers()
+    records = Records(store, metrics, cache_max_size)
+    exported = ExportedContent(store, docker, records, transfers, metrics)
+    discovery = ContainerdDiscovery(zero_copy or ZeroCopyConfig(enabled=False), metrics)
+    sources = Sources(docker, exported, discovery)
+    guard = PrivateGuard(store, docker, metrics)
+    images = CurrentImages(
+        docker, guard, transfers, metrics, refresh_tags=refresh_tags, host_credentials=host_credentials
+    )
+    loads = Loads()
+    pushes = Pushes(
+        docker,
+        records,
+        sources,
+        loads,
+        load_pushed=load_pushed,
+        allow_docker_delete=allow_docker_delete,
+        allow_docker_overwrite=allow_docker_overwrite,
+    )
+    prefetcher = (
+        Prefetcher(docker, sources, records, metrics, prefetch_max_age, loads)
+        if prefetch_max_age is not None
+        else None
+    )
+    return Registry(
+        store=store,
+        docker=docker,
+        metrics=metrics,
+        transfers=transfers,
+        records=records,
+        exported=exported,
+        discovery=discovery,
+        sources=sources,
+        guard=guard,
+        images=images,
+        mirror=Mirror(docker, images, guard, sources, metrics, loads),
+        listings=Listings(store, docker),
+        loads=loads,
+        pushes=pushes,
+        uploads=Uploads(store),
+        prefetcher=prefetcher,
+    )
