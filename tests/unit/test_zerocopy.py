@@ -54,7 +54,7 @@ class FakeContainerd:
         self._call(f"get {name}")
         return self.records.get(name)
 
-    async def images(self, *filters: str) -> dict[str, Descriptor]:
+    async def images(self) -> dict[str, Descriptor]:
         self._call("list")
         return dict(self.records)
 

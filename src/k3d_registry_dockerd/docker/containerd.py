@@ -90,11 +90,9 @@ class ContainerdClient:
         target = answer.image.target
         return Descriptor(target.media_type, target.digest, target.size)
 
-    async def images(self, *filters: str) -> dict[str, Descriptor]:
-        """Image records matching any of containerd's `filters` (all without), by name."""
-        answer = await self._unary(
-            api.IMAGES_LIST, api.ListImagesRequest(filters=list(filters)), api.ListImagesResponse
-        )
+    async def images(self) -> dict[str, Descriptor]:
+        """Every image record of the namespace, by name."""
+        answer = await self._unary(api.IMAGES_LIST, api.ListImagesRequest(), api.ListImagesResponse)
         return {
             image.name: Descriptor(image.target.media_type, image.target.digest, image.target.size)
             for image in (answer.images if answer is not None else ())

@@ -24,7 +24,7 @@ _MESSAGES: dict[str, list[tuple[str, int, int, bool, str | None]]] = {
     "Image": [("name", 1, _STRING, False, None), ("target", 3, _MESSAGE, False, "Descriptor")],
     "GetImageRequest": [("name", 1, _STRING, False, None)],
     "GetImageResponse": [("image", 1, _MESSAGE, False, "Image")],
-    "ListImagesRequest": [("filters", 1, _STRING, True, None)],
+    "ListImagesRequest": [],
     "ListImagesResponse": [("images", 1, _MESSAGE, True, "Image")],
     # containerd.services.introspection.v1 (init_err is a google.rpc.Status)
     "Status": [("code", 1, _INT32, False, None), ("message", 2, _STRING, False, None)],
