@@ -190,9 +190,11 @@ class ExportedContent:
     async def by_digest(
         self, repo: Repository, digest: str, image: dict[str, Any] | None, info: DaemonInfo
     ) -> ServedManifest | None:
-        """Finds a digest in Docker's export of that image; None (logged) when it cannot be served."""
-        if image is None:
-            return None
+        """A manifest served under this repository before, else found in Docker's export of `image`; None
+        (logged) when it cannot be served."""
+        recorded = self.recorded(repo, digest)
+        if recorded is not None or image is None:
+            return recorded
         if self._absent.get((repo.docker_name, digest)) == image["Id"]:
             return None
         ref = repo.docker_ref(digest)

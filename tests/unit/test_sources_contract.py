@@ -1,0 +1,239 @@
+"""What every content source promises (`sources.content.ImageContent`), one set of cases run against each:
+the export path (our cache, filled by `docker save` of a fake Docker) and Docker's containerd content store
+read where it lies (a content-store directory and fake image records). A new source joins by adding a
+backend below.
+
+The cases: content that is absent, present (manifests by tag and digest, blobs whose bytes match their
+digests), an index only one platform of which is complete, blobs and manifests scoped to the repository
+that serves them, and Range requests of a source's blob through the HTTP layer's blob sending.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from k3d_registry_dockerd.cache.records import Records
+from k3d_registry_dockerd.cache.store import Store
+from k3d_registry_dockerd.common.metrics import Metrics
+from k3d_registry_dockerd.common.progress import Transfers
+from k3d_registry_dockerd.docker.containerd import Descriptor
+from k3d_registry_dockerd.docker.engine import DaemonInfo
+from k3d_registry_dockerd.oci.platform import Platform
+from k3d_registry_dockerd.oci.reference import Repository, parse_repository
+from k3d_registry_dockerd.sources.containerd import ContainerdContent
+from k3d_registry_dockerd.sources.content import BlobFile, ImageContent
+from k3d_registry_dockerd.sources.exported import ExportedContent
+from k3d_registry_dockerd.web import blobs
+
+from .fakes import FakeDocker, LocalImage
+from .saves import OCI_INDEX, OCI_MANIFEST, Image, descriptor, digest_of, make_image, make_index, oci_layout
+from .test_zerocopy import FakeContainerd
+
+AMD64 = {"os": "linux", "architecture": "amd64"}
+ARM64 = {"os": "linux", "architecture": "arm64", "variant": "v8"}
+INFO = DaemonInfo("28.5.1", "1.51", Platform("linux", "amd64"), "overlayfs", containerd_store=True)
+
+
+class Backend(Protocol):
+    """A source, and how to put an image where it reads images from."""
+
+    content: ImageContent
+
+    def publish(self, ref: str, root: bytes, media_type: str, blobs: dict[str, bytes]) -> dict[str, Any]:
+        """Makes `ref` an image whose own manifest or index is `root`, with these other blobs present;
+        returns Docker's inspect answer for it."""
+        ...
+
+
+@dataclass
+class ExportedBackend:
+    """Our cache, filled by exports of a Docker with the containerd image store (original digests)."""
+
+    store: Store
+    docker: FakeDocker = field(default_factory=lambda: FakeDocker(containerd_store=True))
+
+    def __post_init__(self) -> None:
+        metrics = Metrics(self.store.blobs_dir)
+        self.content: ImageContent = ExportedContent(
+            self.store,
+            self.docker,  # type: ignore[arg-type]
+            Records(self.store, metrics),
+            Transfers(),
+            metrics,
+        )
+
+    def publish(self, ref: str, root: bytes, media_type: str, blobs: dict[str, bytes]) -> dict[str, Any]:
+        layout = oci_layout({**blobs, digest_of(root): root}, [descriptor(root, media_type, name=ref)])
+        image = LocalImage(id=digest_of(root), save=layout)
+        # Docker resolves the image's own digest reference too.
+        self.docker.images[ref] = self.docker.images[f"{ref.rpartition(':')[0]}@{digest_of(root)}"] = image
+        return {"Id": digest_of(root)}
+
+
+@dataclass
+class ContainerdBackend:
+    """Docker's containerd image store: a content-store directory and containerd's image records."""
+
+    root: Path
+    containerd: FakeContainerd = field(default_factory=FakeContainerd)
+
+    def __post_init__(self) -> None:
+        self.blobs_dir = self.root / "blobs" / "sha256"
+        self.blobs_dir.mkdir(parents=True)
+        metrics = Metrics(self.root)
+        self.content: ImageContent = ContainerdContent(self.containerd, self.blobs_dir, metrics)  # type: ignore[arg-type]
+
+    def publish(self, ref: str, root: bytes, media_type: str, blobs: dict[str, bytes]) -> dict[str, Any]:
+        for data in (*blobs.values(), root):
+            (self.blobs_dir / digest_of(data)[7:]).write_bytes(data)
+        self.containerd.records[ref] = Descriptor(media_type, digest_of(root), len(root))
+        return {"Id": digest_of(root)}
+
+
+@pytest.fixture(params=["exported", "containerd"])
+def backend(request: pytest.FixtureRequest, store: Store, tmp_path: Path) -> Backend:
+    if request.param == "exported":
+        return ExportedBackend(store)
+    return ContainerdBackend(tmp_path / "content")
+
+
+APP = parse_repository("team/app", "docker.io")
+OTHER = parse_repository("team/other", "docker.io")
+
+
+def ref(repo: Repository, tag: str) -> str:
+    return repo.docker_ref(tag)
+
+
+@dataclass
+class Published:
+    image: Image
+    inspect: dict[str, Any]
+
+
+def publish_image(backend: Backend, repo: Repository, tag: str, seed: str) -> Published:
+    image = make_image(seed)
+    blobs = {d: data for d, data in image.blobs().items() if d != image.digest}
+    return Published(image, backend.publish(ref(repo, tag), image.manifest, OCI_MANIFEST, blobs))
+
+
+def file_digest(found: BlobFile) -> str:
+    return f"sha256:{hashlib.sha256(found.path.read_bytes()).hexdigest()}"
+
+
+async def served_blob(content: ImageContent, repo: Repository, digest: str) -> BlobFile | None:
+    found = await content.blob(repo, digest, INFO)
+    if found is not None and found.verified is not None:
+        # What the HTTP layer does after sending a blob it hashed on the way.
+        found.verified(file_digest(found) == digest, found.path.stat())
+    return found
+
+
+# ---- absent -----------------------------------------------------------------------------------------
+
+
+async def test_nothing_is_served_that_no_image_of_the_repository_holds(backend: Backend) -> None:
+    unknown = digest_of(b"no image has this")
+    assert await backend.content.by_digest(APP, unknown, None, INFO) is None
+    assert await backend.content.blob(APP, unknown, INFO) is None
+
+
+# ---- present ----------------------------------------------------------------------------------------
+
+
+async def test_an_image_is_served_by_tag_and_digest_with_its_blobs(backend: Backend) -> None:
+    published = publish_image(backend, APP, "v1", "present")
+    image = published.image
+    served = await backend.content.by_tag(APP, "v1", published.inspect, INFO, None)
+    assert served is not None
+    assert (served.digest, served.media_type, served.body) == (image.digest, OCI_MANIFEST, image.manifest)
+    # Asked by digest, with or without Docker's answer for that digest.
+    for inspect in (published.inspect, None):
+        again = await backend.content.by_digest(APP, image.digest, inspect, INFO)
+        assert again is not None and again.body == image.manifest
+    for digest in (image.config_digest, *image.layer_digests):
+        found = await served_blob(backend.content, APP, digest)
+        assert found is not None and found.digest == digest and file_digest(found) == digest
+
+
+# ---- an index only partly present -------------------------------------------------------------------
+
+
+async def test_an_index_is_served_with_its_complete_child_and_not_the_absent_one(backend: Backend) -> None:
+    mine, foreign = make_image("partial-amd64"), make_image("partial-arm64", arch="arm64")
+    index = make_index([(mine, AMD64), (foreign, ARM64)])
+    inspect = backend.publish(ref(APP, "multi"), index, OCI_INDEX, mine.blobs())
+    served = await backend.content.by_tag(APP, "multi", inspect, INFO, None)
+    assert served is not None and (served.digest, served.body) == (digest_of(index), index)
+    # containerd asks for the children by digest next; Docker resolves none of them to an image.
+    child = await backend.content.by_digest(APP, mine.digest, None, INFO)
+    assert child is not None and child.body == mine.manifest
+    assert await backend.content.by_digest(APP, foreign.digest, None, INFO) is None
+    assert await backend.content.blob(APP, foreign.layer_digests[0], INFO) is None
+    found = await served_blob(backend.content, APP, mine.layer_digests[0])
+    assert found is not None and file_digest(found) == mine.layer_digests[0]
+
+
+# ---- repository scoping -----------------------------------------------------------------------------
+
+
+async def test_a_repository_serves_only_what_its_own_manifests_reference(backend: Backend) -> None:
+    published = publish_image(backend, APP, "v1", "scoped")
+    assert await backend.content.by_tag(APP, "v1", published.inspect, INFO, None) is not None
+    image = published.image
+    assert await backend.content.blob(OTHER, image.layer_digests[0], INFO) is None
+    assert await backend.content.by_digest(OTHER, image.digest, None, INFO) is None
+    assert await backend.content.blob(APP, image.layer_digests[0], INFO) is not None
+
+
+async def test_an_image_asked_for_by_digest_first_is_served(backend: Backend) -> None:
+    """A digest-pinned pull: Docker resolves the digest to its image before anything was served."""
+    published = publish_image(backend, APP, "v1", "pinned")
+    image = published.image
+    served = await backend.content.by_digest(APP, image.digest, published.inspect, INFO)
+    assert served is not None and served.body == image.manifest
+    assert await backend.content.blob(APP, image.config_digest, INFO) is not None
+
+
+# ---- Range, through the HTTP layer ------------------------------------------------------------------
+
+
+@pytest.fixture
+def blob_client(aiohttp_client: Any, backend: Backend) -> Iterator[Any]:
+    async def start() -> TestClient:
+        async def send(request: web.Request) -> web.StreamResponse:
+            found = await backend.content.blob(APP, request.match_info["digest"], INFO)
+            if found is None:
+                raise web.HTTPNotFound()
+            return await blobs.send(request, found, {"Docker-Content-Digest": found.digest})
+
+        app = web.Application()
+        app.router.add_get("/{digest}", send)
+        return await aiohttp_client(app)
+
+    yield start
+
+
+async def test_part_of_a_blob_is_sent_as_asked_and_all_of_it_again(
+    backend: Backend, blob_client: Any
+) -> None:
+    published = publish_image(backend, APP, "v1", "ranged")
+    assert await backend.content.by_tag(APP, "v1", published.inspect, INFO, None) is not None
+    layer = published.image.layers[0]
+    digest = digest_of(layer)
+    client = await blob_client()
+    partial = await client.get(f"/{digest}", headers={"Range": "bytes=10-19"})
+    assert partial.status == 206 and await partial.read() == layer[10:20]
+    assert partial.headers["Content-Range"] == f"bytes 10-19/{len(layer)}"
+    whole = await client.get(f"/{digest}")
+    assert whole.status == 200 and await whole.read() == layer
+    tail = await client.get(f"/{digest}", headers={"Range": "bytes=-5"})
+    assert tail.status == 206 and await tail.read() == layer[-5:]
