@@ -29,9 +29,12 @@ IN_USE_GRACE = 300.0
 class Records:
     """The one writer of the store's records; `limit` is --cache-max-size (None: no limit)."""
 
-    def __init__(self, store: Store, metrics: Metrics, limit: int | None = None) -> None:
+    def __init__(
+        self, store: Store, metrics: Metrics, limit: int | None = None, in_use_grace: float = IN_USE_GRACE
+    ) -> None:
         self.store = store
         self.limit = limit
+        self.in_use_grace = in_use_grace
         self._metrics = metrics
         self._lock = asyncio.Lock()
         # Blobs running exports rely on, one set per export (by identity: two may be equal).
@@ -81,14 +84,14 @@ class Records:
 
     async def enforce_limit(self, name: str, digest: str) -> None:
         """Evicts least recently used images past the limit, keeping `digest` of `name` (just exported),
-        what clients fetched in the last IN_USE_GRACE seconds and what running exports claimed: the cache
+        what clients fetched in the last `in_use_grace` seconds and what running exports claimed: the cache
         exceeds the limit only by those."""
         if self.limit is None:
             return
         limit = self.limit
         now = time.monotonic()
         self._fetched[(name, digest)] = now
-        self._fetched = {key: at for key, at in self._fetched.items() if now - at < IN_USE_GRACE}
+        self._fetched = {key: at for key, at in self._fetched.items() if now - at < self.in_use_grace}
         fetched = set(self._fetched)
         async with self._lock:
             eviction = await asyncio.to_thread(maintenance.evict, self.store, limit, fetched, self._claimed())
@@ -98,7 +101,7 @@ class Records:
                 "export running) and is evicted once idle",
                 units.size(eviction.remaining),
                 units.size(limit),
-                units.duration(IN_USE_GRACE),
+                units.duration(self.in_use_grace),
             )
         for image in eviction.dropped:
             self._metrics.evictions.inc()
