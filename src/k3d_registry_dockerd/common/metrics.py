@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from .bounded import BoundedDict
 
 # Pulls and exports range from milliseconds (cached layers) to minutes (GB images).
 _DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -101,3 +104,19 @@ class Metrics:
             registry=self.registry,
         )
         self.registry.register(_CacheCollector(blobs_dir))
+        # Children by labels, looked up once: `labels()` validates and locks on every call.
+        self._answers: BoundedDict[tuple[str, str, int], Any] = BoundedDict(1024)
+        self._bytes: BoundedDict[str, Any] = BoundedDict(256)
+
+    def answered(self, route: str, method: str, status: int, sent: int) -> None:
+        """An HTTP answer: counted by route, method and status, its body bytes by route."""
+        key = (route, method, status)
+        requests = self._answers.get(key)
+        if requests is None:
+            requests = self._answers[key] = self.requests.labels(route, method, str(status))
+        requests.inc()
+        if sent:
+            served = self._bytes.get(route)
+            if served is None:
+                served = self._bytes[route] = self.served_bytes.labels(route)
+            served.inc(sent)

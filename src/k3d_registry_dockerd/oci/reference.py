@@ -5,6 +5,7 @@ Pure functions only: everything here is decided from the request path and the `n
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -30,19 +31,25 @@ class Digest:
 
     hex: str
 
-    @classmethod
-    def parse(cls, text: str) -> Digest:
-        if not _DIGEST_RE.fullmatch(text):
-            raise RegistryError("DIGEST_INVALID", f"invalid digest {text!r}")
-        algorithm, _, encoded = text.partition(":")
-        if algorithm != "sha256":
-            raise RegistryError("DIGEST_INVALID", f"unsupported digest algorithm {algorithm!r}: only sha256")
-        if not _SHA256_HEX_RE.fullmatch(encoded):
-            raise RegistryError("DIGEST_INVALID", f"invalid sha256 digest {text!r}")
-        return cls(encoded)
+    @staticmethod
+    def parse(text: str) -> Digest:
+        return _parse_digest(text)
 
     def __str__(self) -> str:
         return f"sha256:{self.hex}"
+
+
+# Pure, and asked for the same few strings by every request: remembered (failures are not).
+@functools.lru_cache(maxsize=4096)
+def _parse_digest(text: str) -> Digest:
+    if not _DIGEST_RE.fullmatch(text):
+        raise RegistryError("DIGEST_INVALID", f"invalid digest {text!r}")
+    algorithm, _, encoded = text.partition(":")
+    if algorithm != "sha256":
+        raise RegistryError("DIGEST_INVALID", f"unsupported digest algorithm {algorithm!r}: only sha256")
+    if not _SHA256_HEX_RE.fullmatch(encoded):
+        raise RegistryError("DIGEST_INVALID", f"invalid sha256 digest {text!r}")
+    return Digest(encoded)
 
 
 def is_digest(reference: str) -> bool:
@@ -131,6 +138,7 @@ def split_repo_tag(repo_tag: str) -> tuple[str, str] | None:
     return docker_name(name), tag
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_repository(name: str, ns: str | None) -> Repository:
     """Maps a request's repository name (and containerd's ``ns`` mirror parameter) to a Docker name.
 

@@ -35,6 +35,7 @@ from .savestream import ExportError, ThreadedStream, read_save_stream, select_ro
 log = logging.getLogger(__package__)
 LAST_USE_RESOLUTION = 60.0
 ABSENT_LIMIT = 4096
+BODY_LIMIT = 1024
 
 
 @dataclass
@@ -80,15 +81,20 @@ class ExportedContent:
         self._requests_idle.set()
         # Digests a Docker image was found not to contain, so repeated requests cost no new export.
         self._absent: BoundedDict[tuple[str, str], str] = BoundedDict(ABSENT_LIMIT)
+        # Manifest bytes by digest, read from the store once: a tag request costs no file read.
+        self._bodies: BoundedDict[str, bytes] = BoundedDict(BODY_LIMIT)
 
     def cached_tag(self, repo: Repository, tag: str) -> TagEntry | None:
         record = self.store.record(repo.docker_name)
         return record.tags.get(tag) if record else None
 
     def served(self, repo: Repository, digest: str, media_type: str, *, cold: bool = False) -> ServedManifest:
-        body = self.store.read_blob(digest)
+        body = self._bodies.get(digest)
         if body is None:
-            raise RegistryError("MANIFEST_UNKNOWN", f"manifest {digest} is no longer in the cache")
+            body = self.store.read_blob(digest)
+            if body is None:
+                raise RegistryError("MANIFEST_UNKNOWN", f"manifest {digest} is no longer in the cache")
+            self._bodies[digest] = body
         self.records.fetched(repo.docker_name, digest)
         return ServedManifest(digest, media_type, body, cold)
 

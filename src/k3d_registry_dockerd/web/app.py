@@ -23,6 +23,7 @@ from .routes import (
     PROBLEMS,
     PULLS,
     REGISTRY,
+    REPOSITORY,
     SERVED,
     WRITE_AUTH,
     base,
@@ -39,7 +40,6 @@ from .routes import (
     put_manifest,
     readyz,
     referrers,
-    request_repository,
     start_upload,
     status_json,
     status_page,
@@ -153,20 +153,16 @@ async def _on_response(request: web.Request, response: web.StreamResponse) -> No
     response.headers[hdrs.SERVER] = SERVER
     handler = request.match_info.handler
     route = "unmatched" if request.match_info.http_exception else getattr(handler, "__name__", "other")
-    metrics = request.app[REGISTRY].metrics
-    metrics.requests.labels(route, request.method, str(response.status)).inc()
     sent = (response.content_length or 0) if request.method != hdrs.METH_HEAD else 0
-    if sent:
-        metrics.served_bytes.labels(route).inc(sent)
+    request.app[REGISTRY].metrics.answered(route, request.method, response.status, sent)
     if route in ("manifest", "blob") and 200 <= response.status < 300:
         _note_pull(request, sent)
 
 
 def _note_pull(request: web.Request, sent: int) -> None:
     """Adds a manifest or blob response to the recent pulls (the client, the image, cold or warm)."""
-    try:
-        repo = request_repository(request)
-    except RegistryError:
+    repo = request.get(REPOSITORY)
+    if repo is None:
         return
     reference = request.match_info.get("reference") or request.match_info.get("digest", "")
     served = request.get(SERVED)

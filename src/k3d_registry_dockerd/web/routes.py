@@ -27,8 +27,10 @@ from .status import RecentProblems, RecentPulls
 REGISTRY: web.AppKey[Registry] = web.AppKey("registry", Registry)
 PROBLEMS: web.AppKey[RecentProblems] = web.AppKey("problems", RecentProblems)
 PULLS: web.AppKey[RecentPulls] = web.AppKey("pulls", RecentPulls)
-# What a manifest request was answered with, for the recent-pulls list.
+# What a manifest request was answered with, and the repository a manifest or blob request named, for
+# the recent-pulls list.
 SERVED: web.RequestKey[ServedManifest] = web.RequestKey("served", ServedManifest)
+REPOSITORY: web.RequestKey[Repository] = web.RequestKey("repository", Repository)
 WRITE_AUTH: web.AppKey[Htpasswd | None] = web.AppKey("write_auth", Htpasswd)
 ANSWER_WITHIN: web.AppKey[float | None] = web.AppKey("answer_within", float)
 _EMPTY_SUFFIX_RANGE = re.compile(r"\s*bytes\s*=\s*-0+\s*")
@@ -52,7 +54,7 @@ async def base(_request: web.Request) -> web.Response:
 
 async def manifest(request: web.Request) -> web.Response:
     mirror = request.app[REGISTRY].mirror
-    repo = parse_repository(request.match_info["name"], request.query.get("ns"))
+    repo = request[REPOSITORY] = request_repository(request)
     reference = request.match_info["reference"]
     credentials = _credentials(request)
     if is_digest(reference):
@@ -243,7 +245,7 @@ async def delete_blob(request: web.Request) -> web.Response:
 
 async def blob(request: web.Request) -> web.StreamResponse:
     mirror = request.app[REGISTRY].mirror
-    repo = parse_repository(request.match_info["name"], request.query.get("ns"))
+    repo = request[REPOSITORY] = request_repository(request)
     digest = Digest.parse(request.match_info["digest"])
     found = await mirror.blob(repo, digest, _credentials(request))
     if _EMPTY_SUFFIX_RANGE.fullmatch(request.headers.get(hdrs.RANGE, "")):
