@@ -150,7 +150,7 @@ class Option:
     env: str
     # What it does, for --help; the parser adds the environment variable and the default.
     help: str
-    # As a person would write it, read like a given value; None: not set.
+    # As a person would write it, read like a given value; None: not set (a switch's is the opposite of it).
     default: str | None = None
     # The default as --help states it, when not `default` itself.
     default_help: str | None = None
@@ -173,6 +173,11 @@ class Option:
         if self.switch is not None:
             return f"{self.help} (env {self.env}={self.switch})"
         return f"{self.help} (env {self.env}" + (f"; default {default})" if default else ")")
+
+    def __post_init__(self) -> None:
+        if self.switch is not None:
+            # Off unless the flag (or its variable) turns it on, and the other way round.
+            object.__setattr__(self, "default", "false" if self.switch == "true" else "true")
 
     def read(self, text: str) -> Any:
         return parse_bool(text, self.env) if self.switch is not None else self.parse(text)
@@ -240,7 +245,6 @@ OPTIONS: tuple[Option, ...] = (
         ENV_DOCKER_CREDENTIALS,
         "pull through Docker with the credentials `docker login` stored on this host when a request "
         "brings none: anyone who can reach the registry can then pull what those credentials can",
-        "false",
         switch="true",
         describe=lambda s: (
             f"pulls without credentials use the host's Docker credentials: anyone who reaches {s.addr} "
@@ -255,7 +259,6 @@ OPTIONS: tuple[Option, ...] = (
         ENV_PREFETCH,
         "do not pre-export tags that move in Docker: a rebuilt tag is then exported when a client next "
         "pulls it",
-        "true",
         switch="false",
         describe=lambda s: (
             None if s.prefetch else "pre-exports off: a moved tag is exported when next pulled"
@@ -316,7 +319,6 @@ OPTIONS: tuple[Option, ...] = (
         "--no-load-pushed",
         ENV_LOAD_PUSHED,
         "do not load pushed images into Docker",
-        "true",
         switch="false",
         describe=lambda s: f"pushed images {'are' if s.load_pushed else 'are not'} loaded into Docker",
     ),
@@ -326,7 +328,6 @@ OPTIONS: tuple[Option, ...] = (
         ENV_ALLOW_DOCKER_OVERWRITE,
         "let a pushed image replace a tag Docker already has; by default a push moves only tags this "
         "registry's own loads made",
-        "false",
         switch="true",
         describe=lambda s: "pushes may replace Docker's own tags" if s.allow_docker_overwrite else None,
     ),
@@ -335,7 +336,6 @@ OPTIONS: tuple[Option, ...] = (
         "--allow-docker-delete",
         ENV_ALLOW_DOCKER_DELETE,
         "let DELETE requests remove Docker's own images, not only pushed content",
-        "false",
         switch="true",
         describe=lambda s: "DELETE may remove Docker's own images" if s.allow_docker_delete else None,
     ),
@@ -361,7 +361,6 @@ OPTIONS: tuple[Option, ...] = (
         "--no-zero-copy",
         ENV_ZERO_COPY,
         "export every image from Docker, also when Docker's containerd image store could be served as it is",
-        "true",
         switch="false",
         describe=lambda s: (
             None if s.zero_copy else "zero-copy from containerd is off: every image is exported"

@@ -11,6 +11,7 @@ from k3d_registry_dockerd.cache.records import Records
 from k3d_registry_dockerd.cache.store import Store
 from k3d_registry_dockerd.common.metrics import Metrics
 from k3d_registry_dockerd.common.progress import Transfers
+from k3d_registry_dockerd.docker.engine import DaemonInfo
 from k3d_registry_dockerd.oci.errors import RegistryError
 from k3d_registry_dockerd.oci.reference import parse_repository
 from k3d_registry_dockerd.sources.exported import ExportedContent
@@ -45,6 +46,12 @@ def inspect(image: LocalImage) -> dict[str, str]:
     return {"Id": image.id}
 
 
+async def held_exports(docker: FakeDocker) -> tuple[DaemonInfo, dict[str, str]]:
+    """Docker's facts and its image of the app, with every export held until `docker.save_gate` is set."""
+    docker.save_gate = asyncio.Event()
+    return await docker.daemon(), inspect(docker.images[APP_REF])
+
+
 def stored(store: Store) -> set[str]:
     return {f"sha256:{path.name}" for path in store.blobs_dir.glob("*/*")}
 
@@ -52,9 +59,7 @@ def stored(store: Store) -> set[str]:
 async def test_concurrent_requests_for_one_image_share_one_export(
     exported: ExportedContent, docker: FakeDocker
 ) -> None:
-    docker.save_gate = asyncio.Event()
-    info = await docker.daemon()
-    image = inspect(docker.images[APP_REF])
+    info, image = await held_exports(docker)
     waiting = [asyncio.ensure_future(exported.by_tag(APP, "dev", image, info, None)) for _ in range(5)]
     await asyncio.sleep(0.05)
     assert [t.ref for t in exported.transfers.running("export")] == [APP_REF]
@@ -126,9 +131,7 @@ async def test_a_digest_docker_s_export_lacks_costs_one_export(
 async def test_a_request_joins_a_pre_export_of_its_image(
     exported: ExportedContent, docker: FakeDocker
 ) -> None:
-    docker.save_gate = asyncio.Event()
-    info = await docker.daemon()
-    image = inspect(docker.images[APP_REF])
+    info, image = await held_exports(docker)
     background = asyncio.ensure_future(exported.prefetch(APP, "dev", image, info))
     await asyncio.sleep(0.05)
     assert [t.kind for t in exported.transfers.running()] == ["pre-export"]
@@ -149,9 +152,7 @@ async def test_a_request_joins_a_pre_export_of_its_image(
 async def test_an_abandoned_pre_export_stores_nothing(
     exported: ExportedContent, docker: FakeDocker, store: Store
 ) -> None:
-    docker.save_gate = asyncio.Event()
-    info = await docker.daemon()
-    image = inspect(docker.images[APP_REF])
+    info, image = await held_exports(docker)
     background = asyncio.ensure_future(exported.prefetch(APP, "dev", image, info))
     await asyncio.sleep(0.05)
     assert exported.abandon(APP, "dev", image["Id"])
