@@ -41,7 +41,7 @@ DOCKER_CLI = DOCKER26_USR / "bin" / "docker"
 # BuildKit's client (`docker build` with DOCKER_BUILDKIT=1), found in each daemon's DOCKER_CONFIG.
 BUILDX_PLUGIN = DOCKER28_USR / "libexec" / "docker" / "cli-plugins" / "docker-buildx"
 """The docker CLI of the tests: 26.1 negotiates the API version with every daemon here."""
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 KEEP_TEMP = os.environ.get("K3RD_KEEP_TEMP", "") not in ("", "0")
 """Set K3RD_KEEP_TEMP=1 to keep daemon dirs and logs after the run, for debugging."""
 OWNER_FILE = ".k3rd-owner"
