@@ -656,11 +656,11 @@ def main(argv: list[str] | None = None) -> int:
         set_nofile(args.nofile)
         upstream = UpstreamRegistry().start()
         # The daemons' own PIDs (setpriv execs them): ManagedProcess keeps them; only ours has a property.
-        dockerd_pid = checked_pid(daemon._dockerd.pid if daemon._dockerd else None, "dockerd")
+        dockerd_pid = checked_pid(daemon.pid, "dockerd")
         ours = Target(
             "ours", registry.url, checked_pid(registry.pid, "k3d_registry_dockerd"), registry.log_path
         )
-        dist_pid = checked_pid(upstream._proc.pid if upstream._proc else None, "docker-registry")
+        dist_pid = checked_pid(upstream.pid, "docker-registry")
         dist = Target("distribution", upstream.url, dist_pid, upstream.log_path)
         log(f"building {len(HOT_SIZES)} hot and {args.cold} cold images")
         hot = build_hot(daemon)

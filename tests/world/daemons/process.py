@@ -408,6 +408,11 @@ class Service:
     def running(self) -> bool:
         return self._proc is not None and self._proc.running
 
+    @property
+    def pid(self) -> int | None:
+        """The main process's PID (dockerd's, for a Dockerd), while it was started."""
+        return self._proc.pid if self._proc else None
+
     def _launch(
         self,
         argv: Sequence[str | os.PathLike[str]],

@@ -91,10 +91,6 @@ class RegistryProcess(Service):
     def _failed_start(self) -> None:
         self.kill()
 
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc else None
-
     def stop(self, timeout: float | None = None) -> int | None:  # type: ignore[override]
         """SIGTERM (graceful shutdown), SIGKILL after ``timeout``; returns the exit code."""
         return self._proc.stop(timeout=timeout or self.stop_timeout) if self._proc else None
