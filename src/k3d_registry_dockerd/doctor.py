@@ -16,8 +16,16 @@ from .common.metrics import Metrics
 from .docker.endpoint import DockerEndpoint
 from .docker.engine import SAVE_PLATFORM_API, DaemonInfo, DockerClient, DockerUnavailable
 from .docker.hostcreds import HostCredentials, HostCredentialsError
-from .settings import ENV_ADDR, ENV_CONTAINERD_ADDRESS, ENV_ZERO_COPY, Settings, cache_dir_problem
-from .sources.discovery import ZeroCopyConfig, discover
+from .settings import (
+    ENV_ADDR,
+    ENV_CONTAINERD_ADDRESS,
+    ENV_DOCKER_ROOT,
+    ENV_ZERO_COPY,
+    Settings,
+    cache_dir_problem,
+)
+from .sources.containerd import ContainerdContent
+from .sources.discovery import discover
 from .web.auth import Htpasswd, HtpasswdError
 
 # Engine API 1.44 (Docker 25) is where image save started writing an OCI image layout.
@@ -72,26 +80,34 @@ def docker_findings(info: DaemonInfo, where: str) -> list[Finding]:
     ]
 
 
-async def zero_copy_finding(settings: Settings, info: DaemonInfo) -> Finding:
-    """Whether images are served from Docker's containerd content store as they are, and why not."""
-    if not info.containerd_store:
-        return Finding("ok", f"zero-copy from containerd: off, Docker uses the {info.storage}")
+async def in_place_finding(settings: Settings, endpoint: DockerEndpoint, info: DaemonInfo) -> Finding:
+    """Whether images are served where the daemon keeps them (zero-copy from containerd's content store,
+    or Docker's classic store read in place), and why not."""
+    kind = "zero-copy from containerd" if info.containerd_store else "serving Docker's classic store in place"
     if not settings.zero_copy:
-        return Finding("ok", f"zero-copy from containerd: off ({settings.sources['zero_copy']})")
-    config = ZeroCopyConfig(True, settings.containerd_address, settings.containerd_namespace)
+        return Finding("ok", f"{kind}: off ({settings.sources['zero_copy']}), every image is exported")
+    config = server.in_place_config(settings, endpoint)
     found = await discover(config, info, Metrics(settings.cache_dir / "blobs"))
     if isinstance(found, str):
-        return Finding(
-            "warn",
-            f"zero-copy from containerd: off, every image is exported: {found}",
-            f"give the registry Docker's containerd socket (--containerd-address or "
-            f"{ENV_CONTAINERD_ADDRESS}) and its content store directory, mounted at the same path",
+        remedy = (
+            "give the registry Docker's containerd socket (--containerd-address or "
+            f"{ENV_CONTAINERD_ADDRESS}) and its content store directory, mounted at the same path"
+            if info.containerd_store
+            else f"mount Docker's data root read-only at the same path (or name it with --docker-root, "
+            f"{ENV_DOCKER_ROOT})"
         )
-    await found.client.close()
+        return Finding("warn", f"{kind}: off, every image is exported: {found}", remedy)
+    if isinstance(found, ContainerdContent):
+        await found.client.close()
+        return Finding(
+            "ok",
+            f"{kind}: on ({found.client.address}, namespace {found.client.namespace}): images are served "
+            f"from {found.blobs_dir} as they are, never exported (off: {ENV_ZERO_COPY}=false)",
+        )
     return Finding(
         "ok",
-        f"zero-copy from containerd: on ({found.client.address}, namespace {found.client.namespace}): "
-        f"images are served from {found.blobs_dir} as they are, never exported (off: {ENV_ZERO_COPY}=false)",
+        f"{kind}: on ({found.root}): layers are served from Docker's own files, never exported "
+        f"(off: {ENV_ZERO_COPY}=false)",
     )
 
 
@@ -198,7 +214,7 @@ async def diagnose(settings: Settings, docker: DockerClient) -> list[Finding]:
     try:
         info = await docker.daemon()
         findings += docker_findings(info, docker.describe())
-        findings.append(await zero_copy_finding(settings, info))
+        findings.append(await in_place_finding(settings, docker.endpoint, info))
     except DockerUnavailable as exc:
         findings.append(
             Finding(

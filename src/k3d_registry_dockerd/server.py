@@ -24,7 +24,7 @@ from .docker.engine import DockerClient
 from .docker.hostcreds import HostCredentials
 from .mirror.private import PrivateStateError
 from .settings import ENV_ADDR, ENV_HTPASSWD_PATH, SettingError, Settings, cache_dir_problem
-from .sources.discovery import ZeroCopyConfig
+from .sources.discovery import InPlaceConfig
 from .web.app import AccessLogger, create_app
 from .web.assembly import assemble
 from .web.auth import Htpasswd, HtpasswdError
@@ -187,15 +187,25 @@ def _write_auth(settings: Settings) -> Htpasswd | None:
     return auth
 
 
+def in_place_config(settings: Settings, endpoint: DockerEndpoint) -> InPlaceConfig:
+    """Where to look for the daemon's own store: a daemon reached over the network keeps it elsewhere."""
+    host = endpoint.host.removeprefix("tcp://").rpartition(":")[0].strip("[]")
+    return InPlaceConfig(
+        settings.zero_copy,
+        settings.containerd_address,
+        settings.containerd_namespace,
+        settings.docker_root,
+        remote=endpoint.socket_path is None and not loopback_only(host),
+    )
+
+
 def build_app(settings: Settings, endpoint: DockerEndpoint, write_auth: Htpasswd | None) -> web.Application:
     registry = assemble(
         Store(settings.cache_dir),
         DockerClient(endpoint),
         cache_max_size=settings.cache_max_size,
         refresh_tags=settings.refresh_tags,
-        zero_copy=ZeroCopyConfig(
-            settings.zero_copy, settings.containerd_address, settings.containerd_namespace
-        ),
+        in_place=in_place_config(settings, endpoint),
         host_credentials=HostCredentials() if settings.docker_credentials else None,
         prefetch_max_age=settings.prefetch_max_age if settings.prefetch else None,
         load_pushed=settings.load_pushed,

@@ -25,6 +25,7 @@ ENV_LOAD_PUSHED = "K3D_REGISTRY_DOCKERD_LOAD_PUSHED"
 ENV_ALLOW_DOCKER_DELETE = "K3D_REGISTRY_DOCKERD_ALLOW_DOCKER_DELETE"
 ENV_ALLOW_DOCKER_OVERWRITE = "K3D_REGISTRY_DOCKERD_ALLOW_DOCKER_OVERWRITE"
 ENV_ZERO_COPY = "K3D_REGISTRY_DOCKERD_ZERO_COPY"
+ENV_DOCKER_ROOT = "K3D_REGISTRY_DOCKERD_DOCKER_ROOT"
 ENV_PREFETCH = "K3D_REGISTRY_DOCKERD_PREFETCH"
 ENV_PREFETCH_MAX_AGE = "K3D_REGISTRY_DOCKERD_PREFETCH_MAX_AGE"
 ENV_DOCKER_CREDENTIALS = "K3D_REGISTRY_DOCKERD_DOCKER_CREDENTIALS"
@@ -360,11 +361,22 @@ OPTIONS: tuple[Option, ...] = (
         "zero_copy",
         "--no-zero-copy",
         ENV_ZERO_COPY,
-        "export every image from Docker, also when Docker's containerd image store could be served as it is",
+        "export every image from Docker, also when Docker's own store (its containerd image store, or the "
+        "classic store's directories) could be served where it lies",
         switch="false",
         describe=lambda s: (
             None if s.zero_copy else "zero-copy from containerd is off: every image is exported"
         ),
+    ),
+    Option(
+        "docker_root",
+        "--docker-root",
+        ENV_DOCKER_ROOT,
+        "where Docker's data root (its classic image store) is seen from here, when not at the path Docker "
+        "reports (a container mounting the host's /var/lib/docker elsewhere)",
+        default_help="what Docker reports",
+        metavar="DIR",
+        describe=lambda s: f"Docker's data root read at {s.docker_root}" if s.docker_root else None,
     ),
     Option(
         "containerd_address",
@@ -424,6 +436,7 @@ class Settings:
     # Serve Docker's containerd image store from containerd's content store; where that containerd
     # listens and the namespace of Docker's images (None: as Docker reports, or the usual places).
     zero_copy: bool
+    docker_root: str | None
     containerd_address: str | None
     containerd_namespace: str | None
     # Serve HTTPS with this certificate (chain) and key; plain HTTP when None.

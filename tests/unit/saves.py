@@ -9,12 +9,16 @@ Everything is deterministic: fixed mtimes, owners and entry order, so equal inpu
 
 from __future__ import annotations
 
+import base64
+import gzip
 import hashlib
 import io
 import json
+import os
 import tarfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -294,3 +298,41 @@ def legacy_save(image: Image, repo_tags: Sequence[str] = ("alpine:latest",)) -> 
         repositories.setdefault(repo, {})[tag] = parent
     builder.file("repositories", canonical_json(repositories))
     return builder.getvalue()
+
+
+def tar_split(data: bytes) -> tuple[bytes, dict[bytes, bytes]]:
+    """The tar-split record of a tar (gzipped JSON lines: raw segments between the files' bytes, and the
+    files' names and sizes), and the files' bytes by name, as a layer store keeps them."""
+    lines: list[dict[str, Any]] = []
+    files: dict[bytes, bytes] = {}
+    position = 0
+
+    def segment(raw: bytes) -> None:
+        if raw:
+            lines.append({"type": 2, "payload": base64.b64encode(raw).decode(), "position": len(lines)})
+
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        for member in tar.getmembers():
+            name = member.name.encode("utf-8", "surrogateescape")
+            segment(data[position : member.offset_data])
+            entry: dict[str, Any] = {"type": 1, "position": len(lines)}
+            try:
+                entry["name"] = name.decode()
+            except UnicodeDecodeError:
+                entry["name_raw"] = base64.b64encode(name).decode()
+            if member.isfile() and member.size:
+                entry["size"] = member.size
+                files[name] = data[member.offset_data : member.offset_data + member.size]
+            lines.append(entry)
+            position = member.offset_data + (member.size if member.isfile() else 0)
+    segment(data[position:])
+    return gzip.compress(b"".join(json.dumps(line).encode() + b"\n" for line in lines)), files
+
+
+def write_diff_dir(root: Path, files: Mapping[bytes, bytes]) -> None:
+    """The files of a layer as its diff directory holds them."""
+    for name, content in files.items():
+        path = os.path.join(os.fsencode(root), name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as handle:
+            handle.write(content)

@@ -12,6 +12,7 @@ import bcrypt
 from k3d_registry_dockerd import __version__
 from k3d_registry_dockerd.cache.directory import CacheDirLock
 from k3d_registry_dockerd.cache.store import Store
+from k3d_registry_dockerd.docker.endpoint import DockerEndpoint
 from k3d_registry_dockerd.docker.engine import DaemonInfo
 from k3d_registry_dockerd.docker.hostcreds import HostCredentials
 from k3d_registry_dockerd.doctor import (
@@ -19,9 +20,9 @@ from k3d_registry_dockerd.doctor import (
     cache_finding,
     docker_findings,
     host_credentials_finding,
+    in_place_finding,
     port_findings,
     write_access_finding,
-    zero_copy_finding,
 )
 from k3d_registry_dockerd.oci.platform import Platform
 from k3d_registry_dockerd.settings import Settings, resolve
@@ -133,17 +134,25 @@ def test_render() -> None:
     assert Finding("fail", "broken", "fix it").render() == "✗ broken\n    → fix it"
 
 
-async def test_zero_copy_findings(tmp_path: Path) -> None:
+async def test_in_place_findings(tmp_path: Path) -> None:
     env = {"HOME": str(tmp_path)}
-    classic = DaemonInfo("28.5.2", "1.51", AMD64, "overlay2", False)
+    local = DockerEndpoint("unix:///var/run/docker.sock", "default", "default")
     settings = resolve(addr=None, cache_dir=str(tmp_path), log_level=None, refresh_tags=None, env=env)
-    finding = await zero_copy_finding(settings, classic)
-    assert finding.status == "ok" and "off, Docker uses the classic graph driver" in finding.text
+    root = tmp_path / "docker"
+    classic = DaemonInfo("28.5.2", "1.51", AMD64, "overlay2", False, root_dir=str(root))
+    unreadable = await in_place_finding(settings, local, classic)
+    assert unreadable.status == "warn" and "classic store in place: off" in unreadable.text
+    assert str(root) in unreadable.text and "--docker-root" in unreadable.remedy
+    (root / "image" / "overlay2" / "imagedb" / "content" / "sha256").mkdir(parents=True)
+    readable = await in_place_finding(settings, local, classic)
+    assert readable.status == "ok" and f"classic store in place: on ({root})" in readable.text
+    remote = DockerEndpoint("tcp://build-host:2375", "default", "DOCKER_HOST")
+    assert "another machine" in (await in_place_finding(settings, remote, classic)).text
     containerd = DaemonInfo("28.5.2", "1.51", AMD64, "overlayfs", True)
     off = resolve(
         addr=None, cache_dir=str(tmp_path), log_level=None, refresh_tags=None, no_zero_copy=True, env=env
     )
-    assert "off (flag --no-zero-copy)" in (await zero_copy_finding(off, containerd)).text
+    assert "off (flag --no-zero-copy)" in (await in_place_finding(off, local, containerd)).text
     missing = resolve(
         addr=None,
         cache_dir=str(tmp_path),
@@ -152,7 +161,7 @@ async def test_zero_copy_findings(tmp_path: Path) -> None:
         containerd_address=str(tmp_path / "none.sock"),
         env=env,
     )
-    unreachable = await zero_copy_finding(missing, containerd)
+    unreachable = await in_place_finding(missing, local, containerd)
     assert unreachable.status == "warn"
     assert "every image is exported" in unreachable.text and "none.sock" in unreachable.text
 

@@ -1,7 +1,8 @@
 """What every content source promises (`sources.content.ImageContent`), one set of cases run against each:
-the export path (our cache, filled by `docker save` of a fake Docker) and Docker's containerd content store
-read where it lies (a content-store directory and fake image records). A new source joins by adding a
-backend below.
+the export path (our cache, filled by `docker save` of a fake Docker), Docker's containerd content store
+read where it lies (a content-store directory and fake image records), and Docker's classic store read
+where it lies (image and layer records, tar-split records, diff directories). A new source joins by adding
+a backend below.
 
 The cases: content that is absent, present (manifests by tag and digest, blobs whose bytes match their
 digests), an index only one platform of which is complete, blobs and manifests scoped to the repository
@@ -11,6 +12,7 @@ that serves them, and Range requests of a source's blob through the HTTP layer's
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,13 +30,26 @@ from k3d_registry_dockerd.docker.containerd import Descriptor
 from k3d_registry_dockerd.docker.engine import DaemonInfo
 from k3d_registry_dockerd.oci.platform import Platform
 from k3d_registry_dockerd.oci.reference import Repository, parse_repository
+from k3d_registry_dockerd.sources.classic import ClassicContent, chain_ids
 from k3d_registry_dockerd.sources.containerd import ContainerdContent
-from k3d_registry_dockerd.sources.content import BlobFile, ImageContent
+from k3d_registry_dockerd.sources.content import Blob, BlobFile, BlobStream, ImageContent
 from k3d_registry_dockerd.sources.exported import ExportedContent
+from k3d_registry_dockerd.sources.generated import docker_save_manifest
 from k3d_registry_dockerd.web import blobs
 
 from .fakes import FakeDocker, LocalImage
-from .saves import OCI_INDEX, OCI_MANIFEST, Image, descriptor, digest_of, make_image, make_index, oci_layout
+from .saves import (
+    OCI_INDEX,
+    OCI_MANIFEST,
+    Image,
+    descriptor,
+    digest_of,
+    make_image,
+    make_index,
+    oci_layout,
+    tar_split,
+    write_diff_dir,
+)
 from .test_zerocopy import FakeContainerd
 
 AMD64 = {"os": "linux", "architecture": "amd64"}
@@ -46,10 +61,16 @@ class Backend(Protocol):
     """A source, and how to put an image where it reads images from."""
 
     content: ImageContent
+    # Whether the store keeps indexes (and so images of several platforms).
+    indexes: bool
 
     def publish(self, ref: str, root: bytes, media_type: str, blobs: dict[str, bytes]) -> dict[str, Any]:
         """Makes `ref` an image whose own manifest or index is `root`, with these other blobs present;
         returns Docker's inspect answer for it."""
+        ...
+
+    def served_manifest(self, image: Image) -> bytes:
+        """The manifest the source serves for `image` (its own, or one made as the export path makes it)."""
         ...
 
 
@@ -59,6 +80,7 @@ class ExportedBackend:
 
     store: Store
     docker: FakeDocker = field(default_factory=lambda: FakeDocker(containerd_store=True))
+    indexes = True
 
     def __post_init__(self) -> None:
         metrics = Metrics(self.store.blobs_dir)
@@ -77,6 +99,9 @@ class ExportedBackend:
         self.docker.images[ref] = self.docker.images[f"{ref.rpartition(':')[0]}@{digest_of(root)}"] = image
         return {"Id": digest_of(root)}
 
+    def served_manifest(self, image: Image) -> bytes:
+        return image.manifest
+
 
 @dataclass
 class ContainerdBackend:
@@ -84,6 +109,7 @@ class ContainerdBackend:
 
     root: Path
     containerd: FakeContainerd = field(default_factory=FakeContainerd)
+    indexes = True
 
     def __post_init__(self) -> None:
         self.blobs_dir = self.root / "blobs" / "sha256"
@@ -97,11 +123,52 @@ class ContainerdBackend:
         self.containerd.records[ref] = Descriptor(media_type, digest_of(root), len(root))
         return {"Id": digest_of(root)}
 
+    def served_manifest(self, image: Image) -> bytes:
+        return image.manifest
 
-@pytest.fixture(params=["exported", "containerd"])
+
+@dataclass
+class ClassicBackend:
+    """Docker's classic store (overlay2): the config in imagedb, each layer's record under its chain ID
+    with its tar-split record, the layer's files in its diff directory."""
+
+    root: Path
+    indexes = False
+
+    def __post_init__(self) -> None:
+        self.images = self.root / "image" / "overlay2"
+        (self.images / "imagedb" / "content" / "sha256").mkdir(parents=True)
+        self.content: ImageContent = ClassicContent(self.root, "overlay2", Metrics(self.root))
+
+    def publish(self, ref: str, root: bytes, media_type: str, blobs: dict[str, bytes]) -> dict[str, Any]:
+        manifest = json.loads(root)
+        config = blobs[manifest["config"]["digest"]]
+        (self.images / "imagedb" / "content" / "sha256" / digest_of(config)[7:]).write_bytes(config)
+        diff_ids = [layer["digest"] for layer in manifest["layers"]]
+        for chain, diff_id in zip(chain_ids(diff_ids), diff_ids, strict=True):
+            record = self.images / "layerdb" / "sha256" / chain[7:]
+            record.mkdir(parents=True, exist_ok=True)
+            cache_id = hashlib.sha256(f"cache {chain}".encode()).hexdigest()
+            (record / "diff").write_text(diff_id)
+            (record / "cache-id").write_text(cache_id)
+            tar_record, files = tar_split(blobs[diff_id])
+            (record / "tar-split.json.gz").write_bytes(tar_record)
+            diff = self.root / "overlay2" / cache_id / "diff"
+            diff.mkdir(parents=True, exist_ok=True)
+            write_diff_dir(diff, files)
+        return {"Id": digest_of(config)}
+
+    def served_manifest(self, image: Image) -> bytes:
+        layers = [(digest_of(layer), len(layer)) for layer in image.layers]
+        return docker_save_manifest((image.config_digest, len(image.config)), layers)
+
+
+@pytest.fixture(params=["exported", "containerd", "classic"])
 def backend(request: pytest.FixtureRequest, store: Store, tmp_path: Path) -> Backend:
     if request.param == "exported":
         return ExportedBackend(store)
+    if request.param == "classic":
+        return ClassicBackend(tmp_path / "docker")
     return ContainerdBackend(tmp_path / "content")
 
 
@@ -125,15 +192,18 @@ def publish_image(backend: Backend, repo: Repository, tag: str, seed: str) -> Pu
     return Published(image, backend.publish(ref(repo, tag), image.manifest, OCI_MANIFEST, blobs))
 
 
-def file_digest(found: BlobFile) -> str:
-    return f"sha256:{hashlib.sha256(found.path.read_bytes()).hexdigest()}"
+def file_digest(found: Blob) -> str:
+    data = found.path.read_bytes() if isinstance(found, BlobFile) else b"".join(found.chunks(0))
+    return f"sha256:{hashlib.sha256(data).hexdigest()}"
 
 
-async def served_blob(content: ImageContent, repo: Repository, digest: str) -> BlobFile | None:
+async def served_blob(content: ImageContent, repo: Repository, digest: str) -> Blob | None:
     found = await content.blob(repo, digest, INFO)
-    if found is not None and found.verified is not None:
+    if isinstance(found, BlobFile) and found.verified is not None:
         # What the HTTP layer does after sending a blob it hashed on the way.
         found.verified(file_digest(found) == digest, found.path.stat())
+    elif isinstance(found, BlobStream) and found.verified is not None:
+        found.verified(file_digest(found) == digest)
     return found
 
 
@@ -151,14 +221,14 @@ async def test_nothing_is_served_that_no_image_of_the_repository_holds(backend: 
 
 async def test_an_image_is_served_by_tag_and_digest_with_its_blobs(backend: Backend) -> None:
     published = publish_image(backend, APP, "v1", "present")
-    image = published.image
+    image, manifest = published.image, backend.served_manifest(published.image)
     served = await backend.content.by_tag(APP, "v1", published.inspect, INFO, None)
     assert served is not None
-    assert (served.digest, served.media_type, served.body) == (image.digest, OCI_MANIFEST, image.manifest)
+    assert (served.digest, served.media_type, served.body) == (digest_of(manifest), OCI_MANIFEST, manifest)
     # Asked by digest, with or without Docker's answer for that digest.
     for inspect in (published.inspect, None):
-        again = await backend.content.by_digest(APP, image.digest, inspect, INFO)
-        assert again is not None and again.body == image.manifest
+        again = await backend.content.by_digest(APP, served.digest, inspect, INFO)
+        assert again is not None and again.body == manifest
     for digest in (image.config_digest, *image.layer_digests):
         found = await served_blob(backend.content, APP, digest)
         assert found is not None and found.digest == digest and file_digest(found) == digest
@@ -168,6 +238,8 @@ async def test_an_image_is_served_by_tag_and_digest_with_its_blobs(backend: Back
 
 
 async def test_an_index_is_served_with_its_complete_child_and_not_the_absent_one(backend: Backend) -> None:
+    if not backend.indexes:
+        pytest.skip("this store keeps no indexes")
     mine, foreign = make_image("partial-amd64"), make_image("partial-arm64", arch="arm64")
     index = make_index([(mine, AMD64), (foreign, ARM64)])
     inspect = backend.publish(ref(APP, "multi"), index, OCI_INDEX, mine.blobs())
@@ -187,19 +259,20 @@ async def test_an_index_is_served_with_its_complete_child_and_not_the_absent_one
 
 async def test_a_repository_serves_only_what_its_own_manifests_reference(backend: Backend) -> None:
     published = publish_image(backend, APP, "v1", "scoped")
-    assert await backend.content.by_tag(APP, "v1", published.inspect, INFO, None) is not None
+    served = await backend.content.by_tag(APP, "v1", published.inspect, INFO, None)
+    assert served is not None
     image = published.image
     assert await backend.content.blob(OTHER, image.layer_digests[0], INFO) is None
-    assert await backend.content.by_digest(OTHER, image.digest, None, INFO) is None
+    assert await backend.content.by_digest(OTHER, served.digest, None, INFO) is None
     assert await backend.content.blob(APP, image.layer_digests[0], INFO) is not None
 
 
 async def test_an_image_asked_for_by_digest_first_is_served(backend: Backend) -> None:
     """A digest-pinned pull: Docker resolves the digest to its image before anything was served."""
     published = publish_image(backend, APP, "v1", "pinned")
-    image = published.image
-    served = await backend.content.by_digest(APP, image.digest, published.inspect, INFO)
-    assert served is not None and served.body == image.manifest
+    image, manifest = published.image, backend.served_manifest(published.image)
+    served = await backend.content.by_digest(APP, digest_of(manifest), published.inspect, INFO)
+    assert served is not None and served.body == manifest
     assert await backend.content.blob(APP, image.config_digest, INFO) is not None
 
 

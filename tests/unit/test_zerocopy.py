@@ -20,8 +20,8 @@ from k3d_registry_dockerd.docker.engine import DaemonInfo
 from k3d_registry_dockerd.oci.platform import Platform
 from k3d_registry_dockerd.sources.containerd import ContainerdContent
 from k3d_registry_dockerd.sources.discovery import (
-    ContainerdDiscovery,
-    ZeroCopyConfig,
+    InPlaceConfig,
+    InPlaceDiscovery,
     candidate_addresses,
     discover,
 )
@@ -97,7 +97,7 @@ def world(tmp_path: Path, store: Store) -> World:
 @pytest.fixture
 async def client(aiohttp_client: Any, world: World) -> TestClient:
     metrics = Metrics(world.store.blobs_dir)
-    registry = assemble(world.store, world.docker, metrics=metrics, zero_copy=ZeroCopyConfig())  # type: ignore[arg-type]
+    registry = assemble(world.store, world.docker, metrics=metrics, in_place=InPlaceConfig())  # type: ignore[arg-type]
     registry.discovery.content = ContainerdContent(world.containerd, world.blobs, metrics)  # type: ignore[arg-type]
     return await aiohttp_client(create_app(registry))
 
@@ -254,26 +254,27 @@ def _info(**changes: Any) -> DaemonInfo:
 
 def test_where_to_look_for_containerd() -> None:
     reported = _info(containerd_address="/run/docker/containerd/containerd.sock")
-    assert [a for a, _ in candidate_addresses(ZeroCopyConfig(), reported)] == [
+    assert [a for a, _ in candidate_addresses(InPlaceConfig(), reported)] == [
         "/run/docker/containerd/containerd.sock",
         "/var/run/docker/containerd/containerd.sock",
         "/run/containerd/containerd.sock",
     ]
-    given = ZeroCopyConfig(address="/x/containerd.sock")
+    given = InPlaceConfig(address="/x/containerd.sock")
     assert candidate_addresses(given, reported) == [("/x/containerd.sock", "given")]
 
 
 async def test_discovery_says_why_not(tmp_path: Path) -> None:
-    config = ZeroCopyConfig(address=str(tmp_path / "missing.sock"))
+    config = InPlaceConfig(address=str(tmp_path / "missing.sock"))
     found = await discover(config, _info(), Metrics(tmp_path))
     assert isinstance(found, str)
     assert "missing.sock" in found
 
 
-async def test_the_classic_store_is_never_served_zero_copy(tmp_path: Path) -> None:
-    zero_copy = ContainerdDiscovery(ZeroCopyConfig(), Metrics(tmp_path))
+async def test_the_classic_store_is_not_read_through_containerd(tmp_path: Path) -> None:
+    zero_copy = InPlaceDiscovery(InPlaceConfig(), Metrics(tmp_path))
     assert await zero_copy.source(_info(containerd_store=False, storage_driver="overlay2")) is None
-    assert zero_copy.off_reason is not None and "classic" in zero_copy.off_reason
+    assert zero_copy.off_reason is not None and "DockerRootDir" in zero_copy.off_reason
+    assert zero_copy.describe().startswith("serving Docker's classic store in place is off")
 
 
 def test_digests_in_fixtures_are_sha256() -> None:

@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from concurrent.futures import Executor, Future
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -248,11 +249,15 @@ class Store:
 
     def put_file(self, path: Path, expected: str) -> str:
         """Copies a file into the store under its digest, refusing it unless it hashes to `expected`."""
+        with open(path, "rb") as source:
+            return self.put_chunks(iter(lambda: source.read(FLUSH_EVERY), b""), expected)
+
+    def put_chunks(self, chunks: Iterable[bytes], expected: str) -> str:
+        """Stores the bytes under their digest, refusing them unless they hash to `expected` (blocking)."""
         writer = self.writer()
         try:
-            with open(path, "rb") as source:
-                while chunk := source.read(FLUSH_EVERY):
-                    writer.write(chunk)
+            for chunk in chunks:
+                writer.write(chunk)
         except BaseException:
             writer.abort()
             raise

@@ -50,7 +50,8 @@ class Metrics:
         self.manifest_cache = Counter(
             "k3d_registry_manifest_cache",
             "Manifest requests answered from the cache (hit), by an export (miss), from containerd's content "
-            "store (containerd) or from the cache while Docker is unreachable (stale)",
+            "store (containerd), from Docker's classic store in place (in_place) or from the cache while "
+            "Docker is unreachable (stale)",
             ["result"],
             registry=self.registry,
         )
@@ -78,7 +79,8 @@ class Metrics:
         )
         self.digest_mismatches = Counter(
             "k3d_registry_digest_mismatches",
-            "Blobs in containerd's content store whose bytes did not match their digest (not served)",
+            "Blobs in the daemon's store (containerd's content store, the classic store's layers) whose "
+            "bytes did not match their digest (not served)",
             registry=self.registry,
         )
         self.prefetches = Counter(

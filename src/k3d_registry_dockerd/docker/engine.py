@@ -82,6 +82,8 @@ class DaemonInfo:
     # The containerd Docker uses and the namespace of its containers and images (API >= 1.46).
     containerd_address: str | None = None
     containerd_namespace: str | None = None
+    # Where the daemon keeps its data (`DockerRootDir`; Podman: its storage's graph root), on its side.
+    root_dir: str | None = None
 
     @property
     def api(self) -> tuple[int, int]:
@@ -282,6 +284,7 @@ class DockerClient:
             containerd_address=(info.get("Containerd") or {}).get("Address") or None,
             containerd_namespace=((info.get("Containerd") or {}).get("Namespaces") or {}).get("Containers")
             or None,
+            root_dir=info.get("DockerRootDir") or None,
         )
         self.last_info = self._info
         log.info(

@@ -17,8 +17,8 @@ from ..common.metrics import Metrics
 from ..docker.engine import Credentials, DaemonInfo, DockerClient, DockerUnavailable
 from ..oci.errors import RegistryError
 from ..oci.reference import Digest, Repository
-from ..sources.containerd import ContainerdContent
 from ..sources.content import BlobFile, ServedManifest
+from ..sources.discovery import InPlaceContent
 from ..sources.select import Sources
 from .current import CurrentImages
 from .private import PrivateGuard
@@ -133,17 +133,17 @@ class Mirror:
     ) -> tuple[ServedManifest | None, str | None]:
         """A digest from the sources, pulled through Docker first when no image has it; and the ID of
         Docker's image it belongs to, when known. containerd's content store is asked first: it knows
-        digests Docker's inspect does not (an index's children)."""
+        digests Docker's inspect does not (an index's children); the daemon's store as it lies too."""
         info = await self.docker.daemon()
-        containerd = await self.sources.containerd(info)
-        if containerd is not None:
-            served = await containerd.by_digest(repo, digest, None, info)
+        in_place = await self.sources.in_place(info)
+        if in_place is not None:
+            served = await in_place.by_digest(repo, digest, None, info)
             if served is not None:
                 return served, None
         ref = repo.docker_ref(digest)
         image = await self.images.inspect(ref)
         if image is None and repo.remote and info.containerd_store:
-            if self._foreign_child(repo, digest, info, containerd):
+            if self._foreign_child(repo, digest, info, in_place):
                 return None, None
             try:
                 image = (await self.images.pull(repo, ref, credentials)).image
@@ -157,13 +157,13 @@ class Mirror:
         return await self.sources.by_digest(repo, digest, image, info), image["Id"]
 
     def _foreign_child(
-        self, repo: Repository, digest: str, info: DaemonInfo, containerd: ContainerdContent | None
+        self, repo: Repository, digest: str, info: DaemonInfo, in_place: InPlaceContent | None
     ) -> bool:
         """Whether `digest` is another platform's image of an index Docker holds for its own platform:
         containerd 2 reads every platform's manifest and config of an index it pulls, and pulling a foreign
         platform's whole image through Docker for that would be wasted."""
         foreign = self.sources.exported.foreign_child(repo, digest, info.platform) or (
-            containerd.foreign_child(repo, digest, info.platform) if containerd else None
+            in_place.foreign_child(repo, digest, info.platform) if in_place else None
         )
         if foreign is not None:
             log.info(

@@ -1,5 +1,6 @@
-"""Finding Docker's containerd for zero-copy: where it listens, its namespace, and whether its content
-store can be read from here; one sentence saying why not when it cannot."""
+"""Finding where the daemon's images lie, to serve them in place: Docker's containerd content store (the
+containerd image store: zero-copy), or the directories of Docker's classic store; whether they can be read
+from here, and one sentence saying why not when they cannot."""
 
 from __future__ import annotations
 
@@ -13,74 +14,142 @@ from pathlib import Path
 from ..common.metrics import Metrics
 from ..docker.containerd import DEFAULT_NAMESPACE, SYSTEM_ADDRESS, ContainerdClient, ContainerdUnavailable
 from ..docker.engine import DaemonInfo
+from .classic import DIFF_DIRS, ClassicContent, StoreImages
 from .containerd import ContainerdContent
 
 log = logging.getLogger(__package__)
 # Where a dockerd started without --exec-root runs its own containerd.
 DOCKERD_MANAGED_ADDRESS = "/var/run/docker/containerd/containerd.sock"
 RETRY_AFTER = 30.0
+# Docker 20.10 (Engine API 1.41) is the oldest whose classic store was tested.
+CLASSIC_API = (1, 41)
+
+InPlaceContent = ContainerdContent | StoreImages
 
 
 @dataclass(frozen=True)
-class ZeroCopyConfig:
-    """How to find Docker's containerd: given addresses win over what Docker reports."""
+class InPlaceConfig:
+    """How to find where the daemon keeps its images: given places win over what it reports."""
 
     enabled: bool = True
     address: str | None = None
     namespace: str | None = None
+    # DockerRootDir as seen from here (a container mounting the host's /var/lib/docker elsewhere).
+    docker_root: str | None = None
+    # The daemon is reached over the network: its files are not here unless a root is given.
+    remote: bool = False
 
 
-class ContainerdDiscovery:
-    """Finds Docker's containerd once Docker is known to use its image store, and says why not if not.
+def kind_of(info: DaemonInfo) -> str:
+    return "containerd" if info.containerd_store else "classic"
 
-    Discovery is retried at most every RETRY_AFTER seconds, so a containerd that comes later is used."""
 
-    def __init__(self, config: ZeroCopyConfig, metrics: Metrics) -> None:
+def _kind_served(content: InPlaceContent | None) -> str | None:
+    if content is None:
+        return None
+    return "containerd" if isinstance(content, ContainerdContent) else "classic"
+
+
+_OFF = {
+    "containerd": "zero-copy from containerd is off",
+    "classic": "serving Docker's classic store in place is off",
+}
+
+
+class InPlaceDiscovery:
+    """Finds where the daemon's images lie once its storage is known, and says why not if not.
+
+    Discovery is retried at most every RETRY_AFTER seconds, so a store that becomes readable is used."""
+
+    def __init__(self, config: InPlaceConfig, metrics: Metrics) -> None:
         self.config = config
         self.metrics = metrics
-        self.content: ContainerdContent | None = None
-        # Why zero-copy is off, for the log, the status page and `doctor`; None while on or not yet known.
+        self.content: InPlaceContent | None = None
+        # Why images are exported instead, for the log, the status page and `doctor`; None while serving
+        # in place or not yet known.
         self.off_reason: str | None = None
+        # The kind of store last looked for.
+        self._kind: str | None = None
         self._tried_at: float | None = None
         self._lock = asyncio.Lock()
 
-    async def source(self, info: DaemonInfo) -> ContainerdContent | None:
-        if self.content is not None or not self.config.enabled:
-            return self.content
-        if not info.containerd_store:
-            self._off(f"Docker uses the {info.storage}: every image is exported")
+    async def source(self, info: DaemonInfo) -> InPlaceContent | None:
+        if not self.config.enabled:
             return None
-        async with self._lock:
-            now = time.monotonic()
-            if self.content is None and (self._tried_at is None or now - self._tried_at > RETRY_AFTER):
-                self._tried_at = now
-                found = await discover(self.config, info, self.metrics)
-                if isinstance(found, str):
-                    self._off(f"{found}; images are exported from Docker instead")
-                else:
-                    self.content = found
-                    self.off_reason = None
-        return self.content
+        kind = kind_of(info)
+        if _kind_served(self.content) != kind:
+            async with self._lock:
+                now = time.monotonic()
+                due = self._tried_at is None or now - self._tried_at > RETRY_AFTER or self._kind != kind
+                if _kind_served(self.content) != kind and due:
+                    self._tried_at, self._kind = now, kind
+                    await self.close()
+                    found = await discover(self.config, info, self.metrics)
+                    if isinstance(found, str):
+                        self._off(f"{found}; images are exported from Docker instead")
+                    else:
+                        self.content, self.off_reason = found, None
+        return self.content if _kind_served(self.content) == kind else None
 
     def describe(self) -> str:
-        """One phrase for the status page: where zero-copy serves from, or why it does not."""
+        """One phrase for the status page: where images are served from in place, or why they are not."""
         if not self.config.enabled:
             return "zero-copy off"
-        if self.content is not None:
+        if isinstance(self.content, ContainerdContent):
             return f"zero-copy from containerd at {self.content.client.address}"
-        return f"zero-copy off: {self.off_reason}" if self.off_reason else "zero-copy not checked yet"
+        if isinstance(self.content, ClassicContent):
+            return f"in place from Docker's classic store at {self.content.root} ({self.content.driver})"
+        if self.off_reason and self._kind:
+            return f"{_OFF[self._kind]}: {self.off_reason}"
+        return "zero-copy not checked yet"
 
     def _off(self, reason: str) -> None:
         if reason != self.off_reason:
-            log.info("zero-copy from containerd is off: %s", reason)
+            log.info("%s: %s", _OFF[self._kind or "containerd"], reason)
         self.off_reason = reason
 
     async def close(self) -> None:
-        if self.content is not None:
+        if isinstance(self.content, ContainerdContent):
             await self.content.client.close()
+        self.content = None
 
 
-def candidate_addresses(config: ZeroCopyConfig, info: DaemonInfo) -> list[tuple[str, str]]:
+async def discover(config: InPlaceConfig, info: DaemonInfo, metrics: Metrics) -> InPlaceContent | str:
+    """The source serving the daemon's images where they lie, or why there is none, as a sentence."""
+    if info.containerd_store:
+        return await discover_containerd(config, info, metrics)
+    return discover_classic(config, info, metrics)
+
+
+def discover_classic(config: InPlaceConfig, info: DaemonInfo, metrics: Metrics) -> ClassicContent | str:
+    """Docker's classic store, when this Docker's is one whose files can be read here."""
+    if info.api < CLASSIC_API:
+        api = f"Engine API {info.api_version}"
+        return f"{info.product} {info.server_version} ({api}) is older than the versions tested"
+    if info.storage_driver not in DIFF_DIRS:
+        return f"Docker uses the {info.storage_driver} graph driver; only overlay2 and vfs are read in place"
+    if config.remote and not config.docker_root:
+        return "Docker runs on another machine (DOCKER_HOST names a remote host): its files are not here"
+    given = config.docker_root or info.root_dir
+    if not given:
+        return "Docker reports no DockerRootDir"
+    root = Path(given)
+    images = root / "image" / info.storage_driver / "imagedb" / "content" / "sha256"
+    if not os.access(images, os.R_OK | os.X_OK):
+        return (
+            f"Docker keeps its images in {root}, which cannot be read from here (mount it read-only at the "
+            "same path, or name it with --docker-root)"
+        )
+    log.info(
+        "serving Docker's classic store in place: %s (%s%s)",
+        root,
+        info.storage_driver,
+        ", given" if config.docker_root else ", reported by Docker",
+    )
+    return ClassicContent(root, info.storage_driver, metrics)
+
+
+def candidate_addresses(config: InPlaceConfig, info: DaemonInfo) -> list[tuple[str, str]]:
     """(address, where it came from), in the order to try."""
     if config.address:
         return [(config.address, "given")]
@@ -91,11 +160,13 @@ def candidate_addresses(config: ZeroCopyConfig, info: DaemonInfo) -> list[tuple[
     return list(dict.fromkeys(found))
 
 
-def namespace_of(config: ZeroCopyConfig, info: DaemonInfo) -> str:
+def namespace_of(config: InPlaceConfig, info: DaemonInfo) -> str:
     return config.namespace or info.containerd_namespace or DEFAULT_NAMESPACE
 
 
-async def discover(config: ZeroCopyConfig, info: DaemonInfo, metrics: Metrics) -> ContainerdContent | str:
+async def discover_containerd(
+    config: InPlaceConfig, info: DaemonInfo, metrics: Metrics
+) -> ContainerdContent | str:
     """Connects to Docker's containerd and checks its content store's files can be read from here;
     the reason as a sentence when not."""
     namespace = namespace_of(config, info)

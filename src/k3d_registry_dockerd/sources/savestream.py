@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from ..cache.store import DigestMismatch, Store
-from ..oci.mediatypes import OCI_CONFIG, OCI_LAYER_TAR, OCI_MANIFEST
+from ..oci.mediatypes import OCI_MANIFEST
+from .generated import legacy_manifest
 from .plans import Root
 
 MAX_METADATA_SIZE = 16 << 20
@@ -318,13 +319,7 @@ def _legacy_roots(
             raise ExportError(
                 f"layers of {image['Config']} do not match its rootfs.diff_ids: {'; '.join(wrong)}"
             )
-        manifest = {
-            "schemaVersion": 2,
-            "mediaType": OCI_MANIFEST,
-            "config": {"mediaType": OCI_CONFIG, "digest": config_digest, "size": config_size},
-            "layers": [{"mediaType": OCI_LAYER_TAR, "digest": d, "size": s} for d, s in layers],
-        }
-        body = json.dumps(manifest, indent=3).encode()
+        body = legacy_manifest((config_digest, config_size), layers)
         digest = store.put_bytes(body)
         roots.append(Root(digest, OCI_MANIFEST, len(body), tuple(image.get("RepoTags") or ())))
     if not roots:

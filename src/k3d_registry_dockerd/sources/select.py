@@ -1,7 +1,8 @@
-"""Which sources serve this daemon's images, in the order they are asked: Docker's containerd content store
-as it lies (zero-copy) when it can be read, then our cache, exported from Docker.
+"""Which sources serve this daemon's images, in the order they are asked: the daemon's own store where it
+lies (containerd's content store, zero-copy, or Docker's classic store) when it can be read, then our
+cache, exported from Docker.
 
-Also what a push needs of them: a blob containerd's store serves, copied into our cache; Docker's names of
+Also what a push needs of them: a blob the daemon's store serves, copied into our cache; Docker's names of
 an image containerd's store serves.
 """
 
@@ -15,8 +16,8 @@ from ..cache.store import DigestMismatch, Store
 from ..docker.engine import DaemonInfo, DockerClient
 from ..oci.reference import Repository
 from .containerd import ContainerdContent
-from .content import BlobFile, ImageContent, ServedManifest
-from .discovery import ContainerdDiscovery
+from .content import Blob, BlobFile, ImageContent, ServedManifest
+from .discovery import InPlaceContent, InPlaceDiscovery
 from .exported import ExportedContent
 
 log = logging.getLogger(__package__)
@@ -24,14 +25,14 @@ log = logging.getLogger(__package__)
 
 class Sources:
     def __init__(
-        self, docker: DockerClient, exported: ExportedContent, discovery: ContainerdDiscovery | None = None
+        self, docker: DockerClient, exported: ExportedContent, discovery: InPlaceDiscovery | None = None
     ) -> None:
         self.docker = docker
         self.exported = exported
         self.discovery = discovery
 
-    async def containerd(self, info: DaemonInfo) -> ContainerdContent | None:
-        """Docker's containerd content store, when Docker uses it and it can be read from here."""
+    async def in_place(self, info: DaemonInfo) -> InPlaceContent | None:
+        """The daemon's own store, when it can be read from here."""
         return await self.discovery.source(info) if self.discovery is not None else None
 
     def containerd_without_docker(self) -> tuple[ContainerdContent, DaemonInfo] | None:
@@ -39,17 +40,17 @@ class Sources:
         its image records are the store Docker reads, so they are as fresh as Docker's answer would be."""
         content = self.discovery.content if self.discovery is not None else None
         info = self.docker.last_info
-        if content is None or info is None or not info.containerd_store:
+        if not isinstance(content, ContainerdContent) or info is None or not info.containerd_store:
             return None
         return content, info
 
     async def exports_needed(self, info: DaemonInfo) -> bool:
         """Whether Docker's images are served from our cache, exported, rather than where they lie."""
-        return await self.containerd(info) is None
+        return await self.in_place(info) is None
 
     async def ordered(self, info: DaemonInfo) -> list[ImageContent]:
-        containerd = await self.containerd(info)
-        return [containerd, self.exported] if containerd is not None else [self.exported]
+        in_place = await self.in_place(info)
+        return [in_place, self.exported] if in_place is not None else [self.exported]
 
     async def by_tag(
         self, repo: Repository, tag: str, image: dict[str, Any], pulled_at: float | None
@@ -72,36 +73,42 @@ class Sources:
                 return served
         return None
 
-    async def blob(self, repo: Repository, digest: str) -> BlobFile | None:
-        """A blob this repository's manifests reference, from our cache, else from containerd's store as
+    async def blob(self, repo: Repository, digest: str) -> Blob | None:
+        """A blob this repository's manifests reference, from our cache, else from the daemon's store as
         Docker last described it (no call to Docker: a pull's blobs follow its manifests)."""
         info = self.docker.last_info
         found = await self.exported.blob(repo, digest, info)
-        if found is None and info is not None:
-            containerd = await self.containerd(info)
-            if containerd is not None:
-                found = await containerd.blob(repo, digest, info)
+        if found is None:
+            found = await self._in_place_blob(repo, digest)
         return found
 
-    async def keep_in_cache(self, repo: Repository, digest: str, store: Store) -> bool:
-        """Copies a blob this repository serves from containerd's content store into our cache (verified),
-        for a push that uses it: pushed content must not depend on what containerd keeps."""
+    async def _in_place_blob(self, repo: Repository, digest: str) -> Blob | None:
         info = self.docker.last_info
-        containerd = await self.containerd(info) if info is not None else None
-        found = await containerd.blob(repo, digest, info) if containerd and info else None
+        in_place = await self.in_place(info) if info is not None else None
+        return await in_place.blob(repo, digest, info) if in_place is not None else None
+
+    async def keep_in_cache(self, repo: Repository, digest: str, store: Store) -> bool:
+        """Copies a blob this repository serves from the daemon's store into our cache (verified), for a
+        push that uses it: pushed content must not depend on what the daemon keeps."""
+        found = await self._in_place_blob(repo, digest)
         if found is None:
             return False
         try:
-            await asyncio.to_thread(store.put_file, found.path, digest)
+            if isinstance(found, BlobFile):
+                await asyncio.to_thread(store.put_file, found.path, digest)
+            else:
+                await asyncio.to_thread(store.put_chunks, found.chunks(0), digest)
         except (OSError, DigestMismatch) as exc:
-            log.warning("copying %s from containerd's content store into the cache failed: %s", digest, exc)
+            log.warning("copying %s from the daemon's store into the cache failed: %s", digest, exc)
             return False
         return True
 
     async def docker_refs_of(self, repo: Repository, digest: str, info: DaemonInfo) -> list[str] | None:
         """Docker's references in this repository whose image is `digest`, when containerd's content store
         serves it (zero-copy); None when it does not."""
-        containerd = await self.containerd(info)
-        if containerd is None or await containerd.by_digest(repo, digest, None, info) is None:
+        containerd = await self.in_place(info)
+        if not isinstance(containerd, ContainerdContent):
+            return None
+        if await containerd.by_digest(repo, digest, None, info) is None:
             return None
         return await containerd.names_of(repo, digest)

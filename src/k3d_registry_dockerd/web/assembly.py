@@ -21,7 +21,7 @@ from ..mirror.private import PrivateGuard
 from ..push.docker_load import Loads
 from ..push.pushes import Pushes
 from ..push.uploads import Uploads
-from ..sources.discovery import ContainerdDiscovery, ZeroCopyConfig
+from ..sources.discovery import InPlaceConfig, InPlaceDiscovery
 from ..sources.exported import ExportedContent
 from ..sources.select import Sources
 
@@ -38,7 +38,7 @@ class Registry:
     # The one writer of the cache's records.
     records: Records
     exported: ExportedContent
-    discovery: ContainerdDiscovery
+    discovery: InPlaceDiscovery
     sources: Sources
     guard: PrivateGuard
     images: CurrentImages
@@ -78,20 +78,20 @@ def assemble(
     metrics: Metrics | None = None,
     cache_max_size: int | None = None,
     refresh_tags: float | None = None,
-    zero_copy: ZeroCopyConfig | None = None,
+    in_place: InPlaceConfig | None = None,
     host_credentials: HostCredentials | None = None,
     prefetch_max_age: float | None = None,
     load_pushed: bool = True,
     allow_docker_delete: bool = False,
     allow_docker_overwrite: bool = False,
 ) -> Registry:
-    """The parts of a registry serving `docker`'s images from `store`. Docker's containerd is looked for
-    only with a `zero_copy` config, pre-exports run only with a `prefetch_max_age`."""
+    """The parts of a registry serving `docker`'s images from `store`. The daemon's own store is looked for
+    only with an `in_place` config, pre-exports run only with a `prefetch_max_age`."""
     metrics = metrics or Metrics(store.blobs_dir)
     transfers = Transfers()
     records = Records(store, metrics, cache_max_size)
     exported = ExportedContent(store, docker, records, transfers, metrics)
-    discovery = ContainerdDiscovery(zero_copy or ZeroCopyConfig(enabled=False), metrics)
+    discovery = InPlaceDiscovery(in_place or InPlaceConfig(enabled=False), metrics)
     sources = Sources(docker, exported, discovery)
     guard = PrivateGuard(store, docker, metrics)
     images = CurrentImages(

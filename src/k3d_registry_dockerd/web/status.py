@@ -127,7 +127,7 @@ def _cache_counts(metrics: Metrics) -> dict[str, float]:
     return {
         result: metrics.registry.get_sample_value("k3d_registry_manifest_cache_total", {"result": result})
         or 0.0
-        for result in ("hit", "miss", "stale", "containerd")
+        for result in ("hit", "miss", "stale", "containerd", "in_place")
     }
 
 

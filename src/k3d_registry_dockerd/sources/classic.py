@@ -1,0 +1,271 @@
+"""Docker's classic image store (graph drivers overlay2 and vfs) served where it lies: no `docker save`,
+nothing copied into our cache.
+
+An image is its config (`image/<driver>/imagedb/content/sha256/<image id>`, the exact bytes: the image
+ID is their digest) and its layers, found by chain ID under `image/<driver>/layerdb/sha256/`: the diff
+ID, the directory of its files (`cache-id`) and the tar-split record of its original tar. A layer is sent
+as that tar, put together as it goes out; the manifest is made as the export path would have it
+(`generated`), so the digests are the ones a `docker save` gives.
+
+Bytes are verified: the config when read, each layer while it is sent the first time (its outcome is kept
+per layer directory). A layer whose bytes do not match makes its image fall back to the export.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..common.bounded import BoundedDict
+from ..common.metrics import Metrics
+from ..docker.engine import DaemonInfo
+from ..oci.mediatypes import OCI_MANIFEST
+from ..oci.platform import Platform
+from ..oci.reference import Digest, Repository
+from . import tarsplit
+from .content import Blob, BlobFile, BlobStream, ServedManifest
+from .generated import docker_save_manifest, legacy_manifest
+
+log = logging.getLogger(__package__)
+IMAGES_LIMIT = 1024
+VERIFIED_LIMIT = 65536
+# Engine API 1.44 (Docker 25): `docker save` writes Docker's own OCI manifest; before, the legacy format.
+OCI_SAVE_API = (1, 44)
+# Where each graph driver keeps a layer's files: (driver, cache ID) -> path under the root.
+DIFF_DIRS = {"overlay2": ("overlay2", "{}", "diff"), "vfs": ("vfs", "dir", "{}")}
+
+
+@dataclass(frozen=True)
+class StoreLayer:
+    diff_id: str
+    # The layer's files, which the verified outcome is kept for (a layer Docker recreates gets new ones).
+    where: str
+    tar: tarsplit.LayerTar
+
+
+@dataclass(frozen=True)
+class StoreImage:
+    """An image as served from its store: the config file, the layers, the manifest made for it."""
+
+    image_id: str
+    config: Path
+    config_identity: tuple[int, int, int]
+    manifest: bytes
+    digest: str
+    layers: dict[str, StoreLayer]
+
+
+def manifest_for(image_id: str, config_size: int, layers: list[StoreLayer], legacy: bool) -> bytes:
+    made = legacy_manifest if legacy else docker_save_manifest
+    return made((image_id, config_size), [(layer.diff_id, layer.tar.size) for layer in layers])
+
+
+def chain_ids(diff_ids: list[str]) -> Iterator[str]:
+    """The layer store's keys of an image's layers: each is the digest of its parent's and its diff ID."""
+    chain: str | None = None
+    for diff_id in diff_ids:
+        chain = (
+            diff_id
+            if chain is None
+            else f"sha256:{hashlib.sha256(f'{chain} {diff_id}'.encode()).hexdigest()}"
+        )
+        yield chain
+
+
+def identity(stat: os.stat_result) -> tuple[int, int, int]:
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+class ImageMismatch(tarsplit.LayerUnservable):
+    """A file of the store does not hold what its digest says."""
+
+
+class StoreImages:
+    """Images of a store read where they lie, each served by its manifest, config and layers, with what
+    serving them in place needs: repository scoping, verification kept per layer, fallback on mismatch.
+
+    Subclasses read their store's layout (`_read`)."""
+
+    name = "store"
+
+    def __init__(self, root: Path, metrics: Metrics) -> None:
+        self.root = root
+        self.metrics = metrics
+        self._images: BoundedDict[str, StoreImage] = BoundedDict(IMAGES_LIMIT)
+        # Docker name -> image IDs served under it: what the repository's manifests are.
+        self._roots: dict[str, set[str]] = {}
+        # Image ID -> why it is exported instead (its files did not hold what they should).
+        self._failed: BoundedDict[str, str] = BoundedDict(IMAGES_LIMIT)
+        self._verified: BoundedDict[tuple[str, str], bool] = BoundedDict(VERIFIED_LIMIT)
+
+    def _read(self, image_id: str, info: DaemonInfo) -> StoreImage:
+        raise NotImplementedError
+
+    async def _image(self, repo: Repository, image_id: str, info: DaemonInfo) -> StoreImage | None:
+        found = self._images.get(image_id)
+        if found is None and image_id not in self._failed:
+            try:
+                found = await asyncio.to_thread(self._read, image_id, info)
+            except tarsplit.LayerUnservable as exc:
+                self._give_up(image_id, str(exc))
+                return None
+            self._images[image_id] = found
+        if found is not None:
+            self._roots.setdefault(repo.docker_name, set()).add(image_id)
+        return found
+
+    def _give_up(self, image_id: str, why: str) -> None:
+        if image_id not in self._failed:
+            log.info("%s: not served in place, exported from the daemon instead: %s", image_id, why)
+        self._failed[image_id] = why
+        self._images.pop(image_id, None)
+
+    def _served(self, image: StoreImage, cold: bool) -> ServedManifest:
+        self.metrics.manifest_cache.labels("in_place").inc()
+        return ServedManifest(image.digest, OCI_MANIFEST, image.manifest, cold)
+
+    async def by_tag(
+        self, repo: Repository, tag: str, image: dict[str, Any], info: DaemonInfo, pulled_at: float | None
+    ) -> ServedManifest | None:
+        found = await self._image(repo, str(image["Id"]), info)
+        return self._served(found, pulled_at is not None) if found is not None else None
+
+    def _serving(self, repo: Repository) -> Iterator[StoreImage]:
+        for image_id in list(self._roots.get(repo.docker_name, ())):
+            found = self._images.get(image_id)
+            if found is not None:
+                yield found
+
+    async def by_digest(
+        self, repo: Repository, digest: str, image: dict[str, Any] | None, info: DaemonInfo
+    ) -> ServedManifest | None:
+        for found in self._serving(repo):
+            if found.digest == digest:
+                return self._served(found, False)
+        if image is not None:
+            found = await self._image(repo, str(image["Id"]), info)
+            if found is not None and found.digest == digest:
+                return self._served(found, True)
+        return None
+
+    def foreign_child(self, repo: Repository, digest: str, platform: Platform) -> str | None:
+        """Never: these stores keep no indexes."""
+        return None
+
+    async def blob(self, repo: Repository, digest: str, info: DaemonInfo | None) -> Blob | None:
+        for found in self._serving(repo):
+            if digest == found.image_id:
+                return self._config(found)
+            layer = found.layers.get(digest)
+            if layer is not None:
+                return self._layer(found, layer)
+        return None
+
+    def _config(self, image: StoreImage) -> BlobFile | None:
+        try:
+            stat = image.config.stat()
+        except FileNotFoundError:
+            self._images.pop(image.image_id, None)
+            return None
+        if identity(stat) == image.config_identity:
+            return BlobFile(image.config, image.image_id)
+        return BlobFile(image.config, image.image_id, lambda ok, _stat: self._checked(image, None, ok))
+
+    def _layer(self, image: StoreImage, layer: StoreLayer) -> BlobStream:
+        loop = asyncio.get_running_loop()
+
+        def chunks(start: int) -> Iterator[bytes]:
+            try:
+                yield from layer.tar.chunks(start)
+            except OSError as exc:
+                log.warning(
+                    "layer %s of %s is gone from the daemon's store or changed (%s): the next request reads "
+                    "the image again",
+                    layer.diff_id,
+                    image.image_id,
+                    exc.strerror or exc,
+                )
+                loop.call_soon_threadsafe(self._images.pop, image.image_id, None)
+                raise
+
+        done = self._verified.get((layer.diff_id, layer.where))
+        verify = None if done else (lambda ok: self._checked(image, layer, ok))
+        return BlobStream(layer.diff_id, layer.tar.size, chunks, verify)
+
+    def _checked(self, image: StoreImage, layer: StoreLayer | None, ok: bool) -> None:
+        if ok:
+            if layer is not None:
+                self._verified[(layer.diff_id, layer.where)] = True
+            return
+        what = f"layer {layer.diff_id}" if layer is not None else f"config {image.image_id}"
+        self.metrics.digest_mismatches.inc()
+        log.error(
+            "%s of %s in the daemon's store does not hash to its digest: not served", what, image.image_id
+        )
+        self._give_up(image.image_id, f"its {what} did not match its digest")
+
+
+class ClassicContent(StoreImages):
+    """Docker's classic store under `root` (DockerRootDir as seen from here), graph driver `driver`."""
+
+    name = "Docker's classic store"
+
+    def __init__(self, root: Path, driver: str, metrics: Metrics) -> None:
+        super().__init__(root, metrics)
+        self.driver = driver
+        self._image_dir = root / "image" / driver
+        self._diff_dir = DIFF_DIRS[driver]
+
+    def _read(self, image_id: str, info: DaemonInfo) -> StoreImage:
+        hex_id = Digest.parse(image_id).hex
+        config_path = self._image_dir / "imagedb" / "content" / "sha256" / hex_id
+        try:
+            with open(config_path, "rb") as handle:
+                stat = os.fstat(handle.fileno())
+                config = handle.read()
+        except OSError as exc:
+            raise tarsplit.LayerUnservable(f"its config cannot be read ({exc.strerror})") from exc
+        if f"sha256:{hashlib.sha256(config).hexdigest()}" != image_id:
+            self.metrics.digest_mismatches.inc()
+            raise ImageMismatch(f"its config {config_path} does not hash to the image ID")
+        try:
+            diff_ids = [str(d) for d in json.loads(config)["rootfs"]["diff_ids"]]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise tarsplit.LayerUnservable(f"its config has no rootfs.diff_ids: {exc}") from exc
+        layers = [
+            self._layer_of(chain, diff_id)
+            for chain, diff_id in zip(chain_ids(diff_ids), diff_ids, strict=True)
+        ]
+        legacy = info.api < OCI_SAVE_API
+        manifest = manifest_for(image_id, len(config), layers, legacy)
+        return StoreImage(
+            image_id,
+            config_path,
+            identity(stat),
+            manifest,
+            f"sha256:{hashlib.sha256(manifest).hexdigest()}",
+            {layer.diff_id: layer for layer in layers},
+        )
+
+    def _layer_of(self, chain: str, diff_id: str) -> StoreLayer:
+        record = self._image_dir / "layerdb" / "sha256" / Digest.parse(chain).hex
+        try:
+            recorded = (record / "diff").read_text().strip()
+            cache_id = (record / "cache-id").read_text().strip()
+        except OSError as exc:
+            raise tarsplit.LayerUnservable(
+                f"layer {diff_id} has no record in {record} ({exc.strerror})"
+            ) from exc
+        if recorded != diff_id or not cache_id or "/" in cache_id:
+            raise tarsplit.LayerUnservable(f"layer record {record} is not that of {diff_id}")
+        diff_dir = self.root.joinpath(*(part.format(cache_id) for part in self._diff_dir))
+        tar = tarsplit.read(record / "tar-split.json.gz", diff_dir)
+        tar.check()
+        return StoreLayer(diff_id, cache_id, tar)

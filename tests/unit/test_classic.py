@@ -1,0 +1,141 @@
+"""Docker's classic store served in place, where it goes wrong: files changed, unreadable or gone. Over the
+HTTP API with a fake Docker whose store is a real directory in the classic layout."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from k3d_registry_dockerd.cache.store import Store
+from k3d_registry_dockerd.docker.engine import DaemonInfo
+from k3d_registry_dockerd.sources.classic import ClassicContent
+from k3d_registry_dockerd.sources.discovery import InPlaceConfig
+from k3d_registry_dockerd.web.app import create_app
+from k3d_registry_dockerd.web.assembly import Registry, assemble
+
+from .fakes import FakeDocker, local_image
+from .saves import digest_of
+from .test_sources_contract import ClassicBackend
+
+REF = "docker.io/library/app:dev"
+PATH = "/v2/app/manifests/dev"
+
+
+class ClassicDocker(FakeDocker):
+    """A Docker on the classic store whose images lie in `root` (its saves are the export path's)."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__()
+        self.root = root
+
+    async def daemon(self) -> DaemonInfo:
+        info = await super().daemon()
+        self.last_info = DaemonInfo(
+            "28.5.2", "1.51", info.platform, "overlay2", False, root_dir=str(self.root)
+        )
+        return self.last_info
+
+
+@pytest.fixture
+def docker(tmp_path: Path) -> ClassicDocker:
+    fake = ClassicDocker(tmp_path / "docker")
+    image = local_image("app-1", REF)
+    fake.images[REF] = image
+    backend = ClassicBackend(fake.root)
+    assert image.image is not None
+    blobs = {d: data for d, data in image.image.blobs().items() if d != image.image.digest}
+    inspect = backend.publish(REF, image.image.manifest, image.image.media_type, blobs)
+    # Docker's ID of a classic-store image is its config's digest.
+    fake.images[REF] = type(image)(inspect["Id"], image.save, image.image)
+    return fake
+
+
+@pytest.fixture
+def registry(store: Store, docker: ClassicDocker) -> Registry:
+    return assemble(store, docker, in_place=InPlaceConfig())  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def client(aiohttp_client: Any, registry: Registry) -> TestClient:
+    return await aiohttp_client(create_app(registry))
+
+
+def layers(docker: ClassicDocker) -> list[str]:
+    return docker.images[REF].image.layer_digests  # type: ignore[union-attr]
+
+
+def diff_files(docker: ClassicDocker) -> list[Path]:
+    return sorted(path for path in (docker.root / "overlay2").rglob("*") if path.is_file())
+
+
+async def test_an_image_is_served_in_place_without_an_export(
+    client: TestClient, docker: ClassicDocker, registry: Registry, store: Store
+) -> None:
+    response = await client.get(PATH)
+    assert response.status == 200
+    for digest in layers(docker):
+        blob = await client.get(f"/v2/app/blobs/{digest}")
+        assert blob.status == 200 and digest_of(await blob.read()) == digest
+    assert docker.saves == [] and not list(store.blobs_dir.rglob("*.*"))
+    assert isinstance(registry.discovery.content, ClassicContent)
+    count = registry.metrics.registry.get_sample_value(
+        "k3d_registry_manifest_cache_total", {"result": "in_place"}
+    )
+    assert count == 1
+
+
+async def test_a_changed_file_cuts_the_answer_and_its_image_is_exported_next(
+    client: TestClient, docker: ClassicDocker, registry: Registry, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert (await client.get(PATH)).status == 200
+    victim = diff_files(docker)[0]
+    victim.write_bytes(b"X" * victim.stat().st_size)
+    digest = next(d for d in layers(docker))
+    with pytest.raises(Exception):  # noqa: B017 - the connection is cut: the client sees a broken body
+        await (await client.get(f"/v2/app/blobs/{digest}")).read()
+    assert "does not hash to its digest" in caplog.text or "do not match" in caplog.text
+    assert registry.metrics.registry.get_sample_value("k3d_registry_digest_mismatches_total") == 1
+    # The next pull of the tag is the export path's.
+    assert (await client.get(PATH)).status == 200
+    assert docker.saves == [REF]
+
+
+async def test_unreadable_files_make_the_image_exported(
+    client: TestClient, docker: ClassicDocker, caplog: pytest.LogCaptureFixture
+) -> None:
+    if os.geteuid() == 0:
+        # Root reads whatever the modes say; a file behind a symlink is as unreadable here.
+        victim = diff_files(docker)[0]
+        os.rename(victim, victim.with_name("moved"))
+        os.symlink(victim.with_name("moved"), victim)
+    else:
+        for path in diff_files(docker):
+            path.chmod(0)
+    with caplog.at_level(logging.INFO, logger="k3d_registry_dockerd.sources"):
+        assert (await client.get(PATH)).status == 200
+    assert docker.saves == [REF]
+    assert "not served in place, exported from the daemon instead" in caplog.text
+
+
+async def test_a_layer_deleted_under_a_pull_fails_it_cleanly_and_is_read_again(
+    client: TestClient, docker: ClassicDocker, registry: Registry
+) -> None:
+    assert (await client.get(PATH)).status == 200
+    saved = {path: path.read_bytes() for path in diff_files(docker)}
+    for path in saved:
+        path.unlink()
+    digest = layers(docker)[0]
+    with pytest.raises(Exception):  # noqa: B017 - the answer breaks off
+        await (await client.get(f"/v2/app/blobs/{digest}")).read()
+    # Docker put it back (pulled again): the next request reads the image anew and serves it.
+    for path, data in saved.items():
+        path.write_bytes(data)
+    assert (await client.get(PATH)).status == 200
+    blob = await client.get(f"/v2/app/blobs/{digest}")
+    assert blob.status == 200 and digest_of(await blob.read()) == digest
+    assert docker.saves == []
