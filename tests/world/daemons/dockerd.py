@@ -302,14 +302,17 @@ class Dockerd(Service):
 
     @property
     def zero_copy(self) -> bool:
-        """Whether the registry, started with no containerd settings, serves this daemon's images from
-        containerd's content store as they are, so pulls cost no export: the containerd image store, on
-        an Engine that reports its containerd (API >= 1.46; this private one is nowhere else to find)."""
+        """Whether the registry, started with no store settings, serves this daemon's images where they
+        lie, so pulls cost no export: the containerd image store on an Engine that reports its containerd
+        (API >= 1.46; this private one is nowhere else to find), or the classic store (overlay2 or vfs),
+        whose directories are on this machine."""
         major, _, minor = self.api_version.partition(".")
-        return self.variant.containerd_store and (int(major), int(minor)) >= (1, 46)
+        if self.variant.containerd_store:
+            return (int(major), int(minor)) >= (1, 46)
+        return self.driver in ("overlay2", "vfs")
 
     def exports_for(self, count: int) -> int:
-        """The exports `count` cold images cost the registry on this daemon: none with zero-copy."""
+        """The exports `count` cold images cost the registry on this daemon: none served in place."""
         return 0 if self.zero_copy else count
 
     def layers(self, ref: str) -> list[str]:
