@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..common.bounded import BoundedDict
+from ..common.flights import SingleFlight
 from ..common.metrics import Metrics
 from ..docker.engine import DaemonInfo
 from ..oci.mediatypes import OCI_MANIFEST
@@ -104,6 +105,8 @@ class StoreImages:
         # Image ID -> why it is exported instead (its files did not hold what they should).
         self._failed: BoundedDict[str, str] = BoundedDict(IMAGES_LIMIT)
         self._verified: BoundedDict[tuple[str, str], bool] = BoundedDict(VERIFIED_LIMIT)
+        # Reads of an image's records, shared by the requests that arrive while one runs.
+        self._reads = SingleFlight()
 
     def _read(self, image_id: str, info: DaemonInfo) -> StoreImage:
         raise NotImplementedError
@@ -112,7 +115,7 @@ class StoreImages:
         found = self._images.get(image_id)
         if found is None and image_id not in self._failed:
             try:
-                found = await asyncio.to_thread(self._read, image_id, info)
+                found = await self._reads.run(image_id, lambda: asyncio.to_thread(self._read, image_id, info))
             except tarsplit.LayerUnservable as exc:
                 self._give_up(image_id, str(exc))
                 return None
