@@ -1,0 +1,295 @@
+"""Docker's classic store served in place, on Docker 20.10, 26.1 and 28.5: layers put together from their
+tar-split records and files, no `docker save` (Docker's event stream shows none), nothing copied into the
+cache dir, and the digests the export path and `docker save` give.
+
+The awkward image is made of layer tars written here and loaded with `docker load`: Docker keeps those very
+tars' records, so every layer served must hash to the tar written (its diff ID)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from . import oci_client
+from .daemons import NO_ZERO_COPY, Containerd, Dockerd, RegistryFactory, make_temp_dir, remove_tree
+from .images import MiB, build_image, host_platform
+from .test_mirror import ctr_ok, exports, node_digest, served_blobs
+
+CLASSIC = ["docker20", "docker26", "docker28"]
+# A file capability (cap_net_raw, effective) as `setcap` stores it: security.capability, VFS revision 2.
+CAPABILITY = "\x01\x00\x00\x02\x00\x20\x00\x00" + "\x00" * 12
+
+
+@pytest.fixture(params=CLASSIC)
+def classic(request: pytest.FixtureRequest) -> Dockerd:
+    daemon: Dockerd = request.getfixturevalue(request.param)
+    return daemon
+
+
+def _entry(name: str, kind: bytes = tarfile.REGTYPE, size: int = 0, **fields: object) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.size, info.mtime, info.mode = kind, size, 1_700_000_000, 0o644
+    for key, value in fields.items():
+        setattr(info, key, value)
+    return info
+
+
+def _layer(entries: list[tuple[tarfile.TarInfo, bytes]]) -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(
+        fileobj=out, mode="w", format=tarfile.PAX_FORMAT, encoding="utf-8", errors="surrogateescape"
+    ) as tar:
+        for info, content in entries:
+            tar.addfile(info, io.BytesIO(content) if content else None)
+    return out.getvalue()
+
+
+def awkward_layers() -> list[bytes]:
+    """Layers with what real images hold: nested and empty files, a hardlink, symlinks, a file capability
+    (xattr), a name over 100 bytes and one that is not UTF-8, a big file of zeros; a layer removing a file
+    (whiteout) and replacing a directory (opaque); an empty layer; and the first layer again."""
+    zeros = bytes(3 * MiB)
+    first = _layer(
+        [
+            (_entry("etc/", tarfile.DIRTYPE, mode=0o755), b""),
+            (_entry("etc/hostname", size=6), b"alpha\n"),
+            (_entry("etc/gone", size=5), b"gone\n"),
+            (_entry("etc/empty"), b""),
+            (_entry("etc/linked", tarfile.LNKTYPE, linkname="etc/hostname"), b""),
+            (_entry("etc/relative", tarfile.SYMTYPE, linkname="hostname"), b""),
+            (_entry("etc/absolute", tarfile.SYMTYPE, linkname="/etc/hostname"), b""),
+            (_entry("var/", tarfile.DIRTYPE, mode=0o755), b""),
+            (_entry("var/old", size=4), b"old\n"),
+            (
+                _entry("bin/", tarfile.DIRTYPE, mode=0o755),
+                b"",
+            ),
+            (
+                _entry(
+                    "bin/ping",
+                    size=5,
+                    mode=0o755,
+                    pax_headers={"SCHILY.xattr.security.capability": CAPABILITY},
+                ),
+                b"ping\n",
+            ),
+            (_entry("deep/", tarfile.DIRTYPE, mode=0o755), b""),
+            (_entry("deep/" + "n" * 120 + "/", tarfile.DIRTYPE, mode=0o755), b""),
+            (_entry("deep/" + "n" * 120 + "/file.txt", size=5), b"long\n"),
+            (_entry("caf\udce9/", tarfile.DIRTYPE, mode=0o755), b""),
+            (_entry("caf\udce9/menu", size=5), b"menu\n"),
+            (_entry("data/", tarfile.DIRTYPE, mode=0o755), b""),
+            (_entry("data/zeros.bin", size=len(zeros)), zeros),
+        ]
+    )
+    second = _layer(
+        [
+            (_entry("etc/", tarfile.DIRTYPE, mode=0o755), b""),
+            (_entry("etc/.wh.gone"), b""),
+            (_entry("var/", tarfile.DIRTYPE, mode=0o755), b""),
+            (_entry("var/.wh..wh..opq"), b""),
+            (_entry("var/new", size=4), b"new\n"),
+        ]
+    )
+    empty = _layer([])
+    return [first, second, empty, first]
+
+
+def load_awkward_image(docker: Dockerd, ref: str) -> list[str]:
+    """`docker load` of an image made of `awkward_layers()`; returns their diff IDs, in order."""
+    layers = awkward_layers()
+    diff_ids = [f"sha256:{hashlib.sha256(layer).hexdigest()}" for layer in layers]
+    os_name, _, arch = host_platform().partition("/")
+    config = json.dumps(
+        {
+            "architecture": arch,
+            "os": os_name,
+            "config": {"Cmd": ["/bin/ping"]},
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+            "history": [{"created_by": f"layer {i}"} for i in range(len(layers))],
+        }
+    ).encode()
+    config_name = f"{hashlib.sha256(config).hexdigest()}.json"
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as tar:
+        names = []
+        for number, layer in enumerate(layers):
+            names.append(f"layer{number}/layer.tar")
+            info = tarfile.TarInfo(names[-1])
+            info.size = len(layer)
+            tar.addfile(info, io.BytesIO(layer))
+        for name, data in (
+            (config_name, config),
+            (
+                "manifest.json",
+                json.dumps([{"Config": config_name, "RepoTags": [ref], "Layers": names}]).encode(),
+            ),
+        ):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    context = make_temp_dir("awkward")
+    try:
+        archive = context / "image.tar"
+        archive.write_bytes(out.getvalue())
+        docker.docker("load", "-i", str(archive))
+    finally:
+        remove_tree(context)
+    return diff_ids
+
+
+def cache_blobs(cache_dir: Path) -> list[Path]:
+    return [path for path in (cache_dir / "blobs").rglob("*") if path.is_file()]
+
+
+def saved_manifest_digest(docker: Dockerd, ref: str) -> str:
+    """The manifest digest `docker save` (Docker >= 25) writes for the image into its index.json."""
+    context = make_temp_dir("save")
+    try:
+        docker.docker("save", "-o", str(context / "save.tar"), ref)
+        with tarfile.open(context / "save.tar") as tar:
+            member = tar.extractfile("index.json")
+            assert member is not None
+            return str(json.load(member)["manifests"][0]["digest"])
+    finally:
+        remove_tree(context)
+
+
+def test_every_kind_of_entry_is_served_byte_for_byte_in_place(
+    classic: Dockerd, node: Containerd, registry_under_test: RegistryFactory
+) -> None:
+    docker = classic
+    diff_ids = load_awkward_image(docker, "awkward:1")
+    since = time.time()
+    registry = registry_under_test(docker)
+    assert "serving Docker's classic store in place" in registry.log_text()
+    node.set_mirror(registry.addr)
+    ctr_ok(node, "docker.io/library/awkward:1")
+    pulled = oci_client.pull(registry.url, "library/awkward", "1", ns="docker.io")
+    assert [layer["digest"] for layer in pulled.manifest["layers"]] == diff_ids
+    assert pulled.manifest["config"]["digest"] == docker.image_id("awkward:1")
+    # The node's bytes came from the registry (it has no other way to this image), none from an export.
+    assert set(diff_ids) <= served_blobs(registry)
+    assert docker.image_saves(since) == [] and exports(registry) == 0
+    assert cache_blobs(registry.cache_dir) == []
+    status = oci_client.request(f"{registry.url}/status.json").json()["docker"]
+    assert status["zero_copy"].startswith("in place from Docker's classic store at ")
+
+    # The same digests as the export path, and as `docker save` (Docker >= 25, which writes a manifest).
+    exported = registry_under_test(docker, extra_args=NO_ZERO_COPY)
+    again = oci_client.pull(exported.url, "library/awkward", "1", ns="docker.io")
+    assert again.digest == pulled.digest == node_digest(node, "docker.io/library/awkward:1")
+    if docker.name != "docker20":
+        assert saved_manifest_digest(docker, "awkward:1") == pulled.digest
+
+
+def test_ten_concurrent_cold_pulls_of_one_image_cost_nothing_extra(
+    docker26: Dockerd, registry_under_test: RegistryFactory
+) -> None:
+    build_image(docker26, "crowd:1", layers=3, size=24 * MiB, seed="crowd")
+    since = time.time()
+    registry = registry_under_test(docker26)
+    results: list[oci_client.Pulled | BaseException] = []
+
+    def pull() -> None:
+        try:
+            results.append(oci_client.pull(registry.url, "library/crowd", "1", ns="docker.io"))
+        except BaseException as exc:
+            results.append(exc)
+
+    threads = [threading.Thread(target=pull) for _ in range(10)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(300)
+    assert all(isinstance(result, oci_client.Pulled) for result in results), results
+    assert len({result.digest for result in results if isinstance(result, oci_client.Pulled)}) == 1
+    assert docker26.image_saves(since) == [] and cache_blobs(registry.cache_dir) == []
+
+
+def _layer_dir_file(docker: Dockerd, name: str) -> Path:
+    """A file of the image's layers in Docker's overlay2 diff directories."""
+    found = [path for path in (docker.data_root / "overlay2").rglob(name) if path.is_file()]
+    assert found, f"no {name} under {docker.data_root / 'overlay2'}"
+    return found[0]
+
+
+@pytest.fixture
+def victim(docker26: Dockerd) -> Iterator[tuple[Dockerd, str]]:
+    ref = f"victim-{time.monotonic_ns()}:1"
+    build_image(docker26, ref, layers=2, size=4 * MiB, seed=ref, busybox=False)
+    yield docker26, ref
+    docker26.docker("rmi", "-f", ref, check=False)
+
+
+def test_a_file_changed_on_disk_cuts_the_answer_and_the_next_pull_is_exported(
+    victim: tuple[Dockerd, str], registry_under_test: RegistryFactory
+) -> None:
+    docker, ref = victim
+    name = ref.partition(":")[0]
+    registry = registry_under_test(docker)
+    layer = docker.layers(ref)[-1]
+    path = _layer_dir_file(docker, "layer-001.bin")
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    since = time.time()
+    manifest = oci_client.request(
+        f"{registry.url}/v2/library/{name}/manifests/1?ns=docker.io",
+        headers={"Accept": oci_client.MANIFEST_ACCEPT},
+    )
+    assert manifest.status == 200
+    with pytest.raises(Exception):  # noqa: B017 - the connection is cut before the last bytes
+        oci_client.request(f"{registry.url}/v2/library/{name}/blobs/{layer}?ns=docker.io")
+    assert f"layer {layer} of" in registry.log_text() and "does not hash to its digest" in registry.log_text()
+    # The image is exported from now on (Docker's own export fails the same check, or serves its bytes).
+    oci_client.request(
+        f"{registry.url}/v2/library/{name}/manifests/1?ns=docker.io",
+        headers={"Accept": oci_client.MANIFEST_ACCEPT},
+    )
+    assert docker.image_saves(since) != []
+
+
+def test_files_that_cannot_be_read_here_take_the_export_path_with_the_reason_logged(
+    victim: tuple[Dockerd, str], registry_under_test: RegistryFactory
+) -> None:
+    docker, ref = victim
+    name = ref.partition(":")[0]
+    # As root every mode is readable: a file turned into a symlink cannot be read beneath its layer.
+    path = _layer_dir_file(docker, "layer-000.bin")
+    moved = path.with_name("moved.bin")
+    path.rename(moved)
+    path.symlink_to(moved)
+    since = time.time()
+    registry = registry_under_test(docker)
+    pulled = oci_client.pull(registry.url, f"library/{name}", "1", ns="docker.io")
+    assert pulled.manifest["config"]["digest"] == docker.image_id(ref)
+    assert docker.image_saves(since) != []
+    assert "not served in place, exported from the daemon instead" in registry.log_text()
+    assert "lies behind a symlink" in registry.log_text()
+
+
+def test_an_image_removed_while_it_is_pulled_fails_that_answer_and_is_resolved_again(
+    victim: tuple[Dockerd, str], registry_under_test: RegistryFactory
+) -> None:
+    docker, ref = victim
+    name = ref.partition(":")[0]
+    registry = registry_under_test(docker)
+    url = f"{registry.url}/v2/library/{name}/manifests/1?ns=docker.io"
+    assert oci_client.request(url, headers={"Accept": oci_client.MANIFEST_ACCEPT}).status == 200
+    layer = docker.layers(ref)[-1]
+    docker.docker("rmi", "-f", ref)
+    with pytest.raises(Exception):  # noqa: B017 - the files are gone: the answer fails
+        response = oci_client.request(f"{registry.url}/v2/library/{name}/blobs/{layer}?ns=docker.io")
+        assert response.status == 200
+        raise AssertionError("a blob of a removed image was served")
+    # Docker has no such image any more, and says so; nothing stale is served.
+    assert oci_client.request(url, headers={"Accept": oci_client.MANIFEST_ACCEPT}).status in (404, 502)
