@@ -25,7 +25,7 @@ from .settings import (
     cache_dir_problem,
 )
 from .sources.containerd import ContainerdContent
-from .sources.discovery import discover
+from .sources.discovery import discover, kind_of
 from .web.auth import Htpasswd, HtpasswdError
 
 # Engine API 1.44 (Docker 25) is where image save started writing an OCI image layout.
@@ -83,7 +83,11 @@ def docker_findings(info: DaemonInfo, where: str) -> list[Finding]:
 async def in_place_finding(settings: Settings, endpoint: DockerEndpoint, info: DaemonInfo) -> Finding:
     """Whether images are served where the daemon keeps them (zero-copy from containerd's content store,
     or Docker's classic store read in place), and why not."""
-    kind = "zero-copy from containerd" if info.containerd_store else "serving Docker's classic store in place"
+    kind = {
+        "containerd": "zero-copy from containerd",
+        "classic": "serving Docker's classic store in place",
+        "podman": "serving Podman's storage in place",
+    }[kind_of(info)]
     if not settings.zero_copy:
         return Finding("ok", f"{kind}: off ({settings.sources['zero_copy']}), every image is exported")
     config = server.in_place_config(settings, endpoint)
@@ -93,7 +97,7 @@ async def in_place_finding(settings: Settings, endpoint: DockerEndpoint, info: D
             "give the registry Docker's containerd socket (--containerd-address or "
             f"{ENV_CONTAINERD_ADDRESS}) and its content store directory, mounted at the same path"
             if info.containerd_store
-            else f"mount Docker's data root read-only at the same path (or name it with --docker-root, "
+            else "mount the daemon's data root read-only at the same path (or name it with --docker-root, "
             f"{ENV_DOCKER_ROOT})"
         )
         return Finding("warn", f"{kind}: off, every image is exported: {found}", remedy)
@@ -106,7 +110,7 @@ async def in_place_finding(settings: Settings, endpoint: DockerEndpoint, info: D
         )
     return Finding(
         "ok",
-        f"{kind}: on ({found.root}): layers are served from Docker's own files, never exported "
+        f"{kind}: on ({found.root}): layers are served from the daemon's own files, never exported "
         f"(off: {ENV_ZERO_COPY}=false)",
     )
 

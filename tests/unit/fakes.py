@@ -75,6 +75,8 @@ class FakeDocker:
 
     # Docker's facts when it last answered.
     last_info: DaemonInfo | None = None
+    # "Podman Engine" for Podman's compatible API.
+    product: str = "Docker Engine"
 
     def describe(self) -> str:
         return "unix:///fake.sock (default)"
@@ -85,7 +87,9 @@ class FakeDocker:
     async def daemon(self) -> DaemonInfo:
         if self.unavailable:
             raise DockerUnavailable("Docker is unreachable at unix:///fake.sock (default): fake is down")
-        self.last_info = DaemonInfo("27.5.1", "1.47", self.platform, "overlay2", self.containerd_store)
+        self.last_info = DaemonInfo(
+            "27.5.1", "1.47", self.platform, "overlay2", self.containerd_store, product=self.product
+        )
         return self.last_info
 
     async def repo_tags(self) -> list[str]:

@@ -1,8 +1,8 @@
 """What every content source promises (`sources.content.ImageContent`), one set of cases run against each:
 the export path (our cache, filled by `docker save` of a fake Docker), Docker's containerd content store
-read where it lies (a content-store directory and fake image records), and Docker's classic store read
-where it lies (image and layer records, tar-split records, diff directories). A new source joins by adding
-a backend below.
+read where it lies (a content-store directory and fake image records), Docker's classic store and Podman's
+storage read where they lie (image and layer records, tar-split records, the layers' files). A new source
+joins by adding a backend below.
 
 The cases: content that is absent, present (manifests by tag and digest, blobs whose bytes match their
 digests), an index only one platform of which is complete, blobs and manifests scoped to the repository
@@ -34,7 +34,8 @@ from k3d_registry_dockerd.sources.classic import ClassicContent, chain_ids
 from k3d_registry_dockerd.sources.containerd import ContainerdContent
 from k3d_registry_dockerd.sources.content import Blob, BlobFile, BlobStream, ImageContent
 from k3d_registry_dockerd.sources.exported import ExportedContent
-from k3d_registry_dockerd.sources.generated import docker_save_manifest
+from k3d_registry_dockerd.sources.generated import docker_save_manifest, legacy_manifest
+from k3d_registry_dockerd.sources.podman import PodmanContent, big_data_name
 from k3d_registry_dockerd.web import blobs
 
 from .fakes import FakeDocker, LocalImage
@@ -163,12 +164,60 @@ class ClassicBackend:
         return docker_save_manifest((image.config_digest, len(image.config)), layers)
 
 
-@pytest.fixture(params=["exported", "containerd", "classic"])
+@dataclass
+class PodmanBackend:
+    """Podman's storage (overlay): images.json with the config as a big-data file, layers.json with each
+    layer's parent, digest and length, its tar-split record beside, its files in overlay/<id>/diff."""
+
+    root: Path
+    indexes = False
+
+    def __post_init__(self) -> None:
+        for name in ("overlay-images", "overlay-layers"):
+            (self.root / name).mkdir(parents=True)
+            (self.root / name / f"{name.partition('-')[2]}.json").write_text("[]")
+        self.content: ImageContent = PodmanContent(self.root, "overlay", Metrics(self.root))
+
+    def publish(self, ref: str, root: bytes, media_type: str, blobs: dict[str, bytes]) -> dict[str, Any]:
+        manifest = json.loads(root)
+        config = blobs[manifest["config"]["digest"]]
+        layers_json = self.root / "overlay-layers" / "layers.json"
+        known = json.loads(layers_json.read_text())
+        parent = None
+        for number, layer in enumerate(manifest["layers"]):
+            layer_id = hashlib.sha256(f"{ref} {number} {layer['digest']}".encode()).hexdigest()
+            data = blobs[layer["digest"]]
+            record, files = tar_split(data)
+            (self.root / "overlay-layers" / f"{layer_id}.tar-split.gz").write_bytes(record)
+            diff = self.root / "overlay" / layer_id / "diff"
+            diff.mkdir(parents=True)
+            write_diff_dir(diff, files)
+            entry = {"id": layer_id, "diff-digest": layer["digest"], "diff-size": len(data)}
+            known.append({**entry, "parent": parent} if parent else entry)
+            parent = layer_id
+        layers_json.write_text(json.dumps(known))
+        image_id = digest_of(config)
+        images_json = self.root / "overlay-images" / "images.json"
+        images = json.loads(images_json.read_text())
+        images.append({"id": image_id[7:], "layer": parent, "names": [ref], "big-data-names": [image_id]})
+        images_json.write_text(json.dumps(images))
+        (self.root / "overlay-images" / image_id[7:]).mkdir()
+        (self.root / "overlay-images" / image_id[7:] / big_data_name(image_id)).write_bytes(config)
+        return {"Id": image_id}
+
+    def served_manifest(self, image: Image) -> bytes:
+        layers = [(digest_of(layer), len(layer)) for layer in image.layers]
+        return legacy_manifest((image.config_digest, len(image.config)), layers)
+
+
+@pytest.fixture(params=["exported", "containerd", "classic", "podman"])
 def backend(request: pytest.FixtureRequest, store: Store, tmp_path: Path) -> Backend:
     if request.param == "exported":
         return ExportedBackend(store)
     if request.param == "classic":
         return ClassicBackend(tmp_path / "docker")
+    if request.param == "podman":
+        return PodmanBackend(tmp_path / "storage")
     return ContainerdBackend(tmp_path / "content")
 
 

@@ -5,6 +5,9 @@ has none, or when --refresh-tags finds a pulled tag due; one pull per reference 
 A pull made with a request's credentials makes its image private (`PrivateGuard.protect`) before the pull
 is over, and requests for a reference wait for the pulls of it running now: nobody sees such an image
 before it is guarded.
+
+Podman names what `podman build -t my-app:dev` makes `localhost/my-app:dev`, and `podman run my-app:dev`
+finds it: a Docker Hub name Podman holds no image for is looked up there too before anything is pulled.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from ..common.progress import Transfer, Transfers
 from ..docker.engine import Credentials, DockerClient, PullDenied, PullFailed, PullNotFound
 from ..docker.hostcreds import HostCredentials, HostCredentialsError
 from ..oci.errors import RegistryError
-from ..oci.reference import Repository
+from ..oci.reference import DOCKER_HUB, Repository
 from .private import PrivateGuard
 
 log = logging.getLogger(__package__)
@@ -77,6 +80,9 @@ class CurrentImages:
         await self.settled(ref)
         image = await self.inspect(ref)
         if image is None:
+            local = await self._podman_local(repo, tag)
+            if local is not None:
+                return local
             if not repo.remote:
                 raise RegistryError("MANIFEST_UNKNOWN", f"Docker has no image {repo.familiar(tag)}")
             return await self.pull(repo, ref, credentials)
@@ -87,6 +93,23 @@ class CurrentImages:
         except RegistryError as exc:
             log.warning("refreshing %s failed, serving Docker's copy: %s", ref, exc.message)
             return Current(image)
+
+    async def _podman_local(self, repo: Repository, tag: str) -> Current | None:
+        """Podman's `localhost/` image for a Docker Hub name it holds no image of, as its own short-name
+        lookup finds it."""
+        if repo.domain != DOCKER_HUB or not (await self.docker.daemon()).product.startswith("Podman"):
+            return None
+        short = repo.docker_name.removeprefix(f"{DOCKER_HUB}/").removeprefix("library/")
+        local = Repository(repo.name, repo.registry, f"localhost/{short}")
+        image = await self.inspect(local.docker_ref(tag))
+        if image is None:
+            return None
+        log.info(
+            "%s: Podman has no such image; serving its %s, as `podman run` would",
+            repo.familiar(tag),
+            local.docker_ref(tag),
+        )
+        return Current(image)
 
     async def settled(self, ref: str) -> None:
         """Returns once the pulls of `ref` running now are over (and their images guarded)."""

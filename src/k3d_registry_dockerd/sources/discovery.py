@@ -1,6 +1,6 @@
 """Finding where the daemon's images lie, to serve them in place: Docker's containerd content store (the
-containerd image store: zero-copy), or the directories of Docker's classic store; whether they can be read
-from here, and one sentence saying why not when they cannot."""
+containerd image store: zero-copy), the directories of Docker's classic store, or Podman's storage; whether
+they can be read from here, and one sentence saying why not when they cannot."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from ..docker.containerd import DEFAULT_NAMESPACE, SYSTEM_ADDRESS, ContainerdCli
 from ..docker.engine import DaemonInfo
 from .classic import DIFF_DIRS, ClassicContent, StoreImages
 from .containerd import ContainerdContent
+from .podman import LAYER_DIRS, PodmanContent
 
 log = logging.getLogger(__package__)
 # Where a dockerd started without --exec-root runs its own containerd.
@@ -41,18 +42,23 @@ class InPlaceConfig:
 
 
 def kind_of(info: DaemonInfo) -> str:
+    if info.product.startswith("Podman"):
+        return "podman"
     return "containerd" if info.containerd_store else "classic"
 
 
 def _kind_served(content: InPlaceContent | None) -> str | None:
     if content is None:
         return None
-    return "containerd" if isinstance(content, ContainerdContent) else "classic"
+    if isinstance(content, ContainerdContent):
+        return "containerd"
+    return "podman" if isinstance(content, PodmanContent) else "classic"
 
 
 _OFF = {
     "containerd": "zero-copy from containerd is off",
     "classic": "serving Docker's classic store in place is off",
+    "podman": "serving Podman's storage in place is off",
 }
 
 
@@ -97,8 +103,8 @@ class InPlaceDiscovery:
             return "zero-copy off"
         if isinstance(self.content, ContainerdContent):
             return f"zero-copy from containerd at {self.content.client.address}"
-        if isinstance(self.content, ClassicContent):
-            return f"in place from Docker's classic store at {self.content.root} ({self.content.driver})"
+        if isinstance(self.content, ClassicContent | PodmanContent):
+            return f"in place from {self.content.name} at {self.content.root} ({self.content.driver})"
         if self.off_reason and self._kind:
             return f"{_OFF[self._kind]}: {self.off_reason}"
         return "zero-copy not checked yet"
@@ -116,9 +122,14 @@ class InPlaceDiscovery:
 
 async def discover(config: InPlaceConfig, info: DaemonInfo, metrics: Metrics) -> InPlaceContent | str:
     """The source serving the daemon's images where they lie, or why there is none, as a sentence."""
-    if info.containerd_store:
+    kind = kind_of(info)
+    if kind == "containerd":
         return await discover_containerd(config, info, metrics)
-    return discover_classic(config, info, metrics)
+    return (
+        discover_podman(config, info, metrics)
+        if kind == "podman"
+        else discover_classic(config, info, metrics)
+    )
 
 
 def discover_classic(config: InPlaceConfig, info: DaemonInfo, metrics: Metrics) -> ClassicContent | str:
@@ -128,12 +139,9 @@ def discover_classic(config: InPlaceConfig, info: DaemonInfo, metrics: Metrics) 
         return f"{info.product} {info.server_version} ({api}) is older than the versions tested"
     if info.storage_driver not in DIFF_DIRS:
         return f"Docker uses the {info.storage_driver} graph driver; only overlay2 and vfs are read in place"
-    if config.remote and not config.docker_root:
-        return "Docker runs on another machine (DOCKER_HOST names a remote host): its files are not here"
-    given = config.docker_root or info.root_dir
-    if not given:
-        return "Docker reports no DockerRootDir"
-    root = Path(given)
+    root = _root(config, info, "Docker")
+    if isinstance(root, str):
+        return root
     images = root / "image" / info.storage_driver / "imagedb" / "content" / "sha256"
     if not os.access(images, os.R_OK | os.X_OK):
         return (
@@ -162,6 +170,30 @@ def candidate_addresses(config: InPlaceConfig, info: DaemonInfo) -> list[tuple[s
 
 def namespace_of(config: InPlaceConfig, info: DaemonInfo) -> str:
     return config.namespace or info.containerd_namespace or DEFAULT_NAMESPACE
+
+
+def _root(config: InPlaceConfig, info: DaemonInfo, who: str) -> Path | str:
+    """The daemon's data root as seen from here, or why there is none to read."""
+    if config.remote and not config.docker_root:
+        return f"{who} runs on another machine (DOCKER_HOST names a remote host): its files are not here"
+    given = config.docker_root or info.root_dir
+    return Path(given) if given else f"{who} reports no data root (DockerRootDir)"
+
+
+def discover_podman(config: InPlaceConfig, info: DaemonInfo, metrics: Metrics) -> PodmanContent | str:
+    """Podman's storage, when its driver is one read here and its files can be read from here."""
+    if info.storage_driver not in LAYER_DIRS:
+        return f"Podman uses the {info.storage_driver} storage driver; only overlay and vfs are read in place"
+    root = _root(config, info, "Podman")
+    if isinstance(root, str):
+        return root
+    if not os.access(root / f"{info.storage_driver}-images" / "images.json", os.R_OK):
+        return (
+            f"Podman keeps its images in {root}, which cannot be read from here (mount it read-only at the "
+            "same path, or name it with --docker-root)"
+        )
+    log.info("serving Podman's storage in place: %s (%s)", root, info.storage_driver)
+    return PodmanContent(root, info.storage_driver, metrics)
 
 
 async def discover_containerd(

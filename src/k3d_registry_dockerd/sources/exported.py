@@ -27,7 +27,7 @@ from ..docker.engine import DaemonInfo, DockerClient, DockerFailed, DockerUnavai
 from ..oci.errors import RegistryError
 from ..oci.mediatypes import INDEX_TYPES
 from ..oci.platform import Platform, foreign_platform
-from ..oci.reference import Digest, Repository
+from ..oci.reference import Digest, Repository, split_repo_tag
 from .content import BlobFile, ServedManifest
 from .plans import ImagePlan, IncompleteImage, plan_manifests
 from .savestream import ExportError, ThreadedStream, read_save_stream, select_root
@@ -48,6 +48,14 @@ class ExportProgress:
     background: bool = False
     # Set while the export may read on.
     go: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def saved_as(repo: Repository, tag: str, image: dict[str, Any]) -> str:
+    """The reference Docker's `image` of the tag is exported by: the tag's own when Docker names the image
+    so, else a name the daemon gives it (Podman's `localhost/` one, found for a short Docker Hub name)."""
+    wanted = repo.docker_ref(tag)
+    names = [f"{name}:{t}" for name, t in filter(None, map(split_repo_tag, image.get("RepoTags") or []))]
+    return wanted if wanted in names or not names else names[0]
 
 
 def export_key(ref: str, image_id: str) -> str:
@@ -156,7 +164,7 @@ class ExportedContent:
         key = export_key(repo.docker_ref(tag), image["Id"])
         size = int(image.get("Size") or 0)
         return await self._flights.run(
-            key, lambda: self._export_tag(repo, tag, image["Id"], info, pulled_at, size, key)
+            key, lambda: self._export_tag(repo, tag, image, info, pulled_at, size, key)
         )
 
     def abandon(self, repo: Repository, tag: str, image_id: str) -> bool:
@@ -251,13 +259,13 @@ class ExportedContent:
         self,
         repo: Repository,
         tag: str,
-        image_id: str,
+        image: dict[str, Any],
         info: DaemonInfo,
         pulled_at: float | None,
         size: int,
         key: str,
     ) -> TagEntry:
-        ref = repo.docker_ref(tag)
+        ref, image_id = saved_as(repo, tag, image), str(image["Id"])
         entries: list[TagEntry] = []
 
         async def keep(plan: ImagePlan) -> None:
@@ -277,7 +285,7 @@ class ExportedContent:
             await self._update(repo, plan.manifests, {tag: entry})
             entries.append(entry)
 
-        await self._export(key, ref, info, (ref, repo.familiar(tag), tag), size, keep)
+        await self._export(key, ref, info, (ref, repo.docker_ref(tag), repo.familiar(tag), tag), size, keep)
         await self.records.enforce_limit(repo.docker_name, entries[0].digest)
         return entries[0]
 

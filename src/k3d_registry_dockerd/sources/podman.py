@@ -1,0 +1,111 @@
+"""Podman's storage (containers/storage, drivers overlay and vfs) served where it lies: no `podman save`,
+nothing copied into our cache.
+
+An image (`<driver>-images/images.json`: its ID, the config's digest, and its top layer) keeps its config as
+a big-data file under `<driver>-images/<id>/`; its layers (`<driver>-layers/layers.json`: each layer's
+parent, uncompressed digest and length) keep the tar-split record of their original tar beside, and their
+files in the driver's directory. A layer is sent as that tar, put together as it goes out; the manifest is
+the one the export path builds for Podman's legacy save, so the digests are the export path's.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from ..common.metrics import Metrics
+from ..docker.engine import DaemonInfo
+from ..oci.reference import Digest
+from . import tarsplit
+from .classic import ImageMismatch, StoreImage, StoreImages, StoreLayer, identity, manifest_for
+
+# Where each driver keeps a layer's files: layer ID -> path under the graph root.
+LAYER_DIRS = {"overlay": ("overlay", "{}", "diff"), "vfs": ("vfs", "dir", "{}")}
+_PLAIN_KEY = re.compile(r"[.0-9a-z]*")
+
+
+def big_data_name(key: str) -> str:
+    """The file name containers/storage keeps a big-data item under: the key when it is made of lowercase
+    letters, digits and dots, else `=` and the key in base64."""
+    return key if _PLAIN_KEY.fullmatch(key) else "=" + base64.b64encode(key.encode()).decode()
+
+
+class PodmanContent(StoreImages):
+    """Podman's storage under `root` (its graph root as seen from here), storage driver `driver`."""
+
+    name = "Podman's storage"
+
+    def __init__(self, root: Path, driver: str, metrics: Metrics) -> None:
+        super().__init__(root, metrics)
+        self.driver = driver
+        self._layer_dir = LAYER_DIRS[driver]
+
+    def _json(self, path: Path) -> Any:
+        try:
+            return json.loads(path.read_bytes())
+        except OSError as exc:
+            raise tarsplit.LayerUnservable(f"{path} cannot be read ({exc.strerror})") from exc
+        except ValueError as exc:
+            raise tarsplit.LayerUnservable(f"{path} is not JSON: {exc}") from exc
+
+    def _read(self, image_id: str, info: DaemonInfo) -> StoreImage:
+        hex_id = Digest.parse(image_id).hex
+        images = self.root / f"{self.driver}-images"
+        image = next((i for i in self._json(images / "images.json") if i.get("id") == hex_id), None)
+        if image is None or not image.get("layer"):
+            raise tarsplit.LayerUnservable(f"Podman's storage lists no image {hex_id} with layers")
+        config_path = images / hex_id / big_data_name(image_id)
+        try:
+            with open(config_path, "rb") as handle:
+                stat = os.fstat(handle.fileno())
+                config = handle.read()
+        except OSError as exc:
+            raise tarsplit.LayerUnservable(f"its config cannot be read ({exc.strerror})") from exc
+        if f"sha256:{hashlib.sha256(config).hexdigest()}" != image_id:
+            self.metrics.digest_mismatches.inc()
+            raise ImageMismatch(f"its config {config_path} does not hash to the image ID")
+        try:
+            diff_ids = [str(d) for d in json.loads(config)["rootfs"]["diff_ids"]]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise tarsplit.LayerUnservable(f"its config has no rootfs.diff_ids: {exc}") from exc
+        layers = self._layers(str(image["layer"]))
+        if [layer.diff_id for layer in layers] != diff_ids:
+            raise tarsplit.LayerUnservable("its layers' digests are not those its config lists")
+        manifest = manifest_for(image_id, len(config), layers, legacy=True)
+        return StoreImage(
+            image_id,
+            config_path,
+            identity(stat),
+            manifest,
+            f"sha256:{hashlib.sha256(manifest).hexdigest()}",
+            {layer.diff_id: layer for layer in layers},
+        )
+
+    def _layers(self, top: str) -> list[StoreLayer]:
+        """The image's layers, bottom first, from its top layer's parents."""
+        records = self.root / f"{self.driver}-layers"
+        known = {str(layer.get("id")): layer for layer in self._json(records / "layers.json")}
+        chain: list[StoreLayer] = []
+        current: str | None = top
+        while current:
+            layer = known.get(current)
+            if layer is None or "/" in current or len(chain) > len(known):
+                raise tarsplit.LayerUnservable(f"Podman's storage lists no layer {current}")
+            diff_id = str(layer.get("diff-digest") or "")
+            if not diff_id:
+                raise tarsplit.LayerUnservable(
+                    f"layer {current} has no uncompressed digest (a partial pull?)"
+                )
+            files = self.root.joinpath(*(part.format(current) for part in self._layer_dir))
+            tar = tarsplit.read(records / f"{current}.tar-split.gz", files)
+            if layer.get("diff-size") not in (None, tar.size):
+                raise tarsplit.LayerUnservable(f"layer {current}'s tar-split record is not the whole layer")
+            tar.check()
+            chain.append(StoreLayer(diff_id, current, tar))
+            current = layer.get("parent") or None
+        return chain[::-1]
