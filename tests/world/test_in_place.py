@@ -1,6 +1,6 @@
-"""Docker's classic store served in place, on Docker 20.10, 26.1 and 28.5: layers put together from their
-tar-split records and files, no `docker save` (Docker's event stream shows none), nothing copied into the
-cache dir, and the digests the export path and `docker save` give.
+"""Docker's classic store served in place, on Docker 20.10, 26.1 and 28.5, and Podman's storage: layers put
+together from their tar-split records and files, no `docker save` (the daemon's event stream shows none),
+nothing copied into the cache dir, and the digests the export path and `docker save` give.
 
 The awkward image is made of layer tars written here and loaded with `docker load`: Docker keeps those very
 tars' records, so every layer served must hash to the tar written (its diff ID)."""
@@ -21,8 +21,8 @@ import pytest
 from k3d_registry_dockerd.sources.classic import chain_ids
 
 from . import oci_client
-from .daemons import NO_ZERO_COPY, Containerd, Dockerd, RegistryFactory, make_temp_dir, remove_tree
-from .images import MiB, build_image, host_platform
+from .daemons import NO_ZERO_COPY, Containerd, Dockerd, Podman, RegistryFactory, make_temp_dir, remove_tree
+from .images import MiB, build_image, build_with_podman, host_platform
 from .test_mirror import ctr_ok, exports, node_digest, served_blobs
 
 CLASSIC = ["docker20", "docker26", "docker28"]
@@ -299,3 +299,27 @@ def test_an_image_removed_while_it_is_pulled_fails_that_answer_and_is_resolved_a
         raise AssertionError("a blob of a removed image was served")
     # Docker has no such image any more, and says so; nothing stale is served.
     assert oci_client.request(url, headers={"Accept": oci_client.MANIFEST_ACCEPT}).status in (404, 502)
+
+
+def test_podman_s_storage_is_served_in_place_and_short_names_find_localhost_images(
+    podman: Podman, node: Containerd, registry_under_test: RegistryFactory, tmp_path: Path
+) -> None:
+    build_with_podman(podman, "pm-inplace:1", tmp_path / "context", seed="pm-inplace", size=6 * MiB)
+    since = time.time()
+    registry = registry_under_test(podman.host)
+    assert "serving Podman's storage in place" in registry.log_text()
+    node.set_mirror(registry.addr)
+    # `podman build -t pm-inplace:1` made localhost/pm-inplace:1; a pod asks for docker.io's name. Docker
+    # Hub is unreachable here: a pull that works came through the registry.
+    ctr_ok(node, "docker.io/library/pm-inplace:1")
+    ctr_ok(node, "localhost/pm-inplace:1")
+    pulled = oci_client.pull(registry.url, "library/pm-inplace", "1", ns="docker.io")
+    assert {layer["digest"] for layer in pulled.manifest["layers"]} <= served_blobs(registry)
+    assert "serving its localhost/pm-inplace:1, as `podman run` would" in registry.log_text()
+    assert podman.image_saves(since) == [] and exports(registry) == 0
+    assert cache_blobs(registry.cache_dir) == []
+    # The same image, by the same digests, as the export path serves it.
+    exported = registry_under_test(podman.host, extra_args=NO_ZERO_COPY)
+    again = oci_client.pull(exported.url, "pm-inplace", "1", ns="localhost")
+    assert again.digest == pulled.digest == node_digest(node, "localhost/pm-inplace:1")
+    assert podman.image_saves(since) != []

@@ -571,7 +571,8 @@ def test_podman_compatible_api(
     podman: Podman, node: Containerd, registry_under_test: RegistryFactory, tmp_path: Path
 ) -> None:
     build_with_podman(podman, "localhost/pm-app:1", tmp_path / "context", seed="podman", size=3 * MiB)
-    registry = registry_under_test(podman.host)
+    # The export path (Podman's legacy save); test_in_place.py serves Podman's storage where it lies.
+    registry = registry_under_test(podman.host, extra_args=NO_ZERO_COPY)
     node.set_mirror(registry.addr)
 
     # localhost/… names the registry "localhost", so containerd asks the mirror with ns=localhost; there

@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import time
-import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from .process import (
     DOCKER28_USR,
     DOCKER_CLI,
     RUNC_PATH,
+    EngineEvents,
     ManagedProcess,
     Service,
     kill_strays,
@@ -75,7 +75,7 @@ VARIANTS: dict[str, DockerdVariant] = {
 }
 
 
-class Dockerd(Service):
+class Dockerd(Service, EngineEvents):
     """A private dockerd plus the containerd it talks to, both in one temp dir.
 
     We start containerd ourselves and pass ``--containerd``: without that flag, dockerd 20.10 and
@@ -285,20 +285,6 @@ class Dockerd(Service):
         """The ID this daemon gives an image: its manifest's digest on the containerd store (the image's
         target), its config's on the classic store."""
         return manifest if self.variant.containerd_store else config
-
-    def image_saves(self, since: float) -> list[str]:
-        """What Docker exported (`docker save`) from the UNIX time `since` until now, as its event stream
-        tells: the proof that an export did, or did not, happen."""
-        return self.image_events("save", since)
-
-    def image_events(self, action: str, since: float) -> list[str]:
-        """The images (or, for a pull, the references) of Docker's image events of this kind from the
-        UNIX time `since` until now."""
-        filters = urllib.parse.quote(json.dumps({"type": ["image"], "event": [action]}))
-        status, body = self.api("GET", f"/events?since={since:.9f}&until={time.time():.9f}&filters={filters}")
-        if status != 200:
-            raise RuntimeError(f"GET /events on {self.name}: {status} {body[:500]!r}")
-        return [str(json.loads(line)["Actor"]["ID"]) for line in body.splitlines() if line.strip()]
 
     @property
     def zero_copy(self) -> bool:

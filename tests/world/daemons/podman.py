@@ -11,6 +11,7 @@ from typing import Self
 from .process import (
     BOOKWORM_USR,
     RUNC_PATH,
+    EngineEvents,
     Service,
     make_temp_dir,
     require_binary,
@@ -20,7 +21,7 @@ from .process import (
 )
 
 
-class Podman(Service):
+class Podman(Service, EngineEvents):
     """``podman system service``: Podman's Docker-compatible Engine API on a private socket and store.
 
     Its image save is the legacy ``docker save`` format (top-level ``<digest>.tar`` layers, with the old

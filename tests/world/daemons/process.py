@@ -8,6 +8,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import http.client
+import json
 import os
 import re
 import shutil
@@ -465,3 +466,31 @@ class Service:
 
     def log_text(self) -> str:
         return self._proc.log_text() if self._proc else ""
+
+
+class EngineEvents:
+    """Image events of a daemon's Engine API (Docker's, or Podman's compatible one) on `socket`."""
+
+    socket: Path
+    name: str
+
+    def image_saves(self, since: float) -> list[str]:
+        """What the daemon exported (`docker save`) from the UNIX time `since` until now, as its event
+        stream tells: the proof that an export did, or did not, happen."""
+        return self.image_events("save", since)
+
+    def image_events(self, action: str, since: float) -> list[str]:
+        """The images (or, for a pull, the references) of the daemon's image events of this kind from the
+        UNIX time `since` until now."""
+        filters = urllib.parse.quote(json.dumps({"type": ["image"], "event": [action]}))
+        # Podman reads whole seconds only: asked from the second before, the events are sorted out here.
+        path = f"/events?since={int(since)}&until={int(time.time()) + 1}&filters={filters}"
+        status, body = unix_http(self.socket, "GET", path, timeout=120)
+        if status != 200:
+            raise RuntimeError(f"GET /events on {self.name}: {status} {body[:500]!r}")
+        events = [json.loads(line) for line in body.splitlines() if line.strip()]
+        return [
+            str(e["Actor"]["ID"])
+            for e in events
+            if e.get("timeNano", e.get("time", 0) * 10**9) >= since * 1e9
+        ]
