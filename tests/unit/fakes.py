@@ -21,6 +21,7 @@ from k3d_registry_dockerd.docker.engine import (
     PullNotFound,
 )
 from k3d_registry_dockerd.oci.platform import Platform
+from k3d_registry_dockerd.oci.reference import split_repo_tag
 
 from .saves import Image, classic_save, make_image
 
@@ -141,7 +142,9 @@ class FakeDocker:
     async def inspect(self, ref: str) -> dict[str, Any] | None:
         await self.daemon()
         self.inspects.append(ref)
-        found = self.images.get(ref)
+        # Docker finds an image by its familiar name too (`app:dev` is docker.io/library/app:dev).
+        named = split_repo_tag(ref)
+        found = self.images.get(ref) or (self.images.get(f"{named[0]}:{named[1]}") if named else None)
         return {"Id": found.id, "RepoTags": [ref], **found.inspect} if found else None
 
     async def pull(self, ref: str, credentials: Credentials | None, on_event: Any = None) -> None:

@@ -3,8 +3,10 @@ HTTP API with a fake Docker whose store is a real directory in the classic layou
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,7 @@ from aiohttp.test_utils import TestClient
 
 from k3d_registry_dockerd.cache.store import Store
 from k3d_registry_dockerd.docker.engine import DaemonInfo
+from k3d_registry_dockerd.oci.reference import parse_repository
 from k3d_registry_dockerd.sources.classic import ClassicContent
 from k3d_registry_dockerd.sources.discovery import InPlaceConfig
 from k3d_registry_dockerd.web.app import create_app
@@ -139,3 +142,32 @@ async def test_a_layer_deleted_under_a_pull_fails_it_cleanly_and_is_read_again(
     blob = await client.get(f"/v2/app/blobs/{digest}")
     assert blob.status == 200 and digest_of(await blob.read()) == digest
     assert docker.saves == []
+
+
+async def test_a_new_image_s_layers_are_verified_before_its_first_pull(
+    client: TestClient, docker: ClassicDocker, registry: Registry
+) -> None:
+    registry.start_background()
+    try:
+        await until(lambda: docker.event_streams == 1)
+        docker.emit("tag", "app:dev", docker.images[REF].id)
+        await until(lambda: verified_ahead(registry) == len(set(layers(docker))))
+        # The first pull finds them verified: each layer is sent as it is, not hashed on the way.
+        assert (await client.get(PATH)).status == 200
+        source = registry.discovery.content
+        assert isinstance(source, ClassicContent)
+        for digest in layers(docker):
+            found = await source.blob(parse_repository("app", None), digest, await docker.daemon())
+            assert found is not None and found.verified is None
+    finally:
+        await registry.stop()
+
+
+def verified_ahead(registry: Registry) -> float:
+    return registry.metrics.registry.get_sample_value("k3d_registry_blobs_verified_ahead_total") or 0.0
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    async with asyncio.timeout(10):
+        while not condition():
+            await asyncio.sleep(0.01)

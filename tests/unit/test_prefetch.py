@@ -152,10 +152,10 @@ def registry(store: Store, docker: FakeDocker) -> Registry:
 async def prefetcher(registry: Registry, docker: FakeDocker) -> AsyncIterator[Prefetcher]:
     running = registry.prefetcher
     assert running is not None
-    running.start()
+    registry.start_background()
     await until(lambda: docker.event_streams == 1, "the event stream open")
     yield running
-    await running.close()
+    await registry.stop()
 
 
 async def pull(registry: Registry, ref: str) -> str:
@@ -293,7 +293,7 @@ async def test_nothing_is_pre_exported_past_the_cache_limit(store: Store, docker
     registry = assemble(store, docker, cache_max_size=1, prefetch_max_age=WEEK)  # type: ignore[arg-type]
     running = registry.prefetcher
     assert running is not None
-    running.start()
+    registry.start_background()
     try:
         await pull(registry, APP)
         rebuilt = local_image("app-2", APP)
@@ -304,7 +304,7 @@ async def test_nothing_is_pre_exported_past_the_cache_limit(store: Store, docker
         )
         assert docker.saves == [APP]
     finally:
-        await running.close()
+        await registry.stop()
 
 
 async def test_nothing_is_exported_when_containerd_s_store_serves_docker_s_images(

@@ -97,6 +97,12 @@ class Metrics:
             ["state"],
             registry=self.registry,
         )
+        self.verified_ahead = Counter(
+            "k3d_registry_blobs_verified_ahead",
+            "Blobs of images the daemon reported new, hashed where its store keeps them before a client "
+            "asked for them",
+            registry=self.registry,
+        )
         self.private_checks = Counter(
             "k3d_registry_private_checks",
             "Requests for content pulled with a request's credentials, by how their credentials were "

@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,3 +88,27 @@ class Transfers:
     def running(self, *kinds: str) -> list[Transfer]:
         """Those running now (of these kinds: "pull", "export", "pre-export"), oldest first."""
         return [t for t in self._running.values() if not kinds or t.kind in kinds]
+
+
+class Activity:
+    """Work of one kind going on now (blobs being sent), for background work that gives way to it."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @contextlib.contextmanager
+    def busy(self) -> Iterator[None]:
+        self._count += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._count -= 1
+            if not self._count:
+                self._idle.set()
+
+    async def idle(self) -> None:
+        """Returns once none of this work is going on."""
+        await self._idle.wait()

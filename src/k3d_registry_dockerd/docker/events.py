@@ -15,25 +15,27 @@ RETRY_MAX = 10.0
 
 
 class ImageEvents:
-    """Calls `on_event` with each of Docker's image events, and `on_connect` whenever the stream has
-    (re)opened: what happened while it was closed is not replayed, so it has to be looked at anew.
+    """One stream of Docker's image events for every subscriber: each is called with every event, and
+    when the stream has (re)opened (what happened while it was closed is not replayed, so it has to be
+    looked at anew).
 
     A stream that breaks (dockerd stopped or restarted) is reopened, soon at first, then every RETRY_MAX
     seconds; each change between following and not is logged once.
     """
 
-    def __init__(
-        self,
-        docker: DockerClient,
-        on_event: Callable[[dict[str, Any]], None],
-        on_connect: Callable[[], None],
-    ) -> None:
+    def __init__(self, docker: DockerClient) -> None:
         self.docker = docker
-        self.on_event = on_event
-        self.on_connect = on_connect
+        self._subscribers: list[tuple[Callable[[dict[str, Any]], None], Callable[[], None]]] = []
         self.following = False
         # Why the stream is not open, after it failed to open or broke.
         self.problem: str | None = None
+
+    def subscribe(self, on_event: Callable[[dict[str, Any]], None], on_connect: Callable[[], None]) -> None:
+        self._subscribers.append((on_event, on_connect))
+
+    @property
+    def wanted(self) -> bool:
+        return bool(self._subscribers)
 
     async def run(self) -> None:
         delay = RETRY_FIRST
@@ -43,9 +45,11 @@ class ImageEvents:
                     if self.problem is not None:
                         log.info("following Docker's image events again")
                     self.following, self.problem, delay = True, None, RETRY_FIRST
-                    self.on_connect()
+                    for _on_event, on_connect in self._subscribers:
+                        on_connect()
                     async for event in events:
-                        self.on_event(event)
+                        for on_event, _on_connect in self._subscribers:
+                            on_event(event)
             except (DockerUnavailable, DockerFailed) as exc:
                 if self.problem is None:
                     log.warning("not following Docker's image events: %s; retrying", exc)

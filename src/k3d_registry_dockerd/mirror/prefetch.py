@@ -135,6 +135,7 @@ class Prefetcher:
     def __init__(
         self,
         docker: DockerClient,
+        events: ImageEvents,
         sources: Sources,
         records: Records,
         metrics: Metrics,
@@ -155,7 +156,8 @@ class Prefetcher:
         # The running job's tag moved on before its export began.
         self._superseded = False
         self.recent: list[Outcome] = []
-        self.events = ImageEvents(docker, self._on_event, self._on_connect)
+        self.events = events
+        events.subscribe(self._on_event, self._on_connect)
         self._moved: set[str] = set()
         self._all_moved = False
         self._looked_at = asyncio.Event()
@@ -164,8 +166,7 @@ class Prefetcher:
 
     def start(self) -> None:
         self._tasks = [
-            asyncio.ensure_future(coroutine)
-            for coroutine in (self.events.run(), self._look_at_moves(), self._export_due())
+            asyncio.ensure_future(coroutine) for coroutine in (self._look_at_moves(), self._export_due())
         ]
         for task in self._tasks:
             task.add_done_callback(_report_crash)

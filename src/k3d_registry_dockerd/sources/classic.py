@@ -18,13 +18,14 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..common.bounded import BoundedDict
 from ..common.flights import SingleFlight
+from ..common.hashing import chunks_digest
 from ..common.metrics import Metrics
 from ..docker.engine import DaemonInfo
 from ..oci.mediatypes import OCI_MANIFEST
@@ -111,7 +112,8 @@ class StoreImages:
     def _read(self, image_id: str, info: DaemonInfo) -> StoreImage:
         raise NotImplementedError
 
-    async def _image(self, repo: Repository, image_id: str, info: DaemonInfo) -> StoreImage | None:
+    async def _image(self, repo: Repository | None, image_id: str, info: DaemonInfo) -> StoreImage | None:
+        """The image as read from the store (once), now served under `repo` too."""
         found = self._images.get(image_id)
         if found is None and image_id not in self._failed:
             try:
@@ -120,9 +122,31 @@ class StoreImages:
                 self._give_up(image_id, str(exc))
                 return None
             self._images[image_id] = found
-        if found is not None:
+        if found is not None and repo is not None:
             self._roots.setdefault(repo.docker_name, set()).add(image_id)
         return found
+
+    async def verify_ahead(
+        self, ref: str, image: dict[str, Any], info: DaemonInfo, idle: Callable[[], Awaitable[None]]
+    ) -> int:
+        """Hashes the layers of Docker's `image` not verified yet, one after another, each once `idle`
+        returns; how many were hashed."""
+        found = await self._image(None, str(image["Id"]), info)
+        hashed = 0
+        for layer in {layer.where: layer for layer in (found.layers.values() if found else ())}.values():
+            if self._verified.get((layer.diff_id, layer.where)):
+                continue
+            await idle()
+            try:
+                digest, size = await asyncio.to_thread(chunks_digest, layer.tar.chunks())
+            except OSError as exc:
+                log.info("verifying %s of %s ahead stopped: %s", layer.diff_id, ref, exc.strerror or exc)
+                return hashed
+            hashed += 1
+            self._checked(found, layer, digest == layer.diff_id and size == layer.tar.size)
+            if image["Id"] in self._failed:
+                break
+        return hashed
 
     def _give_up(self, image_id: str, why: str) -> None:
         if image_id not in self._failed:

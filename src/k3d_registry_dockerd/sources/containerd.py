@@ -16,11 +16,13 @@ import asyncio
 import hashlib
 import logging
 import os
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from ..common.bounded import BoundedDict
 from ..common.flights import FreshFlight
+from ..common.hashing import file_digest
 from ..common.metrics import Metrics
 from ..docker.containerd import ContainerdClient, ContainerdUnavailable, Descriptor
 from ..docker.engine import DaemonInfo
@@ -247,6 +249,43 @@ class ContainerdContent:
         if self._verified.get(digest) == _identity(stat):
             return BlobFile(path, digest)
         return BlobFile(path, digest, lambda ok, opened: self._verified_as(digest, ok, opened))
+
+    async def verify_ahead(
+        self, ref: str, image: dict[str, Any], info: DaemonInfo, idle: Callable[[], Awaitable[None]]
+    ) -> int:
+        """Hashes the blobs of Docker's `image` (those of its platform) not verified yet, one after another,
+        each once `idle` returns; how many were hashed."""
+        try:
+            target = _described(image) or await self._lookups.run(ref, lambda: self.client.image(ref))
+            plan = await self._plan(target, info.platform) if target is not None else None
+        except (ContainerdUnavailable, IncompleteImage):
+            return 0
+        blobs = dict.fromkeys(
+            digest
+            for entry in (plan.manifests.values() if plan else ())
+            for digest in entry.references
+            if digest not in plan.manifests  # type: ignore[union-attr]
+        )
+        hashed = 0
+        for digest in blobs:
+            try:
+                if self._verified.get(digest) == _identity(self._path(digest).stat()):
+                    continue
+            except FileNotFoundError:
+                continue
+            await idle()
+            try:
+                ok, opened = await asyncio.to_thread(self._hash, digest)
+            except FileNotFoundError:
+                continue
+            hashed += 1
+            self._verified_as(digest, ok, opened)
+        return hashed
+
+    def _hash(self, digest: str) -> tuple[bool, os.stat_result]:
+        with open(self._path(digest), "rb") as handle:
+            opened = os.fstat(handle.fileno())
+            return file_digest(handle, opened.st_size) == digest, opened
 
     def _verified_as(self, digest: str, ok: bool, opened: os.stat_result) -> None:
         if not ok:

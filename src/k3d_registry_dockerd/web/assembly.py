@@ -5,19 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..cache.records import Records
 from ..cache.store import Store
 from ..common.metrics import Metrics
-from ..common.progress import Transfers
+from ..common.progress import Activity, Transfers
 from ..docker.engine import DockerClient, DockerUnavailable
+from ..docker.events import ImageEvents
 from ..docker.hostcreds import HostCredentials
 from ..mirror.current import CurrentImages
 from ..mirror.listing import Listings
 from ..mirror.mirror import Mirror
 from ..mirror.prefetch import Prefetcher
 from ..mirror.private import PrivateGuard
+from ..mirror.verify import Verifier
 from ..push.docker_load import Loads
 from ..push.pushes import Pushes
 from ..push.uploads import Uploads
@@ -48,8 +50,15 @@ class Registry:
     loads: Loads
     pushes: Pushes
     uploads: Uploads
+    # Blobs being hashed or put together for clients now: background verification gives way to them.
+    sending: Activity
+    # The daemon's image events, followed for pre-exports and verification ahead.
+    events: ImageEvents
     # None when pre-exports are off.
     prefetcher: Prefetcher | None = None
+    # None when nothing is served in place.
+    verifier: Verifier | None = None
+    _events_task: asyncio.Task[None] | None = field(default=None, repr=False)
 
     async def start(self) -> None:
         """Opens what is on disk and looks at Docker once; blocking reads run off the event loop."""
@@ -59,12 +68,23 @@ class Registry:
             await self.discovery.source(await self.docker.daemon())
         except DockerUnavailable as exc:
             log.warning("%s; serving what is cached and retrying on every request that needs Docker", exc)
-        if self.prefetcher is not None:
-            self.prefetcher.start()
+        self.start_background()
+
+    def start_background(self) -> None:
+        """Follows the daemon's events for the pre-exports and verification ahead that are on."""
+        for background in (self.prefetcher, self.verifier):
+            if background is not None:
+                background.start()
+        if self.events.wanted:
+            self._events_task = asyncio.ensure_future(self.events.run())
 
     async def stop(self) -> None:
-        if self.prefetcher is not None:
-            await self.prefetcher.close()
+        for background in (self.prefetcher, self.verifier):
+            if background is not None:
+                await background.close()
+        if self._events_task is not None:
+            self._events_task.cancel()
+            await asyncio.gather(self._events_task, return_exceptions=True)
         await self.loads.close()
         await self.uploads.close()
         await self.discovery.close()
@@ -107,11 +127,14 @@ def assemble(
         allow_docker_delete=allow_docker_delete,
         allow_docker_overwrite=allow_docker_overwrite,
     )
+    events = ImageEvents(docker)
+    sending = Activity()
     prefetcher = (
-        Prefetcher(docker, sources, records, metrics, prefetch_max_age, loads)
+        Prefetcher(docker, events, sources, records, metrics, prefetch_max_age, loads)
         if prefetch_max_age is not None
         else None
     )
+    verifier = Verifier(docker, events, sources, sending, metrics) if discovery.config.enabled else None
     return Registry(
         store=store,
         docker=docker,
@@ -128,5 +151,8 @@ def assemble(
         loads=loads,
         pushes=pushes,
         uploads=Uploads(store),
+        sending=sending,
+        events=events,
         prefetcher=prefetcher,
+        verifier=verifier,
     )

@@ -14,13 +14,13 @@ from typing import Any, BinaryIO
 
 from aiohttp import hdrs, web
 
+from ..common.hashing import chunks_digest, file_digest
 from ..oci.errors import RegistryError
 from ..sources.content import Blob, BlobFile, BlobStream
 
 log = logging.getLogger(__package__)
 # Sent only once the whole file is known to match its digest.
 HELD_BACK = 64 << 10
-CHUNK = 1 << 20
 
 
 async def send(request: web.Request, blob: Blob, headers: Mapping[str, str]) -> web.StreamResponse:
@@ -39,7 +39,7 @@ async def send(request: web.Request, blob: Blob, headers: Mapping[str, str]) -> 
         stat = os.fstat(handle.fileno())
         if hdrs.RANGE in request.headers:
             # Part of a file cannot be checked alone: the whole is hashed before any of it is sent.
-            ok = await asyncio.to_thread(_digest_of, handle, stat.st_size) == blob.digest
+            ok = await asyncio.to_thread(file_digest, handle, stat.st_size) == blob.digest
             blob.verified(ok, stat)
             if not ok:
                 raise RegistryError("BLOB_UNKNOWN", f"blob {blob.digest} is damaged and cannot be served")
@@ -47,22 +47,6 @@ async def send(request: web.Request, blob: Blob, headers: Mapping[str, str]) -> 
         return await _send_hashing(request, handle, stat, blob, headers)
     finally:
         handle.close()
-
-
-def _digest_of(handle: BinaryIO, size: int) -> str:
-    """The file's digest, read with pread into one buffer: independent of the file position sendfile
-    moves, and no more memory than the buffer (a mapping would count the whole file as resident)."""
-    hasher = hashlib.sha256()
-    buffer = bytearray(CHUNK)
-    view = memoryview(buffer)
-    offset = 0
-    while offset < size:
-        read = os.preadv(handle.fileno(), [view], offset)
-        if read == 0:
-            break
-        hasher.update(view[:read])
-        offset += read
-    return f"sha256:{hasher.hexdigest()}"
 
 
 async def _send_hashing(
@@ -75,7 +59,7 @@ async def _send_hashing(
     loop = asyncio.get_running_loop()
     size = stat.st_size
     held = min(size, HELD_BACK)
-    hashing = loop.run_in_executor(None, _digest_of, handle, size)
+    hashing = loop.run_in_executor(None, file_digest, handle, size)
     response = web.StreamResponse(headers=headers)
     response.content_length = size
     try:
@@ -189,12 +173,8 @@ def _abort(request: web.Request) -> None:
 
 
 def _stream_digest(blob: BlobStream) -> str:
-    hasher = hashlib.sha256()
-    size = 0
-    for chunk in blob.chunks(0):
-        hasher.update(chunk)
-        size += len(chunk)
-    return f"sha256:{hasher.hexdigest()}" if size == blob.size else "short"
+    digest, size = chunks_digest(blob.chunks(0))
+    return digest if size == blob.size else "short"
 
 
 async def _produced(

@@ -18,7 +18,7 @@ from ..oci.errors import RegistryError
 from ..oci.mediatypes import MAX_MANIFEST_SIZE, OCI_INDEX
 from ..oci.reference import Digest, Repository, is_digest, parse_repository, parse_tag
 from ..push.uploads import Upload
-from ..sources.content import ServedManifest
+from ..sources.content import BlobStream, ServedManifest
 from . import blobs, status
 from .assembly import Registry
 from .auth import Htpasswd
@@ -244,24 +244,27 @@ async def delete_blob(request: web.Request) -> web.Response:
 
 
 async def blob(request: web.Request) -> web.StreamResponse:
-    mirror = request.app[REGISTRY].mirror
+    registry = request.app[REGISTRY]
     repo = request[REPOSITORY] = request_repository(request)
     digest = Digest.parse(request.match_info["digest"])
-    found = await mirror.blob(repo, digest, _credentials(request))
+    found = await registry.mirror.blob(repo, digest, _credentials(request))
     if _EMPTY_SUFFIX_RANGE.fullmatch(request.headers.get(hdrs.RANGE, "")):
         # "the last 0 bytes" is unsatisfiable (RFC 9110 14.1.1); aiohttp would send the whole blob.
-        size = (await asyncio.to_thread(found.path.stat)).st_size
+        size = (
+            found.size
+            if isinstance(found, BlobStream)
+            else (await asyncio.to_thread(found.path.stat)).st_size
+        )
         raise web.HTTPRequestRangeNotSatisfiable(headers={hdrs.CONTENT_RANGE: f"bytes */{size}"})
-    return await blobs.send(
-        request,
-        found,
-        {
-            hdrs.CONTENT_TYPE: "application/octet-stream",
-            "Docker-Content-Digest": str(digest),
-            hdrs.ACCEPT_RANGES: "bytes",
-            hdrs.CACHE_CONTROL: "max-age=31536000",
-        },
-    )
+    headers = {
+        hdrs.CONTENT_TYPE: "application/octet-stream",
+        "Docker-Content-Digest": str(digest),
+        hdrs.ACCEPT_RANGES: "bytes",
+        hdrs.CACHE_CONTROL: "max-age=31536000",
+    }
+    # Blobs hashed or put together on the way count as work that background verification waits for.
+    with registry.sending.busy():
+        return await blobs.send(request, found, headers)
 
 
 def _page(request: web.Request, items: list[str]) -> tuple[list[str], dict[str, str]]:
