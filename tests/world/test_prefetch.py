@@ -54,8 +54,8 @@ def test_a_rebuilt_served_tag_is_exported_before_the_node_asks(
     docker: Dockerd = request.getfixturevalue(variant)
     name = f"pre-{variant.replace('_', '-')}-{node.version.split('.')[0]}{node.version.split('.')[1]}"
     image = build_image(docker, f"{name}:dev", layers=3, size=6 * MiB, seed=name)
-    # On the containerd image store the export path is the one that has something to pre-export.
-    registry = registry_under_test(docker, extra_args=NO_ZERO_COPY if docker.variant.containerd_store else ())
+    # Served in place, nothing is exported; the export path is the one that has something to pre-export.
+    registry = registry_under_test(docker, extra_args=NO_ZERO_COPY)
     wait_following(registry)
     node.set_mirror(registry.addr)
     ctr_ok(node, f"docker.io/library/{name}:dev")
@@ -120,7 +120,7 @@ def test_following_resumes_after_dockerd_restarts(
 ) -> None:
     docker = docker26
     image = build_image(docker, "pre-restart:dev", layers=2, size=2 * MiB, seed="pre-restart")
-    registry = registry_under_test(docker)
+    registry = registry_under_test(docker, extra_args=NO_ZERO_COPY)
     wait_following(registry)
     oci_client.pull(registry.url, "pre-restart", "dev")
 
@@ -142,21 +142,29 @@ def test_following_resumes_after_dockerd_restarts(
     assert saves == [rebuilt.image_id]
 
 
-def test_zero_copy_has_nothing_to_pre_export(
-    docker28_containerd: Dockerd, registry_under_test: RegistryFactory
+@pytest.mark.parametrize("variant", ["docker28_containerd", "docker26"])
+def test_in_place_has_nothing_to_pre_export_and_verifies_ahead(
+    variant: str, request: pytest.FixtureRequest, registry_under_test: RegistryFactory
 ) -> None:
-    docker = docker28_containerd
-    image = build_image(docker, "pre-zc:dev", layers=2, size=2 * MiB, seed="pre-zc")
+    docker: Dockerd = request.getfixturevalue(variant)
+    name = f"pre-ip-{variant.replace('_', '-')}"
+    image = build_image(docker, f"{name}:dev", layers=2, size=2 * MiB, seed=name)
     registry = registry_under_test(docker)
     wait_following(registry)
-    oci_client.pull(registry.url, "pre-zc", "dev")
+    oci_client.pull(registry.url, name, "dev")
 
     since = time.time()
+    verified = metric(registry, "k3d_registry_blobs_verified_ahead_total")
     rebuilt = rebuild_image(docker, image, salt="rebuilt")
-    # Give the registry the time a pre-export would have taken to start; then the pull is served as it is.
-    time.sleep(2)
-    pulled = oci_client.pull(registry.url, "pre-zc", "dev")
-    assert pulled.digest == rebuilt.image_id
+    # The rebuilt image's new blobs are hashed where they lie before anything asks for them.
+    wait_until(
+        lambda: metric(registry, "k3d_registry_blobs_verified_ahead_total") > verified,
+        timeout=PROMPT,
+        what="verification ahead",
+    )
+    pulled = oci_client.pull(registry.url, name, "dev")
+    served = docker.id_of(manifest=pulled.digest, config=pulled.manifest["config"]["digest"])
+    assert served == rebuilt.image_id == docker.image_id(f"{name}:dev")
     assert docker.image_saves(since) == []
     assert prefetch_state(registry)["recent"] == []
 
@@ -166,7 +174,7 @@ def test_podman_s_rebuilt_tag_is_pre_exported(
 ) -> None:
     """Podman's compatible API has its own event stream (`podman build` ends in a `tag`)."""
     build_with_podman(podman, "localhost/pm-pre:1", tmp_path / "first", seed="pm-pre", size=2 * MiB)
-    registry = registry_under_test(podman.host)
+    registry = registry_under_test(podman.host, extra_args=NO_ZERO_COPY)
     wait_following(registry)
     first = oci_client.pull(registry.url, "pm-pre", "1", ns="localhost")
 

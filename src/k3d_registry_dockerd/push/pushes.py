@@ -296,8 +296,9 @@ class Pushes:
             await self._forget(repo, lambda r: _without_tags(r, {tag}))
         log.info("deleted %s%s", repo.familiar(tag), " from the cache" if repo.remote else "")
 
-    async def _docker_refs_of(self, repo: Repository, digest: str) -> list[str] | None:
-        """Docker's tags of `digest` in this repository when containerd's content store serves it."""
+    async def _docker_refs_of(self, repo: Repository, digest: str) -> tuple[list[str], str] | None:
+        """Docker's tags in this repository of the image whose manifest `digest` is served where the
+        daemon keeps it, and that image's ID."""
         try:
             info = await self.docker.daemon()
         except DockerUnavailable:
@@ -307,14 +308,15 @@ class Pushes:
     async def _delete_digest(self, repo: Repository, digest: str) -> None:
         record = self.store.record(repo.docker_name)
         if record is None or digest not in record.manifests:
-            refs = None if repo.remote else await self._docker_refs_of(repo, digest)
-            if refs is None:
+            found = None if repo.remote else await self._docker_refs_of(repo, digest)
+            if found is None:
                 raise RegistryError("MANIFEST_UNKNOWN", f"manifest unknown: {repo.familiar(digest)}")
-            # Served from containerd's content store: Docker's own image, untagged only when allowed.
+            # Served where the daemon keeps it: Docker's own image, untagged only when allowed.
             if not self.allow_docker_delete:
                 raise self._docker_delete_refused(repo.familiar(digest))
+            refs, image_id = found
             for ref in refs:
-                await self._untag(ref, digest)
+                await self._untag(ref, image_id)
             log.info("deleted %s from Docker (%s)", repo.familiar(digest), ", ".join(refs) or "no tags")
             return
         if not repo.remote:

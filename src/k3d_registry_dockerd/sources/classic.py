@@ -182,6 +182,10 @@ class StoreImages:
                 return self._served(found, True)
         return None
 
+    def image_of(self, repo: Repository, digest: str) -> str | None:
+        """The ID of the image whose manifest `digest` is served under the repository."""
+        return next((found.image_id for found in self._serving(repo) if found.digest == digest), None)
+
     def foreign_child(self, repo: Repository, digest: str, platform: Platform) -> str | None:
         """Never: these stores keep no indexes."""
         return None

@@ -10,17 +10,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 from ..cache.store import DigestMismatch, Store
 from ..docker.engine import DaemonInfo, DockerClient
-from ..oci.reference import Repository
+from ..oci.reference import Repository, split_repo_tag
 from .containerd import ContainerdContent
 from .content import Blob, BlobFile, ImageContent, ServedManifest
 from .discovery import InPlaceContent, InPlaceDiscovery
 from .exported import ExportedContent
 
 log = logging.getLogger(__package__)
+
+
+def _named(tagged: list[tuple[str, str]]) -> Iterator[tuple[str, str, str]]:
+    """(Docker name, tag, image ID) of Docker's `name:tag` listing."""
+    for repo_tag, image_id in tagged:
+        found = split_repo_tag(repo_tag)
+        if found is not None:
+            yield found[0], found[1], image_id
 
 
 class Sources:
@@ -103,12 +112,22 @@ class Sources:
             return False
         return True
 
-    async def docker_refs_of(self, repo: Repository, digest: str, info: DaemonInfo) -> list[str] | None:
-        """Docker's references in this repository whose image is `digest`, when containerd's content store
-        serves it (zero-copy); None when it does not."""
-        containerd = await self.in_place(info)
-        if not isinstance(containerd, ContainerdContent):
+    async def docker_refs_of(
+        self, repo: Repository, digest: str, info: DaemonInfo
+    ) -> tuple[list[str], str] | None:
+        """Docker's references in this repository to the image whose manifest `digest` is served where the
+        daemon keeps it, and that image's ID; None when no such image is served there."""
+        in_place = await self.in_place(info)
+        if isinstance(in_place, ContainerdContent):
+            if await in_place.by_digest(repo, digest, None, info) is None:
+                return None
+            # On the containerd image store an image's ID is its target's digest.
+            return await in_place.names_of(repo, digest), digest
+        image_id = in_place.image_of(repo, digest) if in_place is not None else None
+        if image_id is None:
             return None
-        if await containerd.by_digest(repo, digest, None, info) is None:
-            return None
-        return await containerd.names_of(repo, digest)
+        tagged = await self.docker.tagged_images()
+        names = (
+            f"{name}:{tag}" for name, tag, i in _named(tagged) if name == repo.docker_name and i == image_id
+        )
+        return sorted(names), image_id
