@@ -79,6 +79,13 @@ def _config_options(parser: argparse.ArgumentParser, name: str, port_help: str) 
     parser.add_argument("--port", type=int, default=5000, help=f"{port_help} (default 5000)")
 
 
+def _container_options(parser: argparse.ArgumentParser) -> None:
+    """For configs that run the registry as a container, with the mounts Docker's setup needs."""
+    parser.add_argument(
+        "--image", default=configs.DEFAULT_IMAGE, help=f"the registry image (default {configs.DEFAULT_IMAGE})"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
@@ -172,12 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
         "k3d",
         help="a k3d Simple config (k3d cluster create --config)",
         description="A k3d Simple config that creates the registry container with the cluster, or with "
-        "--shared uses one made once with `k3d registry create`.",
+        "--shared uses one made once with `k3d registry create`. Docker is asked what it runs, and the "
+        "container gets the read-only mounts that serve its images where they lie.",
     )
     _config_options(k3d, "k3d-registry", "the port on the host")
-    k3d.add_argument(
-        "--image", default=configs.DEFAULT_IMAGE, help=f"the registry image (default {configs.DEFAULT_IMAGE})"
-    )
+    _container_options(k3d)
     k3d.add_argument(
         "--shared",
         action="store_true",
@@ -187,15 +193,17 @@ def build_parser() -> argparse.ArgumentParser:
     k3d.add_argument(
         "--containerd",
         action="store_true",
-        help="also mount the system containerd's socket and content store (read-only), where Docker "
-        "Engine 29 on Linux keeps its images: they are then served without an export",
+        help="print the mounts for Docker Engine 29 on Linux (the system containerd's socket and content "
+        "store) without asking Docker what it runs",
     )
     kind = targets.add_parser(
         "kind",
         help="a kind Cluster config, and the containerd hosts.toml it mounts",
-        description="A kind Cluster config; writes _default/hosts.toml into --hosts-dir for it to mount.",
+        description="A kind Cluster config, with the `docker run` of the registry container (the mounts "
+        "for what Docker runs) in a comment; writes _default/hosts.toml into --hosts-dir for it to mount.",
     )
     _config_options(kind, "kind-registry", "the registry's port on kind's network")
+    _container_options(kind)
     kind.add_argument(
         "--hosts-dir",
         default="certs.d",
@@ -268,10 +276,21 @@ def _cache_ls(store: Store) -> int:
     return 0
 
 
+def _container_setup(args: argparse.Namespace) -> configs.Setup:
+    """The registry container's mounts: for what Docker runs, asked of it as the registry would ask."""
+    if getattr(args, "containerd", False):
+        return configs.containerd_assumed()
+    try:
+        endpoint = resolve_endpoint(os.environ)
+    except EndpointError as exc:
+        return configs.setup_unknown(str(exc))
+    return asyncio.run(configs.ask(endpoint))
+
+
 def _print_config(args: argparse.Namespace) -> int:
     if args.target == "k3d":
         render = configs.k3d_shared if args.shared else configs.k3d_create
-        print(render(args.name, args.port, args.image, containerd=args.containerd), end="")
+        print(render(args.name, args.port, args.image, _container_setup(args)), end="")
     elif args.target == "kind":
         hosts = Path(args.hosts_dir).resolve() / "_default" / "hosts.toml"
         try:
@@ -280,7 +299,8 @@ def _print_config(args: argparse.Namespace) -> int:
         except OSError as exc:
             return _fail(f"cannot write {hosts}: {exc.strerror or exc}; choose another --hosts-dir")
         print(f"# wrote {hosts}")
-        print(configs.kind_cluster(str(hosts.parent.parent)), end="")
+        setup = _container_setup(args)
+        print(configs.kind_cluster(str(hosts.parent.parent), args.name, args.port, args.image, setup), end="")
     else:
         print(configs.registries_yaml(f"http://{args.name}:{args.port}"), end="")
     return 0

@@ -1,23 +1,149 @@
-"""Ready-made cluster configurations that send every image pull through this registry."""
+"""Ready-made cluster configurations that send every image pull through this registry, with the mounts a
+registry container needs to serve the daemon's images where they lie (asked of the daemon: what it runs,
+its data root, its containerd)."""
 
 from __future__ import annotations
 
+import asyncio
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
 from . import __version__
+from .docker.containerd import SYSTEM_ADDRESS
+from .docker.endpoint import DockerEndpoint
+from .docker.engine import DaemonInfo, DockerClient, DockerUnavailable
+from .sources.discovery import kind_of
 
 IMAGE = "ghcr.io/k3d-registry-dockerd/k3d-registry-dockerd"
 DEFAULT_IMAGE = f"{IMAGE}:{__version__}"
 CACHE_VOLUME = "k3d-registry-dockerd-cache"
-DOCKER_SOCKET_MOUNT = "/var/run/docker.sock:/var/run/docker.sock"
-# Docker Engine 29 on Linux keeps its images in the system containerd: its socket, and its content store
-# read-only at the same path (containerd reports that path, the registry reads the files there).
-CONTAINERD_MOUNTS = (
-    "/run/containerd/containerd.sock:/run/containerd/containerd.sock",
-    "/var/lib/containerd/io.containerd.content.v1.content:/var/lib/containerd/io.containerd.content.v1.content:ro",
-)
+CONTAINER_SOCKET = "/var/run/docker.sock"
+PODMAN_SOCKET = "/run/podman/podman.sock"
+CONTENT = "io.containerd.content.v1.content"
+# Docker Desktop runs its own containerd inside its VM, where the bind mounts of containers resolve.
+DESKTOP_CONTAINERD = "/var/run/desktop-containerd/containerd.sock"
+DESKTOP_CONTENT = f"/var/lib/desktop-containerd/daemon/{CONTENT}"
+SYSTEM_CONTENT = f"/var/lib/containerd/{CONTENT}"
+ASK_WITHIN = 10.0
 
 
-def _mounts(containerd: bool) -> tuple[str, ...]:
-    return (DOCKER_SOCKET_MOUNT, *(CONTAINERD_MOUNTS if containerd else ()))
+@dataclass(frozen=True)
+class Mount:
+    """A bind mount of the registry container, and what it is for (a comment beside it)."""
+
+    source: str
+    target: str
+    why: str
+    read_only: bool = False
+
+    def spec(self) -> str:
+        return f"{self.source}:{self.target}" + (":ro" if self.read_only else "")
+
+
+@dataclass(frozen=True)
+class Setup:
+    """The mounts for what the daemon runs, and comment lines saying what that is and what they give."""
+
+    mounts: list[Mount]
+    about: str
+
+
+def _api_mount(source: str) -> Mount:
+    why = "the daemon's API: what a tag names, pulls, events, and exports where nothing is served in place"
+    return Mount(source, CONTAINER_SOCKET, why)
+
+
+def _elsewhere(info: DaemonInfo, socket: str | None) -> bool:
+    """Whether the daemon runs in a VM (Docker Desktop, OrbStack, Colima, Rancher Desktop, a Podman
+    machine) or on another machine (tcp): container mounts then name paths there, as it reports them,
+    and its socket where containers find it, not where this host reaches it."""
+    if socket is None or sys.platform != "linux" or info.os_name == "Docker Desktop":
+        return True
+    return Path(socket).is_relative_to(Path.home())
+
+
+def _containerd_mounts(address: str, content: str) -> list[Mount]:
+    return [
+        Mount(address, address, "Docker's containerd: its image records, only read through its API"),
+        Mount(content, content, "containerd's content store: images served from its files as they are", True),
+    ]
+
+
+def _containerd_of(info: DaemonInfo) -> tuple[str, str]:
+    """Docker's containerd socket and content store, as the daemon's side names them."""
+    if info.os_name == "Docker Desktop":
+        return DESKTOP_CONTAINERD, DESKTOP_CONTENT
+    address = info.containerd_address or SYSTEM_ADDRESS
+    if address != SYSTEM_ADDRESS and info.root_dir:
+        # A containerd that dockerd starts itself keeps its root under Docker's data root.
+        return address, f"{info.root_dir}/containerd/daemon/{CONTENT}"
+    return address, SYSTEM_CONTENT
+
+
+def setup_for(info: DaemonInfo, where: str, socket: str | None) -> Setup:
+    """The mounts that let a registry container reach the daemon (at `socket` here; None over tcp) and
+    serve its images where they lie, read-only: containerd's socket and content store, or the data root
+    of Docker's classic store or of Podman's storage."""
+    kind = kind_of(info)
+    vm = _elsewhere(info, socket)
+    source = (PODMAN_SOCKET if kind == "podman" else CONTAINER_SOCKET) if vm else socket
+    mounts = [_api_mount(source)]
+    if kind == "containerd":
+        mounts += _containerd_mounts(*_containerd_of(info))
+        store = "its containerd image store"
+    else:
+        root = info.root_dir or "/var/lib/docker"
+        owner = "Podman's storage" if kind == "podman" else "Docker's data root (its classic image store)"
+        mounts.append(Mount(root, root, f"{owner}: layers served from its files", True))
+        store = (
+            f"{'its storage' if kind == 'podman' else 'its classic store'} ({info.storage_driver}, {root})"
+        )
+    about = (
+        f"# {info.product} {info.server_version} at {where}\n"
+        f"# keeps its images in {store}.\n"
+        "# The read-only mounts below let the registry serve them where they lie (without them every\n"
+        "# image is exported); the registry's start log and `k3d-registry-dockerd doctor` say which.\n"
+    )
+    if vm:
+        about += (
+            "# The daemon runs in a VM or elsewhere: these paths are its own (not verified here for VMs).\n"
+        )
+    return Setup(mounts, about)
+
+
+def setup_unknown(problem: str) -> Setup:
+    about = (
+        f"# Docker could not be asked what it runs: {problem}\n"
+        "# Only its socket is mounted, so every image is exported; run this again where Docker answers to\n"
+        "# get the mounts that serve images where they lie.\n"
+    )
+    return Setup([_api_mount(CONTAINER_SOCKET)], about)
+
+
+def containerd_assumed() -> Setup:
+    """The mounts for Docker Engine 29 on Linux (the system containerd), without asking Docker."""
+    about = "# Docker Engine 29 on Linux with its containerd image store (--containerd, Docker not asked).\n"
+    return Setup([_api_mount(CONTAINER_SOCKET), *_containerd_mounts(SYSTEM_ADDRESS, SYSTEM_CONTENT)], about)
+
+
+async def ask(endpoint: DockerEndpoint) -> Setup:
+    """What the daemon at `endpoint` runs, and the mounts for it; only the socket when it cannot be asked."""
+    docker = DockerClient(endpoint)
+    try:
+        info = await asyncio.wait_for(docker.daemon(), ASK_WITHIN)
+    except DockerUnavailable as exc:
+        return setup_unknown(str(exc))
+    except TimeoutError:
+        return setup_unknown(f"{endpoint.describe()} did not answer within {ASK_WITHIN:.0f}s")
+    finally:
+        await docker.close()
+    return setup_for(info, endpoint.host, endpoint.socket_path)
+
+
+def _volumes(mounts: list[Mount], indent: int) -> str:
+    pad = " " * indent
+    return "".join(f"{pad}# {mount.why}\n{pad}- {mount.spec()}\n" for mount in mounts)
 
 
 def registries_yaml(endpoint: str) -> str:
@@ -39,33 +165,35 @@ _K3D_HEADER = (
 )
 
 
-def k3d_create(name: str, port: int, image: str, *, containerd: bool = False) -> str:
+def k3d_create(name: str, port: int, image: str, setup: Setup) -> str:
     """k3d Simple config whose cluster creates and uses the registry container (`registries.create`).
 
     k3d names that container exactly `registries.create.name` (no `k3d-` prefix, unlike `k3d registry
     create`), and maps the host port to the container's 5000, where the nodes reach it."""
     return (
-        _K3D_HEADER + "  create:\n"
+        setup.about + _K3D_HEADER + "  create:\n"
         f"    name: {name}\n"
         '    host: "0.0.0.0"\n'
         f'    hostPort: "{port}"\n'
         f"    image: {image}\n"
         "    volumes:\n"
-        + "".join(f"      - {mount}\n" for mount in _mounts(containerd))
+        + _volumes(setup.mounts, 6)
+        + "      # the registry's own cache\n"
         + f"      - {CACHE_VOLUME}:/var/cache/k3d-registry-dockerd\n"
         "  config: |\n" + _indented(registries_yaml(f"http://{name}:5000"), 4)
     )
 
 
-def k3d_shared(name: str, port: int, image: str, *, containerd: bool = False) -> str:
+def k3d_shared(name: str, port: int, image: str, setup: Setup) -> str:
     """k3d Simple config using a registry created once with `k3d registry create` (shared by clusters).
 
     `k3d registry create NAME` always names the container `k3d-NAME`, so a name given with the prefix
     is passed without it; `registries.use` and the endpoint name the container."""
     short = name.removeprefix("k3d-")
     return (
-        f"# k3d registry create {short} --port {port} -i {image}"
-        + "".join(f" \\\n#   -v {mount}" for mount in _mounts(containerd))
+        setup.about
+        + f"# k3d registry create {short} --port {port} -i {image}"
+        + "".join(f" \\\n#   -v {mount.spec()}" for mount in setup.mounts)
         + "\n"
         + _K3D_HEADER
         + "  use:\n"
@@ -79,11 +207,20 @@ def hosts_toml(endpoint: str) -> str:
     return f'[host."{endpoint}/v2"]\n  capabilities = ["pull", "resolve"]\n'
 
 
-def kind_cluster(hosts_dir: str) -> str:
-    """kind Cluster config: containerd reads `config_path`, where `hosts_dir` is mounted."""
+def kind_cluster(hosts_dir: str, name: str, port: int, image: str, setup: Setup) -> str:
+    """kind Cluster config: containerd reads `config_path`, where `hosts_dir` is mounted; the comment
+    above it runs the registry container, which joins kind's network once the cluster made it."""
+    listen = [f"-e REGISTRY_HTTP_ADDR=:{port}"] if port != 5000 else []
+    run = [
+        f"docker run -d --name {name} --restart=always",
+        *listen,
+        *(f"-v {mount.spec()}" for mount in setup.mounts),
+        f"-v {CACHE_VOLUME}:/var/cache/k3d-registry-dockerd",
+        image,
+    ]
     return (
-        "# kind create cluster --config THIS_FILE\n"
-        "# then: docker network connect kind <registry container>\n"
+        setup.about + "# " + " \\\n#   ".join(run) + "\n# kind create cluster --config THIS_FILE\n"
+        f"# docker network connect kind {name}\n"
         "kind: Cluster\n"
         "apiVersion: kind.x-k8s.io/v1alpha4\n"
         "containerdConfigPatches:\n"

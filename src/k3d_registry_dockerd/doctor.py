@@ -9,7 +9,7 @@ from pathlib import Path
 
 import aiohttp
 
-from . import PRODUCT, server
+from . import PRODUCT, configs, server
 from .cache import directory
 from .common import units
 from .common.metrics import Metrics
@@ -93,12 +93,14 @@ async def in_place_finding(settings: Settings, endpoint: DockerEndpoint, info: D
     config = server.in_place_config(settings, endpoint)
     found = await discover(config, info, Metrics(settings.cache_dir / "blobs"))
     if isinstance(found, str):
-        remedy = (
-            "give the registry Docker's containerd socket (--containerd-address or "
-            f"{ENV_CONTAINERD_ADDRESS}) and its content store directory, mounted at the same path"
+        mounts = configs.setup_for(info, endpoint.host, endpoint.socket_path).mounts[1:]
+        where = (
+            f"Docker's containerd socket (or {ENV_CONTAINERD_ADDRESS}) and its content store"
             if info.containerd_store
-            else "mount the daemon's data root read-only at the same path (or name it with --docker-root, "
-            f"{ENV_DOCKER_ROOT})"
+            else f"the daemon's data root (or {ENV_DOCKER_ROOT} naming where it is mounted)"
+        )
+        remedy = f"a registry container needs {where}, read-only: " + " ".join(
+            f"-v {mount.spec()}" for mount in mounts
         )
         return Finding("warn", f"{kind}: off, every image is exported: {found}", remedy)
     if isinstance(found, ContainerdContent):

@@ -64,7 +64,7 @@ def _subparser(parser: argparse.ArgumentParser, *path: str) -> argparse.Argument
         (("cache", "verify"), {"--help", "--cache-dir"}),
         (("cache", "prune"), {"--help", "--cache-dir", "--all", "--older-than", "--include-pushed"}),
         (("config", "k3d"), {"--help", "--name", "--port", "--image", "--shared", "--containerd"}),
-        (("config", "kind"), {"--help", "--name", "--port", "--hosts-dir"}),
+        (("config", "kind"), {"--help", "--name", "--port", "--image", "--hosts-dir"}),
         (("config", "registries"), {"--help", "--name", "--port"}),
         (("warm",), {"--help", "--file", "--registry", "--parallel"}),
     ],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shlex
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -11,12 +12,27 @@ import pytest
 import yaml
 
 from k3d_registry_dockerd.cli import main
-from k3d_registry_dockerd.configs import DEFAULT_IMAGE
+from k3d_registry_dockerd.configs import DEFAULT_IMAGE, Setup, setup_for
+from k3d_registry_dockerd.docker.engine import DaemonInfo
+from k3d_registry_dockerd.oci.platform import Platform
+
+AMD64 = Platform("linux", "amd64")
+CONTENT = "io.containerd.content.v1.content"
+
+
+@pytest.fixture(autouse=True)
+def _no_docker(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Docker is asked what it runs: here it answers nothing, so only its socket is mounted."""
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-docker.sock")
 
 
 def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
     assert main(["config", *argv]) == 0
     return capsys.readouterr().out
+
+
+def _specs(setup: Setup) -> list[str]:
+    return [mount.spec() for mount in setup.mounts]
 
 
 def test_k3d_create(capsys: pytest.CaptureFixture[str]) -> None:
@@ -26,7 +42,10 @@ def test_k3d_create(capsys: pytest.CaptureFixture[str]) -> None:
     assert create["name"] == "k3d-registry"
     assert create["hostPort"] == "5000"
     assert create["image"] == DEFAULT_IMAGE
-    assert "/var/run/docker.sock:/var/run/docker.sock" in create["volumes"]
+    assert create["volumes"] == [
+        "/var/run/docker.sock:/var/run/docker.sock",
+        "k3d-registry-dockerd-cache:/var/cache/k3d-registry-dockerd",
+    ]
     registries = yaml.safe_load(config["registries"]["config"])
     assert registries == {"mirrors": {"*": {"endpoint": ["http://k3d-registry:5000"]}}}
 
@@ -41,14 +60,90 @@ def test_k3d_shared(capsys: pytest.CaptureFixture[str]) -> None:
     assert mirrors["*"]["endpoint"] == ["http://k3d-cache:5000"]
 
 
+def test_docker_that_cannot_be_asked_gets_its_socket_only(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    text = _run(capsys, "k3d")
+    first = text.splitlines()[0]
+    assert first.startswith("# Docker could not be asked what it runs: Docker is unreachable at unix://")
+    assert "every image is exported" in text
+
+
 def test_k3d_with_containerd_mounts_its_socket_and_content_store(capsys: pytest.CaptureFixture[str]) -> None:
     volumes = yaml.safe_load(_run(capsys, "k3d", "--containerd"))["registries"]["create"]["volumes"]
-    content = "/var/lib/containerd/io.containerd.content.v1.content"
+    content = f"/var/lib/containerd/{CONTENT}"
     assert "/run/containerd/containerd.sock:/run/containerd/containerd.sock" in volumes
     assert f"{content}:{content}:ro" in volumes
     shared = _run(capsys, "k3d", "--shared", "--containerd")
     assert f"#   -v {content}:{content}:ro" in shared
     assert "containerd" not in yaml.safe_load(_run(capsys, "k3d"))["registries"]["create"]["volumes"][0]
+
+
+def test_mounts_for_each_store() -> None:
+    """What Docker reports decides the mounts: its socket where this host reaches it, and read-only at
+    the same path the store that is served in place."""
+    socket = "/var/run/docker.sock"
+    api = f"{socket}:/var/run/docker.sock"
+    classic = DaemonInfo("28.5.2", "1.51", AMD64, "overlay2", False, root_dir="/var/lib/docker")
+    assert _specs(setup_for(classic, "unix://" + socket, socket)) == [
+        api,
+        "/var/lib/docker:/var/lib/docker:ro",
+    ]
+    system = DaemonInfo(
+        "29.1", "1.52", AMD64, "overlayfs", True, containerd_address="/run/containerd/containerd.sock"
+    )
+    assert _specs(setup_for(system, "", socket)) == [
+        api,
+        "/run/containerd/containerd.sock:/run/containerd/containerd.sock",
+        f"/var/lib/containerd/{CONTENT}:/var/lib/containerd/{CONTENT}:ro",
+    ]
+    own = "/var/run/docker/containerd/containerd.sock"
+    managed = DaemonInfo(
+        "28.5.2", "1.51", AMD64, "overlayfs", True, containerd_address=own, root_dir="/srv/docker"
+    )
+    assert _specs(setup_for(managed, "", socket))[1:] == [
+        f"{own}:{own}",
+        f"/srv/docker/containerd/daemon/{CONTENT}:/srv/docker/containerd/daemon/{CONTENT}:ro",
+    ]
+    rootless = DaemonInfo("28.5.2", "1.51", AMD64, "overlay2", False, root_dir="/home/me/.local/share/docker")
+    user_socket = "/run/user/1000/docker.sock"
+    assert _specs(setup_for(rootless, "", user_socket))[0] == f"{user_socket}:/var/run/docker.sock"
+    podman = DaemonInfo(
+        "4.3.1",
+        "1.41",
+        AMD64,
+        "overlay",
+        False,
+        product="Podman Engine",
+        root_dir="/var/lib/containers/storage",
+    )
+    podman_socket = "/run/podman/podman.sock"
+    assert _specs(setup_for(podman, "", podman_socket)) == [
+        f"{podman_socket}:/var/run/docker.sock",
+        "/var/lib/containers/storage:/var/lib/containers/storage:ro",
+    ]
+
+
+def test_mounts_name_the_vms_paths(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """In a VM (or over tcp) the bind mounts resolve where the daemon runs: its socket there, and the
+    containerd Docker Desktop runs for its image store."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    colima = DaemonInfo("27.4.0", "1.47", AMD64, "overlay2", False, root_dir="/var/lib/docker")
+    setup = setup_for(colima, "", str(tmp_path / ".colima" / "default" / "docker.sock"))
+    assert _specs(setup) == [
+        "/var/run/docker.sock:/var/run/docker.sock",
+        "/var/lib/docker:/var/lib/docker:ro",
+    ]
+    assert "runs in a VM or elsewhere" in setup.about
+    remote = setup_for(colima, "tcp://build-host:2376", None)
+    assert _specs(remote) == _specs(setup)
+    desktop = DaemonInfo(
+        "29.1", "1.52", AMD64, "overlayfs", True, os_name="Docker Desktop", containerd_address="/run/x.sock"
+    )
+    assert _specs(setup_for(desktop, "", str(tmp_path / ".docker" / "run" / "docker.sock")))[1:] == [
+        "/var/run/desktop-containerd/containerd.sock:/var/run/desktop-containerd/containerd.sock",
+        f"/var/lib/desktop-containerd/daemon/{CONTENT}:/var/lib/desktop-containerd/daemon/{CONTENT}:ro",
+    ]
 
 
 def test_registries_yaml(capsys: pytest.CaptureFixture[str]) -> None:
@@ -66,6 +161,15 @@ def test_kind(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     )
     mount = config["nodes"][0]["extraMounts"][0]
     assert mount == {"hostPath": str(tmp_path / "certs.d"), "containerPath": "/etc/containerd/certs.d"}
+    run = re.search(r"^# (docker run .*?)\n(?!#   )", text, re.S | re.M)
+    assert run is not None
+    assert shlex.split(run[1].replace("\\\n#   ", " ")) == [
+        "docker", "run", "-d", "--name", "kind-registry", "--restart=always",
+        "-v", "/var/run/docker.sock:/var/run/docker.sock",
+        "-v", "k3d-registry-dockerd-cache:/var/cache/k3d-registry-dockerd",
+        DEFAULT_IMAGE,
+    ]  # fmt: skip
+    assert "# docker network connect kind kind-registry\n" in text
     hosts = tomllib.loads((tmp_path / "certs.d" / "_default" / "hosts.toml").read_text())
     assert hosts == {"host": {"http://kind-registry:5000/v2": {"capabilities": ["pull", "resolve"]}}}
 

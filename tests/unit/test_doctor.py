@@ -142,7 +142,8 @@ async def test_in_place_findings(tmp_path: Path) -> None:
     classic = DaemonInfo("28.5.2", "1.51", AMD64, "overlay2", False, root_dir=str(root))
     unreadable = await in_place_finding(settings, local, classic)
     assert unreadable.status == "warn" and "classic store in place: off" in unreadable.text
-    assert str(root) in unreadable.text and "--docker-root" in unreadable.remedy
+    assert str(root) in unreadable.text and "K3D_REGISTRY_DOCKERD_DOCKER_ROOT" in unreadable.remedy
+    assert unreadable.remedy.endswith(f"read-only: -v {root}:{root}:ro")
     (root / "image" / "overlay2" / "imagedb" / "content" / "sha256").mkdir(parents=True)
     readable = await in_place_finding(settings, local, classic)
     assert readable.status == "ok" and f"classic store in place: on ({root})" in readable.text
@@ -164,6 +165,9 @@ async def test_in_place_findings(tmp_path: Path) -> None:
     unreachable = await in_place_finding(missing, local, containerd)
     assert unreachable.status == "warn"
     assert "every image is exported" in unreachable.text and "none.sock" in unreachable.text
+    content = "/var/lib/containerd/io.containerd.content.v1.content"
+    mounts = f"-v /run/containerd/containerd.sock:/run/containerd/containerd.sock -v {content}:{content}:ro"
+    assert unreachable.remedy.endswith(mounts)
 
 
 def test_host_credentials_are_listed_by_registry_name_only(tmp_path: Path) -> None:

@@ -9,15 +9,17 @@ both are build arguments.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import tarfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import yaml
 
 from . import oci_client
 from .daemons import (
@@ -88,17 +90,19 @@ def registry_image(docker26: Dockerd, debootstrap: str) -> Iterator[str]:
 
 @contextmanager
 def registry_container(
-    docker26: Dockerd, image: str, socket: Path, mounts: tuple[str, ...] = ()
+    docker26: Dockerd, image: str, socket: Path | None, mounts: Sequence[str] = ()
 ) -> Iterator[tuple[str, str]]:
-    """Runs the image as k3d does (engine socket mounted, REGISTRY_HTTP_ADDR set, host network on
-    loopback); yields the container's name and the registry's address, and removes it afterwards."""
+    """Runs the image as k3d does (engine socket mounted, unless `mounts` has it, REGISTRY_HTTP_ADDR
+    set, host network on loopback); yields the container's name and the registry's address, and removes
+    it afterwards."""
     port = free_port()
     name = f"k3rd-registry-{port}"
+    api = ("-v", f"{socket}:/var/run/docker.sock") if socket else ()
     volumes = [arg for mount in mounts for arg in ("-v", mount)]
     docker26.docker(
         "run", "-d", "--name", name, "--network", "host",
         "-e", f"REGISTRY_HTTP_ADDR=127.0.0.1:{port}",
-        "-v", f"{socket}:/var/run/docker.sock",
+        *api,
         *volumes,
         image,
     )  # fmt: skip
@@ -161,3 +165,43 @@ def test_image_with_dockers_containerd_mounted_serves_zero_copy(
         assert "zero-copy from containerd is on" in logs, logs
         assert "exporting" not in logs
     assert docker.image_saves(since) == []
+
+
+def _printed_mounts(daemon: Dockerd | Podman) -> list[str]:
+    """The volumes `config k3d` prints for the daemon it asks (through DOCKER_HOST), but the cache's."""
+    env = {**os.environ, "DOCKER_HOST": daemon.host}
+    text = run([Path(sys.executable).parent / "k3d-registry-dockerd", "config", "k3d"], env=env).stdout
+    volumes = yaml.safe_load(text)["registries"]["create"]["volumes"]
+    return [volume for volume in volumes if not volume.startswith("k3d-registry-dockerd-cache:")]
+
+
+@pytest.mark.parametrize("store", ["docker26", "docker28_containerd", "podman"])
+def test_image_with_the_printed_mounts_serves_in_place(
+    store: str, node: Containerd, registry_image: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """`config k3d` asks the daemon what it runs and prints the mounts for it; the container run with
+    exactly those serves the daemon's images where they lie: no save in its event stream."""
+    docker26: Dockerd = request.getfixturevalue("docker26")
+    daemon: Dockerd | Podman = request.getfixturevalue(store)
+    if isinstance(daemon, Podman):
+        build_with_podman(daemon, "localhost/printed-mounts:1", tmp_path / "context", seed="printed-pm")
+        reference = "localhost/printed-mounts:1"
+    else:
+        build_image(daemon, "printed-mounts:1", layers=2, size=2 * MiB, seed=f"printed-{store}")
+        reference = "docker.io/library/printed-mounts:1"
+    mounts = _printed_mounts(daemon)
+    assert all(mount.endswith(":ro") for mount in mounts[1:]), mounts
+    since = time.time()
+    with registry_container(docker26, registry_image, None, mounts) as (name, addr):
+        node.set_mirror(addr)
+        result = node.pull(reference)
+        assert result.returncode == 0, result.stdout + result.stderr
+        logs = docker26.docker("logs", name).stderr
+        served = {
+            "docker26": "serving Docker's classic store in place: ",
+            "docker28_containerd": "zero-copy from containerd is on",
+            "podman": "serving Podman's storage in place: ",
+        }[store]
+        assert served in logs, logs
+        assert "exporting" not in logs
+    assert daemon.image_saves(since) == []

@@ -84,6 +84,8 @@ class DaemonInfo:
     containerd_namespace: str | None = None
     # Where the daemon keeps its data (`DockerRootDir`; Podman: its storage's graph root), on its side.
     root_dir: str | None = None
+    # `OperatingSystem` as the daemon reports it ("Docker Desktop" in Docker Desktop's VM).
+    os_name: str = ""
 
     @property
     def api(self) -> tuple[int, int]:
@@ -285,6 +287,7 @@ class DockerClient:
             containerd_namespace=((info.get("Containerd") or {}).get("Namespaces") or {}).get("Containers")
             or None,
             root_dir=info.get("DockerRootDir") or None,
+            os_name=str(info.get("OperatingSystem") or ""),
         )
         self.last_info = self._info
         log.info(
