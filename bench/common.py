@@ -50,9 +50,12 @@ def begin(*, needs_root: bool = True) -> None:
         log(f"removed {path}, left behind by a killed run")
 
 
-def add_world_arguments(parser: argparse.ArgumentParser) -> None:
+def add_world_arguments(parser: argparse.ArgumentParser, *, podman: bool = False) -> None:
     parser.add_argument(
-        "--variant", default="docker26", choices=sorted(VARIANTS), help="private dockerd (default docker26)"
+        "--variant",
+        default="docker26",
+        choices=[*sorted(VARIANTS), *(["podman", "podman5"] if podman else [])],
+        help="private dockerd (default docker26)" + (", or Podman 4.3's or 5's service" if podman else ""),
     )
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where the JSON goes")
 
@@ -65,7 +68,8 @@ def proc_meminfo_mib(key: str) -> float:
 
 
 def machine(daemon: Any) -> dict[str, Any]:
-    """The dockerd under test (a tests.world.daemons.Dockerd) and the machine, for the results JSON."""
+    """The daemon under test (a tests.world.daemons Dockerd or Podman) and the machine, for the results
+    JSON."""
     return {
         "variant": daemon.name,
         "docker_version": daemon.version,

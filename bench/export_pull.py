@@ -3,10 +3,14 @@
 
     python bench/export_pull.py [--size-mb 240] [--repeat 3] [--variant docker26]
     python bench/export_pull.py --variant docker28-containerd   # zero-copy, and the export path beside it
+    python bench/export_pull.py --variant podman5               # Podman's storage in place (or podman: 4.3)
+    python bench/export_pull.py --small-files 30000             # plus a layer of 30,000 small files
 
-Starts a private dockerd (and a containerd "k3s node"), builds one deterministic image of ``--size-mb``
-MiB (4 incompressible data layers + busybox), then measures, ``--repeat`` rounds, interleaved (the order of
-the three groups rotates every round, so machine noise and page-cache effects hit all of them alike):
+Starts a private dockerd or Podman (and a containerd "k3s node"), builds one deterministic image of
+``--size-mb`` MiB (4 incompressible data layers + busybox, and with ``--small-files N`` a layer of N files of
+256 B to 4 KiB: what the classic store's per-file reassembly costs), then measures, ``--repeat`` rounds,
+interleaved (the order of the groups rotates every round, so machine noise and page-cache effects hit all of
+them alike):
 
 - ``docker save``: ``GET /images/{name}/get`` on the Engine API, read to the end (the floor of a cold export);
   and the same stream written to a new file in /tmp, like ``docker save -o`` (the registry has to store the
@@ -15,13 +19,18 @@ the three groups rotates every round, so machine noise and page-cache effects hi
   parallel, digests verified) cold, and again warm on the same registry;
 - ctr: another fresh registry as the node's mirror for every registry (``certs.d/_default/hosts.toml``),
   ``ctr content fetch docker.io/library/IMAGE`` cold, then warm (node emptied, registry warm);
-- export: on the containerd image store (where the pulls above are zero-copy: served from containerd's
-  content store as it is), the client's cold and warm pulls again with ``--no-zero-copy``.
+- export: where the pulls above are served in place (the containerd image store from its content store,
+  the classic store and Podman's storage from their layer files and tar-split records), the client's cold and
+  warm pulls again with ``--no-zero-copy``: the export path;
+- ahead: where served in place, a fresh registry sees the image tagged (as after a build or pull), verifies
+  its blobs where they lie ahead of any pull (its log says when), then the client's cold pull: what a node's
+  first pull of a newly built image costs.
 
-After each registry's runs its peak RSS (VmHWM from /proc/PID/status) and its log (exports, warnings,
-non-2xx answers) are read. Prints a table and ratios, writes the numbers to
-bench/results/export_pull-TIMESTAMP.json. Only prints: no timing assertions. Everything listens on
-loopback or unix sockets and is stopped at the end, also on Ctrl-C, SIGTERM and exceptions.
+After each registry's runs its peak RSS (VmHWM from /proc/PID/status), its log (exports, warnings,
+non-2xx answers) and the blob bytes in its cache dir (none expected when served in place) are read. Prints
+a table and ratios, writes the numbers to bench/results/export_pull-TIMESTAMP.json. Only prints: no timing
+assertions. Everything listens on loopback or unix sockets and is stopped at the end, also on Ctrl-C,
+SIGTERM and exceptions.
 """
 
 from __future__ import annotations
@@ -63,12 +72,16 @@ from tests.world.daemons import (  # noqa: E402
     NO_ZERO_COPY,
     Containerd,
     Dockerd,
+    Podman,
     RegistryProcess,
     WorldUnavailable,
     make_temp_dir,
     remove_tree,
+    unix_http,
 )
 from tests.world.images import MiB, build_image  # noqa: E402
+
+Daemon = Dockerd | Podman
 
 IMAGE_NAME = "k3rd-bench-export"
 """Tag in dockerd; the node pulls docker.io/library/k3rd-bench-export:TAG (mirror request, ns=docker.io)."""
@@ -87,12 +100,15 @@ METRICS: dict[str, str] = {
     "ctr_cold": "ctr content fetch, cold",
     "ctr_warm": "ctr content fetch, warm",
 }
-# On the containerd image store the pulls above are zero-copy; these take the export path instead.
+# Where the pulls above are served in place: the export path instead, and a cold pull verified ahead.
 EXPORT_METRICS: dict[str, str] = {
     "export_cold": "pull, cold, export path",
     "export_warm": "pull, warm, export path",
+    "ahead_cold": "pull, cold, verified ahead",
 }
-ZERO_COPY_TARGET = 1.2
+AHEAD_TIMEOUT = 900.0
+VERIFIED_AHEAD = "ahead of its first pull"
+IN_PLACE_TARGET = 1.2
 GROUPS = ("docker_save", "client", "ctr")
 
 _EXPORTED = re.compile(r"exported \S+ in ([0-9.]+)s: (\w+) layout, (\d+) new blobs, ([0-9.]+ \w+) written")
@@ -113,7 +129,7 @@ class _UnixConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
-def docker_save(daemon: Dockerd, ref: str, sink: IO[bytes] | None = None) -> tuple[float, int]:
+def docker_save(daemon: Daemon, ref: str, sink: IO[bytes] | None = None) -> tuple[float, int]:
     """Seconds and bytes of ``GET /images/{ref}/get`` read to the end (what `docker save` streams),
     written to `sink` if given."""
     conn = _UnixConnection(daemon.socket, timeout=SAVE_TIMEOUT)
@@ -166,6 +182,7 @@ class RegistryRun:
     requests: int = 0
     non_2xx: list[str] = field(default_factory=list)
     trouble: list[str] = field(default_factory=list)
+    cache_blob_bytes: int = 0
 
 
 def log_size(registry: RegistryProcess) -> int:
@@ -190,9 +207,15 @@ def scan_log(run: RegistryRun, text: str, phase: str) -> None:
             run.trouble.append(f"{phase}: {line.strip()}")
 
 
+def cache_blob_bytes(registry: RegistryProcess) -> int:
+    """Bytes of the blobs in the registry's cache dir: what it copied out of the daemon."""
+    blobs = registry.cache_dir / "blobs"
+    return sum(path.stat().st_size for path in blobs.rglob("*") if path.is_file()) if blobs.exists() else 0
+
+
 @contextlib.contextmanager
 def fresh_registry(
-    daemon: Dockerd, role: str, extra_args: tuple[str, ...] = ()
+    daemon: Daemon, role: str, extra_args: tuple[str, ...] = ()
 ) -> Iterator[tuple[RegistryProcess, RegistryRun]]:
     """A registry with a new, empty cache dir; stopped and removed (cache included) afterwards."""
     registry = RegistryProcess(daemon.host, log_level="info", extra_args=extra_args)
@@ -226,7 +249,7 @@ class Round:
     registries: list[RegistryRun] = field(default_factory=list)
 
 
-def run_save(daemon: Dockerd, image: Image, rnd: Round) -> None:
+def run_save(daemon: Daemon, image: Image, rnd: Round) -> None:
     seconds, size = docker_save(daemon, image.ref)
     if size != image.save_bytes:
         raise RuntimeError(f"docker save streamed {size} bytes, earlier {image.save_bytes}")
@@ -248,7 +271,7 @@ def check_pulled(image: Image, pulled: oci_client.Pulled, what: str) -> None:
         )
 
 
-def run_client(daemon: Dockerd, image: Image, rnd: Round, *, export_path: bool = False) -> None:
+def run_client(daemon: Daemon, image: Image, rnd: Round, *, export_path: bool = False) -> None:
     """Cold and warm pulls with the raw client; `export_path`: with zero-copy off (metrics export_*)."""
     role, args = ("export", NO_ZERO_COPY) if export_path else ("client", ())
     with fresh_registry(daemon, role, args) as (registry, run):
@@ -264,10 +287,43 @@ def run_client(daemon: Dockerd, image: Image, rnd: Round, *, export_path: bool =
             rnd.seconds[f"{role}_{phase}"] = seconds
             scan_log(run, read_log(registry.log_path, mark), phase)
         run.peak_rss_mib = status_mib(pid, "VmHWM")
+        run.cache_blob_bytes = cache_blob_bytes(registry)
         rnd.registries.append(run)
 
 
-def run_ctr(daemon: Dockerd, node: Containerd, image: Image, rnd: Round) -> None:
+def run_ahead(daemon: Daemon, image: Image, rnd: Round) -> None:
+    """A fresh registry sees the image tagged, verifies it ahead, then serves its first (cold) pull."""
+    extra = f"{image.tag}-ahead-{rnd.number}"
+    name = image.ref.rpartition(":")[0]
+    with fresh_registry(daemon, "ahead") as (registry, run):
+        pid = registry_pid(registry)
+        mark = log_size(registry)
+        engine(daemon, "POST", f"/images/{image.ref}/tag?repo={urllib.parse.quote(name)}&tag={extra}")
+        began = time.monotonic()
+        while VERIFIED_AHEAD not in read_log(registry.log_path, mark):
+            if time.monotonic() - began > AHEAD_TIMEOUT:
+                raise RuntimeError(f"{registry} did not verify {image.ref} ahead within {AHEAD_TIMEOUT:.0f}s")
+            time.sleep(0.2)
+        mark = log_size(registry)
+        seconds, pulled = timed(
+            lambda: oci_client.pull(registry.url, image.repository, image.tag, ns="docker.io")
+        )
+        check_pulled(image, pulled, "cold pull verified ahead")
+        rnd.seconds["ahead_cold"] = seconds
+        scan_log(run, read_log(registry.log_path, mark), "cold")
+        run.peak_rss_mib = status_mib(pid, "VmHWM")
+        run.cache_blob_bytes = cache_blob_bytes(registry)
+        rnd.registries.append(run)
+    engine(daemon, "DELETE", f"/images/{name}:{extra}?noprune=1")
+
+
+def engine(daemon: Daemon, method: str, path: str) -> None:
+    status, body = unix_http(daemon.socket, method, path, timeout=60)
+    if status >= 300:
+        raise RuntimeError(f"{method} {path} on {daemon.name}: {status} {body[:300]!r}")
+
+
+def run_ctr(daemon: Daemon, node: Containerd, image: Image, rnd: Round) -> None:
     with fresh_registry(daemon, "ctr") as (registry, run):
         pid = registry_pid(registry)
         node.set_mirror(registry.addr)
@@ -281,6 +337,7 @@ def run_ctr(daemon: Dockerd, node: Containerd, image: Image, rnd: Round) -> None
             rnd.seconds[f"ctr_{phase}"] = seconds
             scan_log(run, read_log(registry.log_path, mark), phase)
         run.peak_rss_mib = status_mib(pid, "VmHWM")
+        run.cache_blob_bytes = cache_blob_bytes(registry)
         rnd.registries.append(run)
         node.clean()
         node.clear_mirrors()
@@ -289,14 +346,18 @@ def run_ctr(daemon: Dockerd, node: Containerd, image: Image, rnd: Round) -> None
 # --------------------------------------------------------------------------- setup
 
 
-def prepare_image(daemon: Dockerd, size_mib: int) -> Image:
-    tag = f"{size_mib}m"
-    ref = f"{IMAGE_NAME}:{tag}"
-    log(f"building {ref}: {DATA_LAYERS} data layers, {size_mib} MiB, + busybox")
-    built = build_image(daemon, ref, layers=DATA_LAYERS, size=size_mib * MiB, seed=SEED)
+def prepare_image(daemon: Daemon, size_mib: int, small_files: int) -> Image:
+    tag = f"{size_mib}m" + (f"-{small_files}f" if small_files else "")
+    # Podman keeps the name as given; Docker's short name is docker.io/library's as well.
+    ref = f"docker.io/library/{IMAGE_NAME}:{tag}" if isinstance(daemon, Podman) else f"{IMAGE_NAME}:{tag}"
+    extra = f", a layer of {small_files} small files" if small_files else ""
+    log(f"building {ref}: {DATA_LAYERS} data layers, {size_mib} MiB, + busybox{extra}")
+    built = build_image(
+        daemon, ref, layers=DATA_LAYERS, size=size_mib * MiB, seed=SEED, small_files=small_files
+    )
     image = Image(
         ref=ref,
-        node_ref=f"docker.io/library/{ref}",
+        node_ref=f"docker.io/library/{IMAGE_NAME}:{tag}",
         repository=f"library/{IMAGE_NAME}",
         tag=tag,
         layers=built.layer_count,
@@ -314,7 +375,7 @@ def prepare_image(daemon: Dockerd, size_mib: int) -> Image:
     return image
 
 
-def environment(daemon: Dockerd, node: Containerd) -> dict[str, Any]:
+def environment(daemon: Daemon, node: Containerd) -> dict[str, Any]:
     return {**machine(daemon), "node_containerd": node.version}
 
 
@@ -336,18 +397,25 @@ def paired(rounds: list[Round], key: str, base: str = "docker_save") -> dict[str
 
 
 def report(
-    args: argparse.Namespace, env: dict[str, Any], image: Image, rounds: list[Round], zero_copy: bool
+    args: argparse.Namespace, env: dict[str, Any], image: Image, rounds: list[Round], in_place: bool
 ) -> tuple[dict[str, Any], list[str]]:
-    metrics = {**METRICS, **(EXPORT_METRICS if zero_copy else {})}
+    metrics = {**METRICS, **(EXPORT_METRICS if in_place else {})}
     stats = summary(rounds, metrics)
-    keys = ["client_cold", "client_warm", "ctr_cold", "ctr_warm", *(["export_cold"] if zero_copy else [])]
+    keys = ["client_cold", "client_warm", "ctr_cold", "ctr_warm", *(["export_cold"] if in_place else [])]
     ratios = {key: paired(rounds, key) for key in keys}
     to_warm = {
         "client_cold": paired(rounds, "client_cold", "client_warm"),
         "ctr_cold": paired(rounds, "ctr_cold", "ctr_warm"),
-        **({"export_cold": paired(rounds, "export_cold", "client_warm")} if zero_copy else {}),
+        **(
+            {
+                "export_cold": paired(rounds, "export_cold", "client_warm"),
+                "ahead_cold": paired(rounds, "ahead_cold", "client_warm"),
+            }
+            if in_place
+            else {}
+        ),
     }
-    cold_exports = {"export": 1, "client": 0 if zero_copy else 1, "ctr": 0 if zero_copy else 1}
+    cold_exports = {"export": 1, "ahead": 0, "client": 0 if in_place else 1, "ctr": 0 if in_place else 1}
     to_file = {key: paired(rounds, key, "docker_save_file") for key in ("client_cold", "ctr_cold")}
     warm_mib_s = [image.blob_bytes / MiB / r.seconds["client_warm"] for r in rounds]
     save_mib_s = [image.save_bytes / MiB / r.seconds["docker_save"] for r in rounds]
@@ -401,25 +469,31 @@ def report(
         ratio_row("warm pull / docker save", "client_warm"),
         file_row("cold pull / docker save -o FILE", "client_cold"),
         file_row("ctr cold / docker save -o FILE", "ctr_cold"),
-        *([ratio_row("export-path cold / docker save", "export_cold")] if zero_copy else []),
+        *([ratio_row("export-path cold / docker save", "export_cold")] if in_place else []),
         "",
         f"{'cold / warm (per round, paired)':<34}{'median':>9}{'best':>9}",
         row(
             "cold pull / warm pull",
             to_warm["client_cold"]["median"],
             to_warm["client_cold"]["best"],
-            note=f"   target <= {ZERO_COPY_TARGET} (zero-copy)" if zero_copy else "",
+            note=f"   target <= {IN_PLACE_TARGET} (in place)" if in_place else "",
         ),
         row("ctr cold / ctr warm", to_warm["ctr_cold"]["median"], to_warm["ctr_cold"]["best"]),
         *(
             [
                 row(
+                    "cold, verified ahead / warm pull",
+                    to_warm["ahead_cold"]["median"],
+                    to_warm["ahead_cold"]["best"],
+                    note=f"   target <= {IN_PLACE_TARGET}",
+                ),
+                row(
                     "export-path cold / warm pull",
                     to_warm["export_cold"]["median"],
                     to_warm["export_cold"]["best"],
-                )
+                ),
             ]
-            if zero_copy
+            if in_place
             else []
         ),
         "",
@@ -430,12 +504,16 @@ def report(
         f"registry peak RSS (VmHWM, cold + warm): {peak_rss:.1f} MiB, max of {len(runs)} registry runs"
         f"   target <= {RSS_TARGET_MIB:.0f} at 1 GiB",
     ]
-    for role in ("client", "ctr", *(["export"] if zero_copy else [])):
+    for role in ("client", "ctr", *(["export", "ahead"] if in_place else [])):
         mine = [run for run in runs if run.role == role]
         lines.append(
             f"  {role:<7} peak {', '.join(f'{run.peak_rss_mib:.1f}' for run in mine)}"
             f"   idle after start {', '.join(f'{run.idle_rss_mib:.1f}' for run in mine)}"
         )
+    lines.append(
+        "cache dir blob bytes after cold + warm: "
+        + ", ".join(f"{run.role} {run.cache_blob_bytes / MiB:.1f} MiB" for run in runs if run.role != "probe")
+    )
     lines.append(
         "exports per registry (cold/warm): "
         + ", ".join(f"{run.role} {run.exports_cold}/{run.exports_warm}" for run in runs)
@@ -456,14 +534,14 @@ def report(
         "ratios_to_docker_save": ratios,
         "ratios_to_docker_save_file": to_file,
         "ratios_cold_to_warm": to_warm,
-        "zero_copy": zero_copy,
+        "in_place": in_place,
         "warm_pull_mib_s": {"median": statistics.median(warm_mib_s), "best": max(warm_mib_s)},
         "docker_save_mib_s": {"median": statistics.median(save_mib_s), "best": max(save_mib_s)},
         "peak_rss_mib": peak_rss,
         "targets": {
             "cold_over_save": COLD_TARGET,
             "peak_rss_mib_at_1GiB": RSS_TARGET_MIB,
-            "zero_copy_cold_over_warm": ZERO_COPY_TARGET,
+            "in_place_cold_over_warm": IN_PLACE_TARGET,
         },
         "oddities": odd,
         "rounds": [asdict(r) for r in rounds],
@@ -478,29 +556,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--size-mb", type=int, default=240, help="image data size in MiB (default 240)")
     parser.add_argument("--repeat", type=int, default=3, help="rounds of all measurements (default 3)")
-    add_world_arguments(parser)
+    parser.add_argument(
+        "--small-files", type=int, default=0, help="add a layer of this many small files (default none)"
+    )
+    add_world_arguments(parser, podman=True)
     args = parser.parse_args(argv)
-    if args.size_mb < 1 or args.repeat < 1:
-        parser.error("--size-mb and --repeat must be >= 1")
+    if args.size_mb < 1 or args.repeat < 1 or args.small_files < 0:
+        parser.error("--size-mb and --repeat must be >= 1, --small-files >= 0")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     begin()
-    daemon: Dockerd | None = None
+    daemon: Daemon | None = None
     node: Containerd | None = None
     try:
-        Dockerd.check_available(args.variant)
+        release = {"podman": "4", "podman5": "5"}.get(args.variant)
+        if release:
+            Podman.check_available(release)
+        else:
+            Dockerd.check_available(args.variant)
         Containerd.check_available()
-        log(f"starting dockerd ({args.variant}) and the containerd node")
-        daemon = Dockerd(args.variant).start()
+        log(f"starting {args.variant} and the containerd node")
+        daemon = Podman(release=release).start() if release else Dockerd(args.variant).start()
         node = Containerd().start()
-        image = prepare_image(daemon, args.size_mb)
+        image = prepare_image(daemon, args.size_mb, args.small_files)
         env = environment(daemon, node)
         rounds: list[Round] = []
-        groups = (*GROUPS, "export") if daemon.zero_copy else GROUPS
-        metrics = {**METRICS, **(EXPORT_METRICS if daemon.zero_copy else {})}
+        # Podman's storage (overlay, set by the world) is read in place like Docker's classic store.
+        in_place = isinstance(daemon, Podman) or daemon.zero_copy
+        groups = (*GROUPS, "export", "ahead") if in_place else GROUPS
+        metrics = {**METRICS, **(EXPORT_METRICS if in_place else {})}
         for number in range(1, args.repeat + 1):
             shift = (number - 1) % len(groups)
             rnd = Round(number, [*groups[shift:], *groups[:shift]])
@@ -509,6 +596,8 @@ def main(argv: list[str] | None = None) -> int:
                     run_save(daemon, image, rnd)
                 elif group in ("client", "export"):
                     run_client(daemon, image, rnd, export_path=group == "export")
+                elif group == "ahead":
+                    run_ahead(daemon, image, rnd)
                 else:
                     run_ctr(daemon, node, image, rnd)
             rounds.append(rnd)
@@ -519,7 +608,7 @@ def main(argv: list[str] | None = None) -> int:
                 + "/".join(f"{run.peak_rss_mib:.0f}" for run in rnd.registries)
                 + " MiB"
             )
-        data, lines = report(args, env, image, rounds, daemon.zero_copy)
+        data, lines = report(args, env, image, rounds, in_place)
         write_results(args.results_dir, "export_pull", data, lines)
         return 0
     except WorldUnavailable as exc:

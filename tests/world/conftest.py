@@ -158,10 +158,44 @@ def docker20() -> Iterator[Dockerd]:
     yield from _dockerd("docker20")
 
 
+def _podman(release: str) -> Iterator[Podman]:
+    yield from _service(
+        f"podman{release}",
+        lambda: Podman.check_available(release),
+        lambda: Podman(release=release),
+        lambda p: f"podman ({p.version})",
+    )
+
+
 @pytest.fixture(scope="session")
-def podman() -> Iterator[Podman]:
-    """Podman 4.3's Docker-compatible API service (legacy save format), private store and socket."""
-    yield from _service("podman", Podman.check_available, Podman, lambda p: f"podman ({p.version})")
+def podman4() -> Iterator[Podman]:
+    """Bookworm's Podman 4.3."""
+    yield from _podman("4")
+
+
+@pytest.fixture(scope="session")
+def podman5() -> Iterator[Podman]:
+    """Trixie's Podman 5.4 (what Podman users run), from its debootstrapped root."""
+    yield from _podman("5")
+
+
+@pytest.fixture(scope="session")
+def podman5_rootless() -> Iterator[Podman]:
+    """Podman 5 run as an unprivileged user (ROOTLESS_UID), its store that user's."""
+    yield from _service(
+        "podman5-rootless",
+        lambda: Podman.check_available("5"),
+        lambda: Podman(release="5", rootless=True),
+        lambda p: f"rootless podman ({p.version})",
+    )
+
+
+@pytest.fixture(scope="session", params=["podman4", "podman5"])
+def podman(request: pytest.FixtureRequest) -> Podman:
+    """Podman's Docker-compatible API service (legacy save format), rootful, private store and socket: each
+    test on 4.3 and 5.4."""
+    daemon: Podman = request.getfixturevalue(request.param)
+    return daemon
 
 
 @pytest.fixture(scope="session")
@@ -290,10 +324,11 @@ def registry_under_test() -> Iterator[RegistryFactory]:
         start: bool = True,
         timeout: float = 30.0,
         ca_file: Path | None = None,
+        user: int | None = None,
     ) -> RegistryProcess:
         host = daemon.host if isinstance(daemon, Dockerd) else daemon
         proc = RegistryProcess(
-            host, cache_dir=cache_dir, port=port, extra_args=extra_args, env=env, ca_file=ca_file
+            host, cache_dir=cache_dir, port=port, extra_args=extra_args, env=env, ca_file=ca_file, user=user
         )
         made.append(proc)
         return proc.start(timeout=timeout) if start else proc

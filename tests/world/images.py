@@ -86,11 +86,12 @@ class BuiltImage:
     """Seed of each generated data layer, bottom to top."""
     layer_sizes: tuple[int, ...]
     busybox: bool
+    small_files: int = 0
 
     @property
     def layer_count(self) -> int:
-        """Layers in the image: the data layers plus busybox's."""
-        return len(self.layer_seeds) + (1 if self.busybox else 0)
+        """Layers in the image: the data layers plus busybox's and the small files'."""
+        return len(self.layer_seeds) + (1 if self.busybox else 0) + (1 if self.small_files else 0)
 
     @property
     def data_bytes(self) -> int:
@@ -101,8 +102,20 @@ class BuiltImage:
         return [f"/data/layer-{i:03d}.bin" for i in range(len(self.layer_seeds))]
 
 
+def _write_small_files(directory: Path, seed: str, count: int) -> None:
+    """`count` files of 256 B to 4 KiB, 1,000 to a directory, seeded: a layer that costs per file."""
+    rng = random.Random(seed)
+    for i in range(count):
+        path = directory / f"d{i // 1000:03d}" / f"f{i:06d}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(rng.randbytes(rng.randint(256, 4096)))
+        os.utime(path, (FIXED_MTIME, FIXED_MTIME))
+    for sub in directory.iterdir():
+        os.utime(sub, (FIXED_MTIME, FIXED_MTIME))
+
+
 def build_image(
-    daemon: Dockerd,
+    daemon: Dockerd | Podman,
     ref: str,
     *,
     layers: int = 2,
@@ -112,12 +125,14 @@ def build_image(
     busybox: bool = True,
     labels: Mapping[str, str] | None = None,
     layer_seeds: Sequence[str] | None = None,
+    small_files: int = 0,
 ) -> BuiltImage:
-    """``DOCKER_BUILDKIT=0 docker build`` a FROM scratch image tagged ``ref``.
+    """A FROM scratch image tagged ``ref``, built by the daemon's own builder (Docker's legacy one).
 
     ``layers`` data layers share ``size`` bytes (one generated file each, seeded by ``seed`` and the
     layer number), on top of a busybox layer (``/bin/busybox``, so containers can run). ``top_seed``
     changes only the topmost layer (a typical dev-loop rebuild); equal inputs give equal layers.
+    ``small_files`` adds one layer of that many small files under /files.
     """
     if layers < 1:
         raise ValueError("layers must be >= 1")
@@ -135,15 +150,18 @@ def build_image(
         for i, (layer_seed, layer_size) in enumerate(zip(seeds, sizes, strict=True)):
             _write_seeded_file(context / f"layer-{i:03d}.bin", layer_seed, layer_size)
             lines.append(f"COPY layer-{i:03d}.bin /data/layer-{i:03d}.bin")
+        if small_files:
+            _write_small_files(context / "files", f"{seed}/files", small_files)
+            lines.append("COPY files /files")
         all_labels = {"org.k3rd.seeds": ",".join(seeds), **(labels or {})}
         lines += [f"LABEL {k}={json.dumps(v)}" for k, v in all_labels.items()]
         if busybox:
             lines.append('CMD ["/bin/busybox", "sh"]')
         (context / "Dockerfile").write_text("\n".join(lines) + "\n")
-        daemon.docker("build", "-q", "-t", ref, str(context), env={"DOCKER_BUILDKIT": "0"}, timeout=900)
+        daemon.build(ref, context)
     finally:
         remove_tree(context)
-    return BuiltImage(ref, daemon.image_id(ref), seeds, sizes, busybox)
+    return BuiltImage(ref, daemon.image_id(ref), seeds, sizes, busybox, small_files)
 
 
 def rebuild_image(

@@ -175,7 +175,7 @@ def _printed_mounts(daemon: Dockerd | Podman) -> list[str]:
     return [volume for volume in volumes if not volume.startswith("k3d-registry-dockerd-cache:")]
 
 
-@pytest.mark.parametrize("store", ["docker26", "docker28_containerd", "podman"])
+@pytest.mark.parametrize("store", ["docker26", "docker28_containerd", "podman5"])
 def test_image_with_the_printed_mounts_serves_in_place(
     store: str, node: Containerd, registry_image: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
@@ -190,7 +190,8 @@ def test_image_with_the_printed_mounts_serves_in_place(
         build_image(daemon, "printed-mounts:1", layers=2, size=2 * MiB, seed=f"printed-{store}")
         reference = "docker.io/library/printed-mounts:1"
     mounts = _printed_mounts(daemon)
-    assert all(mount.endswith(":ro") for mount in mounts[1:]), mounts
+    # Sockets are connected to, not written; every mount of files is read-only.
+    assert all(mount.endswith(":ro") for mount in mounts if ".sock:" not in mount), mounts
     since = time.time()
     with registry_container(docker26, registry_image, None, mounts) as (name, addr):
         node.set_mirror(addr)
@@ -200,7 +201,7 @@ def test_image_with_the_printed_mounts_serves_in_place(
         served = {
             "docker26": "serving Docker's classic store in place: ",
             "docker28_containerd": "zero-copy from containerd is on",
-            "podman": "serving Podman's storage in place: ",
+            "podman5": "serving Podman's storage in place: ",
         }[store]
         assert served in logs, logs
         assert "exporting" not in logs

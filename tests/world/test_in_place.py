@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import shutil
 import tarfile
 import threading
 import time
@@ -21,8 +22,19 @@ import pytest
 from k3d_registry_dockerd.sources.classic import chain_ids
 
 from . import oci_client
-from .daemons import NO_ZERO_COPY, Containerd, Dockerd, Podman, RegistryFactory, make_temp_dir, remove_tree
-from .images import MiB, build_image, build_with_podman, host_platform
+from .daemons import (
+    NO_ZERO_COPY,
+    ROOTLESS_UID,
+    Containerd,
+    Dockerd,
+    Podman,
+    RegistryFactory,
+    make_temp_dir,
+    remove_tree,
+    require_binary,
+    run,
+)
+from .images import BUSYBOX, MiB, build_image, build_with_podman, host_platform
 from .test_mirror import ctr_ok, exports, node_digest, served_blobs
 
 CLASSIC = ["docker20", "docker26", "docker28"]
@@ -218,13 +230,31 @@ def test_ten_concurrent_cold_pulls_of_one_image_cost_nothing_extra(
 
 
 def _layer_dir_file(docker: Dockerd, ref: str, layer: int, name: str) -> Path:
-    """A file of one of the image's layers in Docker's diff directories, found through its layer record."""
+    """A file (``name`` under the image's root) of one of its layers in Docker's diff directories, found
+    through its layer record."""
     chain = list(chain_ids(docker.layers(ref)))[layer]
     record = docker.data_root / "image" / "overlay2" / "layerdb" / "sha256" / chain.removeprefix("sha256:")
     cache_id = (record / "cache-id").read_text().strip()
-    path = docker.data_root / "overlay2" / cache_id / "diff" / "data" / name
+    path = docker.data_root / "overlay2" / cache_id / "diff" / name
     assert path.is_file(), path
     return path
+
+
+def test_a_sparse_file_is_served_as_the_zeros_its_layer_holds(
+    docker26: Dockerd, registry_under_test: RegistryFactory
+) -> None:
+    # Docker writes every byte of a layer's files; a data root copied with `cp --sparse=always` or
+    # `rsync -S` keeps runs of zeros as holes, which read as zeros.
+    diff_ids = load_awkward_image(docker26, "sparse:1")
+    for layer in (0, -1):
+        zeros = _layer_dir_file(docker26, "sparse:1", layer, "data/zeros.bin")
+        run([require_binary("fallocate"), "--dig-holes", str(zeros)])
+        assert zeros.stat().st_blocks * 512 < zeros.stat().st_size // 2, "no hole dug"
+    since = time.time()
+    registry = registry_under_test(docker26)
+    pulled = oci_client.pull(registry.url, "library/sparse", "1", ns="docker.io")
+    assert [layer["digest"] for layer in pulled.manifest["layers"]] == diff_ids
+    assert docker26.image_saves(since) == [] and cache_blobs(registry.cache_dir) == []
 
 
 @pytest.fixture
@@ -242,7 +272,7 @@ def test_a_file_changed_on_disk_cuts_the_answer_and_the_next_pull_is_exported(
     name = ref.partition(":")[0]
     registry = registry_under_test(docker)
     layer = docker.layers(ref)[-1]
-    path = _layer_dir_file(docker, ref, -1, "layer-001.bin")
+    path = _layer_dir_file(docker, ref, -1, "data/layer-001.bin")
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
@@ -270,7 +300,7 @@ def test_files_that_cannot_be_read_here_take_the_export_path_with_the_reason_log
     docker, ref = victim
     name = ref.partition(":")[0]
     # As root every mode is readable: a file turned into a symlink cannot be read beneath its layer.
-    path = _layer_dir_file(docker, ref, 0, "layer-000.bin")
+    path = _layer_dir_file(docker, ref, 0, "data/layer-000.bin")
     moved = path.with_name("moved.bin")
     path.rename(moved)
     path.symlink_to(moved)
@@ -322,4 +352,35 @@ def test_podman_s_storage_is_served_in_place_and_short_names_find_localhost_imag
     exported = registry_under_test(podman.host, extra_args=NO_ZERO_COPY)
     again = oci_client.pull(exported.url, "pm-inplace", "1", ns="localhost")
     assert again.digest == pulled.digest == node_digest(node, "localhost/pm-inplace:1")
+    assert podman.image_saves(since) != []
+
+
+def test_rootless_podman_s_storage_is_served_in_place_to_its_user(
+    podman5_rootless: Podman, node: Containerd, registry_under_test: RegistryFactory, tmp_path: Path
+) -> None:
+    podman = podman5_rootless
+    build_with_podman(podman, "localhost/rl-open:1", tmp_path / "open", seed="rl-open", size=4 * MiB)
+    # A file of another owner than the image's root lies on disk under a subordinate ID of the user; kept
+    # private (0600), its user cannot read it outside Podman's user namespace.
+    closed = tmp_path / "closed"
+    closed.mkdir()
+    shutil.copy(BUSYBOX, closed / "busybox")
+    (closed / "secret").write_bytes(b"only uid 1234 reads this\n")
+    (closed / "Dockerfile").write_text(
+        "FROM scratch\nCOPY busybox /bin/busybox\nCOPY --chown=1234:1234 --chmod=0600 secret /secret\n"
+    )
+    podman.build("localhost/rl-closed:1", closed)
+    since = time.time()
+    # The registry runs as the user rootless Podman runs as, as its user would start it.
+    registry = registry_under_test(podman.host, user=ROOTLESS_UID)
+    assert "serving Podman's storage in place" in registry.log_text()
+    node.set_mirror(registry.addr)
+    ctr_ok(node, "localhost/rl-open:1")
+    pulled = oci_client.pull(registry.url, "rl-open", "1", ns="localhost")
+    assert {layer["digest"] for layer in pulled.manifest["layers"]} <= served_blobs(registry)
+    assert podman.image_saves(since) == [] and cache_blobs(registry.cache_dir) == []
+
+    ctr_ok(node, "localhost/rl-closed:1")
+    assert "not served in place, exported from the daemon instead" in registry.log_text()
+    assert "Permission denied" in registry.log_text()
     assert podman.image_saves(since) != []

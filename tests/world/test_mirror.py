@@ -578,7 +578,7 @@ def test_podman_compatible_api(
     # localhost/… names the registry "localhost", so containerd asks the mirror with ns=localhost; there
     # is no registry on localhost:443 to fall back to, so a pull that works came through the mirror.
     ctr_ok(node, "localhost/pm-app:1")
-    assert "Podman Engine 4" in registry.log_text()
+    assert f"Podman Engine {podman.release}" in registry.log_text()
     assert "legacy layout" in registry.log_text()
     pulled = oci_client.pull(registry.url, "pm-app", "1", ns="localhost")
     assert {layer["digest"] for layer in pulled.manifest["layers"]} <= served_blobs(registry)

@@ -277,6 +277,10 @@ class Dockerd(Service, EngineEvents):
             raise RuntimeError(f"GET {path} on {self.name}: {status} {body[:500]!r}")
         return json.loads(body)
 
+    def build(self, ref: str, context: Path, timeout: float = 900) -> None:
+        """The legacy builder's `docker build` of a context, tagged `ref` (no BuildKit: deterministic)."""
+        self.docker("build", "-q", "-t", ref, str(context), env={"DOCKER_BUILDKIT": "0"}, timeout=timeout)
+
     def image_id(self, ref: str) -> str:
         """ID (sha256:…) of a local image; raises if absent."""
         return str(self.docker("image", "inspect", "--format", "{{.Id}}", ref).stdout.strip())

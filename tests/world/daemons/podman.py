@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shlex
+import signal
 import subprocess
 from pathlib import Path
 from typing import Self
 
 from .process import (
     BOOKWORM_USR,
+    PODMAN5_ROOT,
+    ROOTLESS_UID,
     RUNC_PATH,
     EngineEvents,
     Service,
@@ -24,51 +29,115 @@ from .process import (
 class Podman(Service, EngineEvents):
     """``podman system service``: Podman's Docker-compatible Engine API on a private socket and store.
 
-    Its image save is the legacy ``docker save`` format (top-level ``<digest>.tar`` layers, with the old
-    ``<id>/layer.tar`` paths as symlinks to them).
+    Release "4" is bookworm's Podman 4.3, run from the unpacked packages. Release "5" is trixie's Podman 5,
+    which needs a newer glibc: it runs chrooted into a debootstrapped trixie root, in a mount namespace of
+    its own (private propagation: nothing it mounts reaches the machine) where /tmp is the machine's, so its
+    socket, store and the tests' build contexts have the same paths on both sides; its CLI enters that
+    namespace and root. Its image save is the legacy ``docker save`` format (top-level ``<digest>.tar``
+    layers, with the old ``<id>/layer.tar`` paths as symlinks to them).
+
+    ``rootless`` (release 5 only) runs it as ROOTLESS_UID, the user install-test-world gives the trixie
+    root with subordinate IDs: its store is that user's, files of other owners in an image belong to
+    subordinate IDs on disk. The namespace's root is entered with pivot_root, as the kernel lets no
+    chrooted process make the user namespace rootless Podman lives in.
     """
 
-    binary = str(BOOKWORM_USR / "bin" / "podman")
+    name = "podman"
+    # Set in storage.conf below; its storage is read in place.
+    driver = "overlay"
 
-    def __init__(self, root: Path | None = None) -> None:
-        self.root = root or make_temp_dir("podman")
+    def __init__(self, root: Path | None = None, *, release: str = "4", rootless: bool = False) -> None:
+        if rootless and release != "5":
+            raise ValueError("rootless Podman runs from Podman 5's root only")
+        self.release = release
+        self.rootless = rootless
+        self.root = root or make_temp_dir(f"podman{release}{'-rootless' if rootless else ''}")
+        if rootless:
+            os.chown(self.root, ROOTLESS_UID, ROOTLESS_UID)
         self.socket = self.root / "podman.sock"
         self.host = f"unix://{self.socket}"
         self.storage_conf = self.root / "storage.conf"
         self.containers_conf = self.root / "containers.conf"
         self.log_path = self.root / "podman.log"
         self.version = ""
+        self.api_version = ""
 
-    @classmethod
-    def check_available(cls) -> None:
-        require_binary(cls.binary)
+    @staticmethod
+    def check_available(release: str = "4") -> None:
+        if release == "5":
+            for tool in ("unshare", "nsenter", "chroot", "pivot_root"):
+                require_binary(tool)
+            require_binary(PODMAN5_ROOT / "usr" / "bin" / "podman")
+            require_binary(PODMAN5_ROOT / "usr" / "bin" / "newuidmap")
+        else:
+            require_binary(BOOKWORM_USR / "bin" / "podman")
 
     def _env(self) -> dict[str, str]:
-        """Private store and engine config; the unpacked binaries find their one extra library."""
-        libraries = BOOKWORM_USR / "lib" / "x86_64-linux-gnu"
-        return {
+        """Private store and engine config; bookworm's unpacked binaries find their one extra library."""
+        env = {
             **os.environ,
             "CONTAINERS_STORAGE_CONF": str(self.storage_conf),
             "CONTAINERS_CONF": str(self.containers_conf),
+        }
+        if self.release == "5":
+            env.pop("LD_LIBRARY_PATH", None)
+            env.update(PATH="/usr/sbin:/usr/bin:/sbin:/bin", PODMAN_IGNORE_CGROUPSV1_WARNING="1")
+            if self.rootless:
+                env.update(HOME=str(self.root), XDG_RUNTIME_DIR=str(self.root / "run"), USER="k3rd")
+            return env
+        libraries = BOOKWORM_USR / "lib" / "x86_64-linux-gnu"
+        return {
+            **env,
             "LD_LIBRARY_PATH": search_path(libraries, variable="LD_LIBRARY_PATH"),
             "PATH": search_path(*RUNC_PATH),
         }
 
     def _global_args(self) -> list[str]:
-        return [self.binary, "--root", str(self.root / "store"), "--runroot", str(self.root / "run")]
+        binary = "/usr/bin/podman" if self.release == "5" else str(BOOKWORM_USR / "bin" / "podman")
+        return [binary, "--root", str(self.root / "store"), "--runroot", str(self.root / "run")]
+
+    def _engine_conf(self) -> str:
+        if self.release == "5":
+            # Its own conmon and crun, inside its root; no systemd there to ask.
+            return '[engine]\ncgroup_manager = "cgroupfs"\nevents_logger = "file"\n'
+        return (
+            f'[engine]\nconmon_path = ["{BOOKWORM_USR / "bin" / "conmon"}"]\nruntime = "runc"\n'
+            f'[engine.runtimes]\nrunc = ["{BOOKWORM_USR / "sbin" / "runc"}"]\n'
+        )
+
+    def _service_argv(self) -> list[str]:
+        service = [*self._global_args(), "system", "service", "--time=0", self.host]
+        if self.release != "5":
+            return service
+        system = shlex.quote(str(PODMAN5_ROOT))
+        # The root is made a mount point first: containers/storage makes "/" private when it unpacks.
+        script = (
+            f"set -e; mount --bind {system} {system}; mount -t proc proc {system}/proc; "
+            f"mount --rbind /dev {system}/dev; mount -t tmpfs shm {system}/dev/shm; "
+            f"mount --rbind /sys {system}/sys; mount --rbind /tmp {system}/tmp; "
+        )
+        if self.rootless:
+            user = f"--reuid={ROOTLESS_UID} --regid={ROOTLESS_UID} --clear-groups"
+            script += (
+                f"cd {system}; pivot_root . .; umount -l .; cd /; mount --make-rshared /; "
+                f"exec setpriv {user} {shlex.join(service)}"
+            )
+        else:
+            script += f"exec chroot {system} {shlex.join(service)}"
+        return [require_binary("unshare"), "--mount", "--propagation", "private", "sh", "-c", script]
 
     def start(self, timeout: float = 30.0) -> Self:
         if self.running:
             return self
-        self.check_available()
+        self.check_available(self.release)
+        if self.rootless:
+            (self.root / "run").mkdir(mode=0o700, exist_ok=True)
+            os.chown(self.root / "run", ROOTLESS_UID, ROOTLESS_UID)
         self.storage_conf.write_text(
             f'[storage]\ndriver = "overlay"\nrunroot = "{self.root / "run"}"\n'
             f'graphroot = "{self.root / "store"}"\n'
         )
-        self.containers_conf.write_text(
-            f'[engine]\nconmon_path = ["{BOOKWORM_USR / "bin" / "conmon"}"]\nruntime = "runc"\n'
-            f'[engine.runtimes]\nrunc = ["{BOOKWORM_USR / "sbin" / "runc"}"]\n'
-        )
+        self.containers_conf.write_text(self._engine_conf())
 
         def ready() -> bool:
             try:
@@ -76,19 +145,47 @@ class Podman(Service, EngineEvents):
             except OSError:
                 return False
             if status == 200:
-                self.version = json.loads(body).get("Version", "")
+                version = json.loads(body)
+                self.version, self.api_version = version.get("Version", ""), version.get("ApiVersion", "")
             return status == 200
 
         self._launch(
-            [*self._global_args(), "system", "service", "--time=0", self.host],
+            self._service_argv(),
             env=self._env(),
-            name="podman",
+            name=f"podman{self.release}",
             ready=ready,
             timeout=timeout,
-            what="podman system service",
+            what=f"podman {self.release} system service",
         )
         return self
 
+    def stop(self) -> None:
+        """The service, and rootless Podman's pause process (it holds the user namespace, outliving it)."""
+        super().stop()
+        pause = self.root / "run" / "libpod" / "tmp" / "pause.pid"
+        if self.rootless and pause.exists():
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pause.read_text()), signal.SIGKILL)
+            pause.unlink()
+
     def podman(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-        """The podman CLI on this service's store."""
-        return run([*self._global_args(), *args], env=self._env(), timeout=timeout)
+        """The podman CLI on this service's store (Podman 5's in the service's namespace and root; rootless
+        Podman's as a client of its service)."""
+        argv = [*self._global_args(), *args]
+        if self.rootless:
+            argv = ["/usr/bin/podman", "--url", self.host, *args]
+        if self.release == "5":
+            if self.pid is None:
+                raise RuntimeError("podman 5 runs its CLI in its service's namespace: start it first")
+            argv = [require_binary("nsenter"), f"--target={self.pid}", "--mount", "--root", "--wd=/", *argv]
+        return run(argv, env=self._env(), timeout=timeout)
+
+    def build(self, ref: str, context: Path, timeout: float = 900) -> None:
+        """`podman build` of a context's Dockerfile, tagged `ref`."""
+        self.podman(
+            "build", "-q", "-f", str(context / "Dockerfile"), "-t", ref, str(context), timeout=timeout
+        )
+
+    def image_id(self, ref: str) -> str:
+        """ID (sha256:…) of a local image, as Docker would write it; raises if absent."""
+        return "sha256:" + self.podman("image", "inspect", "--format", "{{.Id}}", ref).stdout.strip()

@@ -36,6 +36,10 @@ DOCKER26_USR = WORLD_DIR / "docker26" / "usr"
 """Debian trixie's Docker 26.1 and containerd 1.7."""
 DOCKER28_USR = WORLD_DIR / "docker28" / "usr"
 """Debian sid's Docker 28.5 (API 1.51) and containerd 2.1."""
+PODMAN5_ROOT = WORLD_DIR / "podman5"
+"""A debootstrapped Debian trixie root with Podman 5 (which needs glibc 2.38), entered with chroot."""
+ROOTLESS_UID = 1000
+"""The user (and group) rootless Podman runs as: k3rd in PODMAN5_ROOT's /etc, with subordinate IDs there."""
 RUNC_PATH = (BOOKWORM_USR / "sbin", BOOKWORM_USR / "bin")
 """Last on every daemon's PATH: bookworm's runc (newer suites' runc needs a newer glibc), tini, shims."""
 DOCKER_CLI = DOCKER26_USR / "bin" / "docker"
@@ -244,12 +248,15 @@ class ManagedProcess:
         env: Mapping[str, str] | None = None,
         cwd: Path | None = None,
         name: str | None = None,
+        user: int | None = None,
     ) -> None:
         self.argv = [str(a) for a in argv]
         self.log_path = log_path
         self.env = dict(env) if env is not None else dict(os.environ)
         self.cwd = cwd
         self.name = name or Path(self.argv[0]).name
+        # Run as this user and its same-numbered group, with no other groups; root's otherwise.
+        self.user = user
         self.popen: subprocess.Popen[bytes] | None = None
 
     @property
@@ -281,6 +288,9 @@ class ManagedProcess:
                 env=self.env,
                 cwd=self.cwd,
                 start_new_session=True,
+                user=self.user,
+                group=self.user,
+                extra_groups=None if self.user is None else [],
             )
         with self._lock:
             self._live.add(self)
@@ -424,11 +434,15 @@ class Service:
         timeout: float,
         what: str,
         cwd: Path | None = None,
+        user: int | None = None,
     ) -> None:
-        """Spawns the main process and waits until `ready()`; if the process exits first, that fails with
-        its log. On failure the service is stopped (`_failed_start`) and the error raised."""
+        """Spawns the main process (as `user`, if given) and waits until `ready()`; if the process exits
+        first, that fails with its log. On failure the service is stopped (`_failed_start`) and the error
+        raised."""
         began = time.monotonic()
-        proc = self._proc = ManagedProcess(argv, log_path=self.log_path, env=env, cwd=cwd, name=name)
+        proc = self._proc = ManagedProcess(
+            argv, log_path=self.log_path, env=env, cwd=cwd, name=name, user=user
+        )
         proc.start()
 
         def serving() -> bool:

@@ -2,15 +2,33 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import shutil
 import ssl
 import sys
+import sysconfig
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import ClassVar, Protocol, Self
 
 from .dockerd import Dockerd
-from .process import REPO_ROOT, Service, free_port, http_status, make_temp_dir, tail_of
+from .process import REPO_ROOT, Service, free_port, http_status, make_temp_dir, require_binary, tail_of
+
+# Debian's own: the interpreter running the tests may lie under /root, where no other user reaches.
+USER_PYTHON = Path("/usr/bin/python3.11")
+
+
+@functools.cache
+def _code_for_users() -> Path:
+    """The registry's code and its dependencies, copied once where any user can read them."""
+    copy = make_temp_dir("user-code")
+    copy.chmod(0o755)
+    shutil.copytree(REPO_ROOT / "src", copy / "src")
+    skip = shutil.ignore_patterns("ruff*", "grpc_tools*", "hypothesis*", "pip", "setuptools", "_pytest")
+    shutil.copytree(sysconfig.get_paths()["purelib"], copy / "site-packages", ignore=skip)
+    return copy
+
 
 # For tests of the export path itself (faults mid-export, the cache on disk): on the containerd image
 # store the registry would otherwise serve from containerd's content store and never export.
@@ -36,9 +54,14 @@ class RegistryProcess(Service):
         env: Mapping[str, str] | None = None,
         log_level: str = "debug",
         ca_file: Path | None = None,
+        user: int | None = None,
     ) -> None:
         self.docker_host = docker_host
         self.root = make_temp_dir("reg")
+        # As a user, the registry reads only what that user may (rootless Podman's storage, say).
+        self.user = user
+        if user is not None:
+            os.chown(self.root, user, user)
         self.cache_dir = cache_dir or self.root / "cache"
         self.port = port or free_port()
         self.addr = f"127.0.0.1:{self.port}"
@@ -51,8 +74,9 @@ class RegistryProcess(Service):
         self.log_level = log_level
 
     def argv(self) -> list[str]:
+        python = sys.executable if self.user is None else str(require_binary(USER_PYTHON))
         return [
-            sys.executable, "-m", "k3d_registry_dockerd",
+            python, "-m", "k3d_registry_dockerd",
             "--addr", self.addr,
             "--cache-dir", str(self.cache_dir),
             "--log-level", self.log_level,
@@ -60,9 +84,14 @@ class RegistryProcess(Service):
         ]  # fmt: skip
 
     def environment(self) -> dict[str, str]:
-        """DOCKER_HOST of the daemon under test; src/ first on PYTHONPATH so no install is needed."""
+        """DOCKER_HOST of the daemon under test; src/ first on PYTHONPATH so no install is needed (as a
+        user: copies of src/ and of the dependencies)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("DOCKER_")}
-        pythonpath = [str(REPO_ROOT / "src"), *filter(None, [env.get("PYTHONPATH")])]
+        if self.user is None:
+            pythonpath = [str(REPO_ROOT / "src"), *filter(None, [env.get("PYTHONPATH")])]
+        else:
+            code = _code_for_users()
+            pythonpath = [str(code / "src"), str(code / "site-packages")]
         env.update(DOCKER_HOST=self.docker_host, PYTHONPATH=os.pathsep.join(pythonpath), PYTHONUNBUFFERED="1")
         env.update(self.extra_env)
         return env
@@ -72,6 +101,8 @@ class RegistryProcess(Service):
         if self.running:
             return self
         self.cache_dir.mkdir(parents=True, exist_ok=True)
+        if self.user is not None:
+            os.chown(self.cache_dir, self.user, self.user)
         try:
             self._launch(
                 self.argv(),
@@ -81,6 +112,7 @@ class RegistryProcess(Service):
                 timeout=timeout,
                 what=f"our registry on {self.addr}",
                 cwd=self.root,
+                user=self.user,
             )
         except (TimeoutError, RuntimeError) as exc:
             raise RuntimeError(
@@ -117,4 +149,5 @@ class RegistryFactory(Protocol):
         start: bool = True,
         timeout: float = 30.0,
         ca_file: Path | None = None,
+        user: int | None = None,
     ) -> RegistryProcess: ...
