@@ -22,6 +22,7 @@ import pytest
 from k3d_registry_dockerd.sources.classic import chain_ids
 
 from . import oci_client
+from .cri import CriNode
 from .daemons import (
     NO_ZERO_COPY,
     ROOTLESS_UID,
@@ -35,7 +36,7 @@ from .daemons import (
     run,
 )
 from .images import BUSYBOX, MiB, build_image, build_with_podman, host_platform
-from .test_mirror import ctr_ok, exports, node_digest, served_blobs
+from .test_mirror import ctr_ok, exports, node_digest, node_name, served_blobs
 
 CLASSIC = ["docker20", "docker26", "docker28"]
 # A file capability (cap_net_raw, effective) as `setcap` stores it: security.capability, VFS revision 2.
@@ -384,3 +385,33 @@ def test_rootless_podman_s_storage_is_served_in_place_to_its_user(
     assert "not served in place, exported from the daemon instead" in registry.log_text()
     assert "Permission denied" in registry.log_text()
     assert podman.image_saves(since) != []
+
+
+@pytest.mark.parametrize("store", ["docker20", "podman4", "podman5"])
+def test_kubelet_pulls_in_place_with_no_save(
+    store: str,
+    cri_node: CriNode,
+    registry_under_test: RegistryFactory,
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+) -> None:
+    """kubelet's path (CRI PullImage) on the stores test_cri.py does not run: Docker 20.10's classic store and
+    Podman's storage, served in place."""
+    daemon: Dockerd | Podman = request.getfixturevalue(store)
+    name = f"cri-in-place-{store}-{node_name(cri_node)}"
+    if isinstance(daemon, Podman):
+        build_with_podman(daemon, f"localhost/{name}:1", tmp_path / "context", seed=name, size=3 * MiB)
+        ref, repository, ns = f"localhost/{name}:1", name, "localhost"
+    else:
+        build_image(daemon, f"{name}:1", layers=2, size=3 * MiB, seed=name)
+        ref, repository, ns = f"docker.io/library/{name}:1", f"library/{name}", "docker.io"
+    since = time.time()
+    registry = registry_under_test(daemon.host)
+    cri_node.set_mirror(registry.addr)
+    image_ref = cri_node.pull_image(ref)
+    pulled = oci_client.pull(registry.url, repository, "1", ns=ns)
+    assert image_ref == next(iter(pulled.blobs))
+    # Nowhere else to get it from: every blob reached the node from the registry, none out of an export.
+    assert set(pulled.blobs) <= served_blobs(registry)
+    assert daemon.image_saves(since) == [] and exports(registry) == 0
+    assert cache_blobs(registry.cache_dir) == []
