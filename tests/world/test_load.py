@@ -30,7 +30,15 @@ from .images import BUSYBOX, FIXED_MTIME, sha256_digest
 
 OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
 OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
-DAEMONS = ["docker26", "docker26_containerd", "docker28", "docker28_containerd", "docker20", "podman"]
+DAEMONS = [
+    "docker26",
+    "docker26_containerd",
+    "docker28",
+    "docker28_containerd",
+    "docker20",
+    "podman4",
+    "podman5",
+]
 # A platform other than the daemon's, by the daemon's architecture.
 FOREIGN = {"amd64": Platform("linux", "arm64"), "arm64": Platform("linux", "amd64")}
 
