@@ -112,6 +112,22 @@ class StoreImages:
     def _read(self, image_id: str, info: DaemonInfo) -> StoreImage:
         raise NotImplementedError
 
+    def _read_config(self, path: Path, image_id: str) -> tuple[bytes, os.stat_result, list[str]]:
+        """The image's config (it must hash to the image ID), its file's stat and its layers' diff IDs."""
+        try:
+            with open(path, "rb") as handle:
+                stat = os.fstat(handle.fileno())
+                config = handle.read()
+        except OSError as exc:
+            raise tarsplit.LayerUnservable(f"its config cannot be read ({exc.strerror})") from exc
+        if f"sha256:{hashlib.sha256(config).hexdigest()}" != image_id:
+            self.metrics.digest_mismatches.inc()
+            raise ImageMismatch(f"its config {path} does not hash to the image ID")
+        try:
+            return config, stat, [str(d) for d in json.loads(config)["rootfs"]["diff_ids"]]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise tarsplit.LayerUnservable(f"its config has no rootfs.diff_ids: {exc}") from exc
+
     async def _image(self, repo: Repository | None, image_id: str, info: DaemonInfo) -> StoreImage | None:
         """The image as read from the store (once), now served under `repo` too."""
         found = self._images.get(image_id)
@@ -257,19 +273,7 @@ class ClassicContent(StoreImages):
     def _read(self, image_id: str, info: DaemonInfo) -> StoreImage:
         hex_id = Digest.parse(image_id).hex
         config_path = self._image_dir / "imagedb" / "content" / "sha256" / hex_id
-        try:
-            with open(config_path, "rb") as handle:
-                stat = os.fstat(handle.fileno())
-                config = handle.read()
-        except OSError as exc:
-            raise tarsplit.LayerUnservable(f"its config cannot be read ({exc.strerror})") from exc
-        if f"sha256:{hashlib.sha256(config).hexdigest()}" != image_id:
-            self.metrics.digest_mismatches.inc()
-            raise ImageMismatch(f"its config {config_path} does not hash to the image ID")
-        try:
-            diff_ids = [str(d) for d in json.loads(config)["rootfs"]["diff_ids"]]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise tarsplit.LayerUnservable(f"its config has no rootfs.diff_ids: {exc}") from exc
+        config, stat, diff_ids = self._read_config(config_path, image_id)
         layers = [
             self._layer_of(chain, diff_id)
             for chain, diff_id in zip(chain_ids(diff_ids), diff_ids, strict=True)

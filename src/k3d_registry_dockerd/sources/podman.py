@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from ..common.metrics import Metrics
 from ..docker.engine import DaemonInfo
 from ..oci.reference import Digest
 from . import tarsplit
-from .classic import ImageMismatch, StoreImage, StoreImages, StoreLayer, identity, manifest_for
+from .classic import StoreImage, StoreImages, StoreLayer, identity, manifest_for
 
 # Where each driver keeps a layer's files: layer ID -> path under the graph root.
 LAYER_DIRS = {"overlay": ("overlay", "{}", "diff"), "vfs": ("vfs", "dir", "{}")}
@@ -60,19 +59,7 @@ class PodmanContent(StoreImages):
         if image is None or not image.get("layer"):
             raise tarsplit.LayerUnservable(f"Podman's storage lists no image {hex_id} with layers")
         config_path = images / hex_id / big_data_name(image_id)
-        try:
-            with open(config_path, "rb") as handle:
-                stat = os.fstat(handle.fileno())
-                config = handle.read()
-        except OSError as exc:
-            raise tarsplit.LayerUnservable(f"its config cannot be read ({exc.strerror})") from exc
-        if f"sha256:{hashlib.sha256(config).hexdigest()}" != image_id:
-            self.metrics.digest_mismatches.inc()
-            raise ImageMismatch(f"its config {config_path} does not hash to the image ID")
-        try:
-            diff_ids = [str(d) for d in json.loads(config)["rootfs"]["diff_ids"]]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise tarsplit.LayerUnservable(f"its config has no rootfs.diff_ids: {exc}") from exc
+        config, stat, diff_ids = self._read_config(config_path, image_id)
         layers = self._layers(str(image["layer"]))
         if [layer.diff_id for layer in layers] != diff_ids:
             raise tarsplit.LayerUnservable("its layers' digests are not those its config lists")
