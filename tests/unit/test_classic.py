@@ -171,3 +171,16 @@ async def until(condition: Callable[[], bool]) -> None:
     async with asyncio.timeout(10):
         while not condition():
             await asyncio.sleep(0.01)
+
+
+async def test_a_config_that_does_not_hash_to_the_image_id_sends_the_image_to_the_export_path(
+    client: TestClient, docker: ClassicDocker, registry: Registry, caplog: pytest.LogCaptureFixture
+) -> None:
+    image_id = docker.images[REF].id
+    config = docker.root / "image" / "overlay2" / "imagedb" / "content" / "sha256" / image_id.split(":")[1]
+    config.write_bytes(config.read_bytes() + b" ")
+    with caplog.at_level(logging.INFO, logger="k3d_registry_dockerd.sources"):
+        assert (await client.get(PATH)).status == 200
+    assert docker.saves == [REF]
+    assert "does not hash to the image ID" in caplog.text
+    assert registry.metrics.registry.get_sample_value("k3d_registry_digest_mismatches_total") == 1
