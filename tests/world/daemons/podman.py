@@ -171,9 +171,8 @@ class Podman(Service, EngineEvents):
     def podman(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
         """The podman CLI on this service's store (Podman 5's in the service's namespace and root; rootless
         Podman's as a client of its service)."""
-        argv = [*self._global_args(), *args]
-        if self.rootless:
-            argv = ["/usr/bin/podman", "--url", self.host, *args]
+        client = ["/usr/bin/podman", "--url", self.host] if self.rootless else self._global_args()
+        argv = [*client, *args]
         if self.release == "5":
             if self.pid is None:
                 raise RuntimeError("podman 5 runs its CLI in its service's namespace: start it first")
