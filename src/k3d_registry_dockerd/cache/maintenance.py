@@ -10,7 +10,6 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..oci.reference import Digest
 from .store import RepositoryRecord, Store, TagEntry
 
 CHUNK = 1 << 20
@@ -62,7 +61,8 @@ def _closure(record: RepositoryRecord, digest: str) -> set[str]:
 
 
 def images(store: Store) -> list[CachedImage]:
-    """Tagged images in the cache, most recently used first; size counts the blobs present."""
+    """Tagged images in the cache, most recently used first; size counts the blobs present (from the
+    store's bookkeeping: no file is looked at)."""
     found = []
     for record in store.records():
         by_digest: dict[str, list[str]] = {}
@@ -74,7 +74,7 @@ def images(store: Store) -> list[CachedImage]:
             last_used[entry.digest] = max(last_used.get(entry.digest, 0.0), used)
         for digest, tags in by_digest.items():
             contents = frozenset(_closure(record, digest))
-            size = sum(store.blob_size(d) or 0 for d in contents)
+            size = sum(store.known_size(d) or 0 for d in contents)
             found.append(
                 CachedImage(
                     record.name,
@@ -90,16 +90,11 @@ def images(store: Store) -> list[CachedImage]:
 
 
 def cache_bytes(store: Store) -> int:
-    return sum(path.stat().st_size for path in store.blobs_dir.glob("*/*"))
+    return store.total_bytes
 
 
 def referenced(store: Store) -> set[str]:
-    referenced: set[str] = set()
-    for record in store.records():
-        referenced |= set(record.manifests) | set(record.blobs)
-        for entry in record.manifests.values():
-            referenced |= set(entry.references)
-    return referenced
+    return set().union(*(record.digests() for record in store.records()))
 
 
 def with_tags(record: RepositoryRecord, tags: dict[str, TagEntry]) -> RepositoryRecord:
@@ -117,34 +112,35 @@ def with_tags(record: RepositoryRecord, tags: dict[str, TagEntry]) -> Repository
 def replace_record(store: Store, record: RepositoryRecord, keep: set[str]) -> int:
     """Saves a trimmed `record` and removes the blobs the old one had that nothing (nor `keep`) needs now;
     returns the bytes freed."""
-    old = store.record(record.name)
-    candidates: set[str] = set()
-    if old is not None:
-        candidates = set(old.blobs)
-        for digest in old.manifests:
-            candidates |= _closure(old, digest)
-    store.save_record(record)
-    return remove_blobs(store, candidates - referenced(store) - keep)
+    return remove_blobs(store, store.save_record(record) - keep)
 
 
 def remove_blobs(store: Store, digests: set[str]) -> int:
     """Deletes these blobs from the cache; returns the bytes freed."""
-    freed = 0
-    for digest in digests:
-        size = store.blob_size(digest)
-        if size is not None:
-            store.blob_path(Digest.parse(digest)).unlink(missing_ok=True)
-            freed += size
-    return freed
+    return sum(store.remove_blob(digest) for digest in digests)
 
 
-def _drop_image(store: Store, image: CachedImage, keep: set[str]) -> int:
-    """Removes an image's tags and manifests, and the blobs no other cached image (nor `keep`) needs."""
+def eviction_order(store: Store, protected: set[tuple[str, str]]) -> list[CachedImage]:
+    """The images eviction may drop, least recently used first: none pushed, none of whose (repository,
+    digest) pairs is in `protected` (what clients are fetching now)."""
+    return [
+        image
+        for image in reversed(images(store))
+        if not image.pushed and not any((image.repository, d) in protected for d in image.contents)
+    ]
+
+
+def drop_image(store: Store, image: CachedImage, *, durable: bool = True) -> set[str] | None:
+    """Removes an image's tags and manifests from its record; the digests no record references any more
+    (see `Store.save_record`). None when the image was used or retagged since `image` was listed."""
     record = store.record(image.repository)
     if record is None:
-        return 0
+        return None
+    tags = {t: e for t, e in record.tags.items() if e.digest == image.digest}
+    if not tags or max(e.last_used or e.exported_at for e in tags.values()) > image.last_used:
+        return None
     remaining = {t: e for t, e in record.tags.items() if e.digest != image.digest}
-    return replace_record(store, with_tags(record, remaining), keep)
+    return store.save_record(with_tags(record, remaining), durable=durable)
 
 
 def evict(
@@ -153,17 +149,24 @@ def evict(
     """Drops least recently used images until the cache fits `limit` bytes.
 
     An image is kept whatever its age while any of its (repository, digest) pairs is in `protected` (what
-    clients are fetching now), and so are `keep_blobs` (what exports still running rely on).
+    clients are fetching now), and so are `keep_blobs` (what exports still running rely on). The records
+    are made durable once for the whole batch, before any blob goes.
     """
-    total = cache_bytes(store)
-    dropped = []
-    for image in reversed(images(store)):
+    keep = keep_blobs or set()
+    total = store.total_bytes
+    dropped, unused = [], set()
+    for image in eviction_order(store, protected) if total > limit else []:
         if total <= limit:
             break
-        if image.pushed or any((image.repository, d) in protected for d in image.contents):
+        freed = drop_image(store, image, durable=False)
+        if freed is None:
             continue
-        total -= _drop_image(store, image, keep_blobs or set())
+        total -= sum(store.known_size(d) or 0 for d in freed - keep - unused)
+        unused |= freed
         dropped.append(image)
+    if dropped:
+        store.sync_records()
+    remove_blobs(store, {d for d in unused - keep if not store.references(d)})
     return Eviction(dropped, total)
 
 
@@ -177,7 +180,7 @@ def verify(store: Store) -> tuple[int, list[Path]]:
                 hasher.update(chunk)
         checked += 1
         if hasher.hexdigest() != path.name:
-            path.unlink()
+            store.remove_blob(f"sha256:{path.name}")
             corrupt.append(path)
     return checked, corrupt
 
@@ -206,11 +209,9 @@ def prune(
         manifests += len(record.manifests) - len(pruned.manifests)
         if pruned != record:
             store.save_record(pruned)
-    kept = referenced(store)
     blobs = freed = 0
-    for path in store.blobs_dir.glob("*/*"):
-        if f"sha256:{path.name}" not in kept:
-            freed += path.stat().st_size
-            path.unlink()
+    for path in list(store.blobs_dir.glob("*/*")):
+        if not store.references(f"sha256:{path.name}"):
+            freed += store.remove_blob(f"sha256:{path.name}")
             blobs += 1
     return PruneResult(tags, manifests, blobs, freed, kept_pushed)

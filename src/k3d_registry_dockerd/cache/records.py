@@ -3,6 +3,10 @@
 What must not be removed whatever the records say is known here too: the blobs a running export relies on
 (`claim`ed before its record references them) and the images clients fetched from in the last IN_USE_GRACE
 seconds (a pull in progress needs all its layers).
+
+Every change costs what it touches: the store keeps the cache's size and each digest's references as they
+change, so an export below the limit costs no look at the rest of the cache, and an eviction holds the
+record lock (which a request recording a tag's last use needs too) for one record write at a time.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ class Records:
         self.in_use_grace = in_use_grace
         self._metrics = metrics
         self._lock = asyncio.Lock()
+        # One eviction at a time: the next one finds the cache under the limit already.
+        self._evicting = asyncio.Lock()
         # Blobs running exports rely on, one set per export (by identity: two may be equal).
         self._claims: dict[int, set[str]] = {}
         # When a client last fetched (Docker name, digest), while a limit is set.
@@ -79,7 +85,10 @@ class Records:
         """Removes the blobs of an open claim that no record references and no other claim holds (what a
         finished export stored but nothing serves); the bytes freed."""
         async with self._lock:
-            unused = claimed - maintenance.referenced(self.store) - self._claimed(besides=claimed)
+            others = self._claimed(besides=claimed)
+            unused = {d for d in claimed if not self.store.references(d) and d not in others}
+            if not unused:
+                return 0
             return await asyncio.to_thread(maintenance.remove_blobs, self.store, unused)
 
     async def enforce_limit(self, name: str, digest: str) -> None:
@@ -92,9 +101,10 @@ class Records:
         now = time.monotonic()
         self._fetched[(name, digest)] = now
         self._fetched = {key: at for key, at in self._fetched.items() if now - at < self.in_use_grace}
-        fetched = set(self._fetched)
-        async with self._lock:
-            eviction = await asyncio.to_thread(maintenance.evict, self.store, limit, fetched, self._claimed())
+        if self.store.total_bytes <= limit:
+            return
+        async with self._evicting:
+            eviction = await self._evict(limit, set(self._fetched))
         if eviction.remaining > limit:
             log.info(
                 "cache at %s stays over the %s limit: the rest is in use (fetched in the last %s, or an "
@@ -113,3 +123,29 @@ class Records:
                 ",".join(image.tags),
                 units.size(limit),
             )
+
+    async def _evict(self, limit: int, protected: set[tuple[str, str]]) -> maintenance.Eviction:
+        """`maintenance.evict`, one image's record write at a time under the record lock; the records are
+        made durable once, before any blob goes."""
+        total = self.store.total_bytes
+        if total <= limit:
+            return maintenance.Eviction([], total)
+        order = await asyncio.to_thread(maintenance.eviction_order, self.store, protected)
+        dropped, unused = [], set()
+        for image in order:
+            if total <= limit:
+                break
+            async with self._lock:
+                freed = await asyncio.to_thread(maintenance.drop_image, self.store, image, durable=False)
+                claimed = self._claimed()
+            if freed is None:
+                continue
+            total -= sum(self.store.known_size(d) or 0 for d in freed - claimed - unused)
+            unused |= freed
+            dropped.append(image)
+        if dropped:
+            await asyncio.to_thread(self.store.sync_records)
+        async with self._lock:
+            gone = {d for d in unused - self._claimed() if not self.store.references(d)}
+            await asyncio.to_thread(maintenance.remove_blobs, self.store, gone)
+        return maintenance.Eviction(dropped, self.store.total_bytes)

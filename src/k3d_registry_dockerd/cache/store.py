@@ -3,6 +3,10 @@
 Crash safety comes from one rule: a file reaches its final name only by ``rename`` after its bytes were
 hashed and fsynced, so at any kill point a blob either does not exist or matches its digest, and a
 record is either the old or the new version. Temp files of a crashed run are removed at the next start.
+
+The bookkeeping the size limit and the status page need (each blob's size, the cache's total, how many
+records reference each digest) is read from disk once at `open` and kept up to date as blobs and records
+are written and removed, so no question about the whole cache costs a walk of it.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
+from collections import Counter
 from collections.abc import Iterable
 from concurrent.futures import Executor, Future
 from dataclasses import asdict, dataclass, field
@@ -73,6 +79,16 @@ class RepositoryRecord:
     # Docker tags this registry made by loading a push: tag -> the image ID it loaded. Only these may be
     # moved by a later push's load, and untagged when their push is deleted.
     loaded: dict[str, str] = field(default_factory=dict)
+
+    def digests(self) -> set[str]:
+        """Every digest the record keeps in the cache: its manifests, what they reference, pushed blobs."""
+        found = set(self.manifests) | set(self.blobs)
+        for entry in self.manifests.values():
+            found.update(entry.references)
+        return found
+
+    def empty(self) -> bool:
+        return not (self.tags or self.manifests or self.blobs or self.loaded)
 
     def serves_blob(self, digest: str) -> bool:
         return (
@@ -157,6 +173,7 @@ class BlobWriter:
                 raise DigestMismatch(f"content hashes to {digest}, expected {expected}")
             final = self._store.blob_path(Digest(digest[7:]))
             if final.exists():
+                self._store.added(digest, self.size)
                 return digest
             self._file.flush()
             self._settle_flushes()
@@ -165,6 +182,7 @@ class BlobWriter:
             final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(self._path, final)
             _fsync_dir(final.parent)
+            self._store.added(digest, self.size)
             return digest
         finally:
             self.abort()
@@ -194,6 +212,16 @@ class Store:
         # Blob paths as strings: built for every request, where a pathlib join costs more than the stat.
         self._blobs = str(self.blobs_dir)
         self._records: dict[str, RepositoryRecord] = {}
+        # Sizes of the blobs on disk and their total; blobs are committed from worker threads.
+        self._sizes: dict[str, int] = {}
+        self._bytes = 0
+        self._sizes_lock = threading.Lock()
+        # How many records reference each digest, and what each record referenced when it was saved
+        # (callers may have changed a record object in place since).
+        self._references: Counter[str] = Counter()
+        self._digests: dict[str, frozenset[str]] = {}
+        # Counts record changes, so a view of the records can tell whether it is still current.
+        self.generation = 0
 
     def open(self) -> None:
         """Creates the layout, drops temp files a crash left behind, and loads the records."""
@@ -214,7 +242,62 @@ class Store:
                 log.warning("ignoring unreadable record %s: %s", path, exc)
                 continue
             self._records[record.name] = record
-        log.info("cache %s: %d repositories", self.root, len(self._records))
+            self._digests[record.name] = frozenset(record.digests())
+            self._references.update(self._digests[record.name])
+        self._load_sizes()
+        log.info(
+            "cache %s: %d repositories, %d blobs, %d bytes",
+            self.root,
+            len(self._records),
+            len(self._sizes),
+            self._bytes,
+        )
+
+    def _load_sizes(self) -> None:
+        sizes = {}
+        for prefix in os.scandir(self.blobs_dir):
+            if not prefix.is_dir(follow_symlinks=False):
+                continue
+            for entry in os.scandir(prefix.path):
+                with contextlib.suppress(FileNotFoundError):
+                    if entry.is_file(follow_symlinks=False):
+                        sizes[f"sha256:{entry.name}"] = entry.stat(follow_symlinks=False).st_size
+        with self._sizes_lock:
+            self._sizes = sizes
+            self._bytes = sum(sizes.values())
+
+    def added(self, digest: str, size: int) -> None:
+        """A blob reached its final name (committed, or found there already)."""
+        with self._sizes_lock:
+            if digest not in self._sizes:
+                self._sizes[digest] = size
+                self._bytes += size
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of the blobs in the cache."""
+        return self._bytes
+
+    @property
+    def blob_count(self) -> int:
+        return len(self._sizes)
+
+    def known_size(self, digest: str) -> int | None:
+        """A blob's size as kept since `open` (no file system call), None when it is not in the cache."""
+        return self._sizes.get(digest)
+
+    def references(self, digest: str) -> int:
+        """How many records reference the digest."""
+        return self._references.get(digest, 0)
+
+    def remove_blob(self, digest: str) -> int:
+        """Deletes a blob from the cache (blocking); the bytes freed."""
+        with contextlib.suppress(FileNotFoundError):
+            self.blob_path(Digest.parse(digest)).unlink()
+        with self._sizes_lock:
+            size = self._sizes.pop(digest, 0)
+            self._bytes -= size
+        return size
 
     def _file(self, digest: str) -> str:
         hex_digest = Digest.parse(digest).hex
@@ -275,12 +358,39 @@ class Store:
     def record(self, name: str) -> RepositoryRecord | None:
         return self._records.get(name)
 
-    def save_record(self, record: RepositoryRecord) -> None:
-        """Replaces the record on disk atomically (blocking: call it off the event loop)."""
-        self._replace(
-            self.records_dir / f"{hashlib.sha256(record.name.encode()).hexdigest()}.json", record.to_json()
-        )
-        self._records[record.name] = record
+    def save_record(self, record: RepositoryRecord, *, durable: bool = True) -> set[str]:
+        """Replaces the record on disk atomically (blocking: call it off the event loop); an empty one is
+        removed. Without `durable`, the rename may be lost in a crash until `sync_records` (one fsync of
+        the directory for a batch of records). Returns the digests the record no longer references that
+        no other record does either (their blobs are for the caller to remove, once nothing else relies on
+        them)."""
+        path = self.records_dir / f"{hashlib.sha256(record.name.encode()).hexdigest()}.json"
+        if record.empty():
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            if durable:
+                self.sync_records()
+        else:
+            self._replace(path, record.to_json(), durable=durable)
+        self._records.pop(record.name, None)
+        before = self._digests.pop(record.name, frozenset())
+        after = frozenset(record.digests())
+        if not record.empty():
+            self._records[record.name] = record
+            self._digests[record.name] = after
+        self._references.update(after - before)
+        unused = set()
+        for digest in before - after:
+            self._references[digest] -= 1
+            if self._references[digest] <= 0:
+                del self._references[digest]
+                unused.add(digest)
+        self.generation += 1
+        return unused
+
+    def sync_records(self) -> None:
+        """Makes the records saved without `durable` survive a crash."""
+        _fsync_dir(self.records_dir)
 
     def read_state(self, name: str) -> bytes | None:
         """A state file of the cache's top directory (`save_state`), None when there is none."""
@@ -293,7 +403,7 @@ class Store:
         """Replaces a state file of the cache's top directory atomically (blocking)."""
         self._replace(self.root / name, payload)
 
-    def _replace(self, path: Path, payload: bytes) -> None:
+    def _replace(self, path: Path, payload: bytes, *, durable: bool = True) -> None:
         fd, tmp = tempfile.mkstemp(dir=self.tmp_dir, prefix="record-")
         try:
             with os.fdopen(fd, "wb") as handle:
@@ -301,7 +411,8 @@ class Store:
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, path)
-            _fsync_dir(path.parent)
+            if durable:
+                _fsync_dir(path.parent)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
