@@ -10,6 +10,7 @@ import pytest
 from k3d_registry_dockerd.cache.store import Store
 from k3d_registry_dockerd.oci.mediatypes import OCI_CONFIG, OCI_INDEX, OCI_LAYER_TAR, OCI_MANIFEST
 from k3d_registry_dockerd.oci.platform import Platform
+from k3d_registry_dockerd.oci.reference import Digest
 from k3d_registry_dockerd.sources.plans import IncompleteImage, Root, plan_manifests
 from k3d_registry_dockerd.sources.savestream import (
     ExportError,
@@ -562,3 +563,28 @@ def test_an_export_claims_every_blob_it_relies_on(store: Store) -> None:
     again: set[str] = set()
     read_save_stream(io.BytesIO(data), store, again)
     assert again == set(image.blobs())
+
+
+def test_blobs_no_manifest_uses_are_never_written(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Docker >= 25 adds the legacy per-layer metadata of the older format as blobs no manifest names.
+    image = make_image("unused")
+    legacy_json = json.dumps({"id": "0" * 64, "created": "2024-01-01T00:00:00Z"}).encode()
+    data = classic_save(image, blobs={digest_of(legacy_json): legacy_json})
+    written: list[str] = []
+    original = Store.writer
+    monkeypatch.setattr(Store, "writer", lambda self, *a: written.append("temp") or original(self, *a))
+
+    contents = read(data, store)
+
+    assert contents.blobs_written == 4
+    assert len(written) == 4  # no temp file for the unused blob
+    assert set(stored_files(store)) == {store.blob_path(Digest.parse(d)) for d in image.blobs()}
+    assert not store.has_blob(digest_of(legacy_json))
+    assert set(plan(store, contents.roots[0]).manifests) == {image.digest}
+
+
+def test_a_corrupt_blob_no_manifest_uses_still_rejects_the_export(store: Store) -> None:
+    image = make_image("unused-corrupt")
+    data = classic_save(image, blobs={digest_of(b"named after this"): b"but these bytes"})
+    with pytest.raises(ExportError, match="content hashes to"):
+        read(data, store)

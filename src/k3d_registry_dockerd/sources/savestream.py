@@ -5,12 +5,17 @@ generates; containerd image store: the original indexes and manifests), and the 
 Docker and Podman (``manifest.json`` + config + layer tars), for which an OCI manifest is built.
 
 `read_save_stream` is blocking and runs in a worker thread; `ThreadedStream` feeds it from the event loop.
+
+Docker >= 25 puts more into a layout's blobs than its manifests use (the legacy per-layer metadata of the
+older format, for one). The tar lists index.json after the blobs, so small blobs are held in memory until
+it is read, and only those the index reaches are stored: nothing is written just to be deleted.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import io
 import json
 import posixpath
@@ -18,7 +23,7 @@ import queue
 import re
 import tarfile
 from collections.abc import Awaitable, Callable
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -29,6 +34,9 @@ from .plans import Root
 
 MAX_METADATA_SIZE = 16 << 20
 CHUNK = 1 << 20
+# Blobs up to this size wait in memory for index.json (up to HELD_TOTAL bytes of them per export).
+HELD_MAX = 64 << 10
+HELD_TOTAL = 16 << 20
 _METADATA_FILES = frozenset({"index.json", "manifest.json", "oci-layout", "repositories"})
 _LAYOUT_BLOB_RE = re.compile(r"blobs/sha256/([a-f0-9]{64})")
 _LEGACY_CONFIG_RE = re.compile(r"([a-f0-9]{64})\.json")
@@ -177,7 +185,10 @@ def read_save_stream(fileobj: IO[bytes], store: Store, claimed: set[str] | None 
     metadata: dict[str, bytes] = {}
     pending: dict[str, tuple[Future[str], int]] = {}
     links: dict[str, str] = {}
-    written = written_bytes = 0
+    # Small layout blobs by digest (tar path, bytes), stored once index.json says they are used.
+    held: dict[str, tuple[str, bytes]] = {}
+    held_bytes = written = written_bytes = 0
+    mismatches: list[str] = []
     with (
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="blob-flush") as flusher,
         ThreadPoolExecutor(max_workers=2, thread_name_prefix="blob-commit") as committer,
@@ -206,6 +217,15 @@ def read_save_stream(fileobj: IO[bytes], store: Store, claimed: set[str] | None 
                         if store.has_blob(expected):
                             pending[path] = (_done(expected), member.size)
                             continue
+                        if member.size <= HELD_MAX and held_bytes + member.size <= HELD_TOTAL:
+                            data = _read_member(tar, member)
+                            got = f"sha256:{hashlib.sha256(data).hexdigest()}"
+                            if got != expected:
+                                mismatches.append(f"{path}: content hashes to {got}, expected {expected}")
+                                continue
+                            held[expected] = (path, data)
+                            held_bytes += member.size
+                            continue
                     elif legacy_config:
                         expected = f"sha256:{legacy_config.group(1)}"
                         claim(expected)
@@ -219,12 +239,21 @@ def read_save_stream(fileobj: IO[bytes], store: Store, claimed: set[str] | None 
                     )
                     written += 1
                     written_bytes += member.size
+            # A manifest too large to be held is read from the store: its commit must be done.
+            wait([future for future, _ in pending.values()])
+            used = _reachable(metadata.get("index.json"), held, store)
+            for digest, (path, data) in held.items():
+                if used is None or digest in used:
+                    pending[path] = (committer.submit(store.put_bytes, data, digest), len(data))
+                    written += 1
+                    written_bytes += len(data)
         except tarfile.TarError as exc:
             raise ExportError(f"malformed or truncated save stream: {exc}") from exc
         finally:
             # Every commit is waited for and claimed, also when the stream broke, so whatever the export
             # stored can be removed again if it is not used.
-            files, mismatches, failure = _settle(pending, claim)
+            files, failed, failure = _settle(pending, claim)
+            mismatches += failed
         if failure is not None:
             raise failure
         if mismatches:
@@ -241,6 +270,42 @@ def read_save_stream(fileobj: IO[bytes], store: Store, claimed: set[str] | None 
     else:
         raise ExportError("save stream has neither index.json nor manifest.json")
     return SaveContents(layout=layout, roots=roots, blobs_written=written, bytes_written=written_bytes)
+
+
+def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    source = tar.extractfile(member)
+    data = source.read() if source else b""
+    if len(data) != member.size:
+        raise ExportError(f"{member.name}: got {len(data)} of {member.size} bytes")
+    return data
+
+
+def _reachable(index: bytes | None, held: dict[str, tuple[str, bytes]], store: Store) -> set[str] | None:
+    """The digests index.json reaches: its manifests and indexes (read from `held` or the store), their
+    children, configs and layers. None when there is no index to go by (keep everything)."""
+    if index is None:
+        return None
+    reached: set[str] = set()
+    try:
+        pending = [entry["digest"] for entry in _load_json(index, "index.json").get("manifests", [])]
+        while pending:
+            digest = pending.pop()
+            if digest in reached:
+                continue
+            reached.add(digest)
+            raw = held[digest][1] if digest in held else store.read_blob(digest)
+            try:
+                manifest = json.loads(raw or b"null")
+            except ValueError:
+                continue  # kept as it is: planning the image says what is wrong with it
+            if not isinstance(manifest, dict):
+                continue
+            pending += [child["digest"] for child in manifest.get("manifests", [])]
+            blobs = [manifest.get("config"), *manifest.get("layers", [])]
+            reached.update(blob["digest"] for blob in blobs if blob)
+    except (ExportError, AttributeError, KeyError, TypeError):
+        return None
+    return reached
 
 
 def _settle(
