@@ -22,7 +22,7 @@ from k3d_registry_dockerd.mirror.prefetch import (
 )
 from k3d_registry_dockerd.oci.reference import parse_repository
 from k3d_registry_dockerd.web.assembly import Registry, assemble
-from k3d_registry_dockerd.web.status import RecentProblems, RecentPulls, snapshot
+from k3d_registry_dockerd.web.status import ImageList, RecentProblems, RecentPulls, snapshot
 
 from .fakes import FakeDocker, local_image
 
@@ -343,13 +343,13 @@ async def test_the_status_page_shows_a_pre_export_running_and_done(
     docker.save_gate = asyncio.Event()
     docker.retag(APP, local_image("app-2", APP))
     await until(lambda: len(docker.saves) == 2, "the pre-export started")
-    problems, pulls = RecentProblems(), RecentPulls()
-    running = await snapshot(registry, problems, pulls)
+    problems, pulls, listing = RecentProblems(), RecentPulls(), ImageList(registry.store)
+    running = await snapshot(registry, problems, pulls, listing)
     assert [(t["kind"], t["ref"]) for t in running["transfers"]] == [("pre-export", APP)]
     assert running["prefetch"]["running"] == APP and running["prefetch"]["following"]
     docker.save_gate.set()
     await until(lambda: prefetcher.running is None, "the pre-export done")
-    done = await snapshot(registry, problems, pulls)
+    done = await snapshot(registry, problems, pulls, listing)
     assert done["transfers"] == []
     assert [(o["ref"], o["outcome"]) for o in done["prefetch"]["recent"]] == [(APP, "exported")]
-    assert (await snapshot(replace(registry, prefetcher=None), problems, pulls))["prefetch"] is None
+    assert (await snapshot(replace(registry, prefetcher=None), problems, pulls, listing))["prefetch"] is None

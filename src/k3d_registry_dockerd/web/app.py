@@ -20,6 +20,7 @@ from .assembly import Registry
 from .auth import Htpasswd
 from .routes import (
     ANSWER_WITHIN,
+    IMAGES,
     PROBLEMS,
     PULLS,
     REGISTRY,
@@ -47,7 +48,7 @@ from .routes import (
     unsupported,
     upload_status,
 )
-from .status import RecentProblems, RecentPulls
+from .status import ImageList, RecentProblems, RecentPulls
 
 log = logging.getLogger(__package__)
 API_VERSION = ("Docker-Distribution-API-Version", "registry/2.0")
@@ -211,6 +212,7 @@ def create_app(
     # The status page shows the registry's recent warnings and errors.
     problems = app[PROBLEMS] = RecentProblems()
     app[PULLS] = RecentPulls()
+    app[IMAGES] = ImageList(registry.store)
     package_logger = logging.getLogger(__name__.partition(".")[0])
     package_logger.addHandler(problems)
     malformed = _MalformedRequests()

@@ -22,11 +22,12 @@ from ..sources.content import BlobStream, ServedManifest
 from . import blobs, status
 from .assembly import Registry
 from .auth import Htpasswd
-from .status import RecentProblems, RecentPulls
+from .status import ImageList, RecentProblems, RecentPulls
 
 REGISTRY: web.AppKey[Registry] = web.AppKey("registry", Registry)
 PROBLEMS: web.AppKey[RecentProblems] = web.AppKey("problems", RecentProblems)
 PULLS: web.AppKey[RecentPulls] = web.AppKey("pulls", RecentPulls)
+IMAGES: web.AppKey[ImageList] = web.AppKey("images", ImageList)
 # What a manifest request was answered with, and the repository a manifest or blob request named, for
 # the recent-pulls list.
 SERVED: web.RequestKey[ServedManifest] = web.RequestKey("served", ServedManifest)
@@ -324,7 +325,12 @@ async def status_page(_request: web.Request) -> web.Response:
 
 async def status_json(request: web.Request) -> web.Response:
     app = request.app
-    return web.json_response(await status.snapshot(app[REGISTRY], app[PROBLEMS], app[PULLS]))
+    try:
+        page = int(request.query.get("page", "1"))
+    except ValueError:
+        raise RegistryError("UNSUPPORTED", "page must be a number", status=400) from None
+    snapshot = await status.snapshot(app[REGISTRY], app[PROBLEMS], app[PULLS], app[IMAGES], page)
+    return web.json_response(snapshot)
 
 
 async def unsupported(request: web.Request) -> web.Response:

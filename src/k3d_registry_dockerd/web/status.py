@@ -12,6 +12,8 @@ from typing import Any
 
 from .. import __version__
 from ..cache import maintenance
+from ..cache.maintenance import CachedImage
+from ..cache.store import Store
 from ..common.metrics import Metrics
 from ..docker.engine import DaemonInfo, DockerClient, DockerUnavailable
 from .assembly import Registry
@@ -19,6 +21,8 @@ from .assembly import Registry
 RECENT_PROBLEMS = 20
 READY_TIMEOUT = 5.0
 RECENT_PULLS = 20
+# Images per page of the status page's list (`status.json?page=N`): its cost stays flat as the cache grows.
+IMAGES_PER_PAGE = 50
 # A pull is a run of requests from one client for one repository: its manifests, then its blobs
 # (containerd fetches three at a time, each layer taking as long as its bytes do).
 _SAME_PULL = 600.0
@@ -82,6 +86,26 @@ class RecentPulls:
         pull.last = now
 
 
+class ImageList:
+    """The cached images, most recently used first, listed again (off the event loop) only after the
+    records changed: a status page polling an idle registry costs no walk of the records."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._generation = -1
+        self._images: list[CachedImage] = []
+        self._pushed = 0
+
+    async def current(self) -> tuple[list[CachedImage], int]:
+        """The images and how many of them were pushed."""
+        generation = self._store.generation
+        if generation != self._generation:
+            self._images = await asyncio.to_thread(maintenance.images, self._store)
+            self._pushed = sum(image.pushed for image in self._images)
+            self._generation = generation
+        return self._images, self._pushed
+
+
 async def docker_state(docker: DockerClient) -> DaemonInfo | str:
     """Docker's daemon facts, or why it cannot be reached (within READY_TIMEOUT seconds)."""
     try:
@@ -131,11 +155,15 @@ def _cache_counts(metrics: Metrics) -> dict[str, float]:
     }
 
 
-async def snapshot(registry: Registry, problems: RecentProblems, pulls: RecentPulls) -> dict[str, Any]:
-    """Everything the page shows, each part from its owner; the cache walk runs off the event loop."""
+async def snapshot(
+    registry: Registry, problems: RecentProblems, pulls: RecentPulls, listing: ImageList, page: int = 1
+) -> dict[str, Any]:
+    """Everything the page shows, each part from its owner; of the images, one page (`page`, from 1)."""
     store = registry.store
-    images = await asyncio.to_thread(maintenance.images, store)
-    total = await asyncio.to_thread(maintenance.cache_bytes, store)
+    images, pushed = await listing.current()
+    pages = max(1, -(-len(images) // IMAGES_PER_PAGE))
+    page = min(max(page, 1), pages)
+    shown = images[(page - 1) * IMAGES_PER_PAGE : page * IMAGES_PER_PAGE]
     counts = _cache_counts(registry.metrics)
     answered = sum(counts.values())
     return {
@@ -144,12 +172,16 @@ async def snapshot(registry: Registry, problems: RecentProblems, pulls: RecentPu
         "docker": await _docker(registry),
         "cache": {
             "dir": str(store.root),
-            "bytes": total,
+            "bytes": store.total_bytes,
+            "blobs": store.blob_count,
             "limit": registry.records.limit,
             # Answered without an export: from the cache, or from containerd's content store as it is.
             "hit_rate": (answered - counts["miss"]) / answered if answered else None,
             "tag_requests": answered,
         },
+        "image_count": len(images),
+        "pushed_count": pushed,
+        "images_page": {"page": page, "pages": pages, "per_page": IMAGES_PER_PAGE},
         "images": [
             {
                 "repository": image.repository,
@@ -159,7 +191,7 @@ async def snapshot(registry: Registry, problems: RecentProblems, pulls: RecentPu
                 "last_used": image.last_used,
                 "pushed": image.pushed,
             }
-            for image in images
+            for image in shown
         ],
         "transfers": [transfer.as_json() for transfer in registry.transfers.running()],
         # None when pre-exports are off.
