@@ -33,6 +33,7 @@ import contextlib
 import io
 import itertools
 import re
+import shutil
 import statistics
 import sys
 import tarfile
@@ -50,7 +51,14 @@ if str(REPO_ROOT) not in sys.path:
 from common import TROUBLE, add_world_arguments, begin, log, machine, read_log, write_results  # noqa: E402
 
 from tests.world import oci_client  # noqa: E402
-from tests.world.daemons import NO_ZERO_COPY, Dockerd, RegistryProcess, unix_http  # noqa: E402
+from tests.world.daemons import (  # noqa: E402
+    NO_ZERO_COPY,
+    Dockerd,
+    RegistryProcess,
+    make_temp_dir,
+    remove_tree,
+    unix_http,
+)
 from tests.world.images import seeded_bytes  # noqa: E402
 
 PREFIX = "k3rd-scale"
@@ -177,18 +185,27 @@ def cache_bytes(registry: RegistryProcess) -> int:
     return sum(p.stat().st_size for p in (registry.cache_dir / "blobs").rglob("*") if p.is_file())
 
 
-def new_registry(args: argparse.Namespace, daemon: Dockerd, extra: tuple[str, ...] = ()) -> RegistryProcess:
+def new_registry(
+    args: argparse.Namespace, daemon: Dockerd, extra: tuple[str, ...] = (), cache_dir: Path | None = None
+) -> RegistryProcess:
     env = {"PYTHONPATH": str(args.code)} if args.code else {}
     return RegistryProcess(
-        daemon.host, extra_args=(*NO_ZERO_COPY, "--no-prefetch", *extra), env=env, log_level="info"
-    ).start(timeout=120)
+        daemon.host,
+        cache_dir=cache_dir,
+        extra_args=(*NO_ZERO_COPY, "--no-prefetch", *extra),
+        env=env,
+        log_level="info",
+    ).start(timeout=300)
 
 
 def measure(args: argparse.Namespace, daemon: Dockerd, n: int, spare: int) -> dict[str, Any]:
     """Everything for a cache of `n` images (indices 0..n-1); image `spare` is pulled to evict."""
     result: dict[str, Any] = {"images": n}
-    plain = new_registry(args, daemon)
+    made = [new_registry(args, daemon)]
+    plain = made[0]
     limited = new_registry(args, daemon, ("--cache-max-size", HIGH_LIMIT))
+    made.append(limited)
+    copy: Path | None = None
     try:
         for label, registry in (("no_limit", plain), ("high_limit", limited)):
             began = time.perf_counter()
@@ -206,32 +223,46 @@ def measure(args: argparse.Namespace, daemon: Dockerd, n: int, spare: int) -> di
         # Warm HEADs on the registry without a limit: idle, then with the status page polling.
         quarter = max(1, n // 4)
         result["head_idle"] = summary(heads_for(plain, list(range(0, quarter)), HEAD_SECONDS))
+        idle = []
+        for _ in range(5):
+            began = time.perf_counter()
+            oci_client.request(f"{plain.url}/status.json")
+            idle.append(time.perf_counter() - began)
+        result["status_idle_seconds"] = statistics.median(idle)
         polls: list[tuple[float, int]] = []
         with polling_status(plain, polls):
             result["head_status"] = summary(heads_for(plain, list(range(quarter, 2 * quarter)), HEAD_SECONDS))
         result["status_seconds"] = statistics.median(t for t, _ in polls)
         result["status_bytes"] = polls[-1][1]
 
-        # Eviction: the limited registry again, its limit at half its cache; the next export evicts.
+        # Eviction: the limited registry again, its limit at half its cache, so the next export evicts;
+        # once on its own, once (on a copy of the same cache) with warm HEADs going on.
         size = cache_bytes(limited)
         limited.stop()
-        limited.extra_args = (*limited.extra_args[:-2], "--cache-max-size", str(size // 2))
+        copy = make_temp_dir("scale") / "cache"
+        shutil.copytree(limited.cache_dir, copy, symlinks=True)
+        limit = ("--cache-max-size", str(size // 2))
+        limited.extra_args = (*limited.extra_args[:-2], *limit)
         limited.start(timeout=300)
-        since = limited.log_path.stat().st_size
-        # Idle HEADs to images the eviction keeps (the most recently used half).
-        kept = list(range(n - 1, n // 2, -1))
-        half = len(kept) // 2
-        result["head_idle_limited"] = summary(heads_for(limited, kept[:half], HEAD_SECONDS / 2))
-        with HeadLoop(limited, kept[half:]) as during:
-            evict_seconds = pull(limited, spare)
-        result["evict_seconds"] = evict_seconds
-        result["head_evicting"] = summary(during.latencies)
-        result["evicted"] = len(_EVICTED.findall(read_log(limited.log_path, since)))
+        result["evict_seconds"] = pull(limited, spare)
+        result["evicted"] = len(_EVICTED.findall(read_log(limited.log_path, 0)))
         result["cache_bytes_before_evict"] = size
         result["cache_bytes_after_evict"] = cache_bytes(limited)
-    finally:
-        plain.close()
         limited.close()
+        busy = new_registry(args, daemon, limit, cache_dir=copy)
+        made.append(busy)
+        # HEADs to images the eviction keeps (the most recently used half), idle and while it runs.
+        kept = list(range(n - 1, n // 2, -1))
+        half = len(kept) // 2
+        result["head_idle_limited"] = summary(heads_for(busy, kept[:half], HEAD_SECONDS / 2))
+        with HeadLoop(busy, kept[half:]) as during:
+            result["evict_busy_seconds"] = pull(busy, spare)
+        result["head_evicting"] = summary(during.latencies)
+    finally:
+        for registry in made:
+            registry.close()
+        if copy is not None:
+            remove_tree(copy.parent)
     return result
 
 
@@ -240,7 +271,8 @@ def report(results: list[dict[str, Any]]) -> list[str]:
     lines = [
         "",
         f"{'images':>7} {'cold/img':>9} {'limit/img':>9} {'limit/none':>10} {'last/first':>10} "
-        f"{'evict s':>8} {'evicted':>7} {'evict/cold':>10} {'status ms':>9} {'status KB':>9}",
+        f"{'evict s':>8} {'evicted':>7} {'evict/cold':>10} {'+HEADs s':>8} {'status ms':>9} {'idle ms':>7} "
+        f"{'status KB':>9}",
     ]
     for r in results:
         none, high = r["no_limit"], r["high_limit"]
@@ -249,7 +281,8 @@ def report(results: list[dict[str, Any]]) -> list[str]:
             f"{r['images']:>7} {none['last_tenth'] * ms:>8.0f}m {high['last_tenth'] * ms:>8.0f}m "
             f"{high['last_tenth'] / none['last_tenth']:>10.2f} {growth:>10.2f} "
             f"{r['evict_seconds']:>8.2f} {r['evicted']:>7} {r['evict_seconds'] / none['last_tenth']:>10.1f} "
-            f"{r['status_seconds'] * ms:>9.1f} {r['status_bytes'] / 1000:>9.1f}"
+            f"{r['evict_busy_seconds']:>8.2f} {r['status_seconds'] * ms:>9.1f} "
+            f"{r['status_idle_seconds'] * ms:>7.1f} {r['status_bytes'] / 1000:>9.1f}"
         )
     lines += ["", "warm HEAD latency, ms: median / worst (x idle median / x idle worst)"]
     for r in results:

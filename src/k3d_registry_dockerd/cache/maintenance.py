@@ -154,8 +154,10 @@ def evict(
     """
     keep = keep_blobs or set()
     total = store.total_bytes
+    if total <= limit:
+        return Eviction([], total)
     dropped, unused = [], set()
-    for image in eviction_order(store, protected) if total > limit else []:
+    for image in eviction_order(store, protected):
         if total <= limit:
             break
         freed = drop_image(store, image, durable=False)

@@ -28,6 +28,8 @@ log = logging.getLogger(__package__)
 # between its requests are a layer's transfer time; a layer being sent survives eviction anyway (the
 # open file outlives its unlink). Five minutes covers 3 GB layers at 10 MB/s.
 IN_USE_GRACE = 300.0
+# Blobs an eviction removes per hold of the record lock: about what one record write costs.
+REMOVE_BATCH = 32
 
 
 class Records:
@@ -145,7 +147,10 @@ class Records:
             dropped.append(image)
         if dropped:
             await asyncio.to_thread(self.store.sync_records)
-        async with self._lock:
-            gone = {d for d in unused - self._claimed() if not self.store.references(d)}
-            await asyncio.to_thread(maintenance.remove_blobs, self.store, gone)
+        freed_blobs = sorted(unused)
+        for start in range(0, len(freed_blobs), REMOVE_BATCH):
+            async with self._lock:
+                batch = set(freed_blobs[start : start + REMOVE_BATCH]) - self._claimed()
+                gone = {d for d in batch if not self.store.references(d)}
+                await asyncio.to_thread(maintenance.remove_blobs, self.store, gone)
         return maintenance.Eviction(dropped, self.store.total_bytes)

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..common import units
 from ..oci.reference import Digest
 
 log = logging.getLogger(__package__)
@@ -246,11 +247,11 @@ class Store:
             self._references.update(self._digests[record.name])
         self._load_sizes()
         log.info(
-            "cache %s: %d repositories, %d blobs, %d bytes",
+            "cache %s: %d repositories, %d blobs, %s",
             self.root,
             len(self._records),
             len(self._sizes),
-            self._bytes,
+            units.size(self._bytes),
         )
 
     def _load_sizes(self) -> None:

@@ -148,11 +148,13 @@ async def _docker(registry: Registry) -> dict[str, Any]:
 
 
 def _cache_counts(metrics: Metrics) -> dict[str, float]:
-    return {
-        result: metrics.registry.get_sample_value("k3d_registry_manifest_cache_total", {"result": result})
-        or 0.0
-        for result in ("hit", "miss", "stale", "containerd", "in_place")
-    }
+    # From this one counter: asking the whole registry would run the collector that walks the blob dir.
+    counts = dict.fromkeys(("hit", "miss", "stale", "containerd", "in_place"), 0.0)
+    for family in metrics.manifest_cache.collect():
+        for sample in family.samples:
+            if sample.name.endswith("_total") and sample.labels.get("result") in counts:
+                counts[sample.labels["result"]] = sample.value
+    return counts
 
 
 async def snapshot(
