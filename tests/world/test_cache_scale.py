@@ -1,16 +1,22 @@
 """The export cache's bookkeeping against Docker 26's real `docker save` (an OCI layout with the legacy
-files beside it): an export stores only what its manifest uses, and the totals the size limit and the
-status page go by match the cache dir, after an eviction and after a crash."""
+files beside it): an export stores only what its manifest uses, the totals the size limit and the
+status page go by match the cache dir, after an eviction and after a crash, and the status page lists the
+images a page at a time."""
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import re
+import subprocess
+import tarfile
+import urllib.parse
+from pathlib import Path
 
 from . import oci_client
 from .daemons import NO_ZERO_COPY, Dockerd, RegistryFactory, RegistryProcess
-from .images import build_image
+from .images import build_image, seeded_bytes
 
 UNUSED = "stored but nothing uses"
 EXPORTED = re.compile(r"exported (\S+) in [0-9.]+s: oci layout, (\d+) new blobs")
@@ -96,3 +102,48 @@ def test_eviction_of_half_the_cache_keeps_the_totals_right_across_a_crash(
     assert "exporting" not in registry.log_text()[since:]  # what was kept is served as it was
     oci_client.pull(registry.url, names[0], "1")  # what was evicted is exported again
     assert_consistent(registry)
+
+
+def import_tiny_image(daemon: Dockerd, name: str) -> None:
+    """`docker import` of a tar holding one small file of its own: a distinct one-layer image, quickly."""
+    data = seeded_bytes(name, 1024)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        info = tarfile.TarInfo("data.bin")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    query = urllib.parse.urlencode({"fromSrc": "-", "repo": name, "tag": "1"})
+    status_code, body = daemon.api("POST", f"/images/create?{query}", body=buffer.getvalue())
+    assert status_code == 200, body
+
+
+def test_the_status_page_lists_a_large_cache_a_page_at_a_time(
+    chromium: str, docker26: Dockerd, registry_under_test: RegistryFactory, tmp_path: Path
+) -> None:
+    names = [f"scale-page-{i:02d}" for i in range(53)]
+    for name in names:
+        import_tiny_image(docker26, name)
+    registry = registry_under_test(docker26, extra_args=NO_ZERO_COPY)
+    for name in names:
+        oci_client.pull(registry.url, name, "1")
+    first = status(registry)
+    assert (first["image_count"], first["pushed_count"]) == (53, 0)
+    assert first["images_page"] == {"page": 1, "pages": 2, "per_page": 50}
+    # Most recently used first: the last pulled leads page 1, the first pulled is on page 2.
+    assert first["images"][0]["repository"] == f"docker.io/library/{names[-1]}"
+    second = oci_client.request(f"{registry.url}/status.json?page=2").json()
+    assert [i["repository"] for i in second["images"]] == [f"docker.io/library/{n}" for n in names[2::-1]]
+    assert oci_client.request(f"{registry.url}/status.json?page=x").status == 400
+    dom = subprocess.run(
+        [
+            chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+            "--disable-background-networking", f"--user-data-dir={tmp_path / 'profile'}",
+            "--virtual-time-budget=5000", "--dump-dom", f"{registry.url}/",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout  # fmt: skip
+    assert '<div class="value" id="count">53</div>' in dom
+    assert "page 1 of 2, most recently used first (3 more)" in dom
+    assert dom.count('<span class="badge docker">from Docker</span>') == 50
