@@ -225,7 +225,8 @@ class Store:
         self.generation = 0
 
     def open(self) -> None:
-        """Creates the layout, drops temp files a crash left behind, and loads the records."""
+        """Creates the layout, drops temp files a crash left behind, and loads the records and the sizes of
+        the blobs (the one walk of the cache)."""
         for directory in (self.blobs_dir, self.records_dir, self.tmp_dir):
             directory.mkdir(parents=True, exist_ok=True)
         leftovers = list(self.tmp_dir.iterdir())
