@@ -311,9 +311,13 @@ class DockerClient:
                     return None
                 raise
 
-    async def repo_tags(self) -> list[str]:
-        """Every `name:tag` Docker has (`docker images`)."""
-        return [tag for tag, _ in await self.tagged_images()]
+    async def repo_tags(self, pattern: str | None = None) -> list[str]:
+        """Every `name:tag` Docker has (`docker images`), or those matching a `reference` pattern
+        (`alpine:*`; Docker and Podman match it against the short and the full name)."""
+        filters = {"reference": [pattern]} if pattern is not None else None
+        async with self._calling("listing images") as client:
+            listed = await client.images.list(filters=filters)
+        return [tag for image in listed for tag in image.get("RepoTags") or []]
 
     async def tagged_images(self) -> list[tuple[str, str]]:
         """(`name:tag`, image ID) of every tag Docker has, in one call."""

@@ -147,7 +147,7 @@ def assemble(
         guard=guard,
         images=images,
         mirror=Mirror(docker, images, guard, sources, metrics, loads),
-        listings=Listings(store, docker),
+        listings=Listings(store, docker, guard),
         loads=loads,
         pushes=pushes,
         uploads=Uploads(store),
