@@ -18,6 +18,7 @@ from ..mirror.listing import Page, Paged
 from ..oci.errors import RegistryError
 from ..oci.mediatypes import MAX_MANIFEST_SIZE, OCI_INDEX
 from ..oci.reference import Digest, Repository, is_digest, parse_repository, parse_tag
+from ..push.bodies import BodyStalled, read_at_most
 from ..push.uploads import Upload
 from ..sources.content import BlobStream, ServedManifest
 from . import blobs, status
@@ -121,11 +122,17 @@ def request_repository(request: web.Request) -> Repository:
 async def put_manifest(request: web.Request) -> web.Response:
     repo = request_repository(request)
     request.app[REGISTRY].pushes.check_writable(repo)
-    body = await request.content.read(MAX_MANIFEST_SIZE + 1)
-    while len(body) <= MAX_MANIFEST_SIZE and (
-        more := await request.content.read(MAX_MANIFEST_SIZE + 1 - len(body))
-    ):
-        body += more
+    registry = request.app[REGISTRY]
+    try:
+        body = await read_at_most(request.content, MAX_MANIFEST_SIZE, registry.uploads.body_timeout)
+    except BodyStalled as exc:
+        registry.metrics.stalled_bodies.labels("manifest").inc()
+        raise RegistryError(
+            "MANIFEST_INVALID",
+            f"manifest {repo.familiar(request.match_info['reference'])} not stored: {exc}",
+            status=408,
+            headers={hdrs.CONNECTION: "close"},
+        ) from exc
     digest, pushed = await request.app[REGISTRY].pushes.put_manifest(
         repo, request.match_info["reference"], body, request.headers.get(hdrs.CONTENT_TYPE)
     )
