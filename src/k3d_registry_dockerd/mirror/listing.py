@@ -124,8 +124,10 @@ class Listings:
         if page.last is None or time.monotonic() - self._taken > CATALOG_FRESH:
             self._snapshot = await self._listing.run("catalog", self._repositories)
 
+        private = self.guard.private_repositories()
+
         async def visible(entry: tuple[str, str]) -> bool:
-            return await self.guard.lists(repository_of(entry[1]), credentials)
+            return entry[1] not in private or await self.guard.lists(repository_of(entry[1]), credentials)
 
         entries, more = await take_page(self._snapshot, lambda entry: entry[0], page, visible)
         return Paged([name for name, _ in entries], more)

@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Set
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -153,6 +154,10 @@ class PrivateGuard:
         # Any of its images stands for the repository: the upstream grants access per repository.
         owner = next((image for image, ref in private.images.items() if ref), next(iter(private.images)))
         await self.require(repo, owner, credentials)
+
+    def private_repositories(self) -> Set[str]:
+        """The Docker names of the repositories with private content."""
+        return self._loaded().keys()
 
     async def lists(self, repo: Repository, credentials: Credentials | None) -> bool:
         """Whether a catalog answered to these credentials names the repository: never a private one to a
