@@ -121,8 +121,8 @@ def request_repository(request: web.Request) -> Repository:
 
 async def put_manifest(request: web.Request) -> web.Response:
     repo = request_repository(request)
-    request.app[REGISTRY].pushes.check_writable(repo)
     registry = request.app[REGISTRY]
+    registry.pushes.check_writable(repo)
     try:
         body = await read_at_most(request.content, MAX_MANIFEST_SIZE, registry.uploads.body_timeout)
     except BodyStalled as exc:
@@ -133,7 +133,7 @@ async def put_manifest(request: web.Request) -> web.Response:
             status=408,
             headers={hdrs.CONNECTION: "close"},
         ) from exc
-    digest, pushed = await request.app[REGISTRY].pushes.put_manifest(
+    digest, pushed = await registry.pushes.put_manifest(
         repo, request.match_info["reference"], body, request.headers.get(hdrs.CONTENT_TYPE)
     )
     headers = {hdrs.LOCATION: f"/v2/{repo.name}/manifests/{digest}", "Docker-Content-Digest": digest}
