@@ -211,6 +211,8 @@ def build_app(settings: Settings, endpoint: DockerEndpoint, write_auth: Htpasswd
         load_pushed=settings.load_pushed,
         allow_docker_delete=settings.allow_docker_delete,
         allow_docker_overwrite=settings.allow_docker_overwrite,
+        body_timeout=settings.body_timeout,
+        max_uploads=settings.max_uploads,
     )
     return create_app(registry, write_auth=write_auth, answer_within=settings.answer_within)
 

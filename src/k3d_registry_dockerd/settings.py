@@ -30,6 +30,8 @@ ENV_PREFETCH = "K3D_REGISTRY_DOCKERD_PREFETCH"
 ENV_PREFETCH_MAX_AGE = "K3D_REGISTRY_DOCKERD_PREFETCH_MAX_AGE"
 ENV_DOCKER_CREDENTIALS = "K3D_REGISTRY_DOCKERD_DOCKER_CREDENTIALS"
 ENV_ANSWER_WITHIN = "K3D_REGISTRY_DOCKERD_ANSWER_WITHIN"
+ENV_BODY_TIMEOUT = "K3D_REGISTRY_DOCKERD_BODY_TIMEOUT"
+ENV_MAX_UPLOADS = "K3D_REGISTRY_DOCKERD_MAX_UPLOADS"
 # As ctr reads them.
 ENV_CONTAINERD_ADDRESS = "CONTAINERD_ADDRESS"
 ENV_CONTAINERD_NAMESPACE = "CONTAINERD_NAMESPACE"
@@ -44,6 +46,8 @@ DEFAULT_REALM = "k3d-registry-dockerd"
 DEFAULT_PREFETCH_MAX_AGE = "7d"
 # Below the 5 minutes containerd's CRI waits for a pull's progress (image_pull_progress_timeout).
 DEFAULT_ANSWER_WITHIN = "4m"
+DEFAULT_BODY_TIMEOUT = "60s"
+DEFAULT_MAX_UPLOADS = "64"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
@@ -140,6 +144,12 @@ def _one_of(what: str, choices: tuple[str, ...]) -> Callable[[str], str]:
 
 def _duration_or_off(text: str) -> float | None:
     return None if text.strip().lower() in ("0", "off") else parse_duration(text) or None
+
+
+def _positive(text: str) -> int:
+    if not re.fullmatch(r"\s*[0-9]{1,9}\s*", text) or int(text) < 1:
+        raise SettingError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
 
 
 @dataclass(frozen=True)
@@ -297,6 +307,30 @@ OPTIONS: tuple[Option, ...] = (
         ),
     ),
     Option(
+        "body_timeout",
+        "--body-timeout",
+        ENV_BODY_TIMEOUT,
+        "give up on a manifest or blob upload whose body sends nothing for this long: the client gets an "
+        "error, its upload is dropped with what it wrote; 0 waits for ever",
+        DEFAULT_BODY_TIMEOUT,
+        metavar="DURATION",
+        parse=_duration_or_off,
+        describe=lambda s: (
+            f"request bodies idle for {units.duration(s.body_timeout)} are given up on"
+            if s.body_timeout
+            else "request bodies are waited for however long they stall"
+        ),
+    ),
+    Option(
+        "max_uploads",
+        "--max-uploads",
+        ENV_MAX_UPLOADS,
+        "blob uploads open at once; more get 429 (TOOMANYREQUESTS) with Retry-After",
+        DEFAULT_MAX_UPLOADS,
+        metavar="N",
+        parse=_positive,
+    ),
+    Option(
         "log_level",
         "--log-level",
         ENV_LOG_LEVEL,
@@ -423,6 +457,10 @@ class Settings:
     # Answer containerd's manifest requests within this many seconds (503 while the pull or export goes
     # on), so a node can try the upstream before its CRI cancels the pull; None: wait for the work.
     answer_within: float | None
+    # Give up on a request body that sends nothing for this many seconds (None: wait); upload sessions
+    # open at once.
+    body_timeout: float | None
+    max_uploads: int
     log_level: str
     log_format: str
     # Load pushed images into Docker; let a loaded push move a tag Docker already had (not one this

@@ -4,6 +4,7 @@ image events."""
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import hashlib
 import io
 import json
@@ -65,6 +66,8 @@ class FakeDocker:
     # When set, save() waits for it before streaming (to hold an export in flight).
     save_gate: asyncio.Event | None = None
     inspects: list[str] = field(default_factory=list)
+    # The `reference` pattern of each image listing (None: everything).
+    listings: list[str | None] = field(default_factory=list)
     pulls: list[tuple[str, Credentials | None]] = field(default_factory=list)
     access_checks: list[tuple[str, Credentials]] = field(default_factory=list)
     saves: list[str] = field(default_factory=list)
@@ -93,8 +96,10 @@ class FakeDocker:
         )
         return self.last_info
 
-    async def repo_tags(self) -> list[str]:
-        return [ref for ref, _ in await self.tagged_images()]
+    async def repo_tags(self, pattern: str | None = None) -> list[str]:
+        self.listings.append(pattern)
+        listed = [ref for ref, _ in await self.tagged_images()]
+        return [ref for ref in listed if pattern is None or fnmatch.fnmatchcase(ref, pattern)]
 
     async def tagged_images(self) -> list[tuple[str, str]]:
         await self.daemon()

@@ -860,3 +860,36 @@ async def test_catalog(client: TestClient, docker: FakeDocker) -> None:
     assert body == {"repositories": ["alpine", "ghcr.io/org/thing", "someone/tool"]}
     paged = await client.get("/v2/_catalog?n=1&last=ghcr.io/org/thing")
     assert (await paged.json())["repositories"] == ["someone/tool"]
+
+
+async def test_one_repository_s_tags_ask_docker_for_that_repository(
+    client: TestClient, docker: FakeDocker
+) -> None:
+    for ref in ("docker.io/library/alpine:3.20", "docker.io/library/alpine-extra:1", "docker.io/x/alpine:2"):
+        docker.images[ref] = docker.images[ALPINE]
+    body = await (await client.get("/v2/alpine/tags/list")).json()
+    assert body == {"name": "alpine", "tags": ["3.20", "latest"]}
+    assert docker.listings == ["alpine:*"]
+    assert (await client.get("/v2/x/alpine/tags/list")).status == 200
+    assert docker.listings[-1] == "x/alpine:*"
+
+
+async def test_catalog_pages_read_one_listing(client: TestClient, docker: FakeDocker) -> None:
+    names = [f"app{i:02}" for i in range(23)]
+    for name in names:
+        docker.images[f"docker.io/library/{name}:1"] = docker.images[ALPINE]
+    seen: list[str] = []
+    url: str | None = "/v2/_catalog?n=7"
+    pages = 0
+    while url is not None:
+        response = await client.get(url)
+        seen += (await response.json())["repositories"]
+        link: Any = response.headers.get("Link")
+        url = link[1 : link.index(">")] if link else None
+        pages += 1
+    assert seen == sorted([*names, "alpine"]) and pages == 4
+    assert docker.listings == [None]
+    # A new listing (no `last`) sees what changed since.
+    docker.images["docker.io/library/zzz:1"] = docker.images[ALPINE]
+    assert (await (await client.get("/v2/_catalog")).json())["repositories"][-1] == "zzz"
+    assert docker.listings == [None, None]

@@ -192,3 +192,35 @@ async def test_credentials_never_reach_the_logs(
     await pulled_privately(client)
     await client.get(PATH, headers=WRONG)
     assert "s3cret-pw" not in caplog.text and "guessed" not in caplog.text
+
+
+async def test_a_private_repository_is_listed_only_to_accepted_credentials(
+    aiohttp_client: Any, store: Store, docker: FakeDocker
+) -> None:
+    # A registry without a port: the catalog can name its repositories.
+    name = "registry.example/team/app"
+    docker.upstream[f"{name}:v1"] = local_image("private-listed", f"{name}:v1")
+    docker.private[name] = OWNER
+    docker.images["docker.io/library/open:1"] = local_image("open", "docker.io/library/open:1")
+    client = await start(aiohttp_client, assemble(store, docker))
+    await error_of(await client.get("/v2/team/app/manifests/v1?ns=registry.example"), 401, "UNAUTHORIZED")
+    assert (await client.get("/v2/team/app/manifests/v1?ns=registry.example", headers=RIGHT)).status == 200
+    tags = "/v2/team/app/tags/list?ns=registry.example"
+    for headers in ({}, WRONG):
+        response = await client.get(tags, headers=headers)
+        await error_of(response, 401, "UNAUTHORIZED")
+        assert response.headers["WWW-Authenticate"] == 'Basic realm="registry.example"'
+        listed = await (await client.get("/v2/_catalog", headers=headers)).json()
+        assert listed == {"repositories": ["open"]}
+    assert await (await client.get(tags, headers=RIGHT)).json() == {"name": "team/app", "tags": ["v1"]}
+    listed = await (await client.get("/v2/_catalog", headers=RIGHT)).json()
+    assert listed == {"repositories": ["open", "registry.example/team/app"]}
+    # The same memory as for content: the right credentials were never asked about again, the wrong
+    # ones once.
+    assert [c for _, c in docker.access_checks] == [Credentials("puller", "guessed")]
+    # A page that hides the private repository still says there is nothing after it.
+    page = await client.get("/v2/_catalog?n=1")
+    assert await page.json() == {"repositories": ["open"]} and "Link" not in page.headers
+    page = await client.get("/v2/_catalog?n=1", headers=RIGHT)
+    assert (await page.json())["repositories"] == ["open"]
+    assert page.headers["Link"] == '</v2/_catalog?n=1&last=open>; rel="next"'

@@ -17,6 +17,7 @@ from aiohttp.test_utils import TestClient
 
 from k3d_registry_dockerd.cache import maintenance
 from k3d_registry_dockerd.cache.store import Store
+from k3d_registry_dockerd.common.metrics import Metrics
 from k3d_registry_dockerd.oci.errors import RegistryError
 from k3d_registry_dockerd.oci.manifests import parse_pushed
 from k3d_registry_dockerd.push.uploads import Uploads, parse_content_range
@@ -314,7 +315,7 @@ async def test_pushed_content_is_never_evicted(aiohttp_client: Any, store: Store
 
 
 async def test_abandoned_uploads_are_dropped(store: Store) -> None:
-    uploads = Uploads(store, idle_timeout=0.0)
+    uploads = Uploads(store, Metrics(store.blobs_dir), idle_timeout=0.0)
     upload = await uploads.start("docker.io/library/x")
     await asyncio.to_thread(upload.writer.write, b"partial")
     assert len(list(store.tmp_dir.iterdir())) == 1
@@ -332,6 +333,48 @@ async def test_upload_expiry_runs_in_the_app(aiohttp_client: Any, store: Store, 
     uploads.idle_timeout = 0.0
     assert await uploads.expire() == 1
     assert (await client.get(response.headers["Location"])).status == 404
+
+
+async def stalled_request(client: TestClient, method: str, path: str) -> bytes:
+    """Sends the headers and 10 of the 100 body bytes they announce, then nothing; what comes back until
+    the registry closes the connection."""
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    head = f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\nContent-Type: x/y\r\n\r\n"
+    writer.write(head.encode() + b"0123456789")
+    await writer.drain()
+    try:
+        return await asyncio.wait_for(reader.read(), 30)
+    finally:
+        writer.close()
+
+
+async def test_a_stalled_body_drops_its_upload_and_frees_its_slot(
+    aiohttp_client: Any, store: Store, docker: FakeDocker
+) -> None:
+    client, registry = await make(aiohttp_client, store, docker, body_timeout=0.2, max_uploads=1)
+    started = await client.post("/v2/my-app/blobs/uploads/")
+    location = started.headers["Location"]
+    # The one slot is taken: another upload is asked to come back later.
+    refused = await client.post("/v2/other/blobs/uploads/")
+    assert refused.status == 429 and refused.headers["Retry-After"].isdigit()
+    assert (await refused.json())["errors"][0]["code"] == "TOOMANYREQUESTS"
+
+    answer = await stalled_request(client, "PATCH", location)
+    assert answer.startswith(b"HTTP/1.1 408 ") and b"BLOB_UPLOAD_INVALID" in answer
+    assert b"Connection: close" in answer
+    assert len(registry.uploads) == 0 and list(store.tmp_dir.iterdir()) == []
+    assert (await client.get(location)).status == 404
+    metrics = registry.metrics
+    assert metrics.stalled_bodies.labels("upload")._value.get() == 1
+    # The slot is free again; a stalled monolithic upload and manifest leave nothing behind either.
+    data = b"after the stall"
+    assert await push_blob(client, "my-app", data) == digest_of(data)
+    answer = await stalled_request(client, "POST", f"/v2/my-app/blobs/uploads/?digest={digest_of(b'x')}")
+    assert answer.startswith(b"HTTP/1.1 408 ")
+    answer = await stalled_request(client, "PUT", "/v2/my-app/manifests/v1")
+    assert answer.startswith(b"HTTP/1.1 408 ") and b"MANIFEST_INVALID" in answer
+    assert len(registry.uploads) == 0 and list(store.tmp_dir.iterdir()) == []
+    assert (await client.get("/v2/my-app/manifests/v1")).status == 404
 
 
 def test_content_range_forms() -> None:

@@ -53,7 +53,10 @@ def test_defaults() -> None:
         "prefetch_max_age": "default",
         "docker_credentials": "default",
         "answer_within": "default",
+        "body_timeout": "default",
+        "max_uploads": "default",
     }
+    assert (settings.body_timeout, settings.max_uploads) == (60.0, 64)
     assert settings.zero_copy is True
     assert (settings.containerd_address, settings.containerd_namespace) == (None, None)
 
@@ -127,6 +130,8 @@ def test_env_beats_default() -> None:
         "prefetch_max_age": "default",
         "docker_credentials": "default",
         "answer_within": "default",
+        "body_timeout": "default",
+        "max_uploads": "default",
     }
 
 
@@ -160,6 +165,8 @@ def test_flag_beats_env() -> None:
         "prefetch_max_age": "default",
         "docker_credentials": "default",
         "answer_within": "default",
+        "body_timeout": "default",
+        "max_uploads": "default",
     }
 
 
@@ -416,3 +423,14 @@ def test_the_start_log_names_each_value_and_where_it_came_from() -> None:
         "pre-export of moved tags on: tags pulled in the last 7d, as they move in Docker (default)" in lines
     )
     assert not any("DELETE" in line or "HTTPS" in line for line in lines)
+
+
+def test_body_timeout_and_max_uploads() -> None:
+    env = {"HOME": "/home/u", "K3D_REGISTRY_DOCKERD_BODY_TIMEOUT": "off"}
+    settings = resolve(**NO_FLAGS, body_timeout=None, max_uploads="3", env=env)
+    assert (settings.body_timeout, settings.max_uploads) == (None, 3)
+    assert settings.sources["max_uploads"] == "flag --max-uploads"
+    assert resolve(**NO_FLAGS, body_timeout="5s", env={"HOME": "/h"}).body_timeout == 5.0
+    for wrong in ("0", "-1", "many"):
+        with pytest.raises(SettingError, match="at least 1"):
+            resolve(**NO_FLAGS, max_uploads=wrong, env={"HOME": "/h"})

@@ -74,6 +74,15 @@ class Metrics:
             "Images evicted to keep the cache under its limit",
             registry=self.registry,
         )
+        self.uploads = Gauge(
+            "k3d_registry_uploads_in_progress", "Blob upload sessions open now", registry=self.registry
+        )
+        self.stalled_bodies = Counter(
+            "k3d_registry_stalled_bodies",
+            "Request bodies given up on as nothing arrived for --body-timeout, by kind (upload, manifest)",
+            ["kind"],
+            registry=self.registry,
+        )
         self.exports_in_flight = Gauge(
             "k3d_registry_exports_in_flight", "Exports running now", registry=self.registry
         )

@@ -311,9 +311,15 @@ class DockerClient:
                     return None
                 raise
 
-    async def repo_tags(self) -> list[str]:
-        """Every `name:tag` Docker has (`docker images`)."""
-        return [tag for tag, _ in await self.tagged_images()]
+    async def repo_tags(self, pattern: str | None = None) -> list[str]:
+        """Every `name:tag` Docker has (`docker images`), or those matching a `reference` pattern
+        (`alpine:*`; Docker and Podman match it against the short and the full name)."""
+        # The Engine API's filter (JSON), sent as the event stream's is: aiodocker 0.27's images.list
+        # deprecates a JSON string, and pyproject allows releases older than its mapping form.
+        params = {"filters": json.dumps({"reference": [pattern]})} if pattern is not None else {}
+        async with self._calling("listing images") as client:
+            listed = await client._query_json("images/json", params=params)
+        return [tag for image in listed for tag in image.get("RepoTags") or []]
 
     async def tagged_images(self) -> list[tuple[str, str]]:
         """(`name:tag`, image ID) of every tag Docker has, in one call."""

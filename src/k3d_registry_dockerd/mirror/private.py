@@ -6,7 +6,8 @@ this, anyone who reaches the port could pull it afterwards. A request for it is 
 upstream through Docker about the digest Docker recorded, with the request's credentials
 (`DockerClient.check_pull_access`): the upstream answers as it would answer the client, and nothing moves.
 An accepted credential is remembered per repository for a few minutes, so the many requests of one pull
-cost one check. Content Docker already had, pulled anonymously or with the host's credentials stays open:
+cost one check. The repository's tag names and its place in `_catalog` follow the same check and memory.
+Content Docker already had, pulled anonymously or with the host's credentials stays open:
 nothing of the client's was needed to get it.
 
 What is private, and the digests served for it (manifests, configs, layers), is kept in the cache
@@ -20,6 +21,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Set
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -141,6 +143,34 @@ class PrivateGuard:
         if owner is not None:
             await self.require(repo, owner, credentials)
         return owner
+
+    async def admit_repository(self, repo: Repository, credentials: Credentials | None) -> None:
+        """Returns when the repository has no private content or the request's credentials open it (the
+        same check and memory as its content, so its tag names are listed only to whom its content is
+        served); else as `require`."""
+        private = self._loaded().get(repo.docker_name)
+        if private is None or not private.images:
+            return
+        # Any of its images stands for the repository: the upstream grants access per repository.
+        owner = next((image for image, ref in private.images.items() if ref), next(iter(private.images)))
+        await self.require(repo, owner, credentials)
+
+    def private_repositories(self) -> Set[str]:
+        """The Docker names of the repositories with private content."""
+        return self._loaded().keys()
+
+    async def lists(self, repo: Repository, credentials: Credentials | None) -> bool:
+        """Whether a catalog answered to these credentials names the repository: never a private one to a
+        request without credentials, nor to one whose credentials are refused or cannot be checked now."""
+        if repo.docker_name not in self._loaded():
+            return True
+        if credentials is None:
+            return False
+        try:
+            await self.admit_repository(repo, credentials)
+        except RegistryError:
+            return False
+        return True
 
     async def admit_served(
         self,

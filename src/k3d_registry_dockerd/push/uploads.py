@@ -3,7 +3,9 @@ bytes hash to the digest the client names.
 
 A session lives in memory and in one temp file. The hash state is kept between chunks, so finishing an
 upload never reads the data back. A restart drops all sessions (the store clears its temp dir); clients
-then see BLOB_UPLOAD_UNKNOWN and start over, as the spec allows.
+then see BLOB_UPLOAD_UNKNOWN and start over, as the spec allows. At most `max_uploads` sessions are open
+at once (more get 429), and a request whose body stops arriving for `body_timeout` seconds drops its
+session with what it had written, so a stalled client holds neither a slot nor disk space.
 """
 
 from __future__ import annotations
@@ -17,16 +19,25 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from aiohttp import StreamReader
+from aiohttp import StreamReader, hdrs
 
 from ..cache.store import BlobWriter, DigestMismatch, Store
+from ..common import units
+from ..common.metrics import Metrics
 from ..oci.errors import RegistryError
 from ..oci.reference import Digest
+from .bodies import BodyStalled, chunks
 
 log = logging.getLogger(__package__)
 
 # An upload no request touched for this long is abandoned: its temp file is removed.
 IDLE_TIMEOUT = 30 * 60.0
+# A request body that sends nothing for this long is given up on (`--body-timeout`).
+BODY_TIMEOUT = 60.0
+# Upload sessions open at once (`--max-uploads`): each holds a temp file and its descriptor.
+MAX_UPLOADS = 64
+# What a client refused for too many uploads is asked to wait before retrying.
+RETRY_AFTER = 5
 EXPIRY_INTERVAL = 60.0
 # Bytes gathered from the socket before one write to disk (off the event loop).
 WRITE_BUFFER = 1 << 20
@@ -64,10 +75,22 @@ def parse_content_range(text: str) -> tuple[int, int]:
 
 
 class Uploads:
-    def __init__(self, store: Store, idle_timeout: float = IDLE_TIMEOUT) -> None:
+    def __init__(
+        self,
+        store: Store,
+        metrics: Metrics,
+        *,
+        idle_timeout: float = IDLE_TIMEOUT,
+        body_timeout: float | None = BODY_TIMEOUT,
+        max_uploads: int = MAX_UPLOADS,
+    ) -> None:
         self.store = store
+        self.metrics = metrics
         self.idle_timeout = idle_timeout
+        self.body_timeout = body_timeout
+        self.max_uploads = max_uploads
         self._uploads: dict[str, Upload] = {}
+        metrics.uploads.set_function(lambda: len(self._uploads))
         # Background fdatasync of large uploads, as exports do: the final fsync has little left.
         self._flusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="upload-flush")
 
@@ -78,6 +101,14 @@ class Uploads:
         return upload_id in self._uploads
 
     async def start(self, repository: str) -> Upload:
+        """A new session; TOOMANYREQUESTS with Retry-After while `max_uploads` are open."""
+        if len(self._uploads) >= self.max_uploads:
+            raise RegistryError(
+                "TOOMANYREQUESTS",
+                f"{len(self._uploads)} uploads are in progress, the most this registry takes at once "
+                f"(--max-uploads); retry in {RETRY_AFTER} s",
+                headers={hdrs.RETRY_AFTER: str(RETRY_AFTER)},
+            )
         writer = await asyncio.to_thread(self.store.writer, self._flusher)
         upload = Upload(str(uuid.uuid4()), repository, writer)
         self._uploads[upload.id] = upload
@@ -120,11 +151,11 @@ class Uploads:
 
     async def _write_body(self, upload: Upload, body: StreamReader) -> int:
         """Writes what arrives; a client going away keeps what arrived before (the upload resumes from
-        there), while a failed disk write ends the upload."""
+        there), while a failed disk write or a body that stops arriving ends the upload."""
         received = 0
         pending = bytearray()
         try:
-            async for chunk in body.iter_any():
+            async for chunk in chunks(body, self.body_timeout):
                 pending += chunk
                 received += len(chunk)
                 if len(pending) >= WRITE_BUFFER:
@@ -134,6 +165,8 @@ class Uploads:
             if pending:
                 await self._write(upload, pending)
             raise
+        except BodyStalled as exc:
+            raise await self._stalled(upload, exc) from exc
         if pending:
             await self._write(upload, pending)
         return received
@@ -155,6 +188,24 @@ class Uploads:
             raise RegistryError("DIGEST_INVALID", f"digest invalid: {exc}") from exc
         except OSError as exc:
             raise await self._storage_failed(upload, exc) from exc
+
+    async def _stalled(self, upload: Upload, exc: BodyStalled) -> RegistryError:
+        """The client stopped sending: the upload and what it wrote are dropped, its slot freed."""
+        self.metrics.stalled_bodies.labels("upload").inc()
+        log.warning(
+            "upload %s to %s dropped with %s written: %s",
+            upload.id,
+            upload.repository,
+            units.size(upload.offset),
+            exc,
+        )
+        await self.cancel(upload)
+        return RegistryError(
+            "BLOB_UPLOAD_INVALID",
+            f"upload to {upload.repository} dropped: {exc}; start it again",
+            status=408,
+            headers={hdrs.CONNECTION: "close"},
+        )
 
     async def _storage_failed(self, upload: Upload, exc: OSError) -> RegistryError:
         """A write or fsync failed (a full disk, most likely): the upload is dropped, not left half-done."""

@@ -104,12 +104,22 @@ def _error_response(request: web.Request, error: RegistryError) -> web.Response:
     return web.json_response(error.body(), status=error.status, headers=error.headers)
 
 
+async def _closing(request: web.Request, response: web.Response) -> web.Response:
+    """Sends an answer that ends the connection (`Connection: close`, after a stalled body) and closes it
+    then: aiohttp would otherwise linger reading the rest of a body that is not coming."""
+    if response.headers.get(hdrs.CONNECTION, "").lower() == "close" and request.protocol is not None:
+        await response.prepare(request)
+        await response.write_eof()
+        request.protocol.force_close()
+    return response
+
+
 @web.middleware
 async def _oci_errors(request: web.Request, handler: web.Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except RegistryError as error:
-        return _error_response(request, error)
+        return await _closing(request, _error_response(request, error))
     except web.HTTPNotFound:
         return _error_response(request, RegistryError("NAME_UNKNOWN", "no such endpoint", status=404))
     except web.HTTPMethodNotAllowed:

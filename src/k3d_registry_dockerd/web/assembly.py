@@ -22,7 +22,7 @@ from ..mirror.private import PrivateGuard
 from ..mirror.verify import Verifier
 from ..push.docker_load import Loads
 from ..push.pushes import Pushes
-from ..push.uploads import Uploads
+from ..push.uploads import BODY_TIMEOUT, MAX_UPLOADS, Uploads
 from ..sources.discovery import InPlaceConfig, InPlaceDiscovery
 from ..sources.exported import ExportedContent
 from ..sources.select import Sources
@@ -104,6 +104,8 @@ def assemble(
     load_pushed: bool = True,
     allow_docker_delete: bool = False,
     allow_docker_overwrite: bool = False,
+    body_timeout: float | None = BODY_TIMEOUT,
+    max_uploads: int = MAX_UPLOADS,
 ) -> Registry:
     """The parts of a registry serving `docker`'s images from `store`. The daemon's own store is looked for
     only with an `in_place` config, pre-exports run only with a `prefetch_max_age`."""
@@ -147,10 +149,10 @@ def assemble(
         guard=guard,
         images=images,
         mirror=Mirror(docker, images, guard, sources, metrics, loads),
-        listings=Listings(store, docker),
+        listings=Listings(store, docker, guard),
         loads=loads,
         pushes=pushes,
-        uploads=Uploads(store),
+        uploads=Uploads(store, metrics, body_timeout=body_timeout, max_uploads=max_uploads),
         sending=sending,
         events=events,
         prefetcher=prefetcher,

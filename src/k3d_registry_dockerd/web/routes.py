@@ -14,9 +14,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..common import units
 from ..docker.engine import Credentials
+from ..mirror.listing import Page, Paged
 from ..oci.errors import RegistryError
 from ..oci.mediatypes import MAX_MANIFEST_SIZE, OCI_INDEX
 from ..oci.reference import Digest, Repository, is_digest, parse_repository, parse_tag
+from ..push.bodies import BodyStalled, read_at_most
 from ..push.uploads import Upload
 from ..sources.content import BlobStream, ServedManifest
 from . import blobs, status
@@ -120,13 +122,19 @@ def request_repository(request: web.Request) -> Repository:
 
 async def put_manifest(request: web.Request) -> web.Response:
     repo = request_repository(request)
-    request.app[REGISTRY].pushes.check_writable(repo)
-    body = await request.content.read(MAX_MANIFEST_SIZE + 1)
-    while len(body) <= MAX_MANIFEST_SIZE and (
-        more := await request.content.read(MAX_MANIFEST_SIZE + 1 - len(body))
-    ):
-        body += more
-    digest, pushed = await request.app[REGISTRY].pushes.put_manifest(
+    registry = request.app[REGISTRY]
+    registry.pushes.check_writable(repo)
+    try:
+        body = await read_at_most(request.content, MAX_MANIFEST_SIZE, registry.uploads.body_timeout)
+    except BodyStalled as exc:
+        registry.metrics.stalled_bodies.labels("manifest").inc()
+        raise RegistryError(
+            "MANIFEST_INVALID",
+            f"manifest {repo.familiar(request.match_info['reference'])} not stored: {exc}",
+            status=408,
+            headers={hdrs.CONNECTION: "close"},
+        ) from exc
+    digest, pushed = await registry.pushes.put_manifest(
         repo, request.match_info["reference"], body, request.headers.get(hdrs.CONTENT_TYPE)
     )
     headers = {hdrs.LOCATION: f"/v2/{repo.name}/manifests/{digest}", "Docker-Content-Digest": digest}
@@ -268,36 +276,35 @@ async def blob(request: web.Request) -> web.StreamResponse:
         return await blobs.send(request, found, headers)
 
 
-def _page(request: web.Request, items: list[str]) -> tuple[list[str], dict[str, str]]:
-    """The `n`/`last` page of sorted `items`, and a Link header to the next page when there is one."""
-    last = request.query.get("last")
-    if last is not None:
-        items = [item for item in items if item > last]
+def _page(request: web.Request) -> Page:
+    """The `n` and `last` of a listing request."""
     number = request.query.get("n")
-    if number is None:
-        return items, {}
-    if not re.fullmatch(r"[0-9]{1,9}", number):
+    if number is not None and not re.fullmatch(r"[0-9]{1,9}", number):
         raise RegistryError(
             "UNSUPPORTED", f"n must be a non-negative integer, not {number[:20]!r}", status=400
         )
-    limit = int(number)
-    if limit == 0 or len(items) <= limit:
-        return items[:limit], {}
-    page = items[:limit]
-    query = {**request.query, "n": str(limit), "last": page[-1]}
-    link = request.rel_url.with_query(query)
-    return page, {hdrs.LINK: f'<{link}>; rel="next"'}
+    return Page(request.query.get("last"), int(number) if number is not None else None)
+
+
+def _link(request: web.Request, page: Page, paged: Paged) -> dict[str, str]:
+    """The spec's `Link: <url?n=<n>&last=<last item>>; rel="next"` when more items follow."""
+    if not paged.more or page.limit is None:
+        return {}
+    link = request.rel_url.with_query({**request.query, "n": str(page.limit), "last": paged.items[-1]})
+    return {hdrs.LINK: f'<{link}>; rel="next"'}
 
 
 async def tags_list(request: web.Request) -> web.Response:
-    repo = parse_repository(request.match_info["name"], request.query.get("ns"))
-    tags, headers = _page(request, await request.app[REGISTRY].listings.tags(repo))
-    return web.json_response({"name": repo.name, "tags": tags}, headers=headers)
+    repo = request_repository(request)
+    page = _page(request)
+    paged = await request.app[REGISTRY].listings.tags(repo, page, _credentials(request))
+    return web.json_response({"name": repo.name, "tags": paged.items}, headers=_link(request, page, paged))
 
 
 async def catalog(request: web.Request) -> web.Response:
-    repositories, headers = _page(request, await request.app[REGISTRY].listings.catalog())
-    return web.json_response({"repositories": repositories}, headers=headers)
+    page = _page(request)
+    paged = await request.app[REGISTRY].listings.catalog(page, _credentials(request))
+    return web.json_response({"repositories": paged.items}, headers=_link(request, page, paged))
 
 
 async def healthz(_request: web.Request) -> web.Response:
