@@ -437,6 +437,27 @@ async def test_mirror_request_pulls_once_then_exports(client: TestClient, docker
     assert docker.saves == [REDIS]
 
 
+async def test_answers_to_requests_scoped_by_ns_name_it(client: TestClient, docker: FakeDocker) -> None:
+    """distribution-spec, "Registry Proxying": a registry using `ns` SHOULD return it in OCI-Namespace."""
+    docker.upstream[REDIS] = local_image("redis-7", REDIS)
+    manifest = await client.get(REDIS_PATH)
+    assert manifest.headers["OCI-Namespace"] == "docker.io"
+    layer = json.loads(await manifest.read())["layers"][0]["digest"]
+    blob = await client.get(f"/v2/library/redis/blobs/{layer}?ns=docker.io")
+    assert (blob.status, blob.headers["OCI-Namespace"]) == (200, "docker.io")
+    # As the client sent it, also on errors and listings.
+    missing = await client.get("/v2/library/nothing/manifests/1?ns=127.0.0.1%3A5001")
+    assert (missing.status, missing.headers["OCI-Namespace"]) == (404, "127.0.0.1:5001")
+    tags = await client.get("/v2/library/redis/tags/list?ns=docker.io")
+    assert tags.headers["OCI-Namespace"] == "docker.io"
+    for unscoped in (
+        await client.get("/v2/library/redis/manifests/7"),
+        await client.put("/v2/library/redis/manifests/7?ns=docker.io", data=b"{}"),
+        await client.get("/v2/library/redis/manifests/7?ns=not%20a%20host"),
+    ):
+        assert "OCI-Namespace" not in unscoped.headers
+
+
 @pytest.mark.parametrize("ns", ["index.docker.io", "registry-1.docker.io"])
 async def test_docker_hub_aliases_pull_from_docker_io(
     client: TestClient, docker: FakeDocker, ns: str
