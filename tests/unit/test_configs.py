@@ -261,9 +261,10 @@ def test_local_registry_hosting_agrees_with_config_k3d(
     assert hosting["hostFromContainerRuntime"] == f"{_endpoint_host(config)}:5000"
 
 
-# ctlptl's pkg/api/types.go (Cluster) and pkg/api/k3dv1alpha5/types.go (SimpleConfigRegistries,
-# SimpleConfigRegistryCreateConfig): their yaml tags; tilt-dev/clusterid names the product "k3d"; ctlptl's
-# pkg/cluster/admin_k3d.go wants cluster names with the prefix k3d-.
+# ctlptl's pkg/api/types.go (Cluster) and pkg/api/k3dv1alpha5/types.go (SimpleConfig's `registries`,
+# SimpleConfigRegistries, SimpleConfigRegistryCreateConfig): their yaml tags, which ctlptl's
+# pkg/encoding/encoding.go decodes with yaml.v3's KnownFields(true), so any other field is an error;
+# tilt-dev/clusterid names the product "k3d"; pkg/cluster/admin_k3d.go wants names with the prefix k3d-.
 CTLPTL_CLUSTER_FIELDS = {
     "kind", "apiVersion", "name", "product", "minCPUs", "registry", "registryAuths", "kubernetesVersion",
     "kindV1Alpha4Cluster", "kindExtraCreateArguments", "minikube", "k3d", "status",
@@ -285,6 +286,7 @@ def test_ctlptl_cluster(capsys: pytest.CaptureFixture[str]) -> None:
     # ctlptl would start a registry container of its own, without volumes.
     assert "registry" not in cluster
     assert set(cluster["k3d"]) == {"v1alpha5Simple"}
+    assert set(cluster["k3d"]["v1alpha5Simple"]) == {"registries"}
     registries = cluster["k3d"]["v1alpha5Simple"]["registries"]
     assert set(registries) <= K3D_REGISTRIES_FIELDS
     create = registries["create"]
