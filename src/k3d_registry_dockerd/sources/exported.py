@@ -80,14 +80,14 @@ class ExportedContent:
         records: Records,
         transfers: Transfers,
         metrics: Metrics,
-        space: FreeSpace | None = None,
+        space: FreeSpace,
     ) -> None:
         self.store = store
         self.docker = docker
         self.records = records
         self.transfers = transfers
         self.metrics = metrics
-        self.space = space or FreeSpace(store.root)
+        self.space = space
         # By export key.
         self._in_progress: dict[str, ExportProgress] = {}
         self.exports = 0
