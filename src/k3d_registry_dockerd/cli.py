@@ -86,6 +86,15 @@ def _container_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _containerd_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--containerd",
+        action="store_true",
+        help="print the mounts for Docker Engine 29 on Linux (the system containerd's socket and content "
+        "store) without asking Docker what it runs",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
@@ -171,8 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     config = commands.add_parser(
         "config",
         help="print a cluster configuration that pulls every image through this registry",
-        description="Print a k3d, kind or k3s configuration that makes this registry the mirror of every "
-        "registry.",
+        description="Print a k3d, kind, ctlptl or k3s configuration that makes this registry the mirror of "
+        "every registry, or the ConfigMap through which tools find it.",
     )
     targets = config.add_subparsers(dest="target", metavar="TARGET", required=True)
     k3d = targets.add_parser(
@@ -190,12 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="use one registry for many clusters, made once with `k3d registry create` (it names the "
         "container k3d-NAME)",
     )
-    k3d.add_argument(
-        "--containerd",
-        action="store_true",
-        help="print the mounts for Docker Engine 29 on Linux (the system containerd's socket and content "
-        "store) without asking Docker what it runs",
-    )
+    _containerd_option(k3d)
     kind = targets.add_parser(
         "kind",
         help="a kind Cluster config, and the containerd hosts.toml it mounts",
@@ -215,6 +219,26 @@ def build_parser() -> argparse.ArgumentParser:
         description="A k3s registries.yaml whose mirror for every registry is this one.",
     )
     _config_options(registries, "k3d-registry", "the registry's port as the nodes reach it")
+    hosting = targets.add_parser(
+        "local-registry-hosting",
+        help="the local-registry-hosting ConfigMap (KEP-1755) through which Tilt, ctlptl and Skaffold find "
+        "the registry",
+        description="The kube-public/local-registry-hosting ConfigMap for the registry `config k3d` makes, "
+        "with the same --name, --port and --shared: `| kubectl apply -f -`.",
+    )
+    _config_options(hosting, "k3d-registry", "the port on the host")
+    hosting.add_argument(
+        "--shared", action="store_true", help="the registry made with `k3d registry create` (k3d-NAME)"
+    )
+    ctlptl = targets.add_parser(
+        "ctlptl",
+        help="a ctlptl Cluster (k3d) that creates the registry container with its mounts",
+        description="A ctlptl Cluster of product k3d whose k3d config creates the registry container with "
+        "the mounts for what Docker runs (ctlptl's own Registry cannot mount the Docker socket).",
+    )
+    _config_options(ctlptl, "k3d-registry", "the port on the host")
+    _container_options(ctlptl)
+    _containerd_option(ctlptl)
     return parser
 
 
@@ -301,6 +325,10 @@ def _print_config(args: argparse.Namespace) -> int:
         print(f"# wrote {hosts}")
         setup = _container_setup(args)
         print(configs.kind_cluster(str(hosts.parent.parent), args.name, args.port, args.image, setup), end="")
+    elif args.target == "local-registry-hosting":
+        print(configs.local_registry_hosting(args.name, args.port, shared=args.shared), end="")
+    elif args.target == "ctlptl":
+        print(configs.ctlptl_cluster(args.name, args.port, args.image, _container_setup(args)), end="")
     else:
         print(configs.registries_yaml(f"http://{args.name}:{args.port}"), end="")
     return 0

@@ -1,6 +1,6 @@
 """Ready-made cluster configurations that send every image pull through this registry, with the mounts a
 registry container needs to serve the daemon's images where they lie (asked of the daemon: what it runs,
-its data root, its containerd)."""
+its data root, its containerd); and the KEP-1755 ConfigMap through which Tilt, ctlptl and Skaffold find it."""
 
 from __future__ import annotations
 
@@ -26,6 +26,11 @@ DESKTOP_CONTAINERD = "/var/run/desktop-containerd/containerd.sock"
 DESKTOP_CONTENT = f"/var/lib/desktop-containerd/daemon/{CONTENT}"
 SYSTEM_CONTENT = f"/var/lib/containerd/{CONTENT}"
 ASK_WITHIN = 10.0
+# KEP-1755 asks for a help URL that does not drift: this version's README.
+HELP_URL = (
+    "https://github.com/k3d-registry-dockerd/k3d-registry-dockerd/blob/"
+    f"v{__version__}/README.md#tilt-ctlptl-and-skaffold"
+)
 
 
 @dataclass(frozen=True)
@@ -165,22 +170,42 @@ _K3D_HEADER = (
 )
 
 
-def k3d_create(name: str, port: int, image: str, setup: Setup) -> str:
-    """k3d Simple config whose cluster creates and uses the registry container (`registries.create`).
+def _registry_create(name: str, port: int, image: str, setup: Setup) -> str:
+    """k3d's `registries` block that creates the registry container and makes it every registry's mirror.
 
     k3d names that container exactly `registries.create.name` (no `k3d-` prefix, unlike `k3d registry
     create`), and maps the host port to the container's 5000, where the nodes reach it."""
     return (
-        setup.about + _K3D_HEADER + "  create:\n"
-        f"    name: {name}\n"
-        '    host: "0.0.0.0"\n'
-        f'    hostPort: "{port}"\n'
-        f"    image: {image}\n"
-        "    volumes:\n"
-        + _volumes(setup.mounts, 6)
-        + "      # the registry's own cache\n"
-        + f"      - {CACHE_VOLUME}:/var/cache/k3d-registry-dockerd\n"
-        "  config: |\n" + _indented(registries_yaml(f"http://{name}:5000"), 4)
+        "create:\n"
+        f"  name: {name}\n"
+        '  host: "0.0.0.0"\n'
+        f'  hostPort: "{port}"\n'
+        f"  image: {image}\n"
+        "  volumes:\n"
+        + _volumes(setup.mounts, 4)
+        + "    # the registry's own cache\n"
+        + f"    - {CACHE_VOLUME}:/var/cache/k3d-registry-dockerd\n"
+        "config: |\n" + _indented(registries_yaml(f"http://{name}:5000"), 2)
+    )
+
+
+def _hosting_note(name: str, port: int, *, shared: bool) -> str:
+    """Where the KEP-1755 ConfigMap comes from for a k3d cluster using the registry."""
+    flags = f"--name {name} --port {port}" + (" --shared" if shared else "")
+    return (
+        "# Tilt, ctlptl and Skaffold find the registry in the local-registry-hosting ConfigMap (KEP-1755),\n"
+        "# which k3d writes; this registry's own (its help links the README), once the cluster runs:\n"
+        f"#   k3d-registry-dockerd config local-registry-hosting {flags} | kubectl apply -f -\n"
+    )
+
+
+def k3d_create(name: str, port: int, image: str, setup: Setup) -> str:
+    """k3d Simple config whose cluster creates and uses the registry container (`registries.create`)."""
+    return (
+        setup.about
+        + _hosting_note(name, port, shared=False)
+        + _K3D_HEADER
+        + _indented(_registry_create(name, port, image, setup), 2)
     )
 
 
@@ -192,6 +217,7 @@ def k3d_shared(name: str, port: int, image: str, setup: Setup) -> str:
     short = name.removeprefix("k3d-")
     return (
         setup.about
+        + _hosting_note(short, port, shared=True)
         + f"# k3d registry create {short} --port {port} -i {image}"
         + "".join(f" \\\n#   -v {mount.spec()}" for mount in setup.mounts)
         + "\n"
@@ -232,4 +258,54 @@ def kind_cluster(hosts_dir: str, name: str, port: int, image: str, setup: Setup)
         "    extraMounts:\n"
         f'      - hostPath: "{hosts_dir}"\n'
         '        containerPath: "/etc/containerd/certs.d"\n'
+    )
+
+
+def node_name(name: str, *, shared: bool) -> str:
+    """The registry container's name as k3d makes it: `k3d registry create NAME` prefixes `k3d-`."""
+    return f"k3d-{name.removeprefix('k3d-')}" if shared else name
+
+
+def local_registry_hosting(name: str, port: int, *, shared: bool = False) -> str:
+    """The KEP-1755 ConfigMap for the registry `config k3d` makes: the host pushes to `localhost:PORT`,
+    nodes and pods reach the container by its name on k3d's network, at its port 5000 (as k3d itself
+    writes them for a registry it uses)."""
+    inside = f"{node_name(name, shared=shared)}:5000"
+    return (
+        "# Where Tilt, ctlptl and Skaffold push images for this cluster (KEP-1755):\n"
+        "# k3d-registry-dockerd config local-registry-hosting | kubectl apply -f -\n"
+        "apiVersion: v1\n"
+        "kind: ConfigMap\n"
+        "metadata:\n"
+        "  name: local-registry-hosting\n"
+        "  namespace: kube-public\n"
+        "data:\n"
+        "  localRegistryHosting.v1: |\n"
+        f'    host: "localhost:{port}"\n'
+        f'    hostFromContainerRuntime: "{inside}"\n'
+        f'    hostFromClusterNetwork: "{inside}"\n'
+        f'    help: "{HELP_URL}"\n'
+    )
+
+
+def ctlptl_cluster(name: str, port: int, image: str, setup: Setup) -> str:
+    """A ctlptl Cluster (product k3d) whose k3d config creates the registry container with its mounts.
+
+    ctlptl's own `kind: Registry` cannot run it: ctlptl starts registry containers with a port, labels and
+    env only (its Registry type has no volumes), and the registry needs the Docker socket."""
+    return (
+        setup.about
+        + "# ctlptl's `kind: Registry` cannot run this registry: ctlptl starts a registry container with a\n"
+        "# port, labels and env only, no volumes, and this registry needs Docker's socket (and the mounts\n"
+        "# below). So k3d creates it with the cluster (k3d's registries.create takes volumes), and k3d\n"
+        "# writes the local-registry-hosting ConfigMap that ctlptl and Tilt read. Give the Cluster no\n"
+        "# `registry:` field: ctlptl would start a container of its own under that name, without them.\n"
+        "# ctlptl apply -f THIS_FILE\n"
+        "apiVersion: ctlptl.dev/v1alpha1\n"
+        "kind: Cluster\n"
+        "product: k3d\n"
+        "name: k3d-dev\n"
+        "k3d:\n"
+        "  v1alpha5Simple:\n"
+        "    registries:\n" + _indented(_registry_create(name, port, image, setup), 6)
     )

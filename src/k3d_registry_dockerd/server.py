@@ -204,6 +204,7 @@ def build_app(settings: Settings, endpoint: DockerEndpoint, write_auth: Htpasswd
         Store(settings.cache_dir),
         DockerClient(endpoint),
         cache_max_size=settings.cache_max_size,
+        min_free=settings.min_free or 0,
         refresh_tags=settings.refresh_tags,
         in_place=in_place_config(settings, endpoint),
         host_credentials=HostCredentials() if settings.docker_credentials else None,

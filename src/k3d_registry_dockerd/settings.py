@@ -21,6 +21,7 @@ ENV_LOG_LEVEL = "K3D_REGISTRY_DOCKERD_LOG_LEVEL"
 ENV_LOG_FORMAT = "K3D_REGISTRY_DOCKERD_LOG_FORMAT"
 ENV_REFRESH_TAGS = "K3D_REGISTRY_DOCKERD_REFRESH_TAGS"
 ENV_CACHE_MAX_SIZE = "K3D_REGISTRY_DOCKERD_CACHE_MAX_SIZE"
+ENV_MIN_FREE = "K3D_REGISTRY_DOCKERD_MIN_FREE"
 ENV_LOAD_PUSHED = "K3D_REGISTRY_DOCKERD_LOAD_PUSHED"
 ENV_ALLOW_DOCKER_DELETE = "K3D_REGISTRY_DOCKERD_ALLOW_DOCKER_DELETE"
 ENV_ALLOW_DOCKER_OVERWRITE = "K3D_REGISTRY_DOCKERD_ALLOW_DOCKER_OVERWRITE"
@@ -239,6 +240,19 @@ OPTIONS: tuple[Option, ...] = (
         ),
     ),
     Option(
+        "min_free",
+        "--min-free",
+        ENV_MIN_FREE,
+        "refuse (507) an export that would leave less than this free in the cache dir, and report not ready "
+        "below it, e.g. 2GiB",
+        default_help="none: an export needs room for its image, /readyz room for the largest recent one",
+        metavar="SIZE",
+        parse=parse_size,
+        describe=lambda s: (
+            f"exports keep {units.size(s.min_free)} free in the cache dir" if s.min_free else None
+        ),
+    ),
+    Option(
         "refresh_tags",
         "--refresh-tags",
         ENV_REFRESH_TAGS,
@@ -448,6 +462,8 @@ class Settings:
     cache_dir: Path
     # Evict least recently used images when the cache grows past this many bytes; None: no limit.
     cache_max_size: int | None
+    # Exports that would leave less free in the cache dir are refused; /readyz reports it. None: no floor.
+    min_free: int | None
     refresh_tags: float | None
     # Pull through Docker with the docker CLI's stored credentials when a request brings none.
     docker_credentials: bool

@@ -15,6 +15,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from k3d_registry_dockerd.cache.space import FreeSpace
 from k3d_registry_dockerd.cache.store import Store
 from k3d_registry_dockerd.docker.engine import (
     Credentials,
@@ -437,6 +438,27 @@ async def test_mirror_request_pulls_once_then_exports(client: TestClient, docker
     assert docker.saves == [REDIS]
 
 
+async def test_answers_to_requests_scoped_by_ns_name_it(client: TestClient, docker: FakeDocker) -> None:
+    """distribution-spec, "Registry Proxying": a registry using `ns` SHOULD return it in OCI-Namespace."""
+    docker.upstream[REDIS] = local_image("redis-7", REDIS)
+    manifest = await client.get(REDIS_PATH)
+    assert manifest.headers["OCI-Namespace"] == "docker.io"
+    layer = json.loads(await manifest.read())["layers"][0]["digest"]
+    blob = await client.get(f"/v2/library/redis/blobs/{layer}?ns=docker.io")
+    assert (blob.status, blob.headers["OCI-Namespace"]) == (200, "docker.io")
+    # As the client sent it, also on errors and listings.
+    missing = await client.get("/v2/library/nothing/manifests/1?ns=127.0.0.1%3A5001")
+    assert (missing.status, missing.headers["OCI-Namespace"]) == (404, "127.0.0.1:5001")
+    tags = await client.get("/v2/library/redis/tags/list?ns=docker.io")
+    assert tags.headers["OCI-Namespace"] == "docker.io"
+    for unscoped in (
+        await client.get("/v2/library/redis/manifests/7"),
+        await client.put("/v2/library/redis/manifests/7?ns=docker.io", data=b"{}"),
+        await client.get("/v2/library/redis/manifests/7?ns=not%20a%20host"),
+    ):
+        assert "OCI-Namespace" not in unscoped.headers
+
+
 @pytest.mark.parametrize("ns", ["index.docker.io", "registry-1.docker.io"])
 async def test_docker_hub_aliases_pull_from_docker_io(
     client: TestClient, docker: FakeDocker, ns: str
@@ -735,6 +757,36 @@ async def test_readyz_reports_an_unwritable_cache(client: TestClient, store: Sto
         store.tmp_dir.mkdir()
     assert response.status == 503
     assert str(store.root) in (await response.json())["problems"]["cache"]
+
+
+async def test_an_export_that_cannot_fit_is_refused_before_docker_is_asked(
+    make_client: MakeClient, store: Store, docker: FakeDocker
+) -> None:
+    """Room is asked of the cache dir's filesystem: a floor beyond any disk makes every export too big."""
+    client = await make_client(assemble(store, docker, min_free=1 << 50))
+    ready = await client.get("/readyz")
+    assert ready.status == 503
+    assert "below the 1024 TiB --min-free" in (await ready.json())["problems"]["space"]
+    error = await error_of(await client.get("/v2/alpine/manifests/latest"), 507, "UNAVAILABLE")
+    assert error["message"].startswith(f"not exporting {ALPINE}: the cache dir {store.root} has ")
+    assert "free space there" in error["message"]
+    assert docker.saves == []
+    assert not any(store.tmp_dir.iterdir())
+    space = (await (await client.get("/status.json")).json())["space"]
+    assert (space["needed"], space["because"], space["short"]) == (1 << 50, "--min-free", True)
+
+
+async def test_readyz_wants_room_for_the_largest_recent_export(
+    client: TestClient, docker: FakeDocker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert (await client.get("/v2/alpine/manifests/latest")).status == 200
+    space = (await (await client.get("/status.json")).json())["space"]
+    assert space["needed"] > 0 and space["because"].startswith("the largest of the last 1 exports")
+    assert (await client.get("/readyz")).status == 200
+    monkeypatch.setattr(FreeSpace, "free", lambda _self: space["needed"] - 1)
+    ready = await client.get("/readyz")
+    assert ready.status == 503
+    assert "the next export may be refused" in (await ready.json())["problems"]["space"]
 
 
 def _sample(text: str, name: str, **labels: str) -> float:

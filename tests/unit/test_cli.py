@@ -66,6 +66,8 @@ def _subparser(parser: argparse.ArgumentParser, *path: str) -> argparse.Argument
         (("config", "k3d"), {"--help", "--name", "--port", "--image", "--shared", "--containerd"}),
         (("config", "kind"), {"--help", "--name", "--port", "--image", "--hosts-dir"}),
         (("config", "registries"), {"--help", "--name", "--port"}),
+        (("config", "local-registry-hosting"), {"--help", "--name", "--port", "--shared"}),
+        (("config", "ctlptl"), {"--help", "--name", "--port", "--image", "--containerd"}),
         (("warm",), {"--help", "--file", "--registry", "--parallel"}),
     ],
 )

@@ -1,4 +1,5 @@
-"""`config k3d|kind|registries`: what is printed parses and says what k3d, kind and k3s expect."""
+"""`config k3d|kind|registries|ctlptl|local-registry-hosting`: what is printed parses and says what k3d, kind,
+k3s, ctlptl and the tools reading KEP-1755 expect."""
 
 from __future__ import annotations
 
@@ -212,3 +213,87 @@ def test_kind_hosts_dir_that_cannot_be_written(capsys: pytest.CaptureFixture[str
     assert error.startswith(f"k3d-registry-dockerd: cannot write {blocker}/certs.d/_default/hosts.toml: ")
     assert error.rstrip().endswith("choose another --hosts-dir")
     assert len(error.splitlines()) == 1
+
+
+# kubernetes/enhancements keps/sig-cluster-lifecycle/generic/1755-communicating-a-local-registry/README.md:
+# LocalRegistryHostingV1's yaml tags, all strings; the ConfigMap's name, namespace and data key.
+KEP_1755_FIELDS = {"host", "hostFromClusterNetwork", "hostFromContainerRuntime", "help"}
+
+
+def _hosting(text: str) -> dict[str, Any]:
+    configmap = yaml.safe_load(text)
+    assert (configmap["apiVersion"], configmap["kind"]) == ("v1", "ConfigMap")
+    assert configmap["metadata"] == {"name": "local-registry-hosting", "namespace": "kube-public"}
+    assert list(configmap["data"]) == ["localRegistryHosting.v1"]
+    hosting = yaml.safe_load(configmap["data"]["localRegistryHosting.v1"])
+    assert set(hosting) == KEP_1755_FIELDS
+    assert all(isinstance(value, str) for value in hosting.values())
+    return dict(hosting)
+
+
+def _hosting_command(text: str) -> list[str]:
+    found = re.search(
+        r"^#   k3d-registry-dockerd config (local-registry-hosting .*?) \| kubectl apply -f -$", text, re.M
+    )
+    assert found is not None
+    return shlex.split(found[1])
+
+
+def test_local_registry_hosting(capsys: pytest.CaptureFixture[str]) -> None:
+    hosting = _hosting(_run(capsys, "local-registry-hosting"))
+    assert hosting["host"] == "localhost:5000"
+    assert hosting["hostFromContainerRuntime"] == hosting["hostFromClusterNetwork"] == "k3d-registry:5000"
+    assert hosting["help"].startswith("https://") and hosting["help"].endswith("#tilt-ctlptl-and-skaffold")
+
+
+@pytest.mark.parametrize("extra", [(), ("--name", "reg", "--port", "5055"), ("--shared", "--name", "cache")])
+def test_local_registry_hosting_agrees_with_config_k3d(
+    capsys: pytest.CaptureFixture[str], extra: tuple[str, ...]
+) -> None:
+    """The command `config k3d` names gives the host port it maps and the container its endpoint names
+    (as k3d's pkg/client/registry.go writes them for a registry it uses)."""
+    text = _run(capsys, "k3d", *extra)
+    config = yaml.safe_load(text)
+    hosting = _hosting(_run(capsys, *_hosting_command(text)))
+    port = config["registries"]["create"]["hostPort"] if "create" in config["registries"] else None
+    port = port or config["registries"]["use"][0].rpartition(":")[2]
+    assert hosting["host"] == f"localhost:{port}"
+    assert hosting["hostFromContainerRuntime"] == f"{_endpoint_host(config)}:5000"
+
+
+# ctlptl's pkg/api/types.go (Cluster) and pkg/api/k3dv1alpha5/types.go (SimpleConfig's `registries`,
+# SimpleConfigRegistries, SimpleConfigRegistryCreateConfig): their yaml tags, which ctlptl's
+# pkg/encoding/encoding.go decodes with yaml.v3's KnownFields(true), so any other field is an error;
+# tilt-dev/clusterid names the product "k3d"; pkg/cluster/admin_k3d.go wants names with the prefix k3d-.
+CTLPTL_CLUSTER_FIELDS = {
+    "kind", "apiVersion", "name", "product", "minCPUs", "registry", "registryAuths", "kubernetesVersion",
+    "kindV1Alpha4Cluster", "kindExtraCreateArguments", "minikube", "k3d", "status",
+}  # fmt: skip
+K3D_REGISTRIES_FIELDS = {"use", "create", "config"}
+K3D_CREATE_FIELDS = {"name", "host", "hostPort", "image", "proxy", "volumes"}
+
+
+def test_ctlptl_cluster(capsys: pytest.CaptureFixture[str]) -> None:
+    text = _run(capsys, "ctlptl", "--image", "me/reg:1", "--port", "5055")
+    assert "ctlptl's `kind: Registry` cannot run this registry" in text
+    documents = list(yaml.safe_load_all(text))
+    assert len(documents) == 1
+    cluster = documents[0]
+    assert (cluster["apiVersion"], cluster["kind"]) == ("ctlptl.dev/v1alpha1", "Cluster")
+    assert set(cluster) <= CTLPTL_CLUSTER_FIELDS
+    assert cluster["product"] == "k3d"
+    assert cluster["name"].startswith("k3d-")
+    # ctlptl would start a registry container of its own, without volumes.
+    assert "registry" not in cluster
+    assert set(cluster["k3d"]) == {"v1alpha5Simple"}
+    assert set(cluster["k3d"]["v1alpha5Simple"]) == {"registries"}
+    registries = cluster["k3d"]["v1alpha5Simple"]["registries"]
+    assert set(registries) <= K3D_REGISTRIES_FIELDS
+    create = registries["create"]
+    assert set(create) <= K3D_CREATE_FIELDS
+    assert all(isinstance(value, str) for key, value in create.items() if key != "volumes")
+    assert (create["image"], create["hostPort"]) == ("me/reg:1", "5055")
+    assert "/var/run/docker.sock:/var/run/docker.sock" in create["volumes"]
+    # The same registry as `config k3d` creates, and the same mirror.
+    k3d = yaml.safe_load(_run(capsys, "k3d", "--image", "me/reg:1", "--port", "5055"))["registries"]
+    assert registries == k3d

@@ -8,6 +8,7 @@ import time
 import pytest
 
 from k3d_registry_dockerd.cache.records import Records
+from k3d_registry_dockerd.cache.space import FreeSpace
 from k3d_registry_dockerd.cache.store import Store
 from k3d_registry_dockerd.common.metrics import Metrics
 from k3d_registry_dockerd.common.progress import Transfers
@@ -34,7 +35,8 @@ def exported_content(
 ) -> ExportedContent:
     metrics = Metrics(store.blobs_dir)
     records = Records(store, metrics, limit, in_use_grace)
-    return ExportedContent(store, docker, records, Transfers(), metrics)  # type: ignore[arg-type]
+    space = FreeSpace(store.root)
+    return ExportedContent(store, docker, records, Transfers(), metrics, space)  # type: ignore[arg-type]
 
 
 @pytest.fixture

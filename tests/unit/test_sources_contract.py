@@ -23,6 +23,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from k3d_registry_dockerd.cache.records import Records
+from k3d_registry_dockerd.cache.space import FreeSpace
 from k3d_registry_dockerd.cache.store import Store
 from k3d_registry_dockerd.common.metrics import Metrics
 from k3d_registry_dockerd.common.progress import Transfers
@@ -91,6 +92,7 @@ class ExportedBackend:
             Records(self.store, metrics),
             Transfers(),
             metrics,
+            FreeSpace(self.store.root),
         )
 
     def publish(self, ref: str, root: bytes, media_type: str, blobs: dict[str, bytes]) -> dict[str, Any]:

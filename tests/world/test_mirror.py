@@ -145,6 +145,23 @@ def test_own_namespace_and_digest_pull(
     assert exports(registry) == docker.exports_for(1)
 
 
+def test_answers_scoped_by_ns_name_the_namespace(
+    docker: Dockerd, registry_under_test: RegistryFactory
+) -> None:
+    """distribution-spec, "Registry Proxying": a registry that scopes a request by `ns` SHOULD return it in
+    `OCI-Namespace`; the registry's own namespace (no `ns`) has none to return."""
+    build_image(docker, "scoped:1", layers=1, size=MiB, seed="scoped")
+    registry = registry_under_test(docker)
+    scoped = oci_client.request(f"{registry.url}/v2/library/scoped/manifests/1?ns=docker.io", headers=ACCEPT)
+    own = oci_client.request(f"{registry.url}/v2/scoped/manifests/1", headers=ACCEPT)
+    assert scoped.status == own.status == 200
+    assert scoped.headers["oci-namespace"] == "docker.io"
+    assert "oci-namespace" not in own.headers
+    layer = scoped.json()["layers"][0]["digest"]
+    blob = oci_client.request(f"{registry.url}/v2/library/scoped/blobs/{layer}?ns=docker.io")
+    assert (blob.status, blob.headers["oci-namespace"]) == (200, "docker.io")
+
+
 def test_pull_through_upstream(
     docker: Dockerd,
     docker20: Dockerd,

@@ -8,6 +8,7 @@ next request.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -17,6 +18,7 @@ from typing import Any
 import aiohttp
 
 from ..cache.records import Records
+from ..cache.space import INSUFFICIENT_STORAGE, FreeSpace
 from ..cache.store import ManifestEntry, RepositoryRecord, Store, TagEntry
 from ..common import units
 from ..common.bounded import BoundedDict
@@ -72,13 +74,20 @@ class ExportedContent:
     """
 
     def __init__(
-        self, store: Store, docker: DockerClient, records: Records, transfers: Transfers, metrics: Metrics
+        self,
+        store: Store,
+        docker: DockerClient,
+        records: Records,
+        transfers: Transfers,
+        metrics: Metrics,
+        space: FreeSpace,
     ) -> None:
         self.store = store
         self.docker = docker
         self.records = records
         self.transfers = transfers
         self.metrics = metrics
+        self.space = space
         # By export key.
         self._in_progress: dict[str, ExportProgress] = {}
         self.exports = 0
@@ -241,8 +250,10 @@ class ExportedContent:
                 int(image.get("Size") or 0),
                 lambda plan: self._update(repo, plan.manifests, {}),
             )
-        except RegistryError:
-            self._remember_absent(repo, digest, image["Id"])
+        except RegistryError as exc:
+            # A cache dir out of room says nothing about the image: the next request tries again.
+            if exc.status != INSUFFICIENT_STORAGE:
+                self._remember_absent(repo, digest, image["Id"])
             raise
         await self.records.enforce_limit(repo.docker_name, plan.root.digest)
         return plan
@@ -334,7 +345,9 @@ class ExportedContent:
         keep: Callable[[ImagePlan], Awaitable[None]],
     ) -> ImagePlan:
         """Exports an image into the store and has `keep` record what is served of it; whatever else the
-        export stored (a failed export's blobs, files Docker adds that no manifest uses) is removed."""
+        export stored (a failed export's blobs, files Docker adds that no manifest uses) is removed. One
+        that cannot fit in the cache dir is refused before Docker is asked."""
+        self.space.check_export(ref, size)
         self.metrics.exports_in_flight.inc()
         background = key in self._background
         transfer = Transfer("pre-export" if background else "export", ref, size)
@@ -404,7 +417,9 @@ class ExportedContent:
         except OSError as exc:
             log.error("export of %s failed writing to the cache %s: %s", ref, self.store.root, exc)
             raise RegistryError(
-                "UNAVAILABLE", f"cannot store {ref} in the cache {self.store.root}: {exc.strerror or exc}"
+                "UNAVAILABLE",
+                f"cannot store {ref} in the cache {self.store.root}: {exc.strerror or exc}",
+                status=INSUFFICIENT_STORAGE if exc.errno == errno.ENOSPC else None,
             ) from exc
         except ExportError as exc:
             log.error("export of %s rejected: %s", ref, exc)
@@ -416,6 +431,7 @@ class ExportedContent:
             raise RegistryError(
                 "MANIFEST_UNKNOWN", f"{ref}: Docker's export is incomplete", detail=str(exc)
             ) from exc
+        self.space.exported(contents.bytes_written)
         elapsed = time.monotonic() - started
         log.info(
             "exported %s in %.1fs: %s layout, %d new blobs, %s written, serving %s",

@@ -15,7 +15,7 @@ from aiohttp.log import server_logger
 
 from .. import PRODUCT, __version__
 from ..oci.errors import RegistryError
-from ..oci.reference import is_digest
+from ..oci.reference import is_digest, normalize_registry
 from .assembly import Registry
 from .auth import Htpasswd
 from .routes import (
@@ -53,6 +53,7 @@ from .status import ImageList, RecentProblems, RecentPulls
 log = logging.getLogger(__package__)
 API_VERSION = ("Docker-Distribution-API-Version", "registry/2.0")
 SERVER = f"{PRODUCT}/{__version__}"
+OCI_NAMESPACE = "OCI-Namespace"
 
 
 class AccessLogger(AbstractAccessLogger):
@@ -157,11 +158,28 @@ async def _write_access(request: web.Request, handler: web.Handler) -> web.Strea
     return await handler(request)
 
 
+def _namespace(request: web.Request) -> str | None:
+    """The `ns` a request was scoped by, as it came: the distribution-spec's "Registry Proxying" says a
+    registry that uses it SHOULD return it in `OCI-Namespace` (answers with an error too). Pushes with
+    `ns` are refused, not scoped, and a malformed `ns` scopes nothing."""
+    ns = request.query.get("ns")
+    if not ns or request.match_info.handler not in _NS_SCOPED:
+        return None
+    try:
+        normalize_registry(ns)
+    except RegistryError:
+        return None
+    return ns
+
+
 async def _on_response(request: web.Request, response: web.StreamResponse) -> None:
-    """Adds the registry API version header and our name (which `doctor` recognizes), and counts the
-    response (status and size are final here)."""
+    """Adds the registry API version header, our name (which `doctor` recognizes) and the `ns` that scoped
+    the request, and counts the response (status and size are final here)."""
     response.headers[API_VERSION[0]] = API_VERSION[1]
     response.headers[hdrs.SERVER] = SERVER
+    namespace = _namespace(request)
+    if namespace is not None:
+        response.headers[OCI_NAMESPACE] = namespace
     handler = request.match_info.handler
     route = "unmatched" if request.match_info.http_exception else getattr(handler, "__name__", "other")
     sent = (response.content_length or 0) if request.method != hdrs.METH_HEAD else 0
@@ -187,6 +205,9 @@ def _note_pull(request: web.Request, sent: int) -> None:
     )
 
 
+# What reads `ns`: pulls, listings and referrers of a mirrored registry, and manifest deletes evicting its
+# cache.
+_NS_SCOPED = frozenset({manifest, blob, tags_list, referrers, delete_manifest})
 _CHALLENGED = frozenset(
     {
         base,

@@ -8,6 +8,7 @@ import logging
 from dataclasses import dataclass, field
 
 from ..cache.records import Records
+from ..cache.space import FreeSpace
 from ..cache.store import Store
 from ..common.metrics import Metrics
 from ..common.progress import Activity, Transfers
@@ -39,6 +40,8 @@ class Registry:
     transfers: Transfers
     # The one writer of the cache's records.
     records: Records
+    # Room in the cache dir for exports.
+    space: FreeSpace
     exported: ExportedContent
     discovery: InPlaceDiscovery
     sources: Sources
@@ -97,6 +100,7 @@ def assemble(
     *,
     metrics: Metrics | None = None,
     cache_max_size: int | None = None,
+    min_free: int = 0,
     refresh_tags: float | None = None,
     in_place: InPlaceConfig | None = None,
     host_credentials: HostCredentials | None = None,
@@ -112,7 +116,8 @@ def assemble(
     metrics = metrics or Metrics(store.blobs_dir)
     transfers = Transfers()
     records = Records(store, metrics, cache_max_size)
-    exported = ExportedContent(store, docker, records, transfers, metrics)
+    space = FreeSpace(store.root, min_free)
+    exported = ExportedContent(store, docker, records, transfers, metrics, space)
     discovery = InPlaceDiscovery(in_place or InPlaceConfig(enabled=False), metrics)
     sources = Sources(docker, exported, discovery)
     guard = PrivateGuard(store, docker, metrics)
@@ -143,6 +148,7 @@ def assemble(
         metrics=metrics,
         transfers=transfers,
         records=records,
+        space=space,
         exported=exported,
         discovery=discovery,
         sources=sources,

@@ -118,15 +118,20 @@ async def docker_state(docker: DockerClient) -> DaemonInfo | str:
 
 
 async def readiness(registry: Registry) -> dict[str, str]:
-    """Problems that stop the registry from serving new images, by component; empty when ready."""
+    """Problems that stop the registry from serving new images, by component (the next export not fitting
+    in the cache dir too); empty when ready."""
     problems: dict[str, str] = {}
     docker = await docker_state(registry.docker)
     if isinstance(docker, str):
         problems["docker"] = docker
     try:
         await asyncio.to_thread(registry.store.check_writable)
+        short = await asyncio.to_thread(registry.space.problem)
     except OSError as exc:
         problems["cache"] = f"cache {registry.store.root} is not writable: {exc.strerror or exc}"
+    else:
+        if short is not None:
+            problems["space"] = short
     return problems
 
 
@@ -196,6 +201,8 @@ async def snapshot(
             for image in shown
         ],
         "transfers": [transfer.as_json() for transfer in registry.transfers.running()],
+        # Free space in the cache dir against what the next export may need.
+        "space": (await asyncio.to_thread(registry.space.room)).as_json(),
         # None when pre-exports are off.
         "prefetch": registry.prefetcher.state() if registry.prefetcher is not None else None,
         "pulls": [asdict(pull) for pull in pulls.entries],
