@@ -9,13 +9,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import __version__
+from . import IMAGE, __version__
 from .docker.containerd import SYSTEM_ADDRESS
 from .docker.endpoint import DockerEndpoint
 from .docker.engine import DaemonInfo, DockerClient, DockerUnavailable
 from .sources.discovery import kind_of
 
-IMAGE = "ghcr.io/k3d-registry-dockerd/k3d-registry-dockerd"
 DEFAULT_IMAGE = f"{IMAGE}:{__version__}"
 CACHE_VOLUME = "k3d-registry-dockerd-cache"
 CONTAINER_SOCKET = "/var/run/docker.sock"
