@@ -25,6 +25,8 @@ DESKTOP_CONTAINERD = "/var/run/desktop-containerd/containerd.sock"
 DESKTOP_CONTENT = f"/var/lib/desktop-containerd/daemon/{CONTENT}"
 SYSTEM_CONTENT = f"/var/lib/containerd/{CONTENT}"
 ASK_WITHIN = 10.0
+# Files Docker and Podman put into every container they run.
+CONTAINER_MARKERS = ("/.dockerenv", "/run/.containerenv")
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,17 @@ def containerd_assumed() -> Setup:
     """The mounts for Docker Engine 29 on Linux (the system containerd), without asking Docker."""
     about = "# Docker Engine 29 on Linux with its containerd image store (--containerd, Docker not asked).\n"
     return Setup([_api_mount(CONTAINER_SOCKET), *_containerd_mounts(SYSTEM_ADDRESS, SYSTEM_CONTENT)], about)
+
+
+def missing_mounts(info: DaemonInfo, endpoint: DockerEndpoint) -> str | None:
+    """For a registry running in a container that cannot read the daemon's store: the mounts `config k3d`
+    gives it, which would serve the store in place; None outside a container (the reason says what to do)."""
+    if not any(Path(marker).exists() for marker in CONTAINER_MARKERS):
+        return None
+    mounts = setup_for(info, endpoint.host, endpoint.socket_path).mounts[1:]
+    how = "zero-copy" if kind_of(info) == "containerd" else "in place"
+    options = " ".join(f"-v {mount.spec()}" for mount in mounts)
+    return f"to serve them {how}, give the registry container the mounts `config k3d` prints: {options}"
 
 
 async def ask(endpoint: DockerEndpoint) -> Setup:

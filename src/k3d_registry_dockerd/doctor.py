@@ -1,10 +1,12 @@
-"""`k3d-registry-dockerd doctor`: checks what serving needs and explains what the findings mean."""
+"""`k3d-registry-dockerd doctor`: says first how the registry would get bytes for this Docker, then checks
+what serving needs and explains what the findings mean."""
 
 from __future__ import annotations
 
 import asyncio
 import ssl
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import aiohttp
@@ -25,7 +27,7 @@ from .settings import (
     cache_dir_problem,
 )
 from .sources.containerd import ContainerdContent
-from .sources.discovery import discover, kind_of
+from .sources.discovery import InPlaceDiscovery, bytes_path, discover, kind_of
 from .web.auth import Htpasswd, HtpasswdError
 
 # Engine API 1.44 (Docker 25) is where image save started writing an OCI image layout.
@@ -115,6 +117,18 @@ async def in_place_finding(settings: Settings, endpoint: DockerEndpoint, info: D
         f"{kind}: on ({found.root}): layers are served from the daemon's own files, never exported "
         f"(off: {ENV_ZERO_COPY}=false)",
     )
+
+
+async def bytes_path_line(settings: Settings, endpoint: DockerEndpoint, info: DaemonInfo) -> str:
+    """The status page's first line, as the registry would find it: in place, zero-copy or export."""
+    config = server.in_place_config(settings, endpoint)
+    metrics = Metrics(settings.cache_dir / "blobs")
+    discovery = InPlaceDiscovery(config, metrics, partial(configs.missing_mounts, endpoint=endpoint))
+    try:
+        await discovery.source(info)
+        return discovery.path
+    finally:
+        await discovery.close()
 
 
 def cache_finding(cache_dir: Path) -> Finding:
@@ -215,10 +229,13 @@ def host_credentials_finding(settings: Settings, credentials: HostCredentials) -
     return Finding("ok", text)
 
 
-async def diagnose(settings: Settings, docker: DockerClient) -> list[Finding]:
+async def diagnose(settings: Settings, docker: DockerClient) -> tuple[str, list[Finding]]:
+    """How bytes would be served (one line), and the findings."""
     findings: list[Finding] = []
+    path = bytes_path(None, None, enabled=settings.zero_copy)
     try:
         info = await docker.daemon()
+        path = await bytes_path_line(settings, docker.endpoint, info)
         findings += docker_findings(info, docker.describe())
         findings.append(await in_place_finding(settings, docker.endpoint, info))
     except DockerUnavailable as exc:
@@ -234,16 +251,18 @@ async def diagnose(settings: Settings, docker: DockerClient) -> list[Finding]:
     findings += await port_findings(settings)
     findings.append(write_access_finding(settings))
     findings.append(await asyncio.to_thread(host_credentials_finding, settings, HostCredentials()))
-    return findings
+    return path, findings
 
 
 async def run(settings: Settings, endpoint: DockerEndpoint) -> int:
-    """Prints one line per finding; exit status 1 when something blocks serving."""
+    """Prints how bytes would be served, then one line per finding; exit status 1 when something blocks
+    serving."""
     docker = DockerClient(endpoint)
     try:
-        findings = await diagnose(settings, docker)
+        path, findings = await diagnose(settings, docker)
     finally:
         await docker.close()
+    print(path)
     for finding in findings:
         print(finding.render())
     return 0 if all(finding.ok for finding in findings) else 1

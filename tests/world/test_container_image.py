@@ -252,3 +252,22 @@ def test_config_names_the_command_that_builds_a_missing_image(
     present = _cli("config", "k3d", "--image", built_image.image, docker=docker26)
     assert "is not in Docker" not in present.stdout + present.stderr
     assert yaml.safe_load(present.stdout)["registries"]["create"]["image"] == built_image.image
+
+
+@pytest.mark.parametrize("store", ["docker26", "docker28_containerd"])
+def test_a_container_without_the_mounts_says_it_exports_and_which_mounts(
+    store: str, registry_image: str, request: pytest.FixtureRequest
+) -> None:
+    """Only the socket mounted: the status page's first line and `doctor`'s say export, and name the mounts
+    `config k3d` prints for this daemon."""
+    docker26: Dockerd = request.getfixturevalue("docker26")
+    daemon: Dockerd = request.getfixturevalue(store)
+    printed = [
+        f"-v {mount}" for mount in _printed_mounts(daemon) if ".sock:/var/run/docker.sock" not in mount
+    ]
+    with registry_container(docker26, registry_image, daemon.socket) as (name, addr):
+        line = oci_client.request(f"http://{addr}/status.json").json()["bytes_path"]
+        doctor = docker26.docker("exec", name, "k3d-registry-dockerd", "doctor", check=False).stdout
+    assert line.startswith("export: "), line
+    assert line.endswith(f"give the registry container the mounts `config k3d` prints: {' '.join(printed)}")
+    assert doctor.splitlines()[0] == line, doctor

@@ -23,7 +23,7 @@ from ..mirror.verify import Verifier
 from ..push.docker_load import Loads
 from ..push.pushes import Pushes
 from ..push.uploads import Uploads
-from ..sources.discovery import InPlaceConfig, InPlaceDiscovery
+from ..sources.discovery import InPlaceConfig, InPlaceDiscovery, Remedy
 from ..sources.exported import ExportedContent
 from ..sources.select import Sources
 
@@ -99,6 +99,7 @@ def assemble(
     cache_max_size: int | None = None,
     refresh_tags: float | None = None,
     in_place: InPlaceConfig | None = None,
+    in_place_remedy: Remedy | None = None,
     host_credentials: HostCredentials | None = None,
     prefetch_max_age: float | None = None,
     load_pushed: bool = True,
@@ -111,7 +112,7 @@ def assemble(
     transfers = Transfers()
     records = Records(store, metrics, cache_max_size)
     exported = ExportedContent(store, docker, records, transfers, metrics)
-    discovery = InPlaceDiscovery(in_place or InPlaceConfig(enabled=False), metrics)
+    discovery = InPlaceDiscovery(in_place or InPlaceConfig(enabled=False), metrics, in_place_remedy)
     sources = Sources(docker, exported, discovery)
     guard = PrivateGuard(store, docker, metrics)
     images = CurrentImages(

@@ -141,6 +141,8 @@ async def snapshot(registry: Registry, problems: RecentProblems, pulls: RecentPu
     return {
         "version": __version__,
         "time": time.time(),
+        # How the registry gets bytes (in place, zero-copy or export), the page's first line.
+        "bytes_path": registry.discovery.path,
         "docker": await _docker(registry),
         "cache": {
             "dir": str(store.root),
