@@ -59,10 +59,10 @@ def running_wheel(directory: Path) -> Path:
         for path in sorted(package.rglob("*"))
         if path.is_file() and "__pycache__" not in path.relative_to(package).parts
     ]
-    for meta in ("METADATA", "entry_points.txt", "top_level.txt"):
-        text = distribution.read_text(meta)
-        if text is not None:
-            files.append((f"{info}/{meta}", text.encode()))
+    # An .egg-info (a source tree on sys.path, as under pytest) keeps the same metadata as PKG-INFO.
+    found = {"METADATA": distribution.read_text("METADATA") or distribution.read_text("PKG-INFO")}
+    found.update((meta, distribution.read_text(meta)) for meta in ("entry_points.txt", "top_level.txt"))
+    files += [(f"{info}/{meta}", text.encode()) for meta, text in found.items() if text is not None]
     files.append((f"{info}/WHEEL", f"{WHEEL_METADATA}Tag: py3-none-any\n".encode()))
     record = "".join(f"{path},{_record_hash(data)},{len(data)}\n" for path, data in files)
     files.append((f"{info}/RECORD", f"{record}{info}/RECORD,,\n".encode()))
