@@ -23,6 +23,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+import k3d_registry_dockerd
+
 from . import oci_client
 from .daemons import (
     REPO_ROOT,
@@ -60,6 +62,8 @@ class Built:
     image: str
     # What `image build` printed.
     output: str
+    # The dependencies' wheels it was given (there while the module's tests run).
+    wheels: Path
 
 
 def _cli(*args: str | Path, docker: Dockerd | Podman, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -85,7 +89,7 @@ def built_image(docker26: Dockerd, debootstrap: str) -> Iterator[Built]:
         run([sys.executable, "-m", "pip", "wheel", "-q", "-w", work / "wheels", REPO_ROOT], timeout=900)
         built = _cli("image", "build", "--tag", IMAGE, "--base", BASE_IMAGE, "--wheels", work / "wheels",
                      docker=docker26)  # fmt: skip
-        yield Built(IMAGE, built.stdout)
+        yield Built(IMAGE, built.stdout, work / "wheels")
     finally:
         remove_tree(work)
 
@@ -271,3 +275,17 @@ def test_a_container_without_the_mounts_says_it_exports_and_which_mounts(
     assert line.startswith("export: "), line
     assert line.endswith(f"give the registry container the mounts `config k3d` prints: {' '.join(printed)}")
     assert doctor.splitlines()[0] == line, doctor
+
+
+def test_image_build_on_the_containerd_image_store(
+    built_image: Built, docker26: Dockerd, docker28_containerd: Dockerd, tmp_path: Path
+) -> None:
+    """What a fresh Docker 29 runs: the build endpoint's builder on the containerd image store."""
+    docker26.docker("save", "-o", tmp_path / "base.tar", BASE_IMAGE)
+    docker28_containerd.docker("load", "-i", tmp_path / "base.tar")
+    tag = "k3rd-built-on-containerd:1"
+    built = _cli("image", "build", "--tag", tag, "--base", BASE_IMAGE, "--wheels", built_image.wheels,
+                 docker=docker28_containerd)  # fmt: skip
+    assert built.stdout.splitlines()[-1] == f"built {tag}"
+    version = docker28_containerd.docker("run", "--rm", "--network", "none", tag, "--version").stdout
+    assert version.strip() == f"k3d-registry-dockerd {k3d_registry_dockerd.__version__}"
