@@ -27,7 +27,7 @@ from .settings import (
     cache_dir_problem,
 )
 from .sources.containerd import ContainerdContent
-from .sources.discovery import InPlaceDiscovery, bytes_path, discover, kind_of
+from .sources.discovery import bytes_path, discover, kind_of
 from .web.auth import Htpasswd, HtpasswdError
 
 # Engine API 1.44 (Docker 25) is where image save started writing an OCI image layout.
@@ -82,18 +82,23 @@ def docker_findings(info: DaemonInfo, where: str) -> list[Finding]:
     ]
 
 
-async def in_place_finding(settings: Settings, endpoint: DockerEndpoint, info: DaemonInfo) -> Finding:
-    """Whether images are served where the daemon keeps them (zero-copy from containerd's content store,
-    or Docker's classic store read in place), and why not."""
+async def in_place_state(
+    settings: Settings, endpoint: DockerEndpoint, info: DaemonInfo
+) -> tuple[str, Finding]:
+    """From one discovery: the status page's first line (in place, zero-copy or export, as the registry
+    would find it), and whether images are served where the daemon keeps them (zero-copy from containerd's
+    content store, or Docker's classic store read in place), and why not."""
     kind = {
         "containerd": "zero-copy from containerd",
         "classic": "serving Docker's classic store in place",
         "podman": "serving Podman's storage in place",
     }[kind_of(info)]
     if not settings.zero_copy:
-        return Finding("ok", f"{kind}: off ({settings.sources['zero_copy']}), every image is exported")
+        off = f"{kind}: off ({settings.sources['zero_copy']}), every image is exported"
+        return bytes_path(info, None, enabled=False), Finding("ok", off)
     config = server.in_place_config(settings, endpoint)
     found = await discover(config, info, Metrics(settings.cache_dir / "blobs"))
+    line = bytes_path(info, found, remedy=partial(configs.missing_mounts, endpoint=endpoint))
     if isinstance(found, str):
         mounts = configs.setup_for(info, endpoint.host, endpoint.socket_path).mounts[1:]
         where = (
@@ -104,31 +109,19 @@ async def in_place_finding(settings: Settings, endpoint: DockerEndpoint, info: D
         remedy = f"a registry container needs {where}, read-only: " + " ".join(
             f"-v {mount.spec()}" for mount in mounts
         )
-        return Finding("warn", f"{kind}: off, every image is exported: {found}", remedy)
+        return line, Finding("warn", f"{kind}: off, every image is exported: {found}", remedy)
     if isinstance(found, ContainerdContent):
         await found.client.close()
-        return Finding(
+        return line, Finding(
             "ok",
             f"{kind}: on ({found.client.address}, namespace {found.client.namespace}): images are served "
             f"from {found.blobs_dir} as they are, never exported (off: {ENV_ZERO_COPY}=false)",
         )
-    return Finding(
+    return line, Finding(
         "ok",
         f"{kind}: on ({found.root}): layers are served from the daemon's own files, never exported "
         f"(off: {ENV_ZERO_COPY}=false)",
     )
-
-
-async def bytes_path_line(settings: Settings, endpoint: DockerEndpoint, info: DaemonInfo) -> str:
-    """The status page's first line, as the registry would find it: in place, zero-copy or export."""
-    config = server.in_place_config(settings, endpoint)
-    metrics = Metrics(settings.cache_dir / "blobs")
-    discovery = InPlaceDiscovery(config, metrics, partial(configs.missing_mounts, endpoint=endpoint))
-    try:
-        await discovery.source(info)
-        return discovery.path
-    finally:
-        await discovery.close()
 
 
 def cache_finding(cache_dir: Path) -> Finding:
@@ -235,9 +228,8 @@ async def diagnose(settings: Settings, docker: DockerClient) -> tuple[str, list[
     path = bytes_path(None, None, enabled=settings.zero_copy)
     try:
         info = await docker.daemon()
-        path = await bytes_path_line(settings, docker.endpoint, info)
-        findings += docker_findings(info, docker.describe())
-        findings.append(await in_place_finding(settings, docker.endpoint, info))
+        path, in_place = await in_place_state(settings, docker.endpoint, info)
+        findings += [*docker_findings(info, docker.describe()), in_place]
     except DockerUnavailable as exc:
         findings.append(
             Finding(

@@ -60,7 +60,11 @@ async def test_each_way_in_one_line(tmp_path: Path) -> None:
         "export: Docker Engine 26.1.5's images are exported into the cache, because Docker uses the btrfs "
         "graph driver"
     )
-    assert bytes_path(info, Unreadable("not here"), remedy="mount it").endswith("because not here; mount it")
+    assert bytes_path(info, Unreadable("not here"), remedy=lambda info: "mount it").endswith(
+        "because not here; mount it"
+    )
+    # Only a reason a mount would fix gets the remedy.
+    assert bytes_path(info, "too old", remedy=lambda info: "mount it").endswith("because too old")
     assert bytes_path(None, None).startswith("export until Docker answers")
     assert bytes_path(info, None, enabled=False).startswith("export: every image is exported")
 

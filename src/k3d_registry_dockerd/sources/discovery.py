@@ -108,8 +108,7 @@ class InPlaceDiscovery:
                         self._off(f"{found}; images are exported from Docker instead")
                     else:
                         self.content, self.off_reason = found, None
-                    remedy = self.remedy(info) if self.remedy and isinstance(found, Unreadable) else None
-                    self.path = bytes_path(info, found, remedy=remedy)
+                    self.path = bytes_path(info, found, remedy=self.remedy)
         return self.content if _kind_served(self.content) == kind else None
 
     def describe(self) -> str:
@@ -140,10 +139,11 @@ def bytes_path(
     found: InPlaceContent | str | None,
     *,
     enabled: bool = True,
-    remedy: str | None = None,
+    remedy: Remedy | None = None,
 ) -> str:
     """How the registry gets bytes for this daemon, in one line that starts with the way: "in place",
-    "zero-copy" or "export"; `found` is what discovery found (or why not), `remedy` the mounts missing."""
+    "zero-copy" or "export"; `found` is what discovery found (or why not), and `remedy` says which mounts
+    are missing when a mount would help."""
     if not enabled:
         return "export: every image is exported from Docker into the cache (serving in place is turned off)"
     if info is None:
@@ -161,7 +161,8 @@ def bytes_path(
     line = (
         f"export: {info.product} {info.server_version}'s images are exported into the cache, because {found}"
     )
-    return f"{line}; {remedy}" if remedy else line
+    missing = remedy(info) if remedy is not None and isinstance(found, Unreadable) else None
+    return f"{line}; {missing}" if missing else line
 
 
 async def discover(config: InPlaceConfig, info: DaemonInfo, metrics: Metrics) -> InPlaceContent | str:
