@@ -1,4 +1,5 @@
-"""The `k3d-registry-dockerd` command: flags and environment in, one of serve / doctor / cache / config.
+"""The `k3d-registry-dockerd` command: flags and environment in, one of serve / doctor / cache / config /
+image.
 
 Every mistake is answered with one line on stderr and a non-zero exit; a traceback only with
 `--log-level debug`.
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__, configs, doctor, server, warm, workloads
+from . import image as container_image
 from .cache import directory, maintenance
 from .cache.store import Store
 from .common import units
@@ -92,6 +94,38 @@ def _containerd_option(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="print the mounts for Docker Engine 29 on Linux (the system containerd's socket and content "
         "store) without asking Docker what it runs",
+    )
+
+
+def _image_parser(commands: Any) -> None:
+    images = commands.add_parser(
+        "image",
+        help="build the registry's container image with Docker",
+        description="The registry's container image, the one `config k3d` and `config kind` run.",
+    )
+    actions = images.add_subparsers(dest="action", metavar="ACTION", required=True)
+    build = actions.add_parser(
+        "build",
+        help="build it from this installed version, through the Docker the registry talks to",
+        description="Build the image from this installed version (no clone needed) with the package's "
+        "Dockerfile, through Docker as the registry finds it (DOCKER_HOST, else the current context). The "
+        "build itself installs the dependencies from PyPI unless --wheels gives them.",
+    )
+    build.add_argument(
+        "--tag", default=configs.DEFAULT_IMAGE, help=f"the image's name (default {configs.DEFAULT_IMAGE})"
+    )
+    build.add_argument(
+        "--base",
+        metavar="IMAGE",
+        help="the base image, one with python3 (>= 3.11) and its venv module (default the Dockerfile's, "
+        "python:3.11-slim-bookworm)",
+    )
+    build.add_argument(
+        "--wheels",
+        type=Path,
+        metavar="DIR",
+        help="install the dependencies from the wheels in DIR only, without an index: a build without "
+        "network (pip download --only-binary=:all: --python-version 3.11 -d DIR k3d-registry-dockerd)",
     )
 
 
@@ -239,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     _config_options(ctlptl, "k3d-registry", "the port on the host")
     _container_options(ctlptl)
     _containerd_option(ctlptl)
+    _image_parser(commands)
     return parser
 
 
@@ -311,7 +346,24 @@ def _container_setup(args: argparse.Namespace) -> configs.Setup:
     return asyncio.run(configs.ask(endpoint))
 
 
+def _missing_image(args: argparse.Namespace) -> None:
+    """Says at the top of a config, and on stderr, how to build its image when Docker does not have it."""
+    try:
+        endpoint = resolve_endpoint(os.environ)
+    except EndpointError:
+        return
+    if asyncio.run(container_image.present(endpoint, args.image)) is False:
+        command = container_image.build_command(args.image)
+        print(f"# {args.image} is not in Docker: build it first with `{command}`")
+        print(
+            f"{PROG}: {args.image} is not in Docker at {endpoint.host}; build it with: {command}",
+            file=sys.stderr,
+        )
+
+
 def _print_config(args: argparse.Namespace) -> int:
+    if args.target in ("k3d", "kind", "ctlptl"):
+        _missing_image(args)
     if args.target == "k3d":
         render = configs.k3d_shared if args.shared else configs.k3d_create
         print(render(args.name, args.port, args.image, _container_setup(args)), end="")
@@ -377,7 +429,18 @@ def _warm_command(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _image_command(args: argparse.Namespace) -> int:
+    try:
+        endpoint = resolve_endpoint(os.environ)
+        asyncio.run(container_image.build(endpoint, args.tag, args.base, args.wheels, print))
+    except container_image.ImageError as exc:
+        return _fail(str(exc))
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
+    if args.command == "image":
+        return _image_command(args)
     if args.command == "config":
         return _print_config(args)
     if args.command == "warm":

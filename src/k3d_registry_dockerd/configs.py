@@ -9,13 +9,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import __version__
+from . import IMAGE, __version__
 from .docker.containerd import SYSTEM_ADDRESS
 from .docker.endpoint import DockerEndpoint
 from .docker.engine import DaemonInfo, DockerClient, DockerUnavailable
 from .sources.discovery import kind_of
 
-IMAGE = "ghcr.io/k3d-registry-dockerd/k3d-registry-dockerd"
 DEFAULT_IMAGE = f"{IMAGE}:{__version__}"
 CACHE_VOLUME = "k3d-registry-dockerd-cache"
 CONTAINER_SOCKET = "/var/run/docker.sock"
@@ -31,6 +30,8 @@ HELP_URL = (
     "https://github.com/k3d-registry-dockerd/k3d-registry-dockerd/blob/"
     f"v{__version__}/README.md#tilt-ctlptl-and-skaffold"
 )
+# Files Docker and Podman put into every container they run.
+CONTAINER_MARKERS = ("/.dockerenv", "/run/.containerenv")
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,17 @@ def containerd_assumed() -> Setup:
     """The mounts for Docker Engine 29 on Linux (the system containerd), without asking Docker."""
     about = "# Docker Engine 29 on Linux with its containerd image store (--containerd, Docker not asked).\n"
     return Setup([_api_mount(CONTAINER_SOCKET), *_containerd_mounts(SYSTEM_ADDRESS, SYSTEM_CONTENT)], about)
+
+
+def missing_mounts(info: DaemonInfo, endpoint: DockerEndpoint) -> str | None:
+    """For a registry running in a container that cannot read the daemon's store: the mounts `config k3d`
+    gives it, which would serve the store in place; None outside a container (the reason says what to do)."""
+    if not any(Path(marker).exists() for marker in CONTAINER_MARKERS):
+        return None
+    mounts = setup_for(info, endpoint.host, endpoint.socket_path).mounts[1:]
+    how = "zero-copy" if kind_of(info) == "containerd" else "in place"
+    options = " ".join(f"-v {mount.spec()}" for mount in mounts)
+    return f"to serve them {how}, give the registry container the mounts `config k3d` prints: {options}"
 
 
 async def ask(endpoint: DockerEndpoint) -> Setup:

@@ -1,10 +1,12 @@
-"""`k3d-registry-dockerd doctor`: checks what serving needs and explains what the findings mean."""
+"""`k3d-registry-dockerd doctor`: says first how the registry would get bytes for this Docker, then checks
+what serving needs and explains what the findings mean."""
 
 from __future__ import annotations
 
 import asyncio
 import ssl
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import aiohttp
@@ -25,7 +27,7 @@ from .settings import (
     cache_dir_problem,
 )
 from .sources.containerd import ContainerdContent
-from .sources.discovery import discover, kind_of
+from .sources.discovery import bytes_path, discover, kind_of
 from .web.auth import Htpasswd, HtpasswdError
 
 # Engine API 1.44 (Docker 25) is where image save started writing an OCI image layout.
@@ -80,18 +82,23 @@ def docker_findings(info: DaemonInfo, where: str) -> list[Finding]:
     ]
 
 
-async def in_place_finding(settings: Settings, endpoint: DockerEndpoint, info: DaemonInfo) -> Finding:
-    """Whether images are served where the daemon keeps them (zero-copy from containerd's content store,
-    or Docker's classic store read in place), and why not."""
+async def in_place_state(
+    settings: Settings, endpoint: DockerEndpoint, info: DaemonInfo
+) -> tuple[str, Finding]:
+    """From one discovery: the status page's first line (in place, zero-copy or export, as the registry
+    would find it), and whether images are served where the daemon keeps them (zero-copy from containerd's
+    content store, or Docker's classic store read in place), and why not."""
     kind = {
         "containerd": "zero-copy from containerd",
         "classic": "serving Docker's classic store in place",
         "podman": "serving Podman's storage in place",
     }[kind_of(info)]
     if not settings.zero_copy:
-        return Finding("ok", f"{kind}: off ({settings.sources['zero_copy']}), every image is exported")
+        off = f"{kind}: off ({settings.sources['zero_copy']}), every image is exported"
+        return bytes_path(info, None, enabled=False), Finding("ok", off)
     config = server.in_place_config(settings, endpoint)
     found = await discover(config, info, Metrics(settings.cache_dir / "blobs"))
+    line = bytes_path(info, found, remedy=partial(configs.missing_mounts, endpoint=endpoint))
     if isinstance(found, str):
         mounts = configs.setup_for(info, endpoint.host, endpoint.socket_path).mounts[1:]
         where = (
@@ -102,15 +109,15 @@ async def in_place_finding(settings: Settings, endpoint: DockerEndpoint, info: D
         remedy = f"a registry container needs {where}, read-only: " + " ".join(
             f"-v {mount.spec()}" for mount in mounts
         )
-        return Finding("warn", f"{kind}: off, every image is exported: {found}", remedy)
+        return line, Finding("warn", f"{kind}: off, every image is exported: {found}", remedy)
     if isinstance(found, ContainerdContent):
         await found.client.close()
-        return Finding(
+        return line, Finding(
             "ok",
             f"{kind}: on ({found.client.address}, namespace {found.client.namespace}): images are served "
             f"from {found.blobs_dir} as they are, never exported (off: {ENV_ZERO_COPY}=false)",
         )
-    return Finding(
+    return line, Finding(
         "ok",
         f"{kind}: on ({found.root}): layers are served from the daemon's own files, never exported "
         f"(off: {ENV_ZERO_COPY}=false)",
@@ -215,12 +222,14 @@ def host_credentials_finding(settings: Settings, credentials: HostCredentials) -
     return Finding("ok", text)
 
 
-async def diagnose(settings: Settings, docker: DockerClient) -> list[Finding]:
+async def diagnose(settings: Settings, docker: DockerClient) -> tuple[str, list[Finding]]:
+    """How bytes would be served (one line), and the findings."""
     findings: list[Finding] = []
+    path = bytes_path(None, None, enabled=settings.zero_copy)
     try:
         info = await docker.daemon()
-        findings += docker_findings(info, docker.describe())
-        findings.append(await in_place_finding(settings, docker.endpoint, info))
+        path, in_place = await in_place_state(settings, docker.endpoint, info)
+        findings += [*docker_findings(info, docker.describe()), in_place]
     except DockerUnavailable as exc:
         findings.append(
             Finding(
@@ -234,16 +243,18 @@ async def diagnose(settings: Settings, docker: DockerClient) -> list[Finding]:
     findings += await port_findings(settings)
     findings.append(write_access_finding(settings))
     findings.append(await asyncio.to_thread(host_credentials_finding, settings, HostCredentials()))
-    return findings
+    return path, findings
 
 
 async def run(settings: Settings, endpoint: DockerEndpoint) -> int:
-    """Prints one line per finding; exit status 1 when something blocks serving."""
+    """Prints how bytes would be served, then one line per finding; exit status 1 when something blocks
+    serving."""
     docker = DockerClient(endpoint)
     try:
-        findings = await diagnose(settings, docker)
+        path, findings = await diagnose(settings, docker)
     finally:
         await docker.close()
+    print(path)
     for finding in findings:
         print(finding.render())
     return 0 if all(finding.ok for finding in findings) else 1

@@ -13,10 +13,11 @@ import resource
 import signal
 import socket
 import ssl
+from functools import partial
 
 from aiohttp import web
 
-from . import __version__, logs
+from . import __version__, configs, logs
 from .cache import directory
 from .cache.store import Store
 from .docker.endpoint import DockerEndpoint
@@ -207,6 +208,7 @@ def build_app(settings: Settings, endpoint: DockerEndpoint, write_auth: Htpasswd
         min_free=settings.min_free or 0,
         refresh_tags=settings.refresh_tags,
         in_place=in_place_config(settings, endpoint),
+        in_place_remedy=partial(configs.missing_mounts, endpoint=endpoint),
         host_credentials=HostCredentials() if settings.docker_credentials else None,
         prefetch_max_age=settings.prefetch_max_age if settings.prefetch else None,
         load_pushed=settings.load_pushed,

@@ -20,7 +20,7 @@ from k3d_registry_dockerd.doctor import (
     cache_finding,
     docker_findings,
     host_credentials_finding,
-    in_place_finding,
+    in_place_state,
     port_findings,
     write_access_finding,
 )
@@ -132,6 +132,10 @@ def test_render() -> None:
     assert Finding("ok", "fine").render() == "✓ fine"
     assert Finding("warn", "careful", "do this").render() == "! careful\n    → do this"
     assert Finding("fail", "broken", "fix it").render() == "✗ broken\n    → fix it"
+
+
+async def in_place_finding(settings: Settings, endpoint: DockerEndpoint, info: DaemonInfo) -> Finding:
+    return (await in_place_state(settings, endpoint, info))[1]
 
 
 async def test_in_place_findings(tmp_path: Path) -> None:

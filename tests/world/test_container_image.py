@@ -1,9 +1,9 @@
-"""The Dockerfile's image, built by a test dockerd and run the way k3d runs a registry.
+"""The registry's image, built by a test dockerd with `k3d-registry-dockerd image build` and run the way k3d
+runs a registry.
 
 No public base image is reachable here, so the base is a Debian bookworm root filesystem made with
-debootstrap (python3 + venv) and imported under a local name; the package and its dependencies come from
-wheels built on this machine and passed in the build context. The Dockerfile itself stays an ordinary one:
-both are build arguments.
+debootstrap (python3 + venv) and imported under a local name (`--base`); the dependencies come from wheels
+built on this machine (`--wheels`). The Dockerfile itself stays an ordinary one: both are build arguments.
 """
 
 from __future__ import annotations
@@ -11,15 +11,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tarfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
+
+import k3d_registry_dockerd
 
 from . import oci_client
 from .daemons import (
@@ -37,6 +41,7 @@ from .images import MiB, build_image, build_with_podman
 
 BASE_IMAGE = "k3rd-python-base:bookworm"
 IMAGE = "k3d-registry-dockerd:test"
+CLI = Path(sys.executable).parent / "k3d-registry-dockerd"
 
 
 def _debian_mirror() -> str:
@@ -52,9 +57,25 @@ def _debian_mirror() -> str:
     raise RuntimeError("no Debian mirror configured for apt")
 
 
+@dataclass(frozen=True)
+class Built:
+    image: str
+    # What `image build` printed.
+    output: str
+    # The dependencies' wheels it was given (there while the module's tests run).
+    wheels: Path
+
+
+def _cli(*args: str | Path, docker: Dockerd | Podman, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """The installed command, against `docker` (through DOCKER_HOST)."""
+    env = {**os.environ, "DOCKER_HOST": docker.host}
+    return run([CLI, *args], env=env, check=check, timeout=900)
+
+
 @pytest.fixture(scope="module")
-def registry_image(docker26: Dockerd, debootstrap: str) -> Iterator[str]:
-    """Builds the Dockerfile with the test dockerd, offline, from a debootstrapped base."""
+def built_image(docker26: Dockerd, debootstrap: str) -> Iterator[Built]:
+    """`image build` with the test dockerd, offline: the base is a debootstrapped bookworm, the
+    dependencies are wheels built on this machine."""
     work = make_temp_dir("image")
     try:
         rootfs = work / "rootfs"
@@ -64,28 +85,18 @@ def registry_image(docker26: Dockerd, debootstrap: str) -> Iterator[str]:
             tar.add(rootfs, arcname=".")
         shutil.rmtree(rootfs)
         docker26.docker("import", str(work / "rootfs.tar"), BASE_IMAGE)
-
-        context = work / "context"
-        shutil.copytree(
-            REPO_ROOT,
-            context,
-            ignore=shutil.ignore_patterns(
-                ".git", "__pycache__", "*.egg-info", ".pytest_cache", ".ruff_cache"
-            ),
-        )
-        run([sys.executable, "-m", "pip", "wheel", "-q", "-w", context / "wheels", REPO_ROOT], timeout=900)
-        docker26.docker(
-            "build", "-q", "-t", IMAGE,
-            "--build-arg", f"BASE={BASE_IMAGE}",
-            "--build-arg", "PIP_INSTALL=--no-index --find-links /src/wheels k3d-registry-dockerd",
-            str(context),
-            env={"DOCKER_BUILDKIT": "0"},
-            timeout=900,
-        )  # fmt: skip
-        shutil.rmtree(context)
-        yield IMAGE
+        # The dependencies' wheels (and one of this checkout, which the command's own replaces).
+        run([sys.executable, "-m", "pip", "wheel", "-q", "-w", work / "wheels", REPO_ROOT], timeout=900)
+        built = _cli("image", "build", "--tag", IMAGE, "--base", BASE_IMAGE, "--wheels", work / "wheels",
+                     docker=docker26)  # fmt: skip
+        yield Built(IMAGE, built.stdout, work / "wheels")
     finally:
         remove_tree(work)
+
+
+@pytest.fixture(scope="module")
+def registry_image(built_image: Built) -> str:
+    return built_image.image
 
 
 @contextmanager
@@ -169,8 +180,7 @@ def test_image_with_dockers_containerd_mounted_serves_zero_copy(
 
 def _printed_mounts(daemon: Dockerd | Podman) -> list[str]:
     """The volumes `config k3d` prints for the daemon it asks (through DOCKER_HOST), but the cache's."""
-    env = {**os.environ, "DOCKER_HOST": daemon.host}
-    text = run([Path(sys.executable).parent / "k3d-registry-dockerd", "config", "k3d"], env=env).stdout
+    text = _cli("config", "k3d", docker=daemon).stdout
     volumes = yaml.safe_load(text)["registries"]["create"]["volumes"]
     return [volume for volume in volumes if not volume.startswith("k3d-registry-dockerd-cache:")]
 
@@ -206,3 +216,76 @@ def test_image_with_the_printed_mounts_serves_in_place(
         assert served in logs, logs
         assert "exporting" not in logs
     assert daemon.image_saves(since) == []
+
+
+def test_image_build_says_each_step_and_fails_in_one_sentence(built_image: Built, docker26: Dockerd) -> None:
+    lines = built_image.output.splitlines()
+    steps = [line for line in lines if line.startswith("Step ")]
+    assert steps[0].startswith("Step 1/") and steps[-1].startswith(f"Step {len(steps)}/"), lines
+    assert lines[-1] == f"built {IMAGE}"
+    # A build whose dependencies are missing fails in pip's step: pip's words, then one sentence.
+    wheels = make_temp_dir("no-deps")
+    try:
+        (wheels / "unrelated-1.0-py3-none-any.whl").write_bytes(b"")
+        failed = _cli("image", "build", "--tag", "k3rd-never-built:1", "--base", BASE_IMAGE,
+                      "--wheels", wheels, docker=docker26, check=False)  # fmt: skip
+    finally:
+        remove_tree(wheels)
+    assert failed.returncode == 1
+    assert "No matching distribution found" in failed.stdout, failed.stdout
+    assert failed.stderr.count("\n") == 1 and "returned a non-zero code" in failed.stderr, failed.stderr
+    assert "Traceback" not in failed.stdout + failed.stderr
+
+
+def test_config_names_the_command_that_builds_a_missing_image(
+    built_image: Built, docker26: Dockerd, tmp_path: Path
+) -> None:
+    """`config k3d` and `config kind` with an image Docker lacks say, at the top and on stderr, the one
+    command that builds it; with the built image they say nothing of it."""
+    printed = _cli("config", "k3d", docker=docker26)
+    command = "k3d-registry-dockerd image build"
+    default = yaml.safe_load(printed.stdout)["registries"]["create"]["image"]
+    assert printed.stdout.startswith(f"# {default} is not in Docker: build it first with `{command}`\n")
+    assert printed.stderr.strip().endswith(f"build it with: {command}"), printed.stderr
+    kind = _cli("config", "kind", "--image", "k3rd-missing:2", "--hosts-dir", tmp_path,
+                docker=docker26)  # fmt: skip
+    assert kind.stdout.startswith(
+        f"# k3rd-missing:2 is not in Docker: build it first with `{command} --tag k3rd-missing:2`"
+    )
+    assert f"build it with: {command} --tag k3rd-missing:2" in kind.stderr
+    present = _cli("config", "k3d", "--image", built_image.image, docker=docker26)
+    assert "is not in Docker" not in present.stdout + present.stderr
+    assert yaml.safe_load(present.stdout)["registries"]["create"]["image"] == built_image.image
+
+
+@pytest.mark.parametrize("store", ["docker26", "docker28_containerd"])
+def test_a_container_without_the_mounts_says_it_exports_and_which_mounts(
+    store: str, registry_image: str, request: pytest.FixtureRequest
+) -> None:
+    """Only the socket mounted: the status page's first line and `doctor`'s say export, and name the mounts
+    `config k3d` prints for this daemon."""
+    docker26: Dockerd = request.getfixturevalue("docker26")
+    daemon: Dockerd = request.getfixturevalue(store)
+    printed = [
+        f"-v {mount}" for mount in _printed_mounts(daemon) if ".sock:/var/run/docker.sock" not in mount
+    ]
+    with registry_container(docker26, registry_image, daemon.socket) as (name, addr):
+        line = oci_client.request(f"http://{addr}/status.json").json()["bytes_path"]
+        doctor = docker26.docker("exec", name, "k3d-registry-dockerd", "doctor", check=False).stdout
+    assert line.startswith("export: "), line
+    assert line.endswith(f"give the registry container the mounts `config k3d` prints: {' '.join(printed)}")
+    assert doctor.splitlines()[0] == line, doctor
+
+
+def test_image_build_on_the_containerd_image_store(
+    built_image: Built, docker26: Dockerd, docker28_containerd: Dockerd, tmp_path: Path
+) -> None:
+    """What a fresh Docker 29 runs: the build endpoint's builder on the containerd image store."""
+    docker26.docker("save", "-o", tmp_path / "base.tar", BASE_IMAGE)
+    docker28_containerd.docker("load", "-i", tmp_path / "base.tar")
+    tag = "k3rd-built-on-containerd:1"
+    built = _cli("image", "build", "--tag", tag, "--base", BASE_IMAGE, "--wheels", built_image.wheels,
+                 docker=docker28_containerd)  # fmt: skip
+    assert built.stdout.splitlines()[-1] == f"built {tag}"
+    version = docker28_containerd.docker("run", "--rm", "--network", "none", tag, "--version").stdout
+    assert version.strip() == f"k3d-registry-dockerd {k3d_registry_dockerd.__version__}"

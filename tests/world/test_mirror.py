@@ -846,6 +846,8 @@ def test_status_page_in_a_browser(
         [*browser, "--dump-dom", f"{registry.url}/"], capture_output=True, text=True, timeout=120
     ).stdout
     assert "docker.io/library/shown-on-status" in dom
+    # The first line: how bytes are served (exported, as --no-zero-copy turned in-place serving off).
+    assert '<div class="path" id="bytes-path">export: every image is exported' in dom
     assert "of 1 GiB limit" in dom
     assert '<span class="tag">1</span>' in dom  # the tag, rendered by the page's script
     # Docker's state, pushed images told from Docker's, and who pulled what.

@@ -1,4 +1,5 @@
-"""The Docker Engine API as this registry needs it: version, inspect, pull with credentials, save, load.
+"""The Docker Engine API as this registry needs it: version, inspect, pull with credentials, save, load, and
+the build of the registry's own image.
 
 Failures are turned into a few exception types the mirror can act on; Docker's own message is kept.
 """
@@ -14,7 +15,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 import aiodocker
 import aiohttp
@@ -407,6 +408,17 @@ class DockerClient:
         # aiodocker's export_image takes no query parameters; its _query is the same request path.
         async with self._opened(f"saving {ref}", f"images/{ref}/get", params=params) as response:
             yield response.content
+
+    async def build(self, context: BinaryIO, tag: str, buildargs: dict[str, str]) -> AsyncIterator[str]:
+        """`docker build` of a tar build context, as the Engine API's build endpoint runs it (the classic
+        builder): its output lines as they come; a failed step raises DockerFailed with Docker's words."""
+        async with self._calling(f"building {tag}") as client:
+            events = client.images.build(
+                fileobj=context, encoding="identity", tag=tag, buildargs=buildargs, forcerm=True, stream=True
+            )
+            async for event in events:
+                for line in str(event.get("stream") or "").splitlines():
+                    yield line
 
     async def load(self, archive: AsyncIterator[bytes]) -> str:
         """`docker load` of a tar stream, sent as it is produced; the names (or IDs) Docker reports loaded.

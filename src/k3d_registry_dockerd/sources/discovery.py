@@ -1,6 +1,7 @@
 """Finding where the daemon's images lie, to serve them in place: Docker's containerd content store (the
 containerd image store: zero-copy), the directories of Docker's classic store, or Podman's storage; whether
-they can be read from here, and one sentence saying why not when they cannot."""
+they can be read from here, and one sentence saying why not when they cannot; and the one line saying how
+the registry gets bytes (`bytes_path`), which the status page and `doctor` put first."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +28,14 @@ RETRY_AFTER = 30.0
 CLASSIC_API = (1, 41)
 
 InPlaceContent = ContainerdContent | StoreImages
+# The mounts a registry container lacks to serve this daemon's store in place, as a phrase; None when the
+# registry does not run in a container. Given by the program, which knows the mounts of each setup.
+Remedy = Callable[[DaemonInfo], str | None]
+
+
+class Unreadable(str):
+    """Why the daemon's store is not served in place, when it is because its files (or containerd's socket)
+    are not there to read: mounting them would let it be."""
 
 
 @dataclass(frozen=True)
@@ -67,13 +77,16 @@ class InPlaceDiscovery:
 
     Discovery is retried at most every RETRY_AFTER seconds, so a store that becomes readable is used."""
 
-    def __init__(self, config: InPlaceConfig, metrics: Metrics) -> None:
+    def __init__(self, config: InPlaceConfig, metrics: Metrics, remedy: Remedy | None = None) -> None:
         self.config = config
         self.metrics = metrics
+        self.remedy = remedy
         self.content: InPlaceContent | None = None
         # Why images are exported instead, for the log, the status page and `doctor`; None while serving
         # in place or not yet known.
         self.off_reason: str | None = None
+        # How the registry gets bytes, in one line: set whenever what serves changes.
+        self.path = bytes_path(None, None, enabled=config.enabled)
         # The kind of store last looked for.
         self._kind: str | None = None
         self._tried_at: float | None = None
@@ -95,6 +108,7 @@ class InPlaceDiscovery:
                         self._off(f"{found}; images are exported from Docker instead")
                     else:
                         self.content, self.off_reason = found, None
+                    self.path = bytes_path(info, found, remedy=self.remedy)
         return self.content if _kind_served(self.content) == kind else None
 
     def describe(self) -> str:
@@ -118,6 +132,37 @@ class InPlaceDiscovery:
         if isinstance(self.content, ContainerdContent):
             await self.content.client.close()
         self.content = None
+
+
+def bytes_path(
+    info: DaemonInfo | None,
+    found: InPlaceContent | str | None,
+    *,
+    enabled: bool = True,
+    remedy: Remedy | None = None,
+) -> str:
+    """How the registry gets bytes for this daemon, in one line that starts with the way: "in place",
+    "zero-copy" or "export"; `found` is what discovery found (or why not), and `remedy` says which mounts
+    are missing when a mount would help."""
+    if not enabled:
+        return "export: every image is exported from Docker into the cache (serving in place is turned off)"
+    if info is None:
+        return "export until Docker answers: where it keeps its images is not known yet"
+    if isinstance(found, ContainerdContent):
+        return (
+            f"zero-copy: {info.product} {info.server_version}'s images are served from containerd's content "
+            f"store as they are ({found.blobs_dir}), never exported"
+        )
+    if isinstance(found, ClassicContent | PodmanContent):
+        return (
+            f"in place: {info.product} {info.server_version}'s layers are read from {found.name} where they "
+            f"lie ({found.root}, {found.driver}), never exported"
+        )
+    line = (
+        f"export: {info.product} {info.server_version}'s images are exported into the cache, because {found}"
+    )
+    missing = remedy(info) if remedy is not None and isinstance(found, Unreadable) else None
+    return f"{line}; {missing}" if missing else line
 
 
 async def discover(config: InPlaceConfig, info: DaemonInfo, metrics: Metrics) -> InPlaceContent | str:
@@ -144,7 +189,7 @@ def discover_classic(config: InPlaceConfig, info: DaemonInfo, metrics: Metrics) 
         return root
     images = root / "image" / info.storage_driver / "imagedb" / "content" / "sha256"
     if not os.access(images, os.R_OK | os.X_OK):
-        return (
+        return Unreadable(
             f"Docker keeps its images in {root}, which cannot be read from here (mount it read-only at the "
             "same path, or name it with --docker-root)"
         )
@@ -188,7 +233,7 @@ def discover_podman(config: InPlaceConfig, info: DaemonInfo, metrics: Metrics) -
     if isinstance(root, str):
         return root
     if not os.access(root / f"{info.storage_driver}-images" / "images.json", os.R_OK):
-        return (
+        return Unreadable(
             f"Podman keeps its images in {root}, which cannot be read from here (mount it read-only at the "
             "same path, or name it with --docker-root)"
         )
@@ -203,6 +248,8 @@ async def discover_containerd(
     the reason as a sentence when not."""
     namespace = namespace_of(config, info)
     reasons = []
+    # Whether every address failed for want of a mount: no socket there, or a content store not readable.
+    unmounted = True
     for address, origin in candidate_addresses(config, info):
         path = address.removeprefix("unix://")
         if not config.address and not os.path.exists(path):
@@ -215,6 +262,7 @@ async def discover_containerd(
         except ContainerdUnavailable as exc:
             await client.close()
             reasons.append(f"{exc} ({origin})")
+            unmounted = False
             continue
         blobs = Path(root or "") / "blobs" / "sha256"
         if not root or not _readable(Path(root)):
@@ -234,7 +282,8 @@ async def discover_containerd(
             blobs,
         )
         return ContainerdContent(client, blobs, metrics)
-    return "; ".join(reasons) or "no containerd address"
+    reason = "; ".join(reasons) or "no containerd address"
+    return Unreadable(reason) if reasons and unmounted else reason
 
 
 def _readable(root: Path) -> bool:

@@ -24,7 +24,7 @@ from ..mirror.verify import Verifier
 from ..push.docker_load import Loads
 from ..push.pushes import Pushes
 from ..push.uploads import BODY_TIMEOUT, MAX_UPLOADS, Uploads
-from ..sources.discovery import InPlaceConfig, InPlaceDiscovery
+from ..sources.discovery import InPlaceConfig, InPlaceDiscovery, Remedy
 from ..sources.exported import ExportedContent
 from ..sources.select import Sources
 
@@ -103,6 +103,7 @@ def assemble(
     min_free: int = 0,
     refresh_tags: float | None = None,
     in_place: InPlaceConfig | None = None,
+    in_place_remedy: Remedy | None = None,
     host_credentials: HostCredentials | None = None,
     prefetch_max_age: float | None = None,
     load_pushed: bool = True,
@@ -118,7 +119,7 @@ def assemble(
     records = Records(store, metrics, cache_max_size)
     space = FreeSpace(store.root, min_free)
     exported = ExportedContent(store, docker, records, transfers, metrics, space)
-    discovery = InPlaceDiscovery(in_place or InPlaceConfig(enabled=False), metrics)
+    discovery = InPlaceDiscovery(in_place or InPlaceConfig(enabled=False), metrics, in_place_remedy)
     sources = Sources(docker, exported, discovery)
     guard = PrivateGuard(store, docker, metrics)
     images = CurrentImages(

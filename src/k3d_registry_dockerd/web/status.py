@@ -176,6 +176,8 @@ async def snapshot(
     return {
         "version": __version__,
         "time": time.time(),
+        # How the registry gets bytes (in place, zero-copy or export), the page's first line.
+        "bytes_path": registry.discovery.path,
         "docker": await _docker(registry),
         "cache": {
             "dir": str(store.root),
