@@ -14,6 +14,7 @@ from typing import Any
 
 from .cache.directory import CacheDirError
 from .common import units
+from .push.uploads import BODY_TIMEOUT, MAX_UPLOADS
 
 ENV_ADDR = "REGISTRY_HTTP_ADDR"
 ENV_CACHE_DIR = "K3D_REGISTRY_DOCKERD_CACHE_DIR"
@@ -47,8 +48,8 @@ DEFAULT_REALM = "k3d-registry-dockerd"
 DEFAULT_PREFETCH_MAX_AGE = "7d"
 # Below the 5 minutes containerd's CRI waits for a pull's progress (image_pull_progress_timeout).
 DEFAULT_ANSWER_WITHIN = "4m"
-DEFAULT_BODY_TIMEOUT = "60s"
-DEFAULT_MAX_UPLOADS = "64"
+DEFAULT_BODY_TIMEOUT = f"{BODY_TIMEOUT:g}s"
+DEFAULT_MAX_UPLOADS = str(MAX_UPLOADS)
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
