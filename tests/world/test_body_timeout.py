@@ -8,8 +8,6 @@ import json
 import random
 import socket
 
-from prometheus_client.parser import text_string_to_metric_families
-
 from . import oci_client
 from .daemons import Dockerd, RegistryFactory, RegistryProcess, wait_until
 from .test_faults import PROMPT, blob_temp_files, call, sha256, status_of
@@ -33,15 +31,6 @@ def stall(registry: RegistryProcess, method: str, path: str, announced: int, sen
     header, _, body = received.partition(b"\r\n\r\n")
     assert b"connection: close" in header.lower()
     return status_of(received), json.loads(body)
-
-
-def metric(registry: RegistryProcess, name: str, **labels: str) -> float:
-    text = oci_client.request(f"{registry.url}/metrics").body.decode()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return sample.value
-    raise AssertionError(f"no metric {name} {labels}")
 
 
 def test_a_stalled_body_is_given_up_on_and_frees_its_upload(
@@ -80,7 +69,7 @@ def test_a_stalled_body_is_given_up_on_and_frees_its_upload(
     assert call(registry, "GET", f"/v2/{REPO}/manifests/v1").status == 404
 
     wait_until(lambda: blob_temp_files(registry.cache_dir) == [], timeout=PROMPT, what="no upload temp file")
-    assert metric(registry, "k3d_registry_uploads_in_progress") == 0
-    assert metric(registry, "k3d_registry_stalled_bodies_total", kind="upload") == 2
-    assert metric(registry, "k3d_registry_stalled_bodies_total", kind="manifest") == 1
+    assert oci_client.metric(registry.url, "k3d_registry_uploads_in_progress") == 0
+    assert oci_client.metric(registry.url, "k3d_registry_stalled_bodies_total", kind="upload") == 2
+    assert oci_client.metric(registry.url, "k3d_registry_stalled_bodies_total", kind="manifest") == 1
     assert registry.running and oci_client.request(f"{registry.url}/v2/").status == 200

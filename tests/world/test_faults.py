@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from k3d_registry_dockerd.cache.store import Store
 
@@ -107,12 +106,7 @@ def wait_for_log(registry: RegistryProcess, pattern: str, mark: int = 0, timeout
 
 def cache_misses(registry: RegistryProcess) -> float:
     """Tag requests that needed an export (k3d_registry_manifest_cache{result="miss"})."""
-    text = oci_client.request(f"{registry.url}/metrics").body.decode()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "k3d_registry_manifest_cache_total" and sample.labels.get("result") == "miss":
-                return sample.value
-    return 0.0
+    return oci_client.metric(registry.url, "k3d_registry_manifest_cache_total", result="miss")
 
 
 def error_of(response: oci_client.Response) -> dict[str, Any]:

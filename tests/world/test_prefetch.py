@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from . import oci_client
 from .daemons import NO_ZERO_COPY, Containerd, Dockerd, Podman, RegistryFactory, RegistryProcess, wait_until
@@ -18,15 +17,6 @@ from .test_mirror import ctr_ok, exports, node_digest, served_blobs
 
 # Long enough for a loaded 2-CPU machine; the pre-export of these small images takes a second.
 PROMPT = 60.0
-
-
-def metric(registry: RegistryProcess, name: str, **labels: str) -> float:
-    text = oci_client.request(f"{registry.url}/metrics").body.decode()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return sample.value
-    return 0.0
 
 
 def prefetch_state(registry: RegistryProcess) -> dict[str, Any]:
@@ -68,7 +58,7 @@ def test_a_rebuilt_served_tag_is_exported_before_the_node_asks(
     # Nobody asked the registry for it.
     assert registry_requests(registry, mark) == []
     wait_until(
-        lambda: metric(registry, "k3d_registry_prefetches_total", outcome="exported") == 1,
+        lambda: oci_client.metric(registry.url, "k3d_registry_prefetches_total", outcome="exported") == 1,
         timeout=PROMPT,
         what="the pre-export done",
     )
@@ -86,7 +76,7 @@ def test_a_rebuilt_served_tag_is_exported_before_the_node_asks(
     # The pull cost no export: Docker saved nothing, the registry exported nothing.
     assert docker.image_saves(since) == []
     assert exports(registry) == exported == 2
-    assert metric(registry, "k3d_registry_prefetch_hits_total", state="ready") == 1
+    assert oci_client.metric(registry.url, "k3d_registry_prefetch_hits_total", state="ready") == 1
     # The new layers came through the registry (only dockerd has this image).
     pulled = oci_client.pull(registry.url, f"library/{name}", "dev", ns="docker.io")
     assert pulled.digest == second
@@ -107,7 +97,7 @@ def test_a_tag_never_served_is_not_pre_exported(
     rebuilt = rebuild_image(docker, served, salt="rebuilt")
     # The served tag's pre-export shows the events were seen; the other tag's rebuild came first.
     wait_until(
-        lambda: metric(registry, "k3d_registry_prefetches_total", outcome="exported") == 1,
+        lambda: oci_client.metric(registry.url, "k3d_registry_prefetches_total", outcome="exported") == 1,
         timeout=PROMPT,
         what="the served tag's pre-export",
     )
@@ -154,11 +144,11 @@ def test_in_place_has_nothing_to_pre_export_and_verifies_ahead(
     oci_client.pull(registry.url, name, "dev")
 
     since = time.time()
-    verified = metric(registry, "k3d_registry_blobs_verified_ahead_total")
+    verified = oci_client.metric(registry.url, "k3d_registry_blobs_verified_ahead_total")
     rebuilt = rebuild_image(docker, image, salt="rebuilt")
     # The rebuilt image's new blobs are hashed where they lie before anything asks for them.
     wait_until(
-        lambda: metric(registry, "k3d_registry_blobs_verified_ahead_total") > verified,
+        lambda: oci_client.metric(registry.url, "k3d_registry_blobs_verified_ahead_total") > verified,
         timeout=PROMPT,
         what="verification ahead",
     )
@@ -180,7 +170,7 @@ def test_podman_s_rebuilt_tag_is_pre_exported(
 
     build_with_podman(podman, "localhost/pm-pre:1", tmp_path / "second", seed="pm-pre-2", size=2 * MiB)
     wait_until(
-        lambda: metric(registry, "k3d_registry_prefetches_total", outcome="exported") == 1,
+        lambda: oci_client.metric(registry.url, "k3d_registry_prefetches_total", outcome="exported") == 1,
         timeout=PROMPT,
         what="the pre-export",
     )
@@ -188,5 +178,5 @@ def test_podman_s_rebuilt_tag_is_pre_exported(
     second = oci_client.pull(registry.url, "pm-pre", "1", ns="localhost")
     assert second.digest != first.digest
     assert exports(registry) == exported == 2
-    assert metric(registry, "k3d_registry_prefetch_hits_total", state="ready") == 1
+    assert oci_client.metric(registry.url, "k3d_registry_prefetch_hits_total", state="ready") == 1
     assert "not following" not in registry.log_text()
