@@ -72,7 +72,9 @@ def _cli(*args: str | Path, docker: Dockerd | Podman, check: bool = True) -> sub
     return run([CLI, *args], env=env, check=check, timeout=900)
 
 
-@pytest.fixture(scope="module")
+# Session-wide: the node and Podman fixtures are parametrized per session, so pytest runs this module's
+# tests in several groups, and a module-scoped image was debootstrapped and built again for each (80 s).
+@pytest.fixture(scope="session")
 def built_image(docker26: Dockerd, debootstrap: str) -> Iterator[Built]:
     """`image build` with the test dockerd, offline: the base is a debootstrapped bookworm, the
     dependencies are wheels built on this machine."""
@@ -94,7 +96,7 @@ def built_image(docker26: Dockerd, debootstrap: str) -> Iterator[Built]:
         remove_tree(work)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def registry_image(built_image: Built) -> str:
     return built_image.image
 
