@@ -374,11 +374,15 @@ class Store:
                 self.sync_records()
         else:
             self._replace(path, record.to_json(), durable=durable)
-        self._records.pop(record.name, None)
-        before = self._digests.pop(record.name, frozenset())
+        # Requests read these maps from the event loop while this runs in a thread: a saved record is
+        # replaced in one assignment, never removed and put back.
         after = frozenset(record.digests())
-        if not record.empty():
+        if record.empty():
+            self._records.pop(record.name, None)
+            before = self._digests.pop(record.name, frozenset())
+        else:
             self._records[record.name] = record
+            before = self._digests.get(record.name, frozenset())
             self._digests[record.name] = after
         self._references.update(after - before)
         unused = set()
