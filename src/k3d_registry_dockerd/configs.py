@@ -201,13 +201,18 @@ def _registry_create(name: str, port: int, image: str, setup: Setup) -> str:
     )
 
 
+def _hosting_command(name: str, port: int, *, shared: bool) -> str:
+    """The command that applies this registry's KEP-1755 ConfigMap, with the flags that made it."""
+    flags = f"--name {name} --port {port}" + (" --shared" if shared else "")
+    return f"k3d-registry-dockerd config local-registry-hosting {flags} | kubectl apply -f -"
+
+
 def _hosting_note(name: str, port: int, *, shared: bool) -> str:
     """Where the KEP-1755 ConfigMap comes from for a k3d cluster using the registry."""
-    flags = f"--name {name} --port {port}" + (" --shared" if shared else "")
     return (
         "# Tilt, ctlptl and Skaffold find the registry in the local-registry-hosting ConfigMap (KEP-1755),\n"
         "# which k3d writes; this registry's own (its help links the README), once the cluster runs:\n"
-        f"#   k3d-registry-dockerd config local-registry-hosting {flags} | kubectl apply -f -\n"
+        f"#   {_hosting_command(name, port, shared=shared)}\n"
     )
 
 
@@ -285,7 +290,7 @@ def local_registry_hosting(name: str, port: int, *, shared: bool = False) -> str
     inside = f"{node_name(name, shared=shared)}:5000"
     return (
         "# Where Tilt, ctlptl and Skaffold push images for this cluster (KEP-1755):\n"
-        "# k3d-registry-dockerd config local-registry-hosting | kubectl apply -f -\n"
+        f"# {_hosting_command(name, port, shared=shared)}\n"
         "apiVersion: v1\n"
         "kind: ConfigMap\n"
         "metadata:\n"
@@ -312,7 +317,7 @@ def ctlptl_cluster(name: str, port: int, image: str, setup: Setup) -> str:
         "# below). So k3d creates it with the cluster (k3d's registries.create takes volumes), and k3d\n"
         "# writes the local-registry-hosting ConfigMap that ctlptl and Tilt read. Give the Cluster no\n"
         "# `registry:` field: ctlptl would start a container of its own under that name, without them.\n"
-        "# ctlptl apply -f THIS_FILE\n"
+        "# ctlptl apply -f THIS_FILE (ctlptl names k3d clusters k3d-NAME: change `dev` to yours)\n"
         "apiVersion: ctlptl.dev/v1alpha1\n"
         "kind: Cluster\n"
         "product: k3d\n"
