@@ -5,7 +5,9 @@ may not fit. Serving in place and zero-copy write nothing here, so only exports 
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +42,8 @@ class FreeSpace:
         self.root = root
         self.min_free = min_free
         self._recent: collections.deque[int] = collections.deque(maxlen=RECENT_EXPORTS)
+        # What the exports running now may still write: each counts against the free space of the next.
+        self._reserved = 0
 
     def free(self) -> int:
         """Bytes this (unprivileged) process may still write in the cache dir's filesystem."""
@@ -51,10 +55,14 @@ class FreeSpace:
         self._recent.append(written)
 
     def room(self) -> Room:
+        """What the next export may need: as much as the largest recent one wrote, plus --min-free."""
         largest = max(self._recent, default=0)
-        if largest > self.min_free:
-            return Room(self.free(), largest, f"the largest of the last {len(self._recent)} exports wrote")
-        return Room(self.free(), self.min_free, "--min-free")
+        if not largest:
+            return Room(self.free(), self.min_free, "--min-free")
+        because = f"the largest of the last {len(self._recent)} exports wrote"
+        if self.min_free:
+            because += f" ({units.size(largest)}) plus --min-free"
+        return Room(self.free(), largest + self.min_free, because)
 
     def problem(self) -> str | None:
         """Why the next export may not fit, with the numbers; None when it should."""
@@ -66,16 +74,23 @@ class FreeSpace:
             f"{room.because}: the next export may be refused; free space there"
         )
 
-    def check_export(self, ref: str, size: int) -> None:
-        """Refuses (507) an export of `ref`, whose image Docker says is `size` bytes, that would leave less
-        than --min-free: nothing is written, and the client gets the numbers."""
+    @contextlib.contextmanager
+    def reserve(self, ref: str, size: int) -> Iterator[None]:
+        """Holds `size` bytes (the image's size, as Docker says) for an export of `ref` while it runs;
+        refuses it (507) before anything is written when that, what running exports hold and --min-free
+        do not fit in the free space: the client gets the numbers."""
         free = self.free()
-        if free >= size + self.min_free:
-            return
-        floor = f" and --min-free keeps {units.size(self.min_free)}" if self.min_free else ""
-        raise RegistryError(
-            "UNAVAILABLE",
-            f"not exporting {ref}: the cache dir {self.root} has {units.size(free)} free, the export needs "
-            f"up to {units.size(size)} (the image's size){floor}; free space there",
-            status=INSUFFICIENT_STORAGE,
-        )
+        if free < size + self._reserved + self.min_free:
+            running = f", exports running hold {units.size(self._reserved)}" if self._reserved else ""
+            floor = f" and --min-free keeps {units.size(self.min_free)}" if self.min_free else ""
+            raise RegistryError(
+                "UNAVAILABLE",
+                f"not exporting {ref}: the cache dir {self.root} has {units.size(free)} free, the export "
+                f"needs up to {units.size(size)} (the image's size){running}{floor}; free space there",
+                status=INSUFFICIENT_STORAGE,
+            )
+        self._reserved += size
+        try:
+            yield
+        finally:
+            self._reserved -= size

@@ -347,14 +347,13 @@ class ExportedContent:
         """Exports an image into the store and has `keep` record what is served of it; whatever else the
         export stored (a failed export's blobs, files Docker adds that no manifest uses) is removed. One
         that cannot fit in the cache dir is refused before Docker is asked."""
-        self.space.check_export(ref, size)
-        self.metrics.exports_in_flight.inc()
-        background = key in self._background
-        transfer = Transfer("pre-export" if background else "export", ref, size)
-        export = self._in_progress[key] = ExportProgress(transfer, background=background)
-        self._reschedule()
-        started, outcome = time.monotonic(), "failed"
-        with self.records.claim() as claimed:
+        with self.space.reserve(ref, size), self.records.claim() as claimed:
+            self.metrics.exports_in_flight.inc()
+            background = key in self._background
+            transfer = Transfer("pre-export" if background else "export", ref, size)
+            export = self._in_progress[key] = ExportProgress(transfer, background=background)
+            self._reschedule()
+            started, outcome = time.monotonic(), "failed"
             try:
                 async with self.transfers.track(export.transfer):
                     plan = await self._save_into_store(ref, info, names, export, claimed)
