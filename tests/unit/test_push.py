@@ -351,7 +351,8 @@ async def stalled_request(client: TestClient, method: str, path: str) -> bytes:
 async def test_a_stalled_body_drops_its_upload_and_frees_its_slot(
     aiohttp_client: Any, store: Store, docker: FakeDocker
 ) -> None:
-    client, registry = await make(aiohttp_client, store, docker, body_timeout=0.2, max_uploads=1)
+    # A second apart: at the bound, a session left that long would be dropped for the next one.
+    client, registry = await make(aiohttp_client, store, docker, body_timeout=1.0, max_uploads=1)
     started = await client.post("/v2/my-app/blobs/uploads/")
     location = started.headers["Location"]
     # The one slot is taken: another upload is asked to come back later.
@@ -375,6 +376,17 @@ async def test_a_stalled_body_drops_its_upload_and_frees_its_slot(
     assert answer.startswith(b"HTTP/1.1 408 ") and b"MANIFEST_INVALID" in answer
     assert len(registry.uploads) == 0 and list(store.tmp_dir.iterdir()) == []
     assert (await client.get("/v2/my-app/manifests/v1")).status == 404
+
+
+async def test_at_the_bound_a_session_opened_and_left_makes_room(
+    aiohttp_client: Any, store: Store, docker: FakeDocker
+) -> None:
+    client, registry = await make(aiohttp_client, store, docker, body_timeout=0.2, max_uploads=1)
+    left = (await client.post("/v2/my-app/blobs/uploads/")).headers["Location"]
+    await asyncio.sleep(0.3)
+    assert (await client.post("/v2/other/blobs/uploads/")).status == 202
+    assert len(registry.uploads) == 1 and (await client.get(left)).status == 404
+    assert len(list(store.tmp_dir.iterdir())) == 1
 
 
 def test_content_range_forms() -> None:

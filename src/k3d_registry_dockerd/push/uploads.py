@@ -90,6 +90,8 @@ class Uploads:
         self.body_timeout = body_timeout
         self.max_uploads = max_uploads
         self._uploads: dict[str, Upload] = {}
+        # Sessions being opened (their temp file made off the event loop): they count against the bound.
+        self._opening = 0
         metrics.uploads.set_function(lambda: len(self._uploads))
         # Background fdatasync of large uploads, as exports do: the final fsync has little left.
         self._flusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="upload-flush")
@@ -101,15 +103,22 @@ class Uploads:
         return upload_id in self._uploads
 
     async def start(self, repository: str) -> Upload:
-        """A new session; TOOMANYREQUESTS with Retry-After while `max_uploads` are open."""
-        if len(self._uploads) >= self.max_uploads:
+        """A new session; TOOMANYREQUESTS with Retry-After while `max_uploads` are open. At the bound,
+        sessions no request touched for longer than a body may stall (opened and left) are dropped first."""
+        if len(self._uploads) + self._opening >= self.max_uploads and self.body_timeout:
+            await self.expire(self.body_timeout)
+        if len(self._uploads) + self._opening >= self.max_uploads:
             raise RegistryError(
                 "TOOMANYREQUESTS",
                 f"{len(self._uploads)} uploads are in progress, the most this registry takes at once "
                 f"(--max-uploads); retry in {RETRY_AFTER} s",
                 headers={hdrs.RETRY_AFTER: str(RETRY_AFTER)},
             )
-        writer = await asyncio.to_thread(self.store.writer, self._flusher)
+        self._opening += 1
+        try:
+            writer = await asyncio.to_thread(self.store.writer, self._flusher)
+        finally:
+            self._opening -= 1
         upload = Upload(str(uuid.uuid4()), repository, writer)
         self._uploads[upload.id] = upload
         return upload
@@ -228,9 +237,10 @@ class Uploads:
         self._uploads.pop(upload.id, None)
         await asyncio.to_thread(upload.writer.abort)
 
-    async def expire(self) -> int:
-        """Drops uploads idle longer than the timeout (not one a request is appending to right now)."""
-        cutoff = time.monotonic() - self.idle_timeout
+    async def expire(self, idle: float | None = None) -> int:
+        """Drops uploads idle longer than `idle` (default the idle timeout), not one a request is
+        appending to right now."""
+        cutoff = time.monotonic() - (self.idle_timeout if idle is None else idle)
         stale = [u for u in self._uploads.values() if u.touched < cutoff and not u.lock.locked()]
         for upload in stale:
             log.info(
