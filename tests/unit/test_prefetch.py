@@ -343,7 +343,11 @@ async def test_the_status_page_shows_a_pre_export_running_and_done(
     docker.save_gate = asyncio.Event()
     docker.retag(APP, local_image("app-2", APP))
     await until(lambda: len(docker.saves) == 2, "the pre-export started")
-    problems, pulls, listing = RecentProblems(), RecentPulls(), ImageList(registry.store)
+    problems, pulls, listing = (
+        RecentProblems(),
+        RecentPulls(),
+        ImageList(registry.store, registry.guard.private_repositories),
+    )
     running = await snapshot(registry, problems, pulls, listing)
     assert [(t["kind"], t["ref"]) for t in running["transfers"]] == [("pre-export", APP)]
     assert running["prefetch"]["running"] == APP and running["prefetch"]["following"]

@@ -224,3 +224,16 @@ async def test_a_private_repository_is_listed_only_to_accepted_credentials(
     page = await client.get("/v2/_catalog?n=1", headers=RIGHT)
     assert (await page.json())["repositories"] == ["open"]
     assert page.headers["Link"] == '</v2/_catalog?n=1&last=open>; rel="next"'
+
+
+async def test_the_status_page_names_no_private_repository(
+    aiohttp_client: Any, store: Store, docker: FakeDocker
+) -> None:
+    docker.images["docker.io/library/open:1"] = local_image("open", "docker.io/library/open:1")
+    client = await start(aiohttp_client, assemble(store, docker))
+    await pulled_privately(client)
+    assert (await client.get("/v2/library/open/manifests/1")).status == 200
+    status = await (await client.get("/status.json")).json()
+    assert [image["repository"] for image in status["images"]] == ["docker.io/library/open"]
+    assert status["image_count"] == 1
+    assert {pull["repository"] for pull in status["pulls"]} == {"docker.io/library/open"}

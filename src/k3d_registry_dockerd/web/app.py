@@ -243,7 +243,7 @@ def create_app(
     # The status page shows the registry's recent warnings and errors.
     problems = app[PROBLEMS] = RecentProblems()
     app[PULLS] = RecentPulls()
-    app[IMAGES] = ImageList(registry.store)
+    app[IMAGES] = ImageList(registry.store, registry.guard.private_repositories)
     package_logger = logging.getLogger(__name__.partition(".")[0])
     package_logger.addHandler(problems)
     malformed = _MalformedRequests()

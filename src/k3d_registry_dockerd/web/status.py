@@ -6,6 +6,7 @@ import asyncio
 import collections
 import logging
 import time
+from collections.abc import Callable, Set
 from dataclasses import asdict, dataclass
 from importlib import resources
 from typing import Any
@@ -88,10 +89,13 @@ class RecentPulls:
 
 class ImageList:
     """The cached images, most recently used first, listed again (off the event loop) only after the
-    records changed: a status page polling an idle registry costs no walk of the records."""
+    records changed: a status page polling an idle registry costs no walk of the records. Repositories
+    `hidden` names (those with private content) are left out: the page answers anyone who reaches the port,
+    as `_catalog` does."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, hidden: Callable[[], Set[str]]) -> None:
         self._store = store
+        self._hidden = hidden
         self._generation = -1
         self._images: list[CachedImage] = []
         self._pushed = 0
@@ -100,7 +104,9 @@ class ImageList:
         """The images and how many of them were pushed."""
         generation = self._store.generation
         if generation != self._generation:
-            self._images = await asyncio.to_thread(maintenance.images, self._store)
+            hidden = self._hidden()
+            images = await asyncio.to_thread(maintenance.images, self._store)
+            self._images = [image for image in images if image.repository not in hidden]
             self._pushed = sum(image.pushed for image in self._images)
             self._generation = generation
         return self._images, self._pushed
@@ -168,6 +174,7 @@ async def snapshot(
     """Everything the page shows, each part from its owner; of the images, one page (`page`, from 1)."""
     store = registry.store
     images, pushed = await listing.current()
+    private = registry.guard.private_repositories()
     pages = max(1, -(-len(images) // IMAGES_PER_PAGE))
     page = min(max(page, 1), pages)
     shown = images[(page - 1) * IMAGES_PER_PAGE : page * IMAGES_PER_PAGE]
@@ -207,7 +214,7 @@ async def snapshot(
         "space": (await asyncio.to_thread(registry.space.room)).as_json(),
         # None when pre-exports are off.
         "prefetch": registry.prefetcher.state() if registry.prefetcher is not None else None,
-        "pulls": [asdict(pull) for pull in pulls.entries],
+        "pulls": [asdict(pull) for pull in pulls.entries if pull.repository not in private],
         "problems": list(problems.entries),
     }
 
