@@ -89,14 +89,6 @@ def images(store: Store) -> list[CachedImage]:
     return sorted(found, key=lambda image: image.last_used, reverse=True)
 
 
-def cache_bytes(store: Store) -> int:
-    return store.total_bytes
-
-
-def referenced(store: Store) -> set[str]:
-    return set().union(*(record.digests() for record in store.records()))
-
-
 def with_tags(record: RepositoryRecord, tags: dict[str, TagEntry]) -> RepositoryRecord:
     """The record keeping only `tags` and the manifests they reach; untagged exported manifests (served
     by digest once) go with the tags that are dropped, pushed ones stay until deleted."""

@@ -17,7 +17,6 @@ from collections.abc import Callable, Container, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ..cache import maintenance
 from ..cache.records import Records
 from ..cache.store import RepositoryRecord, TagEntry
 from ..common import units
@@ -281,7 +280,7 @@ class Prefetcher:
             return  # a request exported it meanwhile
         limit = self.records.limit
         if limit is not None:
-            total = await asyncio.to_thread(maintenance.cache_bytes, self.store)
+            total = self.store.total_bytes
             growth = expected_growth(image, self.store.blob_size)
             if total + growth > limit:
                 log.info(
