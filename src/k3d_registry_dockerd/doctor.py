@@ -97,7 +97,7 @@ async def in_place_state(
         off = f"{kind}: off ({settings.sources['zero_copy']}), every image is exported"
         return bytes_path(info, None, enabled=False), Finding("ok", off)
     config = server.in_place_config(settings, endpoint)
-    found = await discover(config, info, Metrics(settings.cache_dir / "blobs"))
+    found = await discover(config, info, Metrics())
     line = bytes_path(info, found, remedy=partial(configs.missing_mounts, endpoint=endpoint))
     if isinstance(found, str):
         mounts = configs.setup_for(info, endpoint.host, endpoint.socket_path).mounts[1:]

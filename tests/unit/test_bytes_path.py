@@ -38,7 +38,7 @@ def _in_container(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, inside: bool)
 
 
 async def test_each_way_in_one_line(tmp_path: Path) -> None:
-    metrics = Metrics(tmp_path / "blobs")
+    metrics = Metrics()
     info = _classic(tmp_path)
     classic = bytes_path(info, ClassicContent(tmp_path, "overlay2", metrics))
     assert classic == (
@@ -74,7 +74,7 @@ async def test_a_container_without_the_mounts_is_told_which(
 ) -> None:
     root = tmp_path / "docker"
     remedy = lambda info: configs.missing_mounts(info, LOCAL)  # noqa: E731
-    found = InPlaceDiscovery(InPlaceConfig(), Metrics(tmp_path / "blobs"), remedy)
+    found = InPlaceDiscovery(InPlaceConfig(), Metrics(), remedy)
     assert found.path.startswith("export until Docker answers")
     _in_container(monkeypatch, tmp_path, inside=True)
     await found.source(_classic(root))
@@ -85,17 +85,17 @@ async def test_a_container_without_the_mounts_is_told_which(
     )
     # On the host the reason is the remedy: the files are there, only not readable by this user.
     _in_container(monkeypatch, tmp_path, inside=False)
-    on_host = InPlaceDiscovery(InPlaceConfig(), Metrics(tmp_path / "blobs"), remedy)
+    on_host = InPlaceDiscovery(InPlaceConfig(), Metrics(), remedy)
     await on_host.source(_classic(root))
     assert "-v " not in on_host.path and "cannot be read from here" in on_host.path
     # A daemon on another machine has no faster path: nothing to mount.
     _in_container(monkeypatch, tmp_path, inside=True)
-    remote = InPlaceDiscovery(InPlaceConfig(remote=True), Metrics(tmp_path / "blobs"), remedy)
+    remote = InPlaceDiscovery(InPlaceConfig(remote=True), Metrics(), remedy)
     await remote.source(_classic(root))
     assert "another machine" in remote.path and "-v " not in remote.path
     # Once the files are there it serves them in place, and says so.
     (root / "image" / "overlay2" / "imagedb" / "content" / "sha256").mkdir(parents=True)
-    readable = InPlaceDiscovery(InPlaceConfig(), Metrics(tmp_path / "blobs"), remedy)
+    readable = InPlaceDiscovery(InPlaceConfig(), Metrics(), remedy)
     await readable.source(_classic(root))
     assert readable.path.startswith("in place: ")
     await readable.close()
@@ -108,7 +108,7 @@ async def test_containerd_without_its_socket_names_both_mounts(
     missing = [(str(tmp_path / "containerd.sock"), "reported by Docker")]
     monkeypatch.setattr(discovery, "candidate_addresses", lambda config, info: missing)
     remedy = lambda info: configs.missing_mounts(info, LOCAL)  # noqa: E731
-    found = InPlaceDiscovery(InPlaceConfig(), Metrics(tmp_path / "blobs"), remedy)
+    found = InPlaceDiscovery(InPlaceConfig(), Metrics(), remedy)
     await found.source(DaemonInfo("29.1.2", "1.52", AMD64, "overlayfs", True))
     assert found.path.startswith("export: ") and f"no socket at {tmp_path}/containerd.sock" in found.path
     sockets = "-v /run/containerd/containerd.sock:/run/containerd/containerd.sock"
@@ -120,6 +120,6 @@ async def test_a_containerd_that_refuses_is_not_a_missing_mount(tmp_path: Path) 
     """A socket that is there but does not answer: mounting changes nothing, so no remedy is offered."""
     config = InPlaceConfig(address=str(tmp_path / "given.sock"))
     found = await discovery.discover_containerd(
-        config, DaemonInfo("29.1.2", "1.52", AMD64, "overlayfs", True), Metrics(tmp_path / "blobs")
+        config, DaemonInfo("29.1.2", "1.52", AMD64, "overlayfs", True), Metrics()
     )
     assert isinstance(found, str) and not isinstance(found, Unreadable)

@@ -33,7 +33,7 @@ def docker() -> FakeDocker:
 def exported_content(
     store: Store, docker: FakeDocker, limit: int | None = None, in_use_grace: float = 300.0
 ) -> ExportedContent:
-    metrics = Metrics(store.blobs_dir)
+    metrics = Metrics()
     records = Records(store, metrics, limit, in_use_grace)
     space = FreeSpace(store.root)
     return ExportedContent(store, docker, records, Transfers(), metrics, space)  # type: ignore[arg-type]

@@ -315,7 +315,7 @@ async def test_pushed_content_is_never_evicted(aiohttp_client: Any, store: Store
 
 
 async def test_abandoned_uploads_are_dropped(store: Store) -> None:
-    uploads = Uploads(store, Metrics(store.blobs_dir), idle_timeout=0.0)
+    uploads = Uploads(store, Metrics(), idle_timeout=0.0)
     upload = await uploads.start("docker.io/library/x")
     await asyncio.to_thread(upload.writer.write, b"partial")
     assert len(list(store.tmp_dir.iterdir())) == 1

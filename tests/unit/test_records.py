@@ -118,7 +118,7 @@ def test_an_export_under_the_limit_looks_at_nothing_on_disk(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     fill(store, 20)
-    records = Records(store, Metrics(store.blobs_dir), limit=1 << 40)
+    records = Records(store, Metrics(), limit=1 << 40)
     spy = Spy(monkeypatch)
 
     async def export() -> None:
@@ -167,7 +167,7 @@ def test_eviction_lets_a_record_write_in_between_its_own(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     fill(store, 10)
-    records = Records(store, Metrics(store.blobs_dir), limit=0, in_use_grace=0.0)
+    records = Records(store, Metrics(), limit=0, in_use_grace=0.0)
     drops: list[str] = []
     drop = maintenance.drop_image
 

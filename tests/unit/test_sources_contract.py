@@ -85,7 +85,7 @@ class ExportedBackend:
     indexes = True
 
     def __post_init__(self) -> None:
-        metrics = Metrics(self.store.blobs_dir)
+        metrics = Metrics()
         self.content: ImageContent = ExportedContent(
             self.store,
             self.docker,  # type: ignore[arg-type]
@@ -117,7 +117,7 @@ class ContainerdBackend:
     def __post_init__(self) -> None:
         self.blobs_dir = self.root / "blobs" / "sha256"
         self.blobs_dir.mkdir(parents=True)
-        metrics = Metrics(self.root)
+        metrics = Metrics()
         self.content: ImageContent = ContainerdContent(self.containerd, self.blobs_dir, metrics)  # type: ignore[arg-type]
 
     def publish(self, ref: str, root: bytes, media_type: str, blobs: dict[str, bytes]) -> dict[str, Any]:
@@ -141,7 +141,7 @@ class ClassicBackend:
     def __post_init__(self) -> None:
         self.images = self.root / "image" / "overlay2"
         (self.images / "imagedb" / "content" / "sha256").mkdir(parents=True)
-        self.content: ImageContent = ClassicContent(self.root, "overlay2", Metrics(self.root))
+        self.content: ImageContent = ClassicContent(self.root, "overlay2", Metrics())
 
     def publish(self, ref: str, root: bytes, media_type: str, blobs: dict[str, bytes]) -> dict[str, Any]:
         manifest = json.loads(root)
@@ -178,7 +178,7 @@ class PodmanBackend:
         for name in ("overlay-images", "overlay-layers"):
             (self.root / name).mkdir(parents=True)
             (self.root / name / f"{name.partition('-')[2]}.json").write_text("[]")
-        self.content: ImageContent = PodmanContent(self.root, "overlay", Metrics(self.root))
+        self.content: ImageContent = PodmanContent(self.root, "overlay", Metrics())
 
     def publish(self, ref: str, root: bytes, media_type: str, blobs: dict[str, bytes]) -> dict[str, Any]:
         manifest = json.loads(root)

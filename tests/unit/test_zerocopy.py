@@ -96,7 +96,7 @@ def world(tmp_path: Path, store: Store) -> World:
 
 @pytest.fixture
 async def client(aiohttp_client: Any, world: World) -> TestClient:
-    metrics = Metrics(world.store.blobs_dir)
+    metrics = Metrics()
     registry = assemble(world.store, world.docker, metrics=metrics, in_place=InPlaceConfig())  # type: ignore[arg-type]
     registry.discovery.content = ContainerdContent(world.containerd, world.blobs, metrics)  # type: ignore[arg-type]
     return await aiohttp_client(create_app(registry))
@@ -265,13 +265,13 @@ def test_where_to_look_for_containerd() -> None:
 
 async def test_discovery_says_why_not(tmp_path: Path) -> None:
     config = InPlaceConfig(address=str(tmp_path / "missing.sock"))
-    found = await discover(config, _info(), Metrics(tmp_path))
+    found = await discover(config, _info(), Metrics())
     assert isinstance(found, str)
     assert "missing.sock" in found
 
 
 async def test_the_classic_store_is_not_read_through_containerd(tmp_path: Path) -> None:
-    zero_copy = InPlaceDiscovery(InPlaceConfig(), Metrics(tmp_path))
+    zero_copy = InPlaceDiscovery(InPlaceConfig(), Metrics())
     assert await zero_copy.source(_info(containerd_store=False, storage_driver="overlay2")) is None
     assert zero_copy.off_reason is not None and "DockerRootDir" in zero_copy.off_reason
     assert zero_copy.describe().startswith("serving Docker's classic store in place is off")

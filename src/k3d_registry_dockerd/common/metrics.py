@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -17,26 +16,21 @@ _DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 
 class _CacheCollector(Collector):
-    """Blobs and bytes in the cache, counted when scraped (a walk of the blob directory)."""
+    """Blobs and bytes in the cache, as the store keeps them (a scrape costs no walk of the cache)."""
 
-    def __init__(self, blobs_dir: Path) -> None:
-        self._blobs_dir = blobs_dir
+    def __init__(self, totals: Callable[[], tuple[int, int]]) -> None:
+        self._totals = totals
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        count = size = 0
-        for path in self._blobs_dir.rglob("*"):
-            try:
-                if path.is_file():
-                    count += 1
-                    size += path.stat().st_size
-            except FileNotFoundError:
-                continue
+        count, size = self._totals()
         yield GaugeMetricFamily("k3d_registry_cache_blobs", "Blobs in the cache", value=count)
         yield GaugeMetricFamily("k3d_registry_cache_bytes", "Bytes of blobs in the cache", value=size)
 
 
 class Metrics:
-    def __init__(self, blobs_dir: Path) -> None:
+    """`cache_totals` gives the cache's blob count and bytes for its gauges (none: no such gauges)."""
+
+    def __init__(self, cache_totals: Callable[[], tuple[int, int]] | None = None) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "k3d_registry_requests",
@@ -120,7 +114,8 @@ class Metrics:
             ["outcome"],
             registry=self.registry,
         )
-        self.registry.register(_CacheCollector(blobs_dir))
+        if cache_totals is not None:
+            self.registry.register(_CacheCollector(cache_totals))
         # Children by labels, looked up once: `labels()` validates and locks on every call.
         self._answers: BoundedDict[tuple[str, str, int], Any] = BoundedDict(1024)
         self._bytes: BoundedDict[str, Any] = BoundedDict(256)

@@ -114,7 +114,7 @@ def assemble(
 ) -> Registry:
     """The parts of a registry serving `docker`'s images from `store`. The daemon's own store is looked for
     only with an `in_place` config, pre-exports run only with a `prefetch_max_age`."""
-    metrics = metrics or Metrics(store.blobs_dir)
+    metrics = metrics or Metrics(lambda: (store.blob_count, store.total_bytes))
     transfers = Transfers()
     records = Records(store, metrics, cache_max_size)
     space = FreeSpace(store.root, min_free)
