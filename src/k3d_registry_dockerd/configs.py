@@ -133,14 +133,20 @@ def containerd_assumed() -> Setup:
     return Setup([_api_mount(CONTAINER_SOCKET), *_containerd_mounts(SYSTEM_ADDRESS, SYSTEM_CONTENT)], about)
 
 
+def store_mount_options(info: DaemonInfo, endpoint: DockerEndpoint) -> str:
+    """The `-v` options `config k3d` gives a registry container to read the daemon's store (the socket's
+    mount aside)."""
+    mounts = setup_for(info, endpoint.host, endpoint.socket_path).mounts[1:]
+    return " ".join(f"-v {mount.spec()}" for mount in mounts)
+
+
 def missing_mounts(info: DaemonInfo, endpoint: DockerEndpoint) -> str | None:
     """For a registry running in a container that cannot read the daemon's store: the mounts `config k3d`
     gives it, which would serve the store in place; None outside a container (the reason says what to do)."""
     if not any(Path(marker).exists() for marker in CONTAINER_MARKERS):
         return None
-    mounts = setup_for(info, endpoint.host, endpoint.socket_path).mounts[1:]
     how = "zero-copy" if kind_of(info) == "containerd" else "in place"
-    options = " ".join(f"-v {mount.spec()}" for mount in mounts)
+    options = store_mount_options(info, endpoint)
     return f"to serve them {how}, give the registry container the mounts `config k3d` prints: {options}"
 
 

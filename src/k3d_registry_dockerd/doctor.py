@@ -100,14 +100,13 @@ async def in_place_state(
     found = await discover(config, info, Metrics())
     line = bytes_path(info, found, remedy=partial(configs.missing_mounts, endpoint=endpoint))
     if isinstance(found, str):
-        mounts = configs.setup_for(info, endpoint.host, endpoint.socket_path).mounts[1:]
         where = (
             f"Docker's containerd socket (or {ENV_CONTAINERD_ADDRESS}) and its content store"
             if info.containerd_store
             else f"the daemon's data root (or {ENV_DOCKER_ROOT} naming where it is mounted)"
         )
-        remedy = f"a registry container needs {where}, read-only: " + " ".join(
-            f"-v {mount.spec()}" for mount in mounts
+        remedy = (
+            f"a registry container needs {where}, read-only: {configs.store_mount_options(info, endpoint)}"
         )
         return line, Finding("warn", f"{kind}: off, every image is exported: {found}", remedy)
     if isinstance(found, ContainerdContent):
