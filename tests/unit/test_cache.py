@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Set
 
 from k3d_registry_dockerd.cache import maintenance
+from k3d_registry_dockerd.cache.records import Records
 from k3d_registry_dockerd.cache.store import ManifestEntry, RepositoryRecord, Store, TagEntry
+from k3d_registry_dockerd.common.metrics import Metrics
 from k3d_registry_dockerd.oci.reference import Digest
 
 MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -26,6 +30,20 @@ def _record(store: Store, name: str, tags: dict[str, tuple[str, list[str], float
         record.tags[tag] = TagEntry(manifest, MANIFEST, f"sha256:{tag}", used - 10, None, used)
         record.manifests[manifest] = ManifestEntry(MANIFEST, store.blob_size(manifest) or 0, blobs)
     store.save_record(record)
+
+
+def evict(
+    store: Store, limit: int, protected: set[tuple[str, str]], keep_blobs: Set[str] = frozenset()
+) -> maintenance.Eviction:
+    """The registry's eviction down to `limit`, with `keep_blobs` claimed as a running export would."""
+    records = Records(store, Metrics(), limit)
+
+    async def run() -> maintenance.Eviction:
+        with records.claim() as claimed:
+            claimed.update(keep_blobs)
+            return await records.evict(limit, protected)
+
+    return asyncio.run(run())
 
 
 def test_ls_lists_tagged_images_by_last_use(store: Store) -> None:
@@ -98,13 +116,13 @@ def test_evict_drops_least_recently_used_but_not_the_protected(store: Store) -> 
     total = store.total_bytes
     one_image = sum(store.blob_size(d) or 0 for d in [newest, *newest_blobs[:2]])
     # Room for two images' own blobs: only the least recently used one has to go.
-    dropped = maintenance.evict(store, total - one_image + 1, protected=set()).dropped
+    dropped = evict(store, total - one_image + 1, protected=set()).dropped
     assert [image.digest for image in dropped] == [oldest]
     assert not store.has_blob(oldest_blobs[0])
     assert store.has_blob(oldest_blobs[2])  # shared with the images that stay
 
     # The protected image stays even when the limit asks for everything to go.
-    dropped = maintenance.evict(store, 0, protected={("docker.io/library/app", middle)}).dropped
+    dropped = evict(store, 0, protected={("docker.io/library/app", middle)}).dropped
     assert [image.digest for image in dropped] == [newest]
     assert all(store.has_blob(d) for d in [middle, *middle_blobs])
     record = store.record("docker.io/library/app")
@@ -115,7 +133,7 @@ def test_evict_keeps_blobs_a_running_export_relies_on(store: Store) -> None:
     now = time.time()
     old, old_blobs = _image(store, "old")
     _record(store, "docker.io/library/app", {"old": (old, old_blobs, now - 60)})
-    dropped = maintenance.evict(store, 0, protected=set(), keep_blobs={old_blobs[1]}).dropped
+    dropped = evict(store, 0, protected=set(), keep_blobs={old_blobs[1]}).dropped
     assert [image.digest for image in dropped] == [old]
     assert not store.has_blob(old_blobs[0])
     assert store.has_blob(old_blobs[1])
@@ -127,12 +145,12 @@ def test_evict_keeps_an_image_while_any_of_its_blobs_is_being_fetched(store: Sto
     new, new_blobs = _image(store, "new")
     _record(store, "docker.io/library/app", {"old": (old, old_blobs, now - 60), "new": (new, new_blobs, now)})
     # A client fetching a layer of the old image under another repository does not protect it here.
-    dropped = maintenance.evict(store, 0, protected={("docker.io/library/other", old_blobs[0])}).dropped
+    dropped = evict(store, 0, protected={("docker.io/library/other", old_blobs[0])}).dropped
     assert [image.digest for image in dropped] == [old, new]
 
     old, old_blobs = _image(store, "old")
     _record(store, "docker.io/library/app", {"old": (old, old_blobs, now - 60)})
-    kept = maintenance.evict(store, 0, protected={("docker.io/library/app", old_blobs[-1])})
+    kept = evict(store, 0, protected={("docker.io/library/app", old_blobs[-1])})
     assert kept.dropped == []
     assert kept.remaining == store.total_bytes > 0
     assert all(store.has_blob(d) for d in [old, *old_blobs])

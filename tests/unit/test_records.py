@@ -17,6 +17,8 @@ from k3d_registry_dockerd.cache.records import Records
 from k3d_registry_dockerd.cache.store import ManifestEntry, RepositoryRecord, Store, TagEntry
 from k3d_registry_dockerd.common.metrics import Metrics
 
+from .test_cache import evict
+
 MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 BASE = "shared base layer"
 
@@ -149,7 +151,7 @@ def test_evicting_half_writes_each_record_once_with_one_directory_fsync(
     monkeypatch.setattr(Store, "save_record", counting_save)
     spy = Spy(monkeypatch)
 
-    eviction = maintenance.evict(store, total // 2, protected=set())
+    eviction = evict(store, total // 2, protected=set())
 
     evicted = [image.digest for image in eviction.dropped]
     assert evicted == [shared] + [manifest for manifest, _ in images[: len(evicted) - 1]]

@@ -135,35 +135,6 @@ def drop_image(store: Store, image: CachedImage, *, durable: bool = True) -> set
     return store.save_record(with_tags(record, remaining), durable=durable)
 
 
-def evict(
-    store: Store, limit: int, protected: set[tuple[str, str]], keep_blobs: set[str] | None = None
-) -> Eviction:
-    """Drops least recently used images until the cache fits `limit` bytes.
-
-    An image is kept whatever its age while any of its (repository, digest) pairs is in `protected` (what
-    clients are fetching now), and so are `keep_blobs` (what exports still running rely on). The records
-    are made durable once for the whole batch, before any blob goes.
-    """
-    keep = keep_blobs or set()
-    total = store.total_bytes
-    if total <= limit:
-        return Eviction([], total)
-    dropped, unused = [], set()
-    for image in eviction_order(store, protected):
-        if total <= limit:
-            break
-        freed = drop_image(store, image, durable=False)
-        if freed is None:
-            continue
-        total -= sum(store.known_size(d) or 0 for d in freed - keep - unused)
-        unused |= freed
-        dropped.append(image)
-    if dropped:
-        store.sync_records()
-    remove_blobs(store, {d for d in unused - keep if not store.references(d)})
-    return Eviction(dropped, total)
-
-
 def verify(store: Store) -> tuple[int, list[Path]]:
     """Re-hashes every blob; removes those whose bytes no longer match their name. (checked, removed)"""
     checked, corrupt = 0, []

@@ -106,7 +106,7 @@ class Records:
         if self.store.total_bytes <= limit:
             return
         async with self._evicting:
-            eviction = await self._evict(limit, set(self._fetched))
+            eviction = await self.evict(limit, set(self._fetched))
         if eviction.remaining > limit:
             log.info(
                 "cache at %s stays over the %s limit: the rest is in use (fetched in the last %s, or an "
@@ -126,9 +126,11 @@ class Records:
                 units.size(limit),
             )
 
-    async def _evict(self, limit: int, protected: set[tuple[str, str]]) -> maintenance.Eviction:
-        """`maintenance.evict`, one image's record write at a time under the record lock; the records are
-        made durable once, before any blob goes."""
+    async def evict(self, limit: int, protected: set[tuple[str, str]]) -> maintenance.Eviction:
+        """Drops least recently used images until the cache fits `limit` bytes, one image's record write at
+        a time under the record lock; the records are made durable once, before any blob goes. An image is
+        kept whatever its age while any of its (repository, digest) pairs is in `protected` (what clients
+        are fetching now), and so are the blobs open claims hold (what running exports rely on)."""
         total = self.store.total_bytes
         if total <= limit:
             return maintenance.Eviction([], total)
