@@ -96,19 +96,21 @@ class ImageList:
     def __init__(self, store: Store, hidden: Callable[[], Set[str]]) -> None:
         self._store = store
         self._hidden = hidden
-        self._generation = -1
+        # The records' generation and how many repositories were hidden when the list was made: a
+        # repository found private after its record was written is hidden at the next poll too.
+        self._made: tuple[int, int] | None = None
         self._images: list[CachedImage] = []
         self._pushed = 0
 
     async def current(self) -> tuple[list[CachedImage], int]:
         """The images and how many of them were pushed."""
-        generation = self._store.generation
-        if generation != self._generation:
-            hidden = self._hidden()
+        hidden = self._hidden()
+        made = (self._store.generation, len(hidden))
+        if made != self._made:
             images = await asyncio.to_thread(maintenance.images, self._store)
             self._images = [image for image in images if image.repository not in hidden]
             self._pushed = sum(image.pushed for image in self._images)
-            self._generation = generation
+            self._made = made
         return self._images, self._pushed
 
 
@@ -159,7 +161,7 @@ async def _docker(registry: Registry) -> dict[str, Any]:
 
 
 def _cache_counts(metrics: Metrics) -> dict[str, float]:
-    # From this one counter: asking the whole registry would run the collector that walks the blob dir.
+    # From this one counter, not by collecting every metric of the registry once per result.
     counts = dict.fromkeys(("hit", "miss", "stale", "containerd", "in_place"), 0.0)
     for family in metrics.manifest_cache.collect():
         for sample in family.samples:
