@@ -17,7 +17,7 @@ from importlib import metadata, resources
 from pathlib import Path
 
 from . import PRODUCT, __version__
-from .configs import DEFAULT_IMAGE
+from .configs import ASK_WITHIN, DEFAULT_IMAGE
 from .docker.endpoint import DockerEndpoint
 from .docker.engine import DockerClient, DockerFailed, DockerUnavailable
 
@@ -25,7 +25,6 @@ PACKAGE = __package__
 # Where the build context's wheels are in the builder stage (the Dockerfile copies the context to /src).
 WHEELS = "wheels"
 WHEEL_METADATA = "Wheel-Version: 1.0\nGenerator: k3d-registry-dockerd image build\nRoot-Is-Purelib: true\n"
-ASK_WITHIN = 10.0
 # Output lines kept to show with a failed step: pip's or the shell's explanation is among the last ones.
 FAILED_STEP_LINES = 12
 
