@@ -17,6 +17,7 @@ from k3d_registry_dockerd.cache.store import Store
 from k3d_registry_dockerd.docker.engine import DaemonInfo
 from k3d_registry_dockerd.oci.reference import parse_repository
 from k3d_registry_dockerd.sources.classic import ClassicContent
+from k3d_registry_dockerd.sources.content import BlobPieces
 from k3d_registry_dockerd.sources.discovery import InPlaceConfig
 from k3d_registry_dockerd.web.app import create_app
 from k3d_registry_dockerd.web.assembly import Registry, assemble
@@ -158,7 +159,7 @@ async def test_a_new_image_s_layers_are_verified_before_its_first_pull(
         assert isinstance(source, ClassicContent)
         for digest in layers(docker):
             found = await source.blob(parse_repository("app", None), digest, await docker.daemon())
-            assert found is not None and found.verified is None
+            assert isinstance(found, BlobPieces) and found.verify is None
     finally:
         await registry.stop()
 

@@ -33,9 +33,10 @@ from k3d_registry_dockerd.oci.platform import Platform
 from k3d_registry_dockerd.oci.reference import Repository, parse_repository
 from k3d_registry_dockerd.sources.classic import ClassicContent, chain_ids
 from k3d_registry_dockerd.sources.containerd import ContainerdContent
-from k3d_registry_dockerd.sources.content import Blob, BlobFile, BlobStream, ImageContent
+from k3d_registry_dockerd.sources.content import Blob, BlobFile, BlobPieces, ImageContent
 from k3d_registry_dockerd.sources.exported import ExportedContent
 from k3d_registry_dockerd.sources.generated import docker_save_manifest, legacy_manifest
+from k3d_registry_dockerd.sources.pieces import read_all
 from k3d_registry_dockerd.sources.podman import PodmanContent, big_data_name
 from k3d_registry_dockerd.web import blobs
 
@@ -244,17 +245,18 @@ def publish_image(backend: Backend, repo: Repository, tag: str, seed: str) -> Pu
 
 
 def file_digest(found: Blob) -> str:
-    data = found.path.read_bytes() if isinstance(found, BlobFile) else b"".join(found.chunks(0))
+    if isinstance(found, BlobFile):
+        data = found.path.read_bytes()
+    else:
+        data = b"".join(read_all(found.pieces(0, found.size, None)))
     return f"sha256:{hashlib.sha256(data).hexdigest()}"
 
 
 async def served_blob(content: ImageContent, repo: Repository, digest: str) -> Blob | None:
     found = await content.blob(repo, digest, INFO)
-    if isinstance(found, BlobFile) and found.verified is not None:
-        # What the HTTP layer does after sending a blob it hashed on the way.
-        found.verified(file_digest(found) == digest, found.path.stat())
-    elif isinstance(found, BlobStream) and found.verified is not None:
-        found.verified(file_digest(found) == digest)
+    if isinstance(found, BlobPieces) and found.verify is not None:
+        # What the HTTP layer has done by the time it sent a blob not verified yet.
+        assert await found.verify()
     return found
 
 
@@ -332,18 +334,21 @@ async def test_an_image_asked_for_by_digest_first_is_served(backend: Backend) ->
 
 @pytest.fixture
 def blob_client(aiohttp_client: Any, backend: Backend) -> Iterator[Any]:
+    sender = blobs.BlobSender()
+
     async def start() -> TestClient:
         async def send(request: web.Request) -> web.StreamResponse:
             found = await backend.content.blob(APP, request.match_info["digest"], INFO)
             if found is None:
                 raise web.HTTPNotFound()
-            return await blobs.send(request, found, {"Docker-Content-Digest": found.digest})
+            return await sender.send(request, found, {"Docker-Content-Digest": found.digest})
 
         app = web.Application()
         app.router.add_get("/{digest}", send)
         return await aiohttp_client(app)
 
     yield start
+    sender.close()
 
 
 async def test_part_of_a_blob_is_sent_as_asked_and_all_of_it_again(

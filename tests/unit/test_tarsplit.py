@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from k3d_registry_dockerd.common.hashing import CHUNK
 from k3d_registry_dockerd.sources import tarsplit
+from k3d_registry_dockerd.sources.pieces import read_all
 from k3d_registry_dockerd.sources.tarsplit import LayerTar, LayerUnservable
 
 from .saves import tar_split, write_diff_dir
@@ -31,7 +33,7 @@ def awkward_layer() -> bytes:
     """A layer with what real layers hold: nested and empty files, a hardlink, a symlink, a whiteout and an
     opaque directory, a file capability (PAX xattr), a long name, a name that is not UTF-8, a file larger
     than a chunk, and a file of zeros as a sparse file would read."""
-    big = random.Random("big").randbytes(tarsplit.CHUNK + 12_345)
+    big = random.Random("big").randbytes(CHUNK + 12_345)
     entries: list[tuple[tarfile.TarInfo, bytes]] = [
         (_info("etc/", tarfile.DIRTYPE, mode=0o755), b""),
         (_info("etc/hostname", size=6), b"alpha\n"),
@@ -67,40 +69,46 @@ def stored(tmp_path: Path, data: bytes) -> LayerTar:
     return tarsplit.read(tmp_path / "tar-split.json.gz", diff)
 
 
+def whole(layer: LayerTar, start: int = 0) -> bytes:
+    return b"".join(read_all(layer.reader(start)))
+
+
 def test_a_layer_is_put_together_byte_for_byte(tmp_path: Path) -> None:
     data = awkward_layer()
     layer = stored(tmp_path, data)
     assert layer.size == len(data)
     layer.check()
-    assert b"".join(layer.chunks()) == data
+    assert whole(layer) == data
     # Chunks stay about a chunk long: a file's bytes fill up what headers began.
-    assert all(len(chunk) <= tarsplit.CHUNK + 4096 for chunk in layer.chunks())
+    assert all(len(chunk) <= CHUNK + 4096 for chunk in read_all(layer.reader()))
 
 
-@pytest.mark.parametrize("start", [0, 1, 511, 512, 4096, tarsplit.CHUNK, tarsplit.CHUNK + 700, -1])
+@pytest.mark.parametrize("start", [0, 1, 511, 512, 4096, CHUNK, CHUNK + 700, -1])
 def test_any_offset_starts_where_asked(tmp_path: Path, start: int) -> None:
     data = awkward_layer()
     layer = stored(tmp_path, data)
     start = start if start >= 0 else len(data) - 1
-    assert b"".join(layer.chunks(start)) == data[start:]
-    assert b"".join(layer.chunks(len(data))) == b""
+    assert whole(layer, start) == data[start:]
+    assert whole(layer, len(data)) == b""
 
 
 def test_non_utf8_names_come_as_raw_bytes(tmp_path: Path) -> None:
     record, _files = tar_split(awkward_layer())
     entries = [json.loads(line) for line in gzip.decompress(record).splitlines()]
     assert any("name_raw" in entry for entry in entries)
-    assert b"".join(stored(tmp_path, awkward_layer()).chunks()) == awkward_layer()
+    assert whole(stored(tmp_path, awkward_layer())) == awkward_layer()
 
 
 def test_a_file_gone_or_shorter_than_recorded_fails_the_stream(tmp_path: Path) -> None:
     layer = stored(tmp_path, awkward_layer())
     (tmp_path / "diff" / "data" / "big.bin").write_bytes(b"short")
     with pytest.raises(OSError, match="shorter"):
-        b"".join(layer.chunks())
+        whole(layer)
+    with pytest.raises(OSError, match="shorter"):
+        layer.digest()
     (tmp_path / "diff" / "data" / "big.bin").unlink()
     with pytest.raises(FileNotFoundError):
-        b"".join(layer.chunks())
+        whole(layer)
     with pytest.raises(LayerUnservable):
         layer.check()
 
@@ -120,7 +128,7 @@ def test_no_file_is_read_through_a_symlink(tmp_path: Path) -> None:
     with pytest.raises(LayerUnservable, match="symlink"):
         layer.check()
     with pytest.raises(OSError):
-        b"".join(layer.chunks())
+        whole(layer)
     os.unlink(tmp_path / "diff" / "etc")
     (tmp_path / "diff" / "etc").mkdir()
     os.symlink(secret, tmp_path / "diff" / "etc" / "secret")
@@ -132,7 +140,7 @@ def test_no_file_is_read_through_a_symlink(tmp_path: Path) -> None:
 def test_names_leading_outside_the_layer_are_refused(tmp_path: Path, name: str) -> None:
     record = json.dumps({"type": 1, "name": name, "size": 3}).encode()
     with pytest.raises(LayerUnservable, match="not a path inside"):
-        tarsplit.parse(record, tmp_path)
+        tarsplit.parse(record.splitlines(), tmp_path)
 
 
 @pytest.mark.parametrize(

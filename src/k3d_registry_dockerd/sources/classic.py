@@ -14,6 +14,7 @@ per layer directory). A layer whose bytes do not match makes its image fall back
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import logging
@@ -25,15 +26,16 @@ from typing import Any
 
 from ..common.bounded import BoundedDict
 from ..common.flights import SingleFlight
-from ..common.hashing import chunks_digest
+from ..common.hashing import Hashing, file_digest
 from ..common.metrics import Metrics
 from ..docker.engine import DaemonInfo
 from ..oci.mediatypes import OCI_MANIFEST
 from ..oci.platform import Platform
 from ..oci.reference import Digest, Repository
 from . import tarsplit
-from .content import Blob, BlobFile, BlobStream, ServedManifest
+from .content import Blob, BlobFile, BlobPieces, ServedManifest
 from .generated import docker_save_manifest, legacy_manifest
+from .pieces import FilePieces, Piece, Pieces, identity
 
 log = logging.getLogger(__package__)
 IMAGES_LIMIT = 1024
@@ -58,7 +60,7 @@ class StoreImage:
 
     image_id: str
     config: Path
-    config_identity: tuple[int, int, int]
+    config_identity: tuple[int, ...]
     manifest: bytes
     digest: str
     layers: dict[str, StoreLayer]
@@ -79,10 +81,6 @@ def chain_ids(diff_ids: list[str]) -> Iterator[str]:
             else f"sha256:{hashlib.sha256(f'{chain} {diff_id}'.encode()).hexdigest()}"
         )
         yield chain
-
-
-def identity(stat: os.stat_result) -> tuple[int, int, int]:
-    return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 class ImageMismatch(tarsplit.LayerUnservable):
@@ -108,6 +106,10 @@ class StoreImages:
         self._verified: BoundedDict[tuple[str, str], bool] = BoundedDict(VERIFIED_LIMIT)
         # Reads of an image's records, shared by the requests that arrive while one runs.
         self._reads = SingleFlight()
+        self._hashing = Hashing()
+
+    async def close(self) -> None:
+        self._hashing.close()
 
     def _read(self, image_id: str, info: DaemonInfo) -> StoreImage:
         raise NotImplementedError
@@ -153,14 +155,14 @@ class StoreImages:
             if self._verified.get((layer.diff_id, layer.where)):
                 continue
             await idle()
+            assert found is not None
             try:
-                digest, size = await asyncio.to_thread(chunks_digest, layer.tar.chunks())
+                matched = await self._verify_layer(found, layer)
             except OSError as exc:
                 log.info("verifying %s of %s ahead stopped: %s", layer.diff_id, ref, exc.strerror or exc)
                 return hashed
             hashed += 1
-            self._checked(found, layer, digest == layer.diff_id and size == layer.tar.size)
-            if image["Id"] in self._failed:
+            if not matched:
                 break
         return hashed
 
@@ -215,7 +217,7 @@ class StoreImages:
                 return self._layer(found, layer)
         return None
 
-    def _config(self, image: StoreImage) -> BlobFile | None:
+    def _config(self, image: StoreImage) -> Blob | None:
         try:
             stat = image.config.stat()
         except FileNotFoundError:
@@ -223,28 +225,54 @@ class StoreImages:
             return None
         if identity(stat) == image.config_identity:
             return BlobFile(image.config, image.image_id)
-        return BlobFile(image.config, image.image_id, lambda ok, _stat: self._checked(image, None, ok))
 
-    def _layer(self, image: StoreImage, layer: StoreLayer) -> BlobStream:
+        async def verify() -> bool:
+            config = image.config
+            matched = await self._hashing.run(lambda: _file_matches(config, image.image_id))
+            self._checked(image, None, matched)
+            return matched
+
+        return BlobPieces(image.image_id, stat.st_size, functools.partial(FilePieces, image.config), verify)
+
+    def _layer(self, image: StoreImage, layer: StoreLayer) -> BlobPieces:
         loop = asyncio.get_running_loop()
 
-        def chunks(start: int) -> Iterator[bytes]:
-            try:
-                yield from layer.tar.chunks(start)
-            except OSError as exc:
-                log.warning(
-                    "layer %s of %s is gone from the daemon's store or changed (%s): the next request reads "
-                    "the image again",
-                    layer.diff_id,
-                    image.image_id,
-                    exc.strerror or exc,
-                )
-                loop.call_soon_threadsafe(self._images.pop, image.image_id, None)
-                raise
+        def lost(exc: OSError) -> None:
+            self._lost(image, layer, exc)
+
+        def pieces(start: int, stop: int, inline_below: int | None) -> Pieces:
+            return _Watched(layer.tar.reader(start, stop, inline_below), loop, lost)
 
         done = self._verified.get((layer.diff_id, layer.where))
-        verify = None if done else (lambda ok: self._checked(image, layer, ok))
-        return BlobStream(layer.diff_id, layer.tar.size, chunks, verify)
+        verify = None if done else functools.partial(self._verify_layer, image, layer)
+        return BlobPieces(layer.diff_id, layer.tar.size, pieces, verify)
+
+    async def _verify_layer(self, image: StoreImage, layer: StoreLayer) -> bool:
+        """Whether the layer's files put together hash to its diff ID, hashed once for all who ask at the
+        same time (requests and verification ahead)."""
+
+        async def hashed() -> bool:
+            try:
+                matched = await self._hashing.run(layer.tar.digest) == layer.diff_id
+            except OSError as exc:
+                self._lost(image, layer, exc)
+                raise
+            self._checked(image, layer, matched)
+            return matched
+
+        return await self._hashing.once(f"{layer.diff_id} {layer.where}", hashed)
+
+    def _lost(self, image: StoreImage, layer: StoreLayer, exc: OSError) -> None:
+        if self._images.get(image.image_id) is not image:
+            return
+        log.warning(
+            "layer %s of %s is gone from the daemon's store or changed (%s): the next request reads the "
+            "image again",
+            layer.diff_id,
+            image.image_id,
+            exc.strerror or exc,
+        )
+        self._images.pop(image.image_id, None)
 
     def _checked(self, image: StoreImage, layer: StoreLayer | None, ok: bool) -> None:
         if ok:
@@ -304,3 +332,33 @@ class ClassicContent(StoreImages):
         tar = tarsplit.read(record / "tar-split.json.gz", diff_dir)
         tar.check()
         return StoreLayer(diff_id, cache_id, tar)
+
+
+def _file_matches(path: Path, digest: str) -> bool:
+    with open(path, "rb") as handle:
+        return file_digest(handle, os.fstat(handle.fileno()).st_size) == digest
+
+
+class _Watched:
+    """A layer's pieces that tell their source, on the event loop, when a file is gone or changed."""
+
+    def __init__(self, pieces: Pieces, loop: asyncio.AbstractEventLoop, lost: Callable[[OSError], None]):
+        self._pieces = pieces
+        self._loop = loop
+        self._lost = lost
+
+    def __enter__(self) -> _Watched:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._pieces.close()
+
+    def next(self, limit: int, max_files: int = 8) -> list[Piece]:
+        try:
+            return self._pieces.next(limit, max_files)
+        except OSError as exc:
+            self._loop.call_soon_threadsafe(self._lost, exc)
+            raise

@@ -13,6 +13,7 @@ verified file costs next to nothing; so the bytes come from the files and gRPC o
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import os
@@ -22,14 +23,15 @@ from typing import Any
 
 from ..common.bounded import BoundedDict
 from ..common.flights import FreshFlight
-from ..common.hashing import file_digest
+from ..common.hashing import Hashing, file_digest
 from ..common.metrics import Metrics
 from ..docker.containerd import ContainerdClient, ContainerdUnavailable, Descriptor
 from ..docker.engine import DaemonInfo
 from ..oci.mediatypes import INDEX_TYPES
 from ..oci.platform import Platform, foreign_platform
 from ..oci.reference import Digest, Repository
-from .content import BlobFile, ServedManifest
+from .content import Blob, BlobFile, BlobPieces, ServedManifest
+from .pieces import FilePieces, identity
 from .plans import ImagePlan, IncompleteImage, Root, plan_manifests
 
 log = logging.getLogger(__package__)
@@ -50,12 +52,17 @@ class ContainerdContent:
         self._plans: BoundedDict[str, ImagePlan] = BoundedDict(PLAN_LIMIT)
         # Docker name -> root digests resolved for it: what the repository's manifests are.
         self._roots: dict[str, set[str]] = {}
-        # Digest -> (inode, size, mtime) of the file whose bytes were hashed and matched.
-        self._verified: BoundedDict[str, tuple[int, int, int]] = BoundedDict(VERIFIED_LIMIT)
+        # Digest -> identity of the file whose bytes were hashed and matched.
+        self._verified: BoundedDict[str, tuple[int, ...]] = BoundedDict(VERIFIED_LIMIT)
         # Manifest bytes read and verified, by digest: a tag request costs no file read and hash.
         self._bodies: BoundedDict[str, bytes] = BoundedDict(BODY_LIMIT)
         # Image record lookups, shared by the tag requests arriving while one runs (as Docker inspects).
         self._lookups = FreshFlight()
+        self._hashing = Hashing()
+
+    async def close(self) -> None:
+        self._hashing.close()
+        await self.client.close()
 
     def _path(self, digest: str) -> Path:
         return self.blobs_dir / Digest.parse(digest).hex
@@ -230,7 +237,7 @@ class ContainerdContent:
                 return found
         return None
 
-    async def blob(self, repo: Repository, digest: str, info: DaemonInfo) -> BlobFile | None:
+    async def blob(self, repo: Repository, digest: str, info: DaemonInfo) -> Blob | None:
         if not info.containerd_store or await self._find(repo, digest, info, blob=True) is None:
             return None
         path = self._path(digest)
@@ -246,9 +253,11 @@ class ContainerdContent:
             )
             self._forget(digest)
             return None
-        if self._verified.get(digest) == _identity(stat):
+        if self._verified.get(digest) == identity(stat):
             return BlobFile(path, digest)
-        return BlobFile(path, digest, lambda ok, opened: self._verified_as(digest, ok, opened))
+        return BlobPieces(
+            digest, stat.st_size, functools.partial(FilePieces, path), functools.partial(self._verify, digest)
+        )
 
     async def verify_ahead(
         self, ref: str, image: dict[str, Any], info: DaemonInfo, idle: Callable[[], Awaitable[None]]
@@ -269,29 +278,36 @@ class ContainerdContent:
         hashed = 0
         for digest in blobs:
             try:
-                if self._verified.get(digest) == _identity(self._path(digest).stat()):
+                if self._verified.get(digest) == identity(self._path(digest).stat()):
                     continue
             except FileNotFoundError:
                 continue
             await idle()
             try:
-                ok, opened = await asyncio.to_thread(self._hash, digest)
+                await self._verify(digest)
             except FileNotFoundError:
                 continue
             hashed += 1
-            self._verified_as(digest, ok, opened)
         return hashed
+
+    async def _verify(self, digest: str) -> bool:
+        """Whether the blob's file hashes to its digest, hashed once for all who ask at the same time
+        (requests and verification ahead); the outcome is kept for that very file."""
+
+        async def hashed() -> bool:
+            matched, opened = await self._hashing.run(functools.partial(self._hash, digest))
+            if not matched:
+                self._mismatch(digest, "a blob")
+            else:
+                self._verified[digest] = identity(opened)
+            return matched
+
+        return await self._hashing.once(digest, hashed)
 
     def _hash(self, digest: str) -> tuple[bool, os.stat_result]:
         with open(self._path(digest), "rb") as handle:
             opened = os.fstat(handle.fileno())
             return file_digest(handle, opened.st_size) == digest, opened
-
-    def _verified_as(self, digest: str, ok: bool, opened: os.stat_result) -> None:
-        if not ok:
-            self._mismatch(digest, "a blob")
-            return
-        self._verified[digest] = _identity(opened)
 
 
 def _described(image: dict[str, Any] | None) -> Descriptor | None:
@@ -301,7 +317,3 @@ def _described(image: dict[str, Any] | None) -> Descriptor | None:
     if not image or found.get("digest") != image.get("Id") or not found.get("mediaType"):
         return None
     return Descriptor(str(found["mediaType"]), str(found["digest"]), int(found.get("size") or 0))
-
-
-def _identity(stat: os.stat_result) -> tuple[int, int, int]:
-    return stat.st_ino, stat.st_size, stat.st_mtime_ns

@@ -5,20 +5,20 @@
 - `classic.ClassicContent`: Docker's classic graph-driver store (overlay2), read where it lies.
 
 `Mirror` decides what Docker's image is (freshness, pulls) and asks the sources in turn; the HTTP layer
-only sees `ServedManifest` and a `Blob` (a file, or a stream assembled as it is sent), never which source
-answered.
+only sees `ServedManifest` and a `Blob` (a verified file, or pieces put together as they are sent), never
+which source answered.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from ..docker.engine import DaemonInfo
 from ..oci.reference import Repository
+from .pieces import Pieces
 
 
 @dataclass(frozen=True)
@@ -32,30 +32,28 @@ class ServedManifest:
 
 @dataclass(frozen=True)
 class BlobFile:
-    """A blob to send from a file."""
+    """A blob whose file is known to hold exactly its bytes."""
 
     path: Path
     digest: str
-    # None when the file is known to hold exactly `digest`'s bytes. Otherwise the bytes are hashed as
-    # they are sent and this is told the outcome (with the opened file's stat), so it is done only once.
-    verified: Callable[[bool, os.stat_result], None] | None = None
 
 
 @dataclass(frozen=True)
-class BlobStream:
-    """A blob assembled as it is sent, such as a layer's tar from the files its store keeps."""
+class BlobPieces:
+    """A blob sent as pieces (see `pieces`): a layer's tar put together from its store's files, or a file
+    not verified yet."""
 
     digest: str
     size: int
-    # The blob's bytes from an offset on, in chunks (blocking: run in a thread of its own). A file that
-    # is gone or changed raises OSError mid-stream.
-    chunks: Callable[[int], Iterator[bytes]]
-    # None when the stream is known to hash to `digest`. Otherwise it is hashed as it is sent, and this is
-    # told the outcome, so it is done only once.
-    verified: Callable[[bool], None] | None = None
+    # The bytes from `start` to `stop`, files of `inline_below` bytes or more as ranges to send as they lie.
+    pieces: Callable[[int, int, int | None], Pieces]
+    # None when the bytes are known to hash to `digest`. Otherwise this hashes them (once for the requests
+    # asking at the same time, and never again once they matched) and says whether they did; OSError when
+    # they could not be read.
+    verify: Callable[[], Awaitable[bool]] | None = None
 
 
-Blob = BlobFile | BlobStream
+Blob = BlobFile | BlobPieces
 
 
 class ImageContent(Protocol):

@@ -129,8 +129,8 @@ class InPlaceDiscovery:
         self.off_reason = reason
 
     async def close(self) -> None:
-        if isinstance(self.content, ContainerdContent):
-            await self.content.client.close()
+        if self.content is not None:
+            await self.content.close()
         self.content = None
 
 

@@ -21,7 +21,8 @@ from ..common.metrics import Metrics
 from ..docker.engine import DaemonInfo
 from ..oci.reference import Digest
 from . import tarsplit
-from .classic import StoreImage, StoreImages, StoreLayer, identity, manifest_for
+from .classic import StoreImage, StoreImages, StoreLayer, manifest_for
+from .pieces import identity
 
 # Where each driver keeps a layer's files: layer ID -> path under the graph root.
 LAYER_DIRS = {"overlay": ("overlay", "{}", "diff"), "vfs": ("vfs", "dir", "{}")}

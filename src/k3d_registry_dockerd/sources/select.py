@@ -20,6 +20,7 @@ from .containerd import ContainerdContent
 from .content import Blob, BlobFile, ImageContent, ServedManifest
 from .discovery import InPlaceContent, InPlaceDiscovery
 from .exported import ExportedContent
+from .pieces import read_all
 
 log = logging.getLogger(__package__)
 
@@ -106,7 +107,8 @@ class Sources:
             if isinstance(found, BlobFile):
                 await asyncio.to_thread(store.put_file, found.path, digest)
             else:
-                await asyncio.to_thread(store.put_chunks, found.chunks(0), digest)
+                chunks = read_all(found.pieces(0, found.size, None))
+                await asyncio.to_thread(store.put_chunks, chunks, digest)
         except (OSError, DigestMismatch) as exc:
             log.warning("copying %s from the daemon's store into the cache failed: %s", digest, exc)
             return False

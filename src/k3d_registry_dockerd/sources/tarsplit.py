@@ -6,6 +6,10 @@ The record (`tar-split.json.gz`, or `<id>.tar-split.gz`) is gzipped JSON lines: 
 bytes: headers, padding, the end blocks, base64 in `payload`) and files (type 1: `name`, or `name_raw` in
 base64 for names that are not UTF-8, and `size`; the file's bytes are not in the record).
 
+The record is held compactly, as blocks of entries compressed with zlib (a tar header is mostly zeros): a
+layer of 30,000 files keeps about a megabyte instead of one object per entry. A block is decoded each time
+the tar is read through it, which costs less than opening the files it names.
+
 A file is opened one path component at a time beneath the diff directory and never through a symlink:
 the names are paths inside the layer, and a symlink in the layer must not lead this process to a file of
 the host. A layer that needs one is not served here (`LayerUnservable`).
@@ -17,15 +21,29 @@ import base64
 import bisect
 import errno
 import gzip
+import hashlib
+import io
 import json
 import os
-from collections.abc import Iterator
+import struct
+import zlib
+from array import array
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-CHUNK = 1 << 20
+from ..common.hashing import CHUNK, hash_file
+from .pieces import FileRange, Piece, identity, pread_exactly, short
+
+# Encoded entries per compressed block, before compression: decoding one is the most a read holds.
+BLOCK = 64 << 10
 _OPEN_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 _OPEN_DIR = _OPEN_FILE | os.O_DIRECTORY
+# An encoded entry: a segment (kind, length, bytes) or a file (kind, size, name length, name).
+_SEGMENT, _FILE = 0, 1
+_NEVER = 1 << 62
+_SEGMENT_HEAD = struct.Struct("<BI")
+_FILE_HEAD = struct.Struct("<BQI")
 
 
 class LayerUnservable(Exception):
@@ -33,70 +51,174 @@ class LayerUnservable(Exception):
 
 
 @dataclass(frozen=True)
+class Fingerprint:
+    """What the layer's bytes on disk were when looked at: the identity (device, inode, size, times) of
+    its record and of every file, hashed. A file cannot change without its change time changing, so an
+    equal fingerprint means the same bytes, unless a file changed within the filesystem's timestamp
+    granularity of being looked at: `newest_change` (the latest change time, ns) says how recent that is."""
+
+    digest: str
+    newest_change: int
+
+
+@dataclass(frozen=True)
 class LayerTar:
-    """A layer's tar as parts in order: raw bytes, or the (name, size) of a file in `diff_dir`."""
-
     diff_dir: Path
-    parts: tuple[bytes | tuple[bytes, int], ...]
-    # Where each part starts in the tar, and the tar's length.
-    offsets: tuple[int, ...]
     size: int
+    # The record's identity, part of the fingerprint.
+    record_identity: tuple[int, ...]
+    # zlib-compressed runs of encoded entries, and the tar offset each run starts at.
+    blocks: tuple[bytes, ...]
+    starts: array[int]
 
-    def check(self) -> None:
-        """Raises LayerUnservable unless every file can be opened as `chunks` opens it (blocking): a layer
-        whose files this process may not read, or that lie behind a symlink, is exported instead."""
+    def _entries(self, start: int) -> Iterator[tuple[int, int, bytes, bool]]:
+        """(tar offset, end, bytes, is a file) of the entries from the one holding `start`: a segment's
+        bytes, or a file's name."""
+        first = max(bisect.bisect_right(self.starts, start) - 1, 0)
+        segment, file = _SEGMENT_HEAD, _FILE_HEAD
+        for index in range(first, len(self.blocks)):
+            raw = zlib.decompress(self.blocks[index])
+            offset, at, size = self.starts[index], 0, len(raw)
+            while at < size:
+                if raw[at] == _SEGMENT:
+                    length = segment.unpack_from(raw, at)[1]
+                    at += segment.size + length
+                    end = offset + length
+                    if end > start:
+                        yield offset, end, raw[at - length : at], False
+                else:
+                    _kind, length, named = file.unpack_from(raw, at)
+                    at += file.size + named
+                    end = offset + length
+                    if end > start:
+                        yield offset, end, raw[at - named : at], True
+                offset = end
+
+    def check(self) -> Fingerprint:
+        """Opens every file as `reader` opens them (blocking) and says what they are: LayerUnservable when
+        one cannot be read by this process or lies behind a symlink, so the layer is exported instead."""
+        identities = array("q", self.record_identity)
         try:
             with _Beneath(self.diff_dir) as files:
-                for part in self.parts:
-                    if not isinstance(part, bytes):
-                        os.close(files.open(part[0]))
+                for _offset, _end, name, is_file in self._entries(0):
+                    if not is_file:
+                        continue
+                    fd = files.open(name)
+                    try:
+                        identities.extend(identity(os.fstat(fd)))
+                    finally:
+                        os.close(fd)
         except OSError as exc:
             # A symlink opened as the last component is ELOOP; as a directory on the way, ENOTDIR.
             behind = exc.errno in (errno.ELOOP, errno.ENOTDIR)
             why = "a file lies behind a symlink" if behind else exc.strerror or str(exc)
             raise LayerUnservable(f"its files in {self.diff_dir} cannot be read here ({why})") from exc
+        digest = hashlib.sha256(identities.tobytes()).hexdigest()
+        # Each identity ends with its change time.
+        return Fingerprint(f"sha256:{digest}", max(identities[4::5]))
 
-    def chunks(self, start: int = 0) -> Iterator[bytes]:
-        """The tar from byte `start` on, in chunks of about CHUNK bytes (blocking). A file that is gone or
-        shorter than recorded raises OSError."""
-        if start >= self.size:
-            return
-        first = bisect.bisect_right(self.offsets, start) - 1
-        pending = bytearray()
+    def reader(self, start: int = 0, stop: int | None = None, inline_below: int | None = None) -> LayerReader:
+        """The tar's bytes from `start` to `stop` as pieces (blocking). Files of `inline_below` bytes or
+        more come as ranges of open files, to send as they lie; everything else as bytes, files read."""
+        return LayerReader(self, start, self.size if stop is None else min(stop, self.size), inline_below)
+
+    def digest(self) -> str:
+        """The tar's digest, reading each file into one buffer (blocking); OSError as `chunks`."""
+        hasher = hashlib.sha256()
+        buffer = memoryview(bytearray(CHUNK))
         with _Beneath(self.diff_dir) as files:
-            for index in range(first, len(self.parts)):
-                part = self.parts[index]
-                skip = start - self.offsets[index] if index == first else 0
-                if isinstance(part, bytes):
-                    pending += part[skip:] if skip else part
+            for offset, end, data, is_file in self._entries(0):
+                if not is_file:
+                    hasher.update(data)
+                    continue
+                fd = files.open(data)
+                try:
+                    if hash_file(hasher, fd, end - offset, buffer) < end - offset:
+                        raise short(data)
+                finally:
+                    os.close(fd)
+        return f"sha256:{hasher.hexdigest()}"
+
+
+class LayerReader:
+    """Hands out a layer's tar in order, a batch at a time (see `LayerTar.reader`); a context manager
+    holding the directories and the file it opened. Blocking: run each call off the event loop."""
+
+    def __init__(self, tar: LayerTar, start: int, stop: int, inline_below: int | None) -> None:
+        self._tar = tar
+        self._stop = stop
+        self._at = start
+        # Files this long or longer are handed out as ranges of open files.
+        self._ranges_from = _NEVER if inline_below is None else inline_below
+        self._entries = tar._entries(start) if start < stop else iter(())
+        # The entry being handed out.
+        self._entry: tuple[int, int, bytes, bool] = (0, 0, b"", False)
+        self._files: _Beneath | None = None
+        # The file being read into memory across batches.
+        self._fd: int | None = None
+
+    def __enter__(self) -> LayerReader:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if self._files is not None:
+            self._files.close()
+            self._files = None
+
+    def next(self, limit: int, max_files: int = 8) -> list[Piece]:
+        """The next pieces: about `limit` bytes held in memory at most, and `max_files` open files; empty
+        at the end. A file that is gone or shorter than recorded raises OSError."""
+        pieces: list[Piece] = []
+        pending = bytearray()
+        files = 0
+        at, stop = self._at, self._stop
+        offset, end, data, is_file = self._entry
+        try:
+            while at < stop and len(pending) < limit and files < max_files:
+                if at >= end:
+                    self._entry = offset, end, data, is_file = next(self._entries)
+                upto = end if end < stop else stop
+                if not is_file:
+                    pending += data if at == offset and upto == end else data[at - offset : upto - offset]
+                elif self._fd is None and upto - at >= self._ranges_from:
+                    if pending:
+                        pieces.append(pending)
+                        pending = bytearray()
+                    pieces.append(FileRange(io.FileIO(self._open(data), "rb"), at - offset, upto - at))
+                    files += 1
                 else:
-                    yield from _file_chunks(files, part, skip, pending)
-                if len(pending) >= CHUNK:
-                    yield bytes(pending)
-                    pending.clear()
+                    if self._fd is None:
+                        self._fd = self._open(data)
+                    whole = upto
+                    upto = min(upto, at + limit - len(pending))
+                    pending += pread_exactly(self._fd, at - offset, upto - at, data)
+                    if upto == whole:
+                        os.close(self._fd)
+                        self._fd = None
+                at = upto
+        except BaseException:
+            for piece in pieces:
+                if isinstance(piece, FileRange):
+                    piece.file.close()
+            raise
+        finally:
+            self._at = at
         if pending:
-            yield bytes(pending)
+            pieces.append(pending)
+        if at >= stop:
+            self.close()
+        return pieces
 
-
-def _file_chunks(files: _Beneath, entry: tuple[bytes, int], skip: int, pending: bytearray) -> Iterator[bytes]:
-    """Adds a file's bytes (after `skip`) to `pending`, yielding whole chunks as they fill up."""
-    name, size = entry
-    fd = files.open(name)
-    try:
-        offset, remaining = skip, size - skip
-        while remaining:
-            # `pending` holds less than a chunk here: its caller hands on every full one.
-            piece = os.pread(fd, min(CHUNK - len(pending), remaining), offset)
-            if not piece:
-                raise OSError(f"{name.decode(errors='replace')} is shorter than the layer's record says")
-            pending += piece
-            offset += len(piece)
-            remaining -= len(piece)
-            if len(pending) >= CHUNK:
-                yield bytes(pending)
-                pending.clear()
-    finally:
-        os.close(fd)
+    def _open(self, name: bytes) -> int:
+        if self._files is None:
+            self._files = _Beneath(self._tar.diff_dir).__enter__()
+        return self._files.open(name)
 
 
 class _Beneath:
@@ -112,6 +234,9 @@ class _Beneath:
         return self
 
     def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
         for fd in self._dirs.values():
             os.close(fd)
         self._dirs.clear()
@@ -137,12 +262,36 @@ def _clean_name(raw: bytes) -> bytes:
     return b"/".join(parts)
 
 
-def parse(record: bytes, diff_dir: Path) -> LayerTar:
-    """The layer's tar from its (gunzipped) tar-split record."""
-    parts: list[bytes | tuple[bytes, int]] = []
-    offsets: list[int] = []
-    size = 0
-    for line in record.splitlines():
+class _Blocks:
+    """Encodes entries into compressed blocks as the record is read."""
+
+    def __init__(self) -> None:
+        self.blocks: list[bytes] = []
+        self.starts = array("q")
+        self.size = 0
+        self._pending = bytearray()
+        self._pending_start = 0
+
+    def add(self, head: bytes, payload: bytes, length: int) -> None:
+        if not self._pending:
+            self._pending_start = self.size
+        self._pending += head
+        self._pending += payload
+        self.size += length
+        if len(self._pending) >= BLOCK:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._pending:
+            self.blocks.append(zlib.compress(self._pending, 1))
+            self.starts.append(self._pending_start)
+            self._pending.clear()
+
+
+def parse(lines: Iterable[bytes], diff_dir: Path, record_identity: tuple[int, ...] = ()) -> LayerTar:
+    """The layer's tar from the (gunzipped) lines of its tar-split record."""
+    blocks = _Blocks()
+    for line in lines:
         if not line.strip():
             continue
         try:
@@ -151,9 +300,7 @@ def parse(record: bytes, diff_dir: Path) -> LayerTar:
             if kind == 2:
                 data = base64.b64decode(entry.get("payload") or b"")
                 if data:
-                    offsets.append(size)
-                    parts.append(data)
-                    size += len(data)
+                    blocks.add(_SEGMENT_HEAD.pack(_SEGMENT, len(data)), data, len(data))
             elif kind == 1:
                 length = int(entry.get("size") or 0)
                 if length:
@@ -162,28 +309,28 @@ def parse(record: bytes, diff_dir: Path) -> LayerTar:
                         if entry.get("name_raw")
                         else entry["name"].encode()
                     )
-                    offsets.append(size)
-                    parts.append((_clean_name(raw), length))
-                    size += length
+                    name = _clean_name(raw)
+                    blocks.add(_FILE_HEAD.pack(_FILE, length, len(name)), name, length)
             else:
                 raise LayerUnservable(f"unknown entry type {kind!r}")
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise LayerUnservable(f"the record is not tar-split JSON: {exc}") from exc
-    if not parts:
+    blocks.flush()
+    if not blocks.blocks:
         raise LayerUnservable("the record is empty")
-    return LayerTar(diff_dir, tuple(parts), tuple(offsets), size)
+    return LayerTar(diff_dir, blocks.size, record_identity or (0,) * 5, tuple(blocks.blocks), blocks.starts)
 
 
 def read(record_path: Path, diff_dir: Path) -> LayerTar:
     """The layer's tar from its tar-split file (blocking); LayerUnservable when it cannot be read."""
     try:
-        compressed = record_path.read_bytes()
+        with open(record_path, "rb") as handle:
+            found = identity(os.fstat(handle.fileno()))
+            with gzip.GzipFile(fileobj=handle) as record:
+                return parse(record, diff_dir, found)
     except FileNotFoundError as exc:
         raise LayerUnservable(f"it has no tar-split record ({record_path})") from exc
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise LayerUnservable(f"its tar-split record {record_path} is damaged: {exc}") from exc
     except OSError as exc:
         raise LayerUnservable(f"its tar-split record {record_path} cannot be read: {exc.strerror}") from exc
-    try:
-        record = gzip.decompress(compressed)
-    except (OSError, EOFError) as exc:
-        raise LayerUnservable(f"its tar-split record {record_path} is damaged: {exc}") from exc
-    return parse(record, diff_dir)

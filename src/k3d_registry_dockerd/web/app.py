@@ -18,6 +18,7 @@ from ..oci.errors import RegistryError
 from ..oci.reference import is_digest, normalize_registry
 from .assembly import Registry
 from .auth import Htpasswd
+from .blobs import BlobSender
 from .routes import (
     ANSWER_WITHIN,
     IMAGES,
@@ -25,6 +26,7 @@ from .routes import (
     PULLS,
     REGISTRY,
     REPOSITORY,
+    SENDER,
     SERVED,
     WRITE_AUTH,
     base,
@@ -231,6 +233,7 @@ def create_app(
     app[REGISTRY] = registry
     app[ANSWER_WITHIN] = answer_within
     app[WRITE_AUTH] = write_auth
+    sender = app[SENDER] = BlobSender()
 
     async def run(_app: web.Application) -> AsyncIterator[None]:
         await registry.start()
@@ -252,6 +255,7 @@ def create_app(
     async def detach(_app: web.Application) -> None:
         package_logger.removeHandler(problems)
         server_logger.removeFilter(malformed)
+        sender.close()
 
     app.on_cleanup.append(detach)
     app.on_response_prepare.append(_on_response)

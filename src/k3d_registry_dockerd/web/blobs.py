@@ -1,85 +1,196 @@
-"""Sending a blob: from its file with sendfile (with Range) once its bytes are known to match the digest,
-or as a stream put together as it goes out (a layer from the files of the daemon's store); hashing while
-sending the first time, so bytes that do not match never complete a response."""
+"""Sending a blob. A file known to match its digest goes out with aiohttp's FileResponse (sendfile, Range).
+Pieces (a layer put together from its store's files, a file not verified yet) go out in order: the bytes
+held in memory with a write, each larger file's range with the kernel's sendfile, so a warm layer costs no
+copy through Python; the blocking work (opening, reading small files) runs a batch at a time in a bounded
+pool, so a stream holds no thread while its client reads and at most a batch of memory. The first time,
+the bytes are hashed beside the send (by the source, once for all requests asking at the same time) and
+the last ones are held back until the digest matched: bytes that do not match never complete a response.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
+import functools
 import logging
-import os
-import threading
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from typing import Any, BinaryIO
+from collections.abc import Awaitable, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import hdrs, web
 
-from ..common.hashing import chunks_digest, file_digest
 from ..oci.errors import RegistryError
-from ..sources.content import Blob, BlobFile, BlobStream
+from ..sources.content import Blob, BlobFile, BlobPieces
+from ..sources.pieces import FileRange, Piece, Pieces, pread_exactly
 
 log = logging.getLogger(__package__)
-# Sent only once the whole file is known to match its digest.
+# Sent only once the whole blob is known to match its digest.
 HELD_BACK = 64 << 10
+# Bytes read into memory per batch of pieces, per stream.
+BATCH = 256 << 10
+# Files this long or longer are sent with sendfile; shorter ones are read with the bytes around them
+# (asyncio's sendfile waits for the socket's buffer to empty, which costs more than copying a small file).
+SENDFILE_FROM = 64 << 10
+READERS = 4
 
 
-async def send(request: web.Request, blob: Blob, headers: Mapping[str, str]) -> web.StreamResponse:
-    if isinstance(blob, BlobStream):
-        return await _send_stream(request, blob, headers)
-    # FileResponse streams with sendfile and answers Range/If-Range itself (206, 416). Blob files have no
-    # .gz/.br sibling, so it never picks a Content-Encoding.
-    if blob.verified is None or request.method == hdrs.METH_HEAD:
-        return web.FileResponse(blob.path, headers=headers)
-    try:
-        # Opened now: a file containerd removes from here on stays readable until it is closed.
-        handle = await asyncio.to_thread(open, blob.path, "rb")
-    except FileNotFoundError as exc:
-        raise RegistryError("BLOB_UNKNOWN", f"blob {blob.digest} is no longer there") from exc
-    try:
-        stat = os.fstat(handle.fileno())
-        if hdrs.RANGE in request.headers:
-            # Part of a file cannot be checked alone: the whole is hashed before any of it is sent.
-            ok = await asyncio.to_thread(file_digest, handle, stat.st_size) == blob.digest
-            blob.verified(ok, stat)
-            if not ok:
-                raise RegistryError("BLOB_UNKNOWN", f"blob {blob.digest} is damaged and cannot be served")
+class BlobSender:
+    """Sends blobs; owns the pool that opens and reads pieces (see the module's docstring)."""
+
+    def __init__(self, readers: int = READERS) -> None:
+        self._reads = ThreadPoolExecutor(readers, thread_name_prefix="blob-read")
+
+    def close(self) -> None:
+        self._reads.shutdown(wait=False, cancel_futures=True)
+
+    async def send(self, request: web.Request, blob: Blob, headers: Mapping[str, str]) -> web.StreamResponse:
+        if isinstance(blob, BlobFile):
+            # FileResponse answers Range/If-Range itself (206, 416). Blob files have no .gz/.br sibling,
+            # so it never picks a Content-Encoding.
             return web.FileResponse(blob.path, headers=headers)
-        return await _send_hashing(request, handle, stat, blob, headers)
-    finally:
-        handle.close()
+        return await self._send_pieces(request, blob, headers)
 
-
-async def _send_hashing(
-    request: web.Request, handle: BinaryIO, stat: os.stat_result, blob: BlobFile, headers: Mapping[str, str]
-) -> web.StreamResponse:
-    """Sends all but the file's last bytes with sendfile while a worker thread hashes the whole file; the
-    rest goes out only if the digest matched, else the connection is cut, so the client sees a broken
-    transfer instead of wrong bytes. Hashing and sending run side by side, on two cores."""
-    assert blob.verified is not None
-    loop = asyncio.get_running_loop()
-    size = stat.st_size
-    held = min(size, HELD_BACK)
-    hashing = loop.run_in_executor(None, file_digest, handle, size)
-    response = web.StreamResponse(headers=headers)
-    response.content_length = size
-    try:
+    async def _send_pieces(
+        self, request: web.Request, blob: BlobPieces, headers: Mapping[str, str]
+    ) -> web.StreamResponse:
+        """Range and HEAD as for files (FileResponse). Unverified, a part of the blob is sent only once the
+        whole matched; the whole, all but the last HELD_BACK bytes while it is hashed."""
+        response = web.StreamResponse(headers=headers)
+        response.etag = blob.digest.partition(":")[2]
+        asked = _range(request, blob.size)
+        if asked is None:
+            response.set_status(416)
+            response.headers[hdrs.CONTENT_RANGE] = f"bytes */{blob.size}"
+            await response.prepare(request)
+            return response
+        start, count, partial = asked
+        if partial:
+            response.set_status(206)
+            response.headers[hdrs.CONTENT_RANGE] = f"bytes {start}-{start + count - 1}/{blob.size}"
+        response.content_length = count
+        verify = blob.verify
+        body = request.method != hdrs.METH_HEAD and count > 0
+        if verify is not None and partial and body:
+            try:
+                matched = await _verified(verify)
+            except _Unreadable as exc:
+                raise RegistryError("BLOB_UNKNOWN", f"blob {blob.digest} cannot be read: {exc}") from exc
+            if not matched:
+                raise RegistryError("BLOB_UNKNOWN", f"blob {blob.digest} is damaged and cannot be served")
+            verify = None
         await response.prepare(request)
-        if request.transport is None:
-            raise ConnectionResetError("the client went away")
-        if size > held:
-            await loop.sendfile(request.transport, handle, 0, size - held)
-    finally:
-        # The outcome is kept even when the client left: the next request need not hash again.
-        ok = await hashing == blob.digest
-        blob.verified(ok, stat)
-    if not ok:
-        log.error("sending %s aborted: the file's bytes do not match the digest", blob.digest)
-        request.transport.abort()
+        if not body:
+            await response.write_eof()
+            return response
+        end = start + count
+        checking = asyncio.ensure_future(_verified(verify)) if verify is not None else None
+        held = min(count, HELD_BACK) if checking is not None else 0
+        try:
+            await self._send_range(request, response, blob, start, end - held)
+            if checking is not None and not await checking:
+                log.error("sending %s aborted: its bytes do not match the digest", blob.digest)
+                _abort(request)
+                return response
+            await self._send_range(request, response, blob, end - held, end)
+        except _Unreadable as exc:
+            log.warning("sending %s aborted: %s", blob.digest, exc)
+            _abort(request)
+            return response
+        finally:
+            if checking is not None and not checking.done():
+                # The hashing itself goes on (the source shares it); only this wait for it ends.
+                checking.cancel()
+        await response.write_eof()
         return response
-    handle.seek(size - held)
-    await response.write(handle.read(held))
-    await response.write_eof()
-    return response
+
+    async def _send_range(
+        self, request: web.Request, response: web.StreamResponse, blob: BlobPieces, start: int, stop: int
+    ) -> None:
+        if start >= stop:
+            return
+        loop = asyncio.get_running_loop()
+        pieces: Pieces | None = blob.pieces(start, stop, SENDFILE_FROM)
+        batch: list[Piece] = []
+        try:
+            while pieces is not None:
+                reading = loop.run_in_executor(self._reads, pieces.next, BATCH)
+                try:
+                    batch = await asyncio.shield(reading)
+                except asyncio.CancelledError:
+                    # The pool's thread still uses what the pieces hold open: freed once it is done.
+                    reading.add_done_callback(functools.partial(_dispose, pieces=pieces))
+                    pieces = None
+                    raise
+                except OSError as exc:
+                    raise _Unreadable(exc.strerror or str(exc)) from exc
+                if not batch:
+                    return
+                for piece in batch:
+                    if isinstance(piece, FileRange):
+                        await self._send_file(request, response, piece)
+                    else:
+                        await response.write(piece)
+                _close(batch)
+                batch = []
+        finally:
+            _close(batch)
+            if pieces is not None:
+                pieces.close()
+
+    async def _send_file(self, request: web.Request, response: web.StreamResponse, piece: FileRange) -> None:
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("the client went away")
+        loop = asyncio.get_running_loop()
+        try:
+            sent = await loop.sendfile(transport, piece.file, piece.offset, piece.count)
+        except NotImplementedError:
+            # An event loop without sendfile (uvloop): the pool reads what the kernel would have sent.
+            await self._copy(response, piece)
+            return
+        except ConnectionError:
+            raise
+        except OSError as exc:
+            raise _Unreadable(exc.strerror or str(exc)) from exc
+        if sent < piece.count:
+            raise _Unreadable(f"{piece.file.name} is shorter than expected: it changed or is damaged")
+
+    async def _copy(self, response: web.StreamResponse, piece: FileRange) -> None:
+        loop = asyncio.get_running_loop()
+        fd, name = piece.file.fileno(), str(piece.file.name)
+        for at in range(piece.offset, piece.offset + piece.count, BATCH):
+            count = min(BATCH, piece.offset + piece.count - at)
+            try:
+                data = await loop.run_in_executor(self._reads, pread_exactly, fd, at, count, name)
+            except OSError as exc:
+                raise _Unreadable(exc.strerror or str(exc)) from exc
+            await response.write(data)
+
+
+class _Unreadable(Exception):
+    """The blob's bytes could not be read from where they lie (a file gone, changed or unreadable)."""
+
+
+async def _verified(verify: Callable[[], Awaitable[bool]]) -> bool:
+    try:
+        return await verify()
+    except OSError as exc:
+        raise _Unreadable(exc.strerror or str(exc)) from exc
+
+
+def _close(batch: list[Piece]) -> None:
+    for piece in batch:
+        if isinstance(piece, FileRange):
+            piece.file.close()
+
+
+def _dispose(done: asyncio.Future[list[Piece]], pieces: Pieces) -> None:
+    if not done.cancelled() and done.exception() is None:
+        _close(done.result())
+    pieces.close()
+
+
+def _abort(request: web.Request) -> None:
+    if request.transport is not None:
+        request.transport.abort()
 
 
 def _range(request: web.Request, size: int) -> tuple[int, int, bool] | None:
@@ -100,117 +211,3 @@ def _range(request: web.Request, size: int) -> tuple[int, int, bool] | None:
     if start >= size:
         return None
     return start, count, True
-
-
-async def _send_stream(
-    request: web.Request, blob: BlobStream, headers: Mapping[str, str]
-) -> web.StreamResponse:
-    """Sends a stream blob (Range and HEAD as for files). Unverified, it is hashed while it goes out and
-    its last HELD_BACK bytes are sent only if it matched (a part of one is hashed whole first)."""
-    response = web.StreamResponse(headers=headers)
-    response.etag = blob.digest.partition(":")[2]
-    asked = _range(request, blob.size)
-    if asked is None:
-        response.set_status(416)
-        response.headers[hdrs.CONTENT_RANGE] = f"bytes */{blob.size}"
-        await response.prepare(request)
-        return response
-    start, count, partial = asked
-    if partial:
-        response.set_status(206)
-        response.headers[hdrs.CONTENT_RANGE] = f"bytes {start}-{start + count - 1}/{blob.size}"
-    response.content_length = count
-    verify = blob.verified
-    if verify is not None and partial and request.method != hdrs.METH_HEAD:
-        ok = await asyncio.to_thread(_stream_digest, blob) == blob.digest
-        verify(ok)
-        if not ok:
-            raise RegistryError("BLOB_UNKNOWN", f"blob {blob.digest} is damaged and cannot be served")
-        verify = None
-    await response.prepare(request)
-    if request.method == hdrs.METH_HEAD or count == 0:
-        await response.write_eof()
-        return response
-    hasher = hashlib.sha256() if verify is not None else None
-    held = min(count, HELD_BACK) if hasher is not None else 0
-    sent, tail = 0, bytearray()
-    try:
-        async for chunk in _produced(lambda: blob.chunks(start), hasher):
-            piece = memoryview(chunk)[: count - sent - len(tail)]
-            if held and sent + len(tail) + len(piece) > count - held:
-                cut = max(count - held - sent - len(tail), 0)
-                if cut:
-                    await response.write(piece[:cut])
-                    sent += cut
-                tail += piece[cut:]
-            elif piece:
-                await response.write(piece)
-                sent += len(piece)
-    except OSError as exc:
-        log.warning("sending %s aborted: %s", blob.digest, exc.strerror or exc)
-        _abort(request)
-        return response
-    if hasher is not None and verify is not None:
-        ok = sent + len(tail) == count and f"sha256:{hasher.hexdigest()}" == blob.digest
-        verify(ok)
-        if not ok:
-            log.error("sending %s aborted: the bytes put together do not match the digest", blob.digest)
-            _abort(request)
-            return response
-    if sent + len(tail) != count:
-        log.error("sending %s aborted: %d of its %d bytes were there", blob.digest, sent + len(tail), count)
-        _abort(request)
-        return response
-    if tail:
-        await response.write(bytes(tail))
-    await response.write_eof()
-    return response
-
-
-def _abort(request: web.Request) -> None:
-    if request.transport is not None:
-        request.transport.abort()
-
-
-def _stream_digest(blob: BlobStream) -> str:
-    digest, size = chunks_digest(blob.chunks(0))
-    return digest if size == blob.size else "short"
-
-
-async def _produced(
-    produce: Callable[[], Iterator[bytes]], hasher: Any | None, read_ahead: int = 4
-) -> AsyncIterator[bytes]:
-    """The chunks `produce` makes in a thread of its own (it blocks on files; a pool thread would be held
-    for as long as the client reads), `read_ahead` at most ahead of the consumer, hashed on the way."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue(read_ahead)
-    stop = threading.Event()
-
-    def hand(item: bytes | BaseException | None) -> None:
-        asyncio.run_coroutine_threadsafe(queue.put(item), loop).result()
-
-    def run() -> None:
-        try:
-            for chunk in produce():
-                if stop.is_set():
-                    return
-                if hasher is not None:
-                    hasher.update(chunk)
-                hand(chunk)
-            hand(None)
-        except BaseException as exc:  # handed to the consumer, which raises it
-            if not stop.is_set():
-                hand(exc)
-
-    thread = threading.Thread(target=run, name="blob-stream", daemon=True)
-    thread.start()
-    try:
-        while (item := await queue.get()) is not None:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        # Frees a producer waiting for room, so its thread ends.
-        while not queue.empty():
-            queue.get_nowait()

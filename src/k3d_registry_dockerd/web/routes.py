@@ -20,13 +20,15 @@ from ..oci.mediatypes import MAX_MANIFEST_SIZE, OCI_INDEX
 from ..oci.reference import Digest, Repository, is_digest, parse_repository, parse_tag
 from ..push.bodies import BodyStalled, read_at_most
 from ..push.uploads import Upload
-from ..sources.content import BlobStream, ServedManifest
-from . import blobs, status
+from ..sources.content import BlobPieces, ServedManifest
+from . import status
 from .assembly import Registry
 from .auth import Htpasswd
+from .blobs import BlobSender
 from .status import ImageList, RecentProblems, RecentPulls
 
 REGISTRY: web.AppKey[Registry] = web.AppKey("registry", Registry)
+SENDER: web.AppKey[BlobSender] = web.AppKey("sender", BlobSender)
 PROBLEMS: web.AppKey[RecentProblems] = web.AppKey("problems", RecentProblems)
 PULLS: web.AppKey[RecentPulls] = web.AppKey("pulls", RecentPulls)
 IMAGES: web.AppKey[ImageList] = web.AppKey("images", ImageList)
@@ -261,7 +263,7 @@ async def blob(request: web.Request) -> web.StreamResponse:
         # "the last 0 bytes" is unsatisfiable (RFC 9110 14.1.1); aiohttp would send the whole blob.
         size = (
             found.size
-            if isinstance(found, BlobStream)
+            if isinstance(found, BlobPieces)
             else (await asyncio.to_thread(found.path.stat)).st_size
         )
         raise web.HTTPRequestRangeNotSatisfiable(headers={hdrs.CONTENT_RANGE: f"bytes */{size}"})
@@ -273,7 +275,7 @@ async def blob(request: web.Request) -> web.StreamResponse:
     }
     # Blobs hashed or put together on the way count as work that background verification waits for.
     with registry.sending.busy():
-        return await blobs.send(request, found, headers)
+        return await request.app[SENDER].send(request, found, headers)
 
 
 def _page(request: web.Request) -> Page:
