@@ -50,6 +50,32 @@ def familiar(ref: str) -> str:
     return ref.removeprefix("docker.io/").removeprefix("library/")
 
 
+class _Images(dict[str, LocalImage]):
+    """What Docker has: each change is reported on the image event stream, as Docker reports every one
+    (the registry gives Docker's answers again until an event says something changed)."""
+
+    def __init__(self, changed: Any, images: dict[str, LocalImage]) -> None:
+        super().__init__(images)
+        self._changed = changed
+
+    def __setitem__(self, ref: str, image: LocalImage) -> None:
+        super().__setitem__(ref, image)
+        self._changed()
+
+    def __delitem__(self, ref: str) -> None:
+        super().__delitem__(ref)
+        self._changed()
+
+    def pop(self, ref: str, *default: Any) -> Any:
+        found = super().pop(ref, *default)
+        self._changed()
+        return found
+
+    def clear(self) -> None:
+        super().clear()
+        self._changed()
+
+
 @dataclass
 class FakeDocker:
     """`images` is what Docker has (by full reference), `upstream` what a pull would fetch."""
@@ -81,6 +107,14 @@ class FakeDocker:
     last_info: DaemonInfo | None = None
     # "Podman Engine" for Podman's compatible API.
     product: str = "Docker Engine"
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "images":
+            value = _Images(lambda: self.emit("change", ""), value)
+        super().__setattr__(name, value)
+        if name == "unavailable" and value:
+            # Docker going away breaks its event stream.
+            self.break_event_streams()
 
     def describe(self) -> str:
         return "unix:///fake.sock (default)"

@@ -27,6 +27,7 @@ from ..docker.engine import Credentials, DockerClient, PullDenied, PullFailed, P
 from ..docker.hostcreds import HostCredentials, HostCredentialsError
 from ..oci.errors import RegistryError
 from ..oci.reference import DOCKER_HUB, Repository
+from .answers import MISSING, DockerAnswers
 from .private import PrivateGuard
 
 log = logging.getLogger(__package__)
@@ -51,6 +52,7 @@ class CurrentImages:
         *,
         refresh_tags: float | None = None,
         host_credentials: HostCredentials | None = None,
+        answers: DockerAnswers | None = None,
     ) -> None:
         self.docker = docker
         self.guard = guard
@@ -60,6 +62,8 @@ class CurrentImages:
         # The docker CLI's stored credentials, for pulls whose request has none (--docker-credentials).
         self.host_credentials = host_credentials
         self._inspects = FreshFlight()
+        # Docker's answers, given again while nothing changed them.
+        self._answers = answers
         self._pulls = SingleFlight()
         # Docker reference -> one event per request waiting for a pull of it, set when that pull is over.
         self._pulling: dict[str, list[asyncio.Event]] = {}
@@ -67,9 +71,23 @@ class CurrentImages:
         # without a cache record (zero-copy).
         self._pulled: BoundedDict[str, tuple[str, float]] = BoundedDict(PULLS_REMEMBERED)
 
-    async def inspect(self, ref: str) -> dict[str, Any] | None:
-        """Docker's inspect of `ref`, shared by the requests that arrive while one runs (see FreshFlight)."""
-        return await self._inspects.run(ref, lambda: self.docker.inspect(ref))
+    async def inspect(self, ref: str, *, fresh: bool = False) -> dict[str, Any] | None:
+        """Docker's inspect of `ref`: as kept while nothing changed it (see DockerAnswers), else asked
+        for, shared by the requests that arrive while one runs (see FreshFlight). `fresh` always asks
+        (after a change this registry made: its event may not have arrived yet)."""
+        answers = self._answers
+        if answers is None:
+            return await self._inspects.run(ref, lambda: self.docker.inspect(ref))
+        if not fresh and (kept := answers.get(ref)) is not MISSING:
+            return kept
+
+        async def asked() -> dict[str, Any] | None:
+            token = answers.token()
+            image = await self.docker.inspect(ref)
+            answers.keep(ref, token, image)
+            return image
+
+        return await self._inspects.run(ref, asked)
 
     async def of_tag(
         self, repo: Repository, tag: str, credentials: Credentials | None, cached: TagEntry | None = None
@@ -164,7 +182,7 @@ class CurrentImages:
     ) -> Current:
         await self._pull(repo, ref, credentials or from_host, from_host is not None)
         pulled_at = time.time()
-        image = await self.inspect(ref)
+        image = await self.inspect(ref, fresh=True)
         if image is None and previous is None:
             raise RegistryError("MANIFEST_UNKNOWN", f"Docker pulled {ref} but does not list it")
         image = image or previous

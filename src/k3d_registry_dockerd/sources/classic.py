@@ -114,6 +114,16 @@ class StoreImages:
     def _read(self, image_id: str, info: DaemonInfo) -> StoreImage:
         raise NotImplementedError
 
+    # The file the daemon rewrites whenever one of its tags changes.
+    tags_file: Path
+
+    def tags_version(self) -> tuple[int, ...] | None:
+        """The tag file's identity (a stat, cheap enough for every request), None when it cannot be read."""
+        try:
+            return identity(self.tags_file.stat())
+        except OSError:
+            return None
+
     def _read_config(self, path: Path, image_id: str) -> tuple[bytes, os.stat_result, list[str]]:
         """The image's config (it must hash to the image ID), its file's stat and its layers' diff IDs."""
         try:
@@ -297,6 +307,7 @@ class ClassicContent(StoreImages):
         self.driver = driver
         self._image_dir = root / "image" / driver
         self._diff_dir = DIFF_DIRS[driver]
+        self.tags_file = self._image_dir / "repositories.json"
 
     def _read(self, image_id: str, info: DaemonInfo) -> StoreImage:
         hex_id = Digest.parse(image_id).hex
@@ -355,6 +366,10 @@ class _Watched:
 
     def close(self) -> None:
         self._pieces.close()
+
+    @property
+    def done(self) -> bool:
+        return self._pieces.done
 
     def next(self, limit: int, max_files: int = 8) -> list[Piece]:
         try:

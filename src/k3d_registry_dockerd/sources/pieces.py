@@ -23,6 +23,8 @@ class FileRange:
     file: io.FileIO
     offset: int
     count: int
+    # For messages: the file's path inside its layer, or on disk.
+    name: str
 
 
 Piece = bytearray | FileRange
@@ -37,6 +39,10 @@ class Pieces(Protocol):
         the end. OSError when a file is gone or shorter than expected."""
 
     def close(self) -> None: ...
+
+    @property
+    def done(self) -> bool:
+        """Whether every piece was handed out."""
 
     def __enter__(self) -> Pieces: ...
 
@@ -54,7 +60,7 @@ def read_all(pieces: Pieces, chunk: int = CHUNK) -> Iterator[bytearray]:
                 with piece.file:
                     for at in range(piece.offset, piece.offset + piece.count, chunk):
                         count = min(chunk, piece.offset + piece.count - at)
-                        yield bytearray(pread_exactly(piece.file.fileno(), at, count, piece.file.name))
+                        yield bytearray(pread_exactly(piece.file.fileno(), at, count, piece.name))
 
 
 def identity(stat: os.stat_result) -> tuple[int, int, int, int, int]:
@@ -67,6 +73,16 @@ def short(name: str | bytes) -> OSError:
     """The error for a file that ends before the bytes it should hold."""
     shown = name.decode(errors="replace") if isinstance(name, bytes) else name
     return OSError(f"{shown} is shorter than expected: it changed or is damaged")
+
+
+def read_into(fd: int, into: memoryview, start: int, name: str | bytes) -> None:
+    """Fills `into` with the file's bytes from `start`; OSError when it is shorter."""
+    done = 0
+    while done < len(into):
+        read = os.preadv(fd, [into[done:]], start + done)
+        if not read:
+            raise short(name)
+        done += read
 
 
 def pread_exactly(fd: int, start: int, count: int, name: str | bytes) -> bytes:
@@ -101,6 +117,10 @@ class FilePieces:
             os.close(self._fd)
             self._fd = None
 
+    @property
+    def done(self) -> bool:
+        return self._at >= self._stop
+
     def next(self, limit: int, max_files: int = 8) -> list[Piece]:
         if self._at >= self._stop:
             self.close()
@@ -108,7 +128,7 @@ class FilePieces:
         count = self._stop - self._at
         if self._fd is None and self._inline_below is not None and count >= self._inline_below:
             self._at = self._stop
-            return [FileRange(io.FileIO(self._path, "rb"), self._stop - count, count)]
+            return [FileRange(io.FileIO(self._path, "rb"), self._stop - count, count, str(self._path))]
         if self._fd is None:
             self._fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
         count = min(count, limit)

@@ -44,6 +44,7 @@ class PodmanContent(StoreImages):
         super().__init__(root, metrics)
         self.driver = driver
         self._layer_dir = LAYER_DIRS[driver]
+        self.tags_file = root / f"{driver}-images" / "images.json"
 
     def _json(self, path: Path) -> Any:
         try:

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from typing import Any
 
 from ..cache.store import DigestMismatch, Store
 from ..docker.engine import DaemonInfo, DockerClient
 from ..oci.reference import Repository, split_repo_tag
+from .classic import StoreImages
 from .containerd import ContainerdContent
 from .content import Blob, BlobFile, ImageContent, ServedManifest
 from .discovery import InPlaceContent, InPlaceDiscovery
@@ -44,6 +45,12 @@ class Sources:
     async def in_place(self, info: DaemonInfo) -> InPlaceContent | None:
         """The daemon's own store, when it can be read from here."""
         return await self.discovery.source(info) if self.discovery is not None else None
+
+    def tags_version(self) -> Hashable | None:
+        """The identity of the daemon's own record of its tags, where it is read (see StoreImages); it
+        changes whenever a tag does."""
+        content = self.discovery.content if self.discovery is not None else None
+        return content.tags_version() if isinstance(content, StoreImages) else None
 
     def containerd_without_docker(self) -> tuple[ContainerdContent, DaemonInfo] | None:
         """containerd's content store while Docker is away, if zero-copy was on when Docker last answered:

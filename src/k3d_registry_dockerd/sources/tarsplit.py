@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..common.hashing import CHUNK, hash_file
-from .pieces import FileRange, Piece, identity, pread_exactly, short
+from .pieces import FileRange, Piece, identity, read_into, short
 
 # Encoded entries per compressed block, before compression: decoding one is the most a read holds.
 BLOCK = 64 << 10
@@ -171,36 +171,49 @@ class LayerReader:
             self._files.close()
             self._files = None
 
+    @property
+    def done(self) -> bool:
+        return self._at >= self._stop
+
     def next(self, limit: int, max_files: int = 8) -> list[Piece]:
         """The next pieces: about `limit` bytes held in memory at most, and `max_files` open files; empty
         at the end. A file that is gone or shorter than recorded raises OSError."""
         pieces: list[Piece] = []
-        pending = bytearray()
-        files = 0
+        # Filled up to `filled`, files read straight into it; it may grow past `limit` by one segment.
+        pending = bytearray(limit)
+        filled = files = 0
         at, stop = self._at, self._stop
         offset, end, data, is_file = self._entry
         try:
-            while at < stop and len(pending) < limit and files < max_files:
+            while at < stop and filled < limit and files < max_files:
                 if at >= end:
                     self._entry = offset, end, data, is_file = next(self._entries)
                 upto = end if end < stop else stop
                 if not is_file:
-                    pending += data if at == offset and upto == end else data[at - offset : upto - offset]
+                    piece = data if at == offset and upto == end else data[at - offset : upto - offset]
+                    pending[filled : filled + len(piece)] = piece
+                    filled += len(piece)
                 elif self._fd is None and upto - at >= self._ranges_from:
-                    if pending:
+                    if filled:
+                        del pending[filled:]
                         pieces.append(pending)
-                        pending = bytearray()
-                    pieces.append(FileRange(io.FileIO(self._open(data), "rb"), at - offset, upto - at))
+                        pending, filled = bytearray(limit), 0
+                    opened = io.FileIO(self._open(data), "rb")
+                    pieces.append(FileRange(opened, at - offset, upto - at, data.decode(errors="replace")))
                     files += 1
                 else:
-                    if self._fd is None:
-                        self._fd = self._open(data)
                     whole = upto
-                    upto = min(upto, at + limit - len(pending))
-                    pending += pread_exactly(self._fd, at - offset, upto - at, data)
-                    if upto == whole:
-                        os.close(self._fd)
-                        self._fd = None
+                    upto = min(upto, at + limit - filled)
+                    fd = self._fd if self._fd is not None else self._open(data)
+                    self._fd = None
+                    try:
+                        read_into(fd, memoryview(pending)[filled : filled + upto - at], at - offset, data)
+                    finally:
+                        if upto == whole:
+                            os.close(fd)
+                        else:
+                            self._fd = fd
+                    filled += upto - at
                 at = upto
         except BaseException:
             for piece in pieces:
@@ -209,7 +222,8 @@ class LayerReader:
             raise
         finally:
             self._at = at
-        if pending:
+        if filled:
+            del pending[filled:]
             pieces.append(pending)
         if at >= stop:
             self.close()

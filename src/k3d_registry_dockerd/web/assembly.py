@@ -15,6 +15,7 @@ from ..common.progress import Activity, Transfers
 from ..docker.engine import DockerClient, DockerUnavailable
 from ..docker.events import ImageEvents
 from ..docker.hostcreds import HostCredentials
+from ..mirror.answers import DockerAnswers
 from ..mirror.current import CurrentImages
 from ..mirror.listing import Listings
 from ..mirror.mirror import Mirror
@@ -122,8 +123,15 @@ def assemble(
     discovery = InPlaceDiscovery(in_place or InPlaceConfig(enabled=False), metrics, in_place_remedy)
     sources = Sources(docker, exported, discovery)
     guard = PrivateGuard(store, docker, metrics)
+    events = ImageEvents(docker)
     images = CurrentImages(
-        docker, guard, transfers, metrics, refresh_tags=refresh_tags, host_credentials=host_credentials
+        docker,
+        guard,
+        transfers,
+        metrics,
+        refresh_tags=refresh_tags,
+        host_credentials=host_credentials,
+        answers=DockerAnswers(events, sources.tags_version),
     )
     loads = Loads()
     pushes = Pushes(
@@ -135,7 +143,6 @@ def assemble(
         allow_docker_delete=allow_docker_delete,
         allow_docker_overwrite=allow_docker_overwrite,
     )
-    events = ImageEvents(docker)
     sending = Activity()
     prefetcher = (
         Prefetcher(docker, events, sources, records, metrics, prefetch_max_age, loads)
