@@ -106,6 +106,12 @@ class Metrics:
             "asked for them",
             registry=self.registry,
         )
+        self.blobs_hashed = Counter(
+            "k3d_registry_blobs_hashed",
+            "Blobs hashed where the daemon's store keeps them, to verify them before or while they are first "
+            "sent (once for all the requests and the verification ahead that want it at the same time)",
+            registry=self.registry,
+        )
         self.private_checks = Counter(
             "k3d_registry_private_checks",
             "Requests for content pulled with a request's credentials, by how their credentials were "

@@ -262,6 +262,7 @@ class StoreImages:
         same time (requests and verification ahead)."""
 
         async def hashed() -> bool:
+            self.metrics.blobs_hashed.inc()
             try:
                 matched = await self._hashing.run(layer.tar.digest) == layer.diff_id
             except OSError as exc:

@@ -295,6 +295,7 @@ class ContainerdContent:
         (requests and verification ahead); the outcome is kept for that very file."""
 
         async def hashed() -> bool:
+            self.metrics.blobs_hashed.inc()
             matched, opened = await self._hashing.run(functools.partial(self._hash, digest))
             if not matched:
                 self._mismatch(digest, "a blob")

@@ -26,7 +26,7 @@ log = logging.getLogger(__package__)
 # Sent only once the whole blob is known to match its digest.
 HELD_BACK = 64 << 10
 # Bytes read into memory per batch of pieces, per stream.
-BATCH = 256 << 10
+BATCH = 128 << 10
 # Files this long or longer are sent with sendfile; shorter ones are read with the bytes around them
 # (asyncio's sendfile waits for the socket's buffer to empty, which costs more than copying a small file).
 SENDFILE_FROM = 64 << 10
