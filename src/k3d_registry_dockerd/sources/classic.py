@@ -34,6 +34,7 @@ from ..oci.reference import Digest, Repository
 from . import tarsplit
 from .content import Blob, BlobFile, BlobStream, ServedManifest
 from .generated import docker_save_manifest, legacy_manifest
+from .storetags import TagRecord, classic_tags
 
 log = logging.getLogger(__package__)
 IMAGES_LIMIT = 1024
@@ -96,6 +97,8 @@ class StoreImages:
     Subclasses read their store's layout (`_read`)."""
 
     name = "store"
+    # Where the daemon records which image each tag names (set by subclasses).
+    tag_record: TagRecord
 
     def __init__(self, root: Path, metrics: Metrics) -> None:
         self.root = root
@@ -110,6 +113,9 @@ class StoreImages:
         self._reads = SingleFlight()
 
     def _read(self, image_id: str, info: DaemonInfo) -> StoreImage:
+        raise NotImplementedError
+
+    def _config_path(self, image_id: str) -> Path:
         raise NotImplementedError
 
     def _read_config(self, path: Path, image_id: str) -> tuple[bytes, os.stat_result, list[str]]:
@@ -202,6 +208,22 @@ class StoreImages:
         """The ID of the image whose manifest `digest` is served under the repository."""
         return next((found.image_id for found in self._serving(repo) if found.digest == digest), None)
 
+    def tagged(self) -> dict[str, str]:
+        """The daemon's own record of its tags, `name:tag` -> image ID, as its files have it now (blocking):
+        what a tag names while the daemon cannot be asked."""
+        return self.tag_record.tags()
+
+    def holds(self, image_id: str) -> bool:
+        """Whether the store still keeps the image (its config file), without reading it (blocking)."""
+        return self._config_path(image_id).is_file()
+
+    async def adopt(self, repo: Repository, image_id: str, info: DaemonInfo) -> bool:
+        """Serves the image under `repo` from now on, blobs included, as an answer by tag would, if the
+        store still keeps it: what the registry served before it restarted is found again this way."""
+        if image_id not in self._images and not await asyncio.to_thread(self.holds, image_id):
+            return False
+        return await self._image(repo, image_id, info) is not None
+
     def foreign_child(self, repo: Repository, digest: str, platform: Platform) -> str | None:
         """Never: these stores keep no indexes."""
         return None
@@ -269,10 +291,13 @@ class ClassicContent(StoreImages):
         self.driver = driver
         self._image_dir = root / "image" / driver
         self._diff_dir = DIFF_DIRS[driver]
+        self.tag_record = TagRecord(self._image_dir / "repositories.json", classic_tags)
+
+    def _config_path(self, image_id: str) -> Path:
+        return self._image_dir / "imagedb" / "content" / "sha256" / Digest.parse(image_id).hex
 
     def _read(self, image_id: str, info: DaemonInfo) -> StoreImage:
-        hex_id = Digest.parse(image_id).hex
-        config_path = self._image_dir / "imagedb" / "content" / "sha256" / hex_id
+        config_path = self._config_path(image_id)
         config, stat, diff_ids = self._read_config(config_path, image_id)
         layers = [
             self._layer_of(chain, diff_id)
