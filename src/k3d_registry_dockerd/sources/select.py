@@ -55,7 +55,8 @@ class Sources:
         self.discovery = discovery
         # Reads of a repository's known images into the store's source, for blobs asked for first.
         self._adoptions = SingleFlight()
-        # The daemon's facts (the object) when serving while it was down last began, and how the log said it.
+        # The daemon's facts as last known (the very object: a new one each time it answers) when answers last
+        # began to come from its store while it was down, and the line the log said so in.
         self._down_since: object = _NEVER
         self._down_line = ""
 
@@ -157,8 +158,8 @@ class Sources:
         log.debug("%s answered from %s", what, store_name(in_place))
 
     def while_down(self) -> str | None:
-        """The log's "serving from … while … is down" while it holds: from the first answer served so since
-        the daemon went away until it answers again (call it while the daemon cannot be asked)."""
+        """The log's "serving from … while … is down" once an answer came from the daemon's store since the
+        daemon went away, until it answers again; None otherwise (asked while the daemon cannot be)."""
         return self._down_line if self._down_since is self.docker.last_info else None
 
     async def exports_needed(self, info: DaemonInfo) -> bool:
