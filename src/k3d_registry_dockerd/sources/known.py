@@ -102,24 +102,27 @@ class KnownImages:
         self.info, self._repos = info, repos
 
     def saw(self, info: DaemonInfo) -> None:
-        """The daemon answered with these facts."""
-        if info is not self.info and info != self.info:
-            self.info = info
+        """The daemon answered with these facts (the same object on every request until it answers anew)."""
+        if info is self.info:
+            return
+        changed = info != self.info
+        self.info = info
+        if changed:
             self._changed()
 
     def served(
         self, docker_name: str, image_id: str, *, tag: str | None = None, digest: str | None = None
     ) -> None:
         """The repository's tag and/or manifest digest was served (or verified) as the image `image_id`."""
-        known = self._repos.get(docker_name)
-        if known is None:
-            known = self._repos[docker_name] = KnownRepository()
+        known = self._repos.get(docker_name) or KnownRepository()
         changed = False
         for entries, key in ((known.tags, tag), (known.digests, digest)):
             if key is not None and entries.get(key) != image_id:
                 entries[key] = image_id
                 changed = True
         if changed:
+            # The newest again: what is forgotten first is what changed longest ago.
+            self._repos[docker_name] = known
             self._changed()
 
     def tag(self, docker_name: str, tag: str) -> str | None:
