@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from k3d_registry_dockerd.docker.endpoint import DockerEndpoint
 from k3d_registry_dockerd.docker.engine import (
     Credentials,
     DaemonInfo,
@@ -105,6 +106,9 @@ class FakeDocker:
 
     # Docker's facts when it last answered.
     last_info: DaemonInfo | None = None
+    endpoint: DockerEndpoint = field(
+        default_factory=lambda: DockerEndpoint("unix:///fake.sock", "default", "default")
+    )
     # "Podman Engine" for Podman's compatible API.
     product: str = "Docker Engine"
 

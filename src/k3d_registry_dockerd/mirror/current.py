@@ -26,7 +26,7 @@ from ..common.progress import Transfer, Transfers
 from ..docker.engine import Credentials, DockerClient, PullDenied, PullFailed, PullNotFound
 from ..docker.hostcreds import HostCredentials, HostCredentialsError
 from ..oci.errors import RegistryError
-from ..oci.reference import DOCKER_HUB, Repository
+from ..oci.reference import Repository
 from .answers import MISSING, DockerAnswers
 from .private import PrivateGuard
 
@@ -115,10 +115,9 @@ class CurrentImages:
     async def _podman_local(self, repo: Repository, tag: str) -> Current | None:
         """Podman's `localhost/` image for a Docker Hub name it holds no image of, as its own short-name
         lookup finds it."""
-        if repo.domain != DOCKER_HUB or not (await self.docker.daemon()).product.startswith("Podman"):
+        local = repo.podman_local()
+        if local is None or not (await self.docker.daemon()).product.startswith("Podman"):
             return None
-        short = repo.docker_name.removeprefix(f"{DOCKER_HUB}/").removeprefix("library/")
-        local = Repository(repo.name, repo.registry, f"localhost/{short}")
         image = await self.inspect(local.docker_ref(tag))
         if image is None:
             return None

@@ -3,7 +3,9 @@ freshness, pulls), whether the request may see it (`PrivateGuard`), and the firs
 (`Sources`: Docker's containerd content store as it lies, else our cache, exported from Docker once per
 image ID). So a rebuilt local tag is served fresh on its next request, whichever source serves it.
 
-When Docker cannot be asked, a tag is served as containerd's image record or our cache last had it.
+When Docker cannot be asked, a tag or digest is served from the daemon's own store as the sources find it
+without Docker (containerd's image records; Docker's classic store and Podman's storage for what was served
+before), else as our cache last had it; the private guard still stands in front of it.
 """
 
 from __future__ import annotations
@@ -78,12 +80,10 @@ class Mirror:
         cached: TagEntry | None,
         exc: DockerUnavailable,
     ) -> ServedManifest:
-        without = self.sources.containerd_without_docker()
-        served = await without[0].by_tag(repo, tag, None, without[1], None) if without else None
-        if served is not None:
-            await self.guard.admit_served(repo, served, credentials)
-            log.warning("%s: %s; served as containerd's image record has it", repo.familiar(tag), exc)
-            return served
+        found = await self.sources.tag_without_docker(repo, tag, exc)
+        if found is not None:
+            served, image_id = found
+            return await self.guard.admit_served(repo, served, credentials, image_id)
         stale = self.sources.exported.stale(repo, tag)
         if stale is not None:
             await self.guard.admit_served(repo, stale, credentials, cached.image_id if cached else None)
@@ -120,8 +120,7 @@ class Mirror:
                 f"digest {repo.docker_ref(text)}", lambda: self._by_digest(repo, text, credentials)
             )
         except DockerUnavailable as exc:
-            without = self.sources.containerd_without_docker()
-            found = await without[0].by_digest(repo, text, None, without[1]) if without else None
+            found = await self.sources.digest_without_docker(repo, text, exc)
             if found is None:
                 raise RegistryError("UNAVAILABLE", str(exc)) from exc
         if found is None:

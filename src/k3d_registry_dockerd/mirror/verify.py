@@ -5,7 +5,8 @@ verified and costs what a later pull does.
 One image at a time, the newest first (the one a developer just built is the one about to be pulled); each
 blob only while no blob is being hashed or put together for a client, so requests always go first. Every
 new image is verified, served before or not: its first serving is exactly the pull this is for. Only where
-images are served in place; setups that export have pre-export instead.
+images are served in place; setups that export have pre-export instead. A verified tag is known
+(`KnownImages`) as a served one is: served from the store while the daemon is down.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from ..common.metrics import Metrics
 from ..common.progress import Activity
 from ..docker.engine import DockerClient, DockerFailed, DockerUnavailable
 from ..docker.events import ImageEvents
+from ..oci.reference import split_repo_tag
+from ..sources.known import KnownImages
 from ..sources.select import Sources
 
 log = logging.getLogger(__package__)
@@ -41,10 +44,17 @@ class Verifier:
     """Verifies new images' blobs ahead of their first pull (see the module's docstring)."""
 
     def __init__(
-        self, docker: DockerClient, events: ImageEvents, sources: Sources, sending: Activity, metrics: Metrics
+        self,
+        docker: DockerClient,
+        events: ImageEvents,
+        sources: Sources,
+        known: KnownImages,
+        sending: Activity,
+        metrics: Metrics,
     ) -> None:
         self.docker = docker
         self.sources = sources
+        self.known = known
         self.sending = sending
         self.metrics = metrics
         # Reference -> when it was reported, newest highest.
@@ -100,6 +110,12 @@ class Verifier:
             return
         started = time.monotonic()
         hashed = await in_place.verify_ahead(ref, image, info, self.sending.idle)
+        # What was verified is served while the daemon is down, as what was served is; an event names an
+        # image by its ID at times, which is no tag.
+        named = None if ref.startswith("sha256:") else split_repo_tag(ref)
+        if named is not None:
+            self.known.saw(info)
+            self.known.served(named[0], str(image["Id"]), tag=named[1])
         if hashed:
             self.metrics.verified_ahead.inc(hashed)
             log.info(

@@ -97,6 +97,15 @@ class Repository:
         separator = "@" if is_digest(reference) else ":"
         return f"{self.docker_name}{separator}{reference}"
 
+    def podman_local(self) -> Repository | None:
+        """The `localhost/` repository Podman's short-name lookup finds for a Docker Hub name (`podman build
+        -t my-app:dev` makes `localhost/my-app:dev`, and `podman run my-app:dev` runs it); None for names of
+        other registries."""
+        if self.domain != DOCKER_HUB:
+            return None
+        short = self.docker_name.removeprefix(f"{DOCKER_HUB}/").removeprefix("library/")
+        return Repository(self.name, self.registry, f"localhost/{short}")
+
     def familiar(self, reference: str) -> str:
         """The short form `docker images` shows, for logs."""
         name = self.docker_name

@@ -36,6 +36,7 @@ from . import tarsplit
 from .content import Blob, BlobFile, BlobPieces, ServedManifest
 from .generated import docker_save_manifest, legacy_manifest
 from .pieces import FilePieces, Piece, Pieces, identity
+from .storetags import TagRecord, classic_tags
 
 log = logging.getLogger(__package__)
 IMAGES_LIMIT = 1024
@@ -94,6 +95,8 @@ class StoreImages:
     Subclasses read their store's layout (`_read`)."""
 
     name = "store"
+    # Where the daemon records which image each tag names (set by subclasses).
+    tag_record: TagRecord
 
     def __init__(self, root: Path, metrics: Metrics) -> None:
         self.root = root
@@ -114,15 +117,13 @@ class StoreImages:
     def _read(self, image_id: str, info: DaemonInfo) -> StoreImage:
         raise NotImplementedError
 
-    # The file the daemon rewrites whenever one of its tags changes.
-    tags_file: Path
+    def _config_path(self, image_id: str) -> Path:
+        raise NotImplementedError
 
     def tags_version(self) -> tuple[int, ...] | None:
-        """The tag file's identity (a stat, cheap enough for every request), None when it cannot be read."""
-        try:
-            return identity(self.tags_file.stat())
-        except OSError:
-            return None
+        """The identity of the daemon's record of its tags (a stat, cheap enough for every request): it
+        changes whenever one of its tags does. None when it cannot be read."""
+        return self.tag_record.version()
 
     def _read_config(self, path: Path, image_id: str) -> tuple[bytes, os.stat_result, list[str]]:
         """The image's config (it must hash to the image ID), its file's stat and its layers' diff IDs."""
@@ -213,6 +214,22 @@ class StoreImages:
     def image_of(self, repo: Repository, digest: str) -> str | None:
         """The ID of the image whose manifest `digest` is served under the repository."""
         return next((found.image_id for found in self._serving(repo) if found.digest == digest), None)
+
+    def tagged(self) -> dict[str, str]:
+        """The daemon's own record of its tags, `name:tag` -> image ID, as its files have it now (blocking):
+        what a tag names while the daemon cannot be asked."""
+        return self.tag_record.tags()
+
+    def holds(self, image_id: str) -> bool:
+        """Whether the store still keeps the image (its config file), without reading it (blocking)."""
+        return self._config_path(image_id).is_file()
+
+    async def adopt(self, repo: Repository, image_id: str, info: DaemonInfo) -> bool:
+        """Serves the image under `repo` from now on, blobs included, as an answer by tag would, if the
+        store still keeps it: what the registry served before it restarted is found again this way."""
+        if image_id not in self._images and not await asyncio.to_thread(self.holds, image_id):
+            return False
+        return await self._image(repo, image_id, info) is not None
 
     def foreign_child(self, repo: Repository, digest: str, platform: Platform) -> str | None:
         """Never: these stores keep no indexes."""
@@ -308,11 +325,13 @@ class ClassicContent(StoreImages):
         self.driver = driver
         self._image_dir = root / "image" / driver
         self._diff_dir = DIFF_DIRS[driver]
-        self.tags_file = self._image_dir / "repositories.json"
+        self.tag_record = TagRecord(self._image_dir / "repositories.json", classic_tags)
+
+    def _config_path(self, image_id: str) -> Path:
+        return self._image_dir / "imagedb" / "content" / "sha256" / Digest.parse(image_id).hex
 
     def _read(self, image_id: str, info: DaemonInfo) -> StoreImage:
-        hex_id = Digest.parse(image_id).hex
-        config_path = self._image_dir / "imagedb" / "content" / "sha256" / hex_id
+        config_path = self._config_path(image_id)
         config, stat, diff_ids = self._read_config(config_path, image_id)
         layers = [
             self._layer_of(chain, diff_id)

@@ -57,6 +57,16 @@ def kind_of(info: DaemonInfo) -> str:
     return "containerd" if info.containerd_store else "classic"
 
 
+def daemon_name(info: DaemonInfo) -> str:
+    """The daemon as a person calls it: Docker, or Podman behind its Docker-compatible API."""
+    return "Podman" if info.product.startswith("Podman") else "Docker"
+
+
+def store_name(content: InPlaceContent) -> str:
+    """Where the daemon keeps its images, as the log and the status page name it."""
+    return "containerd's content store" if isinstance(content, ContainerdContent) else content.name
+
+
 def _kind_served(content: InPlaceContent | None) -> str | None:
     if content is None:
         return None

@@ -23,6 +23,7 @@ from ..oci.reference import Digest
 from . import tarsplit
 from .classic import StoreImage, StoreImages, StoreLayer, manifest_for
 from .pieces import identity
+from .storetags import TagRecord, podman_tags
 
 # Where each driver keeps a layer's files: layer ID -> path under the graph root.
 LAYER_DIRS = {"overlay": ("overlay", "{}", "diff"), "vfs": ("vfs", "dir", "{}")}
@@ -44,7 +45,11 @@ class PodmanContent(StoreImages):
         super().__init__(root, metrics)
         self.driver = driver
         self._layer_dir = LAYER_DIRS[driver]
-        self.tags_file = root / f"{driver}-images" / "images.json"
+        self._images_dir = root / f"{driver}-images"
+        self.tag_record = TagRecord(self._images_dir / "images.json", podman_tags)
+
+    def _config_path(self, image_id: str) -> Path:
+        return self._images_dir / Digest.parse(image_id).hex / big_data_name(image_id)
 
     def _json(self, path: Path) -> Any:
         try:
@@ -56,11 +61,10 @@ class PodmanContent(StoreImages):
 
     def _read(self, image_id: str, info: DaemonInfo) -> StoreImage:
         hex_id = Digest.parse(image_id).hex
-        images = self.root / f"{self.driver}-images"
-        image = next((i for i in self._json(images / "images.json") if i.get("id") == hex_id), None)
+        image = next((i for i in self._json(self._images_dir / "images.json") if i.get("id") == hex_id), None)
         if image is None or not image.get("layer"):
             raise tarsplit.LayerUnservable(f"Podman's storage lists no image {hex_id} with layers")
-        config_path = images / hex_id / big_data_name(image_id)
+        config_path = self._config_path(image_id)
         config, stat, diff_ids = self._read_config(config_path, image_id)
         layers = self._layers(str(image["layer"]))
         if [layer.diff_id for layer in layers] != diff_ids:

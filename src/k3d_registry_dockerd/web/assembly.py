@@ -27,6 +27,7 @@ from ..push.pushes import Pushes
 from ..push.uploads import BODY_TIMEOUT, MAX_UPLOADS, Uploads
 from ..sources.discovery import InPlaceConfig, InPlaceDiscovery, Remedy
 from ..sources.exported import ExportedContent
+from ..sources.known import KnownImages
 from ..sources.select import Sources
 
 log = logging.getLogger(__package__)
@@ -45,6 +46,8 @@ class Registry:
     space: FreeSpace
     exported: ExportedContent
     discovery: InPlaceDiscovery
+    # The daemon's facts and the images served from its store, as last known (for when it is down).
+    known: KnownImages
     sources: Sources
     guard: PrivateGuard
     images: CurrentImages
@@ -68,10 +71,13 @@ class Registry:
         """Opens what is on disk and looks at Docker once; blocking reads run off the event loop."""
         await asyncio.to_thread(self.store.open)
         await asyncio.to_thread(self.guard.open)
+        await asyncio.to_thread(self.known.open)
         try:
-            await self.discovery.source(await self.docker.daemon())
+            info = await self.docker.daemon()
         except DockerUnavailable as exc:
             log.warning("%s; serving what is cached and retrying on every request that needs Docker", exc)
+            info = None
+        await self.sources.start(info)
         self.start_background()
 
     def start_background(self) -> None:
@@ -92,6 +98,7 @@ class Registry:
         await self.loads.close()
         await self.uploads.close()
         await self.discovery.close()
+        await self.known.close()
         await self.docker.close()
 
 
@@ -121,7 +128,8 @@ def assemble(
     space = FreeSpace(store.root, min_free)
     exported = ExportedContent(store, docker, records, transfers, metrics, space)
     discovery = InPlaceDiscovery(in_place or InPlaceConfig(enabled=False), metrics, in_place_remedy)
-    sources = Sources(docker, exported, discovery)
+    known = KnownImages(store, docker.endpoint.host)
+    sources = Sources(docker, exported, known, discovery)
     guard = PrivateGuard(store, docker, metrics)
     events = ImageEvents(docker)
     images = CurrentImages(
@@ -149,7 +157,9 @@ def assemble(
         if prefetch_max_age is not None
         else None
     )
-    verifier = Verifier(docker, events, sources, sending, metrics) if discovery.config.enabled else None
+    verifier = (
+        Verifier(docker, events, sources, known, sending, metrics) if discovery.config.enabled else None
+    )
     return Registry(
         store=store,
         docker=docker,
@@ -159,6 +169,7 @@ def assemble(
         space=space,
         exported=exported,
         discovery=discovery,
+        known=known,
         sources=sources,
         guard=guard,
         images=images,

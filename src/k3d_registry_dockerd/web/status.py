@@ -147,7 +147,13 @@ async def _docker(registry: Registry) -> dict[str, Any]:
     where = registry.docker.describe()
     info = await docker_state(registry.docker)
     if isinstance(info, str):
-        return {"reachable": False, "endpoint": where, "problem": info}
+        # "serving from Docker's classic store while Docker is down", once something was.
+        return {
+            "reachable": False,
+            "endpoint": where,
+            "problem": info,
+            "serving": registry.sources.while_down(),
+        }
     return {
         "reachable": True,
         "endpoint": where,
