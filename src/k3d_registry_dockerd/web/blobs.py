@@ -169,7 +169,7 @@ class BlobSender:
             await response.write(data)
 
 
-def _sendfile_now(transport: asyncio.BaseTransport, piece: FileRange) -> int:
+def _sendfile_now(transport: asyncio.Transport, piece: FileRange) -> int:
     """Sends what the connection's socket takes at once, with one sendfile call: loop.sendfile waits for an
     event loop turn (and two epoll changes) even when everything fits, and a client reading as fast as we
     send is the common case. Only on a plain socket whose transport holds nothing unsent (the bytes would
@@ -178,7 +178,6 @@ def _sendfile_now(transport: asyncio.BaseTransport, piece: FileRange) -> int:
     if (
         sock is None
         or transport.get_extra_info("sslcontext") is not None
-        or not isinstance(transport, asyncio.WriteTransport)
         or transport.get_write_buffer_size()
     ):
         return 0
