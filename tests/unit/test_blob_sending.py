@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
+import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -125,3 +127,29 @@ async def test_a_file_gone_mid_layer_cuts_the_response(client: Any, tmp_path: Pa
         await response.read()
     # The next request on another connection is answered as usual.
     assert (await (await client.get("/file")).read()) == DATA
+
+
+@pytest.mark.parametrize("kind", ["layer", "one-file"])
+async def test_a_client_leaving_mid_blob_is_no_error(
+    client: Any, kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Small socket buffers on both ends (accepted sockets inherit the listener's), so most of the blob is
+    # still to be sent when the client leaves.
+    for site in client.server.runner.sites:
+        for listening in site._server.sockets:
+            listening.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    for verify in ("", "ok"):
+        # A client that reads little and leaves while the blob is going out.
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, (client.server.host, client.server.port))
+        reader, writer = await asyncio.open_connection(sock=sock)
+        writer.write(f"GET /{kind}?verify={verify} HTTP/1.1\r\nHost: test\r\n\r\n".encode())
+        await reader.readexactly(1000)
+        await asyncio.sleep(0.2)
+        writer.transport.abort()
+    await asyncio.sleep(0.5)
+    # Another request is answered as usual, and nothing was logged as an error.
+    assert (await (await client.get(f"/{kind}")).read()) == DATA
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text

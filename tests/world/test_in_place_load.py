@@ -1,7 +1,8 @@
-"""Many clients at once on layers served in place: each stream holds no thread and a bounded amount of
-memory while its client reads slowly, every client gets the exact bytes, and a layer nobody sent before is
-hashed once for all of them. Real daemons (Docker 26 and 28.5's classic stores, Podman 5), real sockets;
-the bounds are counts (threads, MiB), never times."""
+"""Many clients at once on layers served where the daemon keeps them: each stream holds no thread and a
+bounded amount of memory while its client reads slowly, every client gets the exact bytes, and a layer
+nobody sent before is hashed once for all of them. Real daemons (Docker 20.10, 26.1 and 28.5's classic
+stores, Docker 28.5's containerd image store, Podman 4.3, 5.4 and 5.4 rootless), real sockets; the bounds
+are counts (threads, MiB), never times."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from . import oci_client
-from .daemons import Dockerd, Podman, RegistryFactory, RegistryProcess
+from .daemons import ROOTLESS_UID, Dockerd, Podman, RegistryFactory, RegistryProcess
 from .images import MiB, build_image
 
 STREAMS = 120
@@ -22,7 +23,18 @@ STREAMS = 120
 RECEIVE_BUFFER = 16 << 10
 
 
-@pytest.fixture(params=["docker26", "docker28", "podman5"])
+DAEMONS = [
+    "docker20",
+    "docker26",
+    "docker28",
+    "docker28_containerd",
+    "podman4",
+    "podman5",
+    "podman5_rootless",
+]
+
+
+@pytest.fixture(params=DAEMONS)
 def daemon(request: pytest.FixtureRequest) -> Dockerd | Podman:
     found: Dockerd | Podman = request.getfixturevalue(request.param)
     return found
@@ -85,7 +97,9 @@ async def test_slow_clients_of_layers_served_in_place_hold_no_thread_each(
     ref = "in-place-load:1"
     # A layer of one 24 MiB file (sent with sendfile) and one of 3,000 small files (read in batches).
     build_image(daemon, ref, layers=1, size=24 * MiB, seed="load", busybox=False, small_files=3000)
-    registry = registry_under_test(daemon.host)
+    # Rootless Podman's storage is read by the user Podman runs as.
+    user = ROOTLESS_UID if isinstance(daemon, Podman) and daemon.rootless else None
+    registry = registry_under_test(daemon.host, user=user)
     pulled = oci_client.pull(registry.url, "library/in-place-load", "1", ns="docker.io")
     layers = [layer["digest"] for layer in pulled.manifest["layers"]]
     assert len(layers) == 2

@@ -95,6 +95,10 @@ class BlobSender:
             log.warning("sending %s aborted: %s", blob.digest, exc)
             _abort(request)
             return response
+        except ConnectionError:
+            # The client went away: aiohttp ends the answer (and logs it) as for a file it sends.
+            log.debug("sending %s: the client went away", blob.digest)
+            return response
         finally:
             if checking is not None and not checking.done():
                 # The hashing itself goes on (the source shares it); only this wait for it ends.
