@@ -142,7 +142,7 @@ _DIST_DONE = re.compile(
     r"http\.response\.status=(?P<status>\d{3})"
 )
 _DIST_UNITS = {"ns": 1e-9, "µs": 1e-6, "us": 1e-6, "ms": 1e-3, "s": 1.0}
-_TROUBLE = re.compile(r" (WARNING|ERROR|CRITICAL) |Traceback|level=(error|fatal|panic)")
+_TROUBLE = re.compile(r" (WARNING|ERROR|CRITICAL) |Traceback|Exception ignored|level=(error|fatal|panic)")
 _EXPORTED = re.compile(r"exported (\S+) in ([0-9.]+)s")
 # What differs between log lines that say the same: their time, digests, clients' ports.
 _SAME = re.compile(r"^\d{4}-\d\d-\d\d [0-9:,.]+ |(?<=sha256:)[0-9a-f]{64}|(?<=127\.0\.0\.1:)\d+")
