@@ -22,7 +22,11 @@ except ImportError as missing:
         "first, or use .venv/bin/python, which ./scripts/test sets up"
     )
 
-from tests.world.daemons import VARIANTS, sweep_stale_dirs
+from tests.world.daemons import VARIANTS, Dockerd, Podman, RegistryProcess, sweep_stale_dirs
+
+Daemon = Dockerd | Podman
+PODMAN_RELEASES = {"podman": "4", "podman5": "5"}
+"""--variant names of Podman's service, and their releases."""
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -58,6 +62,35 @@ def add_world_arguments(parser: argparse.ArgumentParser, *, podman: bool = False
         help="private dockerd (default docker26)" + (", or Podman 4.3's or 5's service" if podman else ""),
     )
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where the JSON goes")
+
+
+def start_daemon(variant: str) -> Daemon:
+    """A private dockerd of the variant, or Podman's service (raises WorldUnavailable when not installed)."""
+    release = PODMAN_RELEASES.get(variant)
+    if release:
+        Podman.check_available(release)
+        return Podman(release=release).start()
+    Dockerd.check_available(variant)
+    return Dockerd(variant).start()
+
+
+def served_in_place(daemon: Daemon) -> bool:
+    """Whether a registry started with no store settings serves this daemon's layers where they lie
+    (Podman's storage is set to overlay by the world, read in place like Docker's classic store)."""
+    return isinstance(daemon, Podman) or daemon.zero_copy
+
+
+def local_ref(daemon: Daemon, name: str, tag: str) -> str:
+    """The name to build ``name:tag`` under so that docker.io/library/NAME:TAG finds it: Docker's short
+    names are docker.io/library's, Podman keeps the name as given."""
+    return f"docker.io/library/{name}:{tag}" if isinstance(daemon, Podman) else f"{name}:{tag}"
+
+
+def cache_blobs(registry: RegistryProcess) -> tuple[int, int]:
+    """Files and bytes of the blobs in the registry's cache dir: what it copied out of the daemon."""
+    blobs = registry.cache_dir / "blobs"
+    files = [path for path in blobs.rglob("*") if path.is_file()] if blobs.exists() else []
+    return len(files), sum(path.stat().st_size for path in files)
 
 
 def proc_meminfo_mib(key: str) -> float:

@@ -58,11 +58,16 @@ from common import (  # noqa: E402
     ACCESS,
     EXPORTING,
     TROUBLE,
+    Daemon,
     add_world_arguments,
     begin,
+    cache_blobs,
+    local_ref,
     log,
     machine,
     read_log,
+    served_in_place,
+    start_daemon,
     write_results,
 )
 from watch import status_mib  # noqa: E402
@@ -71,8 +76,6 @@ from tests.world import oci_client  # noqa: E402
 from tests.world.daemons import (  # noqa: E402
     NO_ZERO_COPY,
     Containerd,
-    Dockerd,
-    Podman,
     RegistryProcess,
     WorldUnavailable,
     make_temp_dir,
@@ -80,8 +83,6 @@ from tests.world.daemons import (  # noqa: E402
     unix_http,
 )
 from tests.world.images import MiB, build_image  # noqa: E402
-
-Daemon = Dockerd | Podman
 
 IMAGE_NAME = "k3rd-bench-export"
 """Tag in dockerd; the node pulls docker.io/library/k3rd-bench-export:TAG (mirror request, ns=docker.io)."""
@@ -207,12 +208,6 @@ def scan_log(run: RegistryRun, text: str, phase: str) -> None:
             run.trouble.append(f"{phase}: {line.strip()}")
 
 
-def cache_blob_bytes(registry: RegistryProcess) -> int:
-    """Bytes of the blobs in the registry's cache dir: what it copied out of the daemon."""
-    blobs = registry.cache_dir / "blobs"
-    return sum(path.stat().st_size for path in blobs.rglob("*") if path.is_file()) if blobs.exists() else 0
-
-
 @contextlib.contextmanager
 def fresh_registry(
     daemon: Daemon, role: str, extra_args: tuple[str, ...] = ()
@@ -287,7 +282,7 @@ def run_client(daemon: Daemon, image: Image, rnd: Round, *, export_path: bool = 
             rnd.seconds[f"{role}_{phase}"] = seconds
             scan_log(run, read_log(registry.log_path, mark), phase)
         run.peak_rss_mib = status_mib(pid, "VmHWM")
-        run.cache_blob_bytes = cache_blob_bytes(registry)
+        _, run.cache_blob_bytes = cache_blobs(registry)
         rnd.registries.append(run)
 
 
@@ -312,7 +307,7 @@ def run_ahead(daemon: Daemon, image: Image, rnd: Round) -> None:
         rnd.seconds["ahead_cold"] = seconds
         scan_log(run, read_log(registry.log_path, mark), "cold")
         run.peak_rss_mib = status_mib(pid, "VmHWM")
-        run.cache_blob_bytes = cache_blob_bytes(registry)
+        _, run.cache_blob_bytes = cache_blobs(registry)
         rnd.registries.append(run)
     engine(daemon, "DELETE", f"/images/{name}:{extra}?noprune=1")
 
@@ -337,7 +332,7 @@ def run_ctr(daemon: Daemon, node: Containerd, image: Image, rnd: Round) -> None:
             rnd.seconds[f"ctr_{phase}"] = seconds
             scan_log(run, read_log(registry.log_path, mark), phase)
         run.peak_rss_mib = status_mib(pid, "VmHWM")
-        run.cache_blob_bytes = cache_blob_bytes(registry)
+        _, run.cache_blob_bytes = cache_blobs(registry)
         rnd.registries.append(run)
         node.clean()
         node.clear_mirrors()
@@ -348,8 +343,7 @@ def run_ctr(daemon: Daemon, node: Containerd, image: Image, rnd: Round) -> None:
 
 def prepare_image(daemon: Daemon, size_mib: int, small_files: int) -> Image:
     tag = f"{size_mib}m" + (f"-{small_files}f" if small_files else "")
-    # Podman keeps the name as given; Docker's short name is docker.io/library's as well.
-    ref = f"docker.io/library/{IMAGE_NAME}:{tag}" if isinstance(daemon, Podman) else f"{IMAGE_NAME}:{tag}"
+    ref = local_ref(daemon, IMAGE_NAME, tag)
     extra = f", a layer of {small_files} small files" if small_files else ""
     log(f"building {ref}: {DATA_LAYERS} data layers, {size_mib} MiB, + busybox{extra}")
     built = build_image(
@@ -572,20 +566,14 @@ def main(argv: list[str] | None = None) -> int:
     daemon: Daemon | None = None
     node: Containerd | None = None
     try:
-        release = {"podman": "4", "podman5": "5"}.get(args.variant)
-        if release:
-            Podman.check_available(release)
-        else:
-            Dockerd.check_available(args.variant)
         Containerd.check_available()
         log(f"starting {args.variant} and the containerd node")
-        daemon = Podman(release=release).start() if release else Dockerd(args.variant).start()
+        daemon = start_daemon(args.variant)
         node = Containerd().start()
         image = prepare_image(daemon, args.size_mb, args.small_files)
         env = environment(daemon, node)
         rounds: list[Round] = []
-        # Podman's storage (overlay, set by the world) is read in place like Docker's classic store.
-        in_place = isinstance(daemon, Podman) or daemon.zero_copy
+        in_place = served_in_place(daemon)
         groups = (*GROUPS, "export", "ahead") if in_place else GROUPS
         metrics = {**METRICS, **(EXPORT_METRICS if in_place else {})}
         for number in range(1, args.repeat + 1):

@@ -1,4 +1,5 @@
--- wrk script of bench/load.py: alternates manifest and blob GETs over a list of request targets.
+-- wrk script of bench/load.py: alternates manifest and blob GETs over a list of request targets (only
+-- blob GETs when the list has no manifest line).
 --
 --   wrk -c 1000 -t 2 -d 20s --latency -s bench/load.lua http://127.0.0.1:PORT -- PATHS_FILE
 --
@@ -35,14 +36,17 @@ function init(args)
       gets[#gets + 1] = wrk.format("GET", path)
     end
   end
-  if #heads == 0 or #gets == 0 then
-    error("load.lua: " .. file .. " needs at least one HEAD and one GET line")
+  if #gets == 0 then
+    error("load.lua: " .. file .. " needs at least one GET line")
   end
   n = (id or 0) * 7
 end
 
 function request()
   n = n + 1
+  if #heads == 0 then
+    return gets[n % #gets + 1]
+  end
   local k = math.floor(n / 2)
   if n % 2 == 0 then
     return heads[k % #heads + 1]

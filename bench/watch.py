@@ -1,5 +1,6 @@
-"""Watching a daemon from outside, for bench/load.py and bench/soak.py: RSS, open fds by kind, CPU time,
-the open-files limit, and a thread that samples them while a benchmark runs. Linux /proc only."""
+"""Watching a daemon from outside, for bench/load.py and bench/soak.py: RSS and its peak, threads, open fds
+by kind, CPU time, the open-files limit, and a thread that samples them while a benchmark runs. Linux /proc
+only."""
 
 from __future__ import annotations
 
@@ -28,12 +29,26 @@ TCP_STATES = {
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def status_mib(pid: int, key: str) -> float:
-    """A kB field of /proc/PID/status (VmRSS, VmHWM) in MiB."""
+def status_int(pid: int, key: str) -> int:
+    """A number of /proc/PID/status (VmRSS and VmHWM in kB, Threads)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(f"{key}:"):
-            return int(line.split()[1]) / 1024
+            return int(line.split()[1])
     raise RuntimeError(f"no {key} in /proc/{pid}/status")
+
+
+def status_mib(pid: int, key: str) -> float:
+    """A kB field of /proc/PID/status (VmRSS, VmHWM) in MiB."""
+    return status_int(pid, key) / 1024
+
+
+def threads(pid: int) -> int:
+    return status_int(pid, "Threads")
+
+
+def reset_peak_rss(pid: int) -> None:
+    """Sets the process's VmHWM to its VmRSS now (Linux >= 4.0), so VmHWM read later is the peak since."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
 
 
 def fd_count(pid: int) -> int:
@@ -152,12 +167,13 @@ class Sample:
     seconds: float
     rss_mib: float
     fds: int
+    threads: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Sampler:
-    """Samples a process's RSS and fd count every ``interval`` seconds in a thread, between start() and
-    stop() (or as a context manager). ``probe`` adds more figures to each sample."""
+    """Samples a process's RSS, fd and thread counts every ``interval`` seconds in a thread, between start()
+    and stop() (or as a context manager). ``probe`` adds more figures to each sample."""
 
     def __init__(self, pid: int, interval: float, probe: Any = None) -> None:
         self.pid = pid
@@ -173,7 +189,9 @@ class Sampler:
     def _take(self) -> None:
         try:
             fds = fd_count(self.pid)
-            sample = Sample(time.monotonic() - self._began, status_mib(self.pid, "VmRSS"), fds)
+            sample = Sample(
+                time.monotonic() - self._began, status_mib(self.pid, "VmRSS"), fds, threads(self.pid)
+            )
             if self.probe is not None:
                 sample.extra = self.probe()
             if not self.samples or fds > max(s.fds for s in self.samples):
@@ -210,3 +228,7 @@ class Sampler:
     @property
     def max_rss_mib(self) -> float:
         return max((s.rss_mib for s in self.samples), default=0.0)
+
+    @property
+    def max_threads(self) -> int:
+        return max((s.threads for s in self.samples), default=0)

@@ -77,7 +77,7 @@ def _url(base: str, name: str, kind: str, ref: str, ns: str | None) -> str:
     return f"{url}?{urllib.parse.urlencode({'ns': ns})}" if ns else url
 
 
-def _fetch_blob(base: str, name: str, digest: str, ns: str | None) -> int:
+def fetch_blob(base: str, name: str, digest: str, ns: str | None) -> int:
     """Streams a blob, hashing it; returns its size. Raises if the bytes do not match the digest."""
     hasher = hashlib.sha256()
     size = 0
@@ -120,5 +120,5 @@ def pull(
         return Pulled(digest, media_type, manifest, inner.blobs)
     digests = [manifest["config"]["digest"], *(layer["digest"] for layer in manifest["layers"])]
     with ThreadPoolExecutor(parallel) as pool:
-        sizes = list(pool.map(lambda d: _fetch_blob(base, name, d, ns), digests))
+        sizes = list(pool.map(lambda d: fetch_blob(base, name, d, ns), digests))
     return Pulled(digest, media_type, manifest, dict(zip(digests, sizes, strict=True)))

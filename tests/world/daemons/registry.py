@@ -55,6 +55,7 @@ class RegistryProcess(Service):
         log_level: str = "debug",
         ca_file: Path | None = None,
         user: int | None = None,
+        launcher: Sequence[str] = ("-m", "k3d_registry_dockerd"),
     ) -> None:
         self.docker_host = docker_host
         self.root = make_temp_dir("reg")
@@ -72,11 +73,13 @@ class RegistryProcess(Service):
         self.extra_args = tuple(extra_args)
         self.extra_env = dict(env or {})
         self.log_level = log_level
+        # Another launcher of the same main (bench/loop_launch.py: on another event loop) and its arguments.
+        self.launcher = tuple(launcher)
 
     def argv(self) -> list[str]:
         python = sys.executable if self.user is None else str(require_binary(USER_PYTHON))
         return [
-            python, "-m", "k3d_registry_dockerd",
+            python, *self.launcher,
             "--addr", self.addr,
             "--cache-dir", str(self.cache_dir),
             "--log-level", self.log_level,
