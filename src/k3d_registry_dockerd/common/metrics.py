@@ -102,8 +102,20 @@ class Metrics:
         )
         self.verified_ahead = Counter(
             "k3d_registry_blobs_verified_ahead",
-            "Blobs of images the daemon reported new, hashed where its store keeps them before a client "
-            "asked for them",
+            "Blobs of images the daemon reported new (or its store took in last, when the registry started), "
+            "hashed where its store keeps them before a client asked for them",
+            registry=self.registry,
+        )
+        self.blobs_hashed = Counter(
+            "k3d_registry_blobs_hashed",
+            "Blobs hashed where the daemon's store keeps them, for a client or ahead of one (each blob once "
+            "until its files change, across restarts)",
+            registry=self.registry,
+        )
+        self.verified_before = Counter(
+            "k3d_registry_blobs_verified_before",
+            "Blobs of the daemon's store an earlier run of the registry verified, taken as verified without "
+            "hashing them again (their files are as they were then)",
             registry=self.registry,
         )
         self.private_checks = Counter(

@@ -6,6 +6,14 @@ One image at a time, the newest first (the one a developer just built is the one
 blob only while no blob is being hashed or put together for a client, so requests always go first. Every
 new image is verified, served before or not: its first serving is exactly the pull this is for. Only where
 images are served in place; setups that export have pre-export instead.
+
+Whenever the daemon's event stream opens (at the registry's start, and again after the daemon restarted:
+what happened meanwhile was not reported), the RECENT images its store took in last are queued too, after
+those reported new, the newest first. Which came last is the store's own record (`stored_at`: when the
+daemon wrote the image's config, or on containerd's store its target), as the Engine API does not say when
+an image was pulled: `Created` is when it was built (years ago for a pulled image), and inspect's
+`LastTagTime` is unset for pulls on Docker's classic store and for every image on Podman. Blobs an earlier
+run verified (`cache.verified`) cost a look at their files, not a hash.
 """
 
 from __future__ import annotations
@@ -26,6 +34,10 @@ from ..sources.select import Sources
 log = logging.getLogger(__package__)
 NEW_ACTIONS = frozenset({"pull", "tag", "load", "import", "create", "build"})
 QUEUE_LIMIT = 256
+# How many of the images the store took in last are verified ahead when the event stream opens.
+RECENT = 20
+# Queued images: those the daemon reported new go before the most recent ones of its store.
+_RECENT, _REPORTED = 0, 1
 
 
 def new_image(event: dict[str, Any]) -> str | None:
@@ -47,20 +59,30 @@ class Verifier:
         self.sources = sources
         self.sending = sending
         self.metrics = metrics
-        # Reference -> when it was reported, newest highest.
-        self._queue: dict[str, int] = {}
+        # Reference -> (why it is queued, when), the one to verify next highest.
+        self._queue: dict[str, tuple[int, int]] = {}
         self._order = itertools.count()
         self._queued = asyncio.Event()
+        # How many of the store's most recent images are queued when the event stream opens.
+        self.recent = RECENT
+        # The event stream (re)opened: the store's most recent images are to be queued.
+        self._look_again = False
         self.running: str | None = None
         self._task: asyncio.Task[None] | None = None
-        events.subscribe(self._on_event, lambda: None)
+        events.subscribe(self._on_event, self._on_connect)
 
     def _on_event(self, event: dict[str, Any]) -> None:
         ref = new_image(event)
-        if ref is None:
-            return
-        self._queue.pop(ref, None)
-        self._queue[ref] = next(self._order)
+        if ref is not None:
+            self._queue.pop(ref, None)
+            self._add(ref, _REPORTED)
+
+    def _on_connect(self) -> None:
+        self._look_again = True
+        self._queued.set()
+
+    def _add(self, ref: str, why: int) -> None:
+        self._queue[ref] = (why, next(self._order))
         while len(self._queue) > QUEUE_LIMIT:
             del self._queue[min(self._queue, key=self._queue.__getitem__)]
         self._queued.set()
@@ -77,6 +99,13 @@ class Verifier:
     async def _run(self) -> None:
         while True:
             await self._queued.wait()
+            if self._look_again:
+                self._look_again = False
+                try:
+                    await self._queue_recent()
+                except (DockerUnavailable, DockerFailed) as exc:
+                    log.debug("listing the daemon's images to verify ahead: %s", exc)
+                continue
             if not self._queue:
                 self._queued.clear()
                 continue
@@ -89,6 +118,27 @@ class Verifier:
                 log.debug("verifying %s ahead: %s", ref, exc)
             finally:
                 self.running = None
+
+    async def _queue_recent(self) -> None:
+        """Queues the `recent` images the daemon's store took in last (by one of their tags), the newest
+        highest, behind those the daemon reported new."""
+        info = await self.docker.daemon()
+        in_place = await self.sources.in_place(info)
+        if in_place is None or not self.recent:
+            return
+        names: dict[str, str] = {}
+        for tag, image_id in await self.docker.tagged_images():
+            if not tag.startswith("<none>"):
+                names.setdefault(image_id, tag)
+        stored = await asyncio.to_thread(lambda: {i: in_place.stored_at(i) for i in names})
+        recent = sorted((at, image_id) for image_id, at in stored.items() if at is not None)[-self.recent :]
+        for _at, image_id in recent:
+            if names[image_id] not in self._queue:
+                self._add(names[image_id], _RECENT)
+        if recent:
+            log.info(
+                "verifying ahead the %d images %s took in last, where they lie", len(recent), info.product
+            )
 
     async def _verify(self, ref: str) -> None:
         info = await self.docker.daemon()

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from ..cache.records import Records
 from ..cache.space import FreeSpace
 from ..cache.store import Store
+from ..cache.verified import VerifiedBlobs
 from ..common.metrics import Metrics
 from ..common.progress import Activity, Transfers
 from ..docker.engine import DockerClient, DockerUnavailable
@@ -43,6 +44,8 @@ class Registry:
     # Room in the cache dir for exports.
     space: FreeSpace
     exported: ExportedContent
+    # Which blobs of the daemon's store were verified, kept in the cache dir across restarts.
+    verified: VerifiedBlobs
     discovery: InPlaceDiscovery
     sources: Sources
     guard: PrivateGuard
@@ -67,6 +70,8 @@ class Registry:
         """Opens what is on disk and looks at Docker once; blocking reads run off the event loop."""
         await asyncio.to_thread(self.store.open)
         await asyncio.to_thread(self.guard.open)
+        if self.discovery.config.enabled:
+            await asyncio.to_thread(self.verified.open)
         try:
             await self.discovery.source(await self.docker.daemon())
         except DockerUnavailable as exc:
@@ -91,6 +96,7 @@ class Registry:
         await self.loads.close()
         await self.uploads.close()
         await self.discovery.close()
+        await self.verified.close()
         await self.docker.close()
 
 
@@ -119,7 +125,8 @@ def assemble(
     records = Records(store, metrics, cache_max_size)
     space = FreeSpace(store.root, min_free)
     exported = ExportedContent(store, docker, records, transfers, metrics, space)
-    discovery = InPlaceDiscovery(in_place or InPlaceConfig(enabled=False), metrics, in_place_remedy)
+    verified = VerifiedBlobs(store, metrics)
+    discovery = InPlaceDiscovery(in_place or InPlaceConfig(enabled=False), metrics, in_place_remedy, verified)
     sources = Sources(docker, exported, discovery)
     guard = PrivateGuard(store, docker, metrics)
     images = CurrentImages(
@@ -151,6 +158,7 @@ def assemble(
         records=records,
         space=space,
         exported=exported,
+        verified=verified,
         discovery=discovery,
         sources=sources,
         guard=guard,
