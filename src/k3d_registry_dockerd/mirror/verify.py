@@ -137,7 +137,9 @@ class Verifier:
                 self._add(names[image_id], _RECENT)
         if recent:
             log.info(
-                "verifying ahead the %d images %s took in last, where they lie", len(recent), info.product
+                "verifying ahead, where they lie, the images %s took in last (%d, the newest first)",
+                info.product,
+                len(recent),
             )
 
     async def _verify(self, ref: str) -> None:
@@ -157,6 +159,10 @@ class Verifier:
                 hashed,
                 ref,
                 units.duration(time.monotonic() - started),
+            )
+        else:
+            log.debug(
+                "verifying %s ahead: nothing to hash (verified before, or not served where it lies)", ref
             )
 
     def state(self) -> dict[str, Any]:
