@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
@@ -185,6 +186,28 @@ async def test_the_store_s_recent_images_are_verified_at_start_without_a_pull(
     await until(lambda: counted(registry, "k3d_registry_blobs_verified_ahead_total") == len(layers(docker)))
     assert counted(registry, "k3d_registry_blobs_hashed_total") == len(layers(docker))
     await first_pull_hashes_nothing(client, docker, registry)
+
+
+async def test_a_file_changed_after_verification_ahead_is_hashed_again_on_the_first_pull(
+    aiohttp_client: Any, store: Store, docker: ClassicDocker
+) -> None:
+    registry = assemble(store, docker, in_place=InPlaceConfig())  # type: ignore[arg-type]
+    client = await aiohttp_client(create_app(registry))
+    await until(lambda: counted(registry, "k3d_registry_blobs_verified_ahead_total") == len(layers(docker)))
+    victim = diff_files(docker)[0]
+    victim.write_bytes(b"X" * victim.stat().st_size)
+    # Its times move as a write's do, even within one tick of the clock files are stamped with.
+    stat = victim.stat()
+    os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    assert (await client.get(PATH)).status == 200
+    broken = 0
+    for digest in layers(docker):
+        try:
+            await (await client.get(f"/v2/app/blobs/{digest}")).read()
+        except aiohttp.ClientPayloadError:
+            broken += 1
+    assert broken == 1
+    assert counted(registry, "k3d_registry_digest_mismatches_total") == 1
 
 
 async def test_at_start_the_images_the_store_took_in_last_are_queued_newest_first(

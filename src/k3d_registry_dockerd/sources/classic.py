@@ -147,7 +147,9 @@ class StoreImages:
             raise tarsplit.LayerUnservable(f"its config has no rootfs.diff_ids: {exc}") from exc
 
     async def _image(self, repo: Repository | None, image_id: str, info: DaemonInfo) -> StoreImage | None:
-        """The image as read from the store (once), now served under `repo` too."""
+        """The image as read from the store (once), now served under `repo` too. Read to verify it ahead
+        (no `repo`), it is not kept: a client's first request reads it again, so a layer whose files changed
+        since it was verified ahead has another fingerprint and is hashed again."""
         found = self._images.get(image_id)
         if found is None and image_id not in self._failed:
             try:
@@ -155,7 +157,8 @@ class StoreImages:
             except tarsplit.LayerUnservable as exc:
                 self._give_up(image_id, str(exc))
                 return None
-            self._images[image_id] = found
+            if repo is not None:
+                self._images[image_id] = found
         if found is not None and repo is not None:
             self._roots.setdefault(repo.docker_name, set()).add(image_id)
         return found
