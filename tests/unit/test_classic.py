@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
@@ -22,7 +23,7 @@ from k3d_registry_dockerd.sources.discovery import InPlaceConfig
 from k3d_registry_dockerd.web.app import create_app
 from k3d_registry_dockerd.web.assembly import Registry, assemble
 
-from .fakes import FakeDocker, local_image
+from .fakes import FakeDocker, LocalImage, local_image
 from .saves import digest_of
 from .test_sources_contract import ClassicBackend
 
@@ -36,6 +37,7 @@ class ClassicDocker(FakeDocker):
     def __init__(self, root: Path) -> None:
         super().__init__()
         self.root = root
+        self.backend = ClassicBackend(root)
 
     async def daemon(self) -> DaemonInfo:
         info = await super().daemon()
@@ -45,23 +47,31 @@ class ClassicDocker(FakeDocker):
         return self.last_info
 
 
+def add_image(fake: ClassicDocker, ref: str, seed: str) -> LocalImage:
+    """An image Docker keeps in its classic store under `fake.root`, tagged `ref`."""
+    image = local_image(seed, ref)
+    assert image.image is not None
+    blobs = {d: data for d, data in image.image.blobs().items() if d != image.image.digest}
+    inspect = fake.backend.publish(ref, image.image.manifest, image.image.media_type, blobs)
+    # Docker's ID of a classic-store image is its config's digest.
+    fake.images[ref] = LocalImage(inspect["Id"], image.save, image.image)
+    return fake.images[ref]
+
+
 @pytest.fixture
 def docker(tmp_path: Path) -> ClassicDocker:
     fake = ClassicDocker(tmp_path / "docker")
-    image = local_image("app-1", REF)
-    fake.images[REF] = image
-    backend = ClassicBackend(fake.root)
-    assert image.image is not None
-    blobs = {d: data for d, data in image.image.blobs().items() if d != image.image.digest}
-    inspect = backend.publish(REF, image.image.manifest, image.image.media_type, blobs)
-    # Docker's ID of a classic-store image is its config's digest.
-    fake.images[REF] = type(image)(inspect["Id"], image.save, image.image)
+    add_image(fake, REF, "app-1")
     return fake
 
 
 @pytest.fixture
 def registry(store: Store, docker: ClassicDocker) -> Registry:
-    return assemble(store, docker, in_place=InPlaceConfig())  # type: ignore[arg-type]
+    made = assemble(store, docker, in_place=InPlaceConfig())  # type: ignore[arg-type]
+    # What these tests do to the store must not race the verification of its recent images at start.
+    assert made.verifier is not None
+    made.verifier.recent = 0
+    return made
 
 
 @pytest.fixture
@@ -103,7 +113,7 @@ async def test_a_changed_file_cuts_the_answer_and_its_image_is_exported_next(
     with pytest.raises(Exception):  # noqa: B017 - the connection is cut: the client sees a broken body
         await (await client.get(f"/v2/app/blobs/{digest}")).read()
     assert "does not hash to its digest" in caplog.text or "do not match" in caplog.text
-    assert registry.metrics.registry.get_sample_value("k3d_registry_digest_mismatches_total") == 1
+    assert counted(registry, "k3d_registry_digest_mismatches_total") == 1
     # The next pull of the tag is the export path's.
     assert (await client.get(PATH)).status == 200
     assert docker.saves == [REF]
@@ -148,24 +158,79 @@ async def test_a_layer_deleted_under_a_pull_fails_it_cleanly_and_is_read_again(
 async def test_a_new_image_s_layers_are_verified_before_its_first_pull(
     client: TestClient, docker: ClassicDocker, registry: Registry
 ) -> None:
-    registry.start_background()
-    try:
-        await until(lambda: docker.event_streams == 1)
-        docker.emit("tag", "app:dev", docker.images[REF].id)
-        await until(lambda: verified_ahead(registry) == len(set(layers(docker))))
-        # The first pull finds them verified: each layer is sent as it is, not hashed on the way.
-        assert (await client.get(PATH)).status == 200
-        source = registry.discovery.content
-        assert isinstance(source, ClassicContent)
-        for digest in layers(docker):
-            found = await source.blob(parse_repository("app", None), digest, await docker.daemon())
-            assert isinstance(found, BlobPieces) and found.verify is None
-    finally:
-        await registry.stop()
+    await until(lambda: docker.event_streams == 1)
+    docker.emit("tag", "app:dev", docker.images[REF].id)
+    await until(lambda: counted(registry, "k3d_registry_blobs_verified_ahead_total") == len(layers(docker)))
+    await first_pull_hashes_nothing(client, docker, registry)
 
 
-def verified_ahead(registry: Registry) -> float:
-    return registry.metrics.registry.get_sample_value("k3d_registry_blobs_verified_ahead_total") or 0.0
+async def first_pull_hashes_nothing(client: TestClient, docker: ClassicDocker, registry: Registry) -> None:
+    """The first pull finds the layers verified: each is sent as it is, not hashed on the way."""
+    hashed = counted(registry, "k3d_registry_blobs_hashed_total")
+    assert (await client.get(PATH)).status == 200
+    source = registry.discovery.content
+    assert isinstance(source, ClassicContent)
+    for digest in layers(docker):
+        found = await source.blob(parse_repository("app", None), digest, await docker.daemon())
+        assert isinstance(found, BlobPieces) and found.verify is None
+        blob = await client.get(f"/v2/app/blobs/{digest}")
+        assert blob.status == 200 and digest_of(await blob.read()) == digest
+    assert counted(registry, "k3d_registry_blobs_hashed_total") == hashed
+
+
+async def test_the_store_s_recent_images_are_verified_at_start_without_a_pull(
+    aiohttp_client: Any, store: Store, docker: ClassicDocker
+) -> None:
+    registry = assemble(store, docker, in_place=InPlaceConfig())  # type: ignore[arg-type]
+    client = await aiohttp_client(create_app(registry))
+    await until(lambda: counted(registry, "k3d_registry_blobs_verified_ahead_total") == len(layers(docker)))
+    assert counted(registry, "k3d_registry_blobs_hashed_total") == len(layers(docker))
+    await first_pull_hashes_nothing(client, docker, registry)
+
+
+async def test_a_file_changed_after_verification_ahead_is_hashed_again_on_the_first_pull(
+    aiohttp_client: Any, store: Store, docker: ClassicDocker
+) -> None:
+    registry = assemble(store, docker, in_place=InPlaceConfig())  # type: ignore[arg-type]
+    client = await aiohttp_client(create_app(registry))
+    await until(lambda: counted(registry, "k3d_registry_blobs_verified_ahead_total") == len(layers(docker)))
+    victim = diff_files(docker)[0]
+    victim.write_bytes(b"X" * victim.stat().st_size)
+    # Its times move as a write's do, even within one tick of the clock files are stamped with.
+    stat = victim.stat()
+    os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    assert (await client.get(PATH)).status == 200
+    broken = 0
+    for digest in layers(docker):
+        try:
+            await (await client.get(f"/v2/app/blobs/{digest}")).read()
+        except aiohttp.ClientPayloadError:
+            broken += 1
+    assert broken == 1
+    assert counted(registry, "k3d_registry_digest_mismatches_total") == 1
+
+
+async def test_at_start_the_images_the_store_took_in_last_are_queued_newest_first(
+    store: Store, docker: ClassicDocker
+) -> None:
+    for number in range(4):
+        image = add_image(docker, f"docker.io/library/old:{number}", f"old-{number}")
+        # When the store took it in: its config file's modification time.
+        config = docker.root / "image" / "overlay2" / "imagedb" / "content" / "sha256" / image.id[7:]
+        os.utime(config, (1_700_000_000 + number, 1_700_000_000 + number))
+    registry = assemble(store, docker, in_place=InPlaceConfig())  # type: ignore[arg-type]
+    verifier = registry.verifier
+    assert verifier is not None
+    verifier.recent = 3
+    # An image the daemon reports new goes first, whatever its store's time.
+    verifier._on_event({"Action": "pull", "Actor": {"ID": "x", "Attributes": {"name": "old:0"}}})
+    await verifier._queue_recent()
+    assert verifier.state()["pending"] == ["old:0", "app:dev", "old:3", "old:2"]
+    await registry.stop()
+
+
+def counted(registry: Registry, name: str) -> float:
+    return registry.metrics.registry.get_sample_value(name) or 0.0
 
 
 async def until(condition: Callable[[], bool]) -> None:

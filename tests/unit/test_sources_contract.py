@@ -138,6 +138,8 @@ class ClassicBackend:
 
     root: Path
     indexes = False
+    # Each layer's diff directory, by diff ID.
+    diff_dirs: dict[str, Path] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.images = self.root / "image" / "overlay2"
@@ -157,7 +159,7 @@ class ClassicBackend:
             (record / "cache-id").write_text(cache_id)
             tar_record, files = tar_split(blobs[diff_id])
             (record / "tar-split.json.gz").write_bytes(tar_record)
-            diff = self.root / "overlay2" / cache_id / "diff"
+            diff = self.diff_dirs[diff_id] = self.root / "overlay2" / cache_id / "diff"
             diff.mkdir(parents=True, exist_ok=True)
             write_diff_dir(diff, files)
         return {"Id": digest_of(config)}
@@ -174,6 +176,8 @@ class PodmanBackend:
 
     root: Path
     indexes = False
+    # Each layer's diff directory, by diff ID.
+    diff_dirs: dict[str, Path] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("overlay-images", "overlay-layers"):
@@ -192,7 +196,7 @@ class PodmanBackend:
             data = blobs[layer["digest"]]
             record, files = tar_split(data)
             (self.root / "overlay-layers" / f"{layer_id}.tar-split.gz").write_bytes(record)
-            diff = self.root / "overlay" / layer_id / "diff"
+            diff = self.diff_dirs[layer["digest"]] = self.root / "overlay" / layer_id / "diff"
             diff.mkdir(parents=True)
             write_diff_dir(diff, files)
             entry = {"id": layer_id, "diff-digest": layer["digest"], "diff-size": len(data)}

@@ -102,14 +102,20 @@ class Metrics:
         )
         self.verified_ahead = Counter(
             "k3d_registry_blobs_verified_ahead",
-            "Blobs of images the daemon reported new, hashed where its store keeps them before a client "
-            "asked for them",
+            "Blobs of images the daemon reported new (or its store took in last, when the registry started), "
+            "hashed where its store keeps them before a client asked for them",
             registry=self.registry,
         )
         self.blobs_hashed = Counter(
             "k3d_registry_blobs_hashed",
-            "Blobs hashed where the daemon's store keeps them, to verify them before or while they are first "
-            "sent (once for all the requests and the verification ahead that want it at the same time)",
+            "Blobs hashed where the daemon's store keeps them, for clients or ahead of them (each blob once "
+            "for all who want it at the same time, and once until its files change, across restarts)",
+            registry=self.registry,
+        )
+        self.verified_before = Counter(
+            "k3d_registry_blobs_verified_before",
+            "Blobs of the daemon's store an earlier run of the registry verified, taken as verified without "
+            "hashing them again (their files are as they were then)",
             registry=self.registry,
         )
         self.private_checks = Counter(

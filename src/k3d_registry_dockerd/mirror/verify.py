@@ -5,7 +5,15 @@ verified and costs what a later pull does.
 One image at a time, the newest first (the one a developer just built is the one about to be pulled); each
 blob only while no blob is being hashed or put together for a client, so requests always go first. Every
 new image is verified, served before or not: its first serving is exactly the pull this is for. Only where
-images are served in place; setups that export have pre-export instead. A verified tag is known
+images are served in place; setups that export have pre-export instead.
+
+Whenever the daemon's event stream opens (at the registry's start, and again after the daemon restarted:
+what happened meanwhile was not reported), the RECENT images its store took in last are queued too, after
+those reported new, the newest first. Which came last is the store's own record (`stored_at`: when the
+daemon wrote the image's config, or on containerd's store its target), as the Engine API does not say when
+an image was pulled: `Created` is when it was built (years ago for a pulled image), and inspect's
+`LastTagTime` is unset for pulls on Docker's classic store and for every image on Podman. Blobs an earlier
+run verified (`cache.verified`) cost a look at their files, not a hash. A verified tag is known
 (`KnownImages`) as a served one is: served from the store while the daemon is down.
 """
 
@@ -29,6 +37,10 @@ from ..sources.select import Sources
 log = logging.getLogger(__package__)
 NEW_ACTIONS = frozenset({"pull", "tag", "load", "import", "create", "build"})
 QUEUE_LIMIT = 256
+# How many of the images the store took in last are verified ahead when the event stream opens.
+RECENT = 20
+# Queued images: those the daemon reported new go before the most recent ones of its store.
+_RECENT, _REPORTED = 0, 1
 
 
 def new_image(event: dict[str, Any]) -> str | None:
@@ -57,20 +69,30 @@ class Verifier:
         self.known = known
         self.sending = sending
         self.metrics = metrics
-        # Reference -> when it was reported, newest highest.
-        self._queue: dict[str, int] = {}
+        # Reference -> (why it is queued, when), the one to verify next highest.
+        self._queue: dict[str, tuple[int, int]] = {}
         self._order = itertools.count()
         self._queued = asyncio.Event()
+        # How many of the store's most recent images are queued when the event stream opens.
+        self.recent = RECENT
+        # The event stream (re)opened: the store's most recent images are to be queued.
+        self._look_again = False
         self.running: str | None = None
         self._task: asyncio.Task[None] | None = None
-        events.subscribe(self._on_event, lambda: None)
+        events.subscribe(self._on_event, self._on_connect)
 
     def _on_event(self, event: dict[str, Any]) -> None:
         ref = new_image(event)
-        if ref is None:
-            return
-        self._queue.pop(ref, None)
-        self._queue[ref] = next(self._order)
+        if ref is not None:
+            self._queue.pop(ref, None)
+            self._add(ref, _REPORTED)
+
+    def _on_connect(self) -> None:
+        self._look_again = True
+        self._queued.set()
+
+    def _add(self, ref: str, why: int) -> None:
+        self._queue[ref] = (why, next(self._order))
         while len(self._queue) > QUEUE_LIMIT:
             del self._queue[min(self._queue, key=self._queue.__getitem__)]
         self._queued.set()
@@ -87,20 +109,52 @@ class Verifier:
     async def _run(self) -> None:
         while True:
             await self._queued.wait()
+            if self._look_again:
+                self._look_again = False
+                try:
+                    await self._queue_recent()
+                except (DockerUnavailable, DockerFailed) as exc:
+                    log.debug("listing the daemon's images to verify ahead: %s", exc)
+                continue
             if not self._queue:
                 self._queued.clear()
                 continue
             ref = max(self._queue, key=self._queue.__getitem__)
-            del self._queue[ref]
+            why, _order = self._queue.pop(ref)
             self.running = ref
             try:
-                await self._verify(ref)
+                await self._verify(ref, reported=why == _REPORTED)
             except (DockerUnavailable, DockerFailed) as exc:
                 log.debug("verifying %s ahead: %s", ref, exc)
             finally:
                 self.running = None
 
-    async def _verify(self, ref: str) -> None:
+    async def _queue_recent(self) -> None:
+        """Queues the `recent` images the daemon's store took in last (by one of their tags), the newest
+        highest, behind those the daemon reported new."""
+        info = await self.docker.daemon()
+        in_place = await self.sources.in_place(info)
+        if in_place is None or not self.recent:
+            return
+        names: dict[str, str] = {}
+        for tag, image_id in await self.docker.tagged_images():
+            if not tag.startswith("<none>"):
+                names.setdefault(image_id, tag)
+        stored = await asyncio.to_thread(lambda: {i: in_place.stored_at(i) for i in names})
+        recent = sorted((at, image_id) for image_id, at in stored.items() if at is not None)[-self.recent :]
+        for _at, image_id in recent:
+            if names[image_id] not in self._queue:
+                self._add(names[image_id], _RECENT)
+        if recent:
+            log.info(
+                "verifying ahead, where they lie, the images %s took in last (%d, the newest first)",
+                info.product,
+                len(recent),
+            )
+
+    async def _verify(self, ref: str, *, reported: bool) -> None:
+        """Verifies the image's blobs ahead; a tag the daemon `reported` new is known from then on as a
+        served one is (a recent image is queued under any one of its tags: no tag of it was asked for)."""
         info = await self.docker.daemon()
         in_place = await self.sources.in_place(info)
         if in_place is None:
@@ -112,7 +166,7 @@ class Verifier:
         hashed = await in_place.verify_ahead(ref, image, info, self.sending.idle)
         # What was verified is served while the daemon is down, as what was served is; an event names an
         # image by its ID at times, which is no tag.
-        named = None if ref.startswith("sha256:") else split_repo_tag(ref)
+        named = None if ref.startswith("sha256:") or not reported else split_repo_tag(ref)
         if named is not None:
             self.known.saw(info)
             self.known.served(named[0], str(image["Id"]), tag=named[1])
@@ -123,6 +177,10 @@ class Verifier:
                 hashed,
                 ref,
                 units.duration(time.monotonic() - started),
+            )
+        else:
+            log.debug(
+                "verifying %s ahead: nothing to hash (verified before, or not served where it lies)", ref
             )
 
     def state(self) -> dict[str, Any]:

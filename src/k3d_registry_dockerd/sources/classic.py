@@ -7,8 +7,10 @@ ID, the directory of its files (`cache-id`) and the tar-split record of its orig
 as that tar, put together as it goes out; the manifest is made as the export path would have it
 (`generated`), so the digests are the ones a `docker save` gives.
 
-Bytes are verified: the config when read, each layer while it is sent the first time (its outcome is kept
-per layer directory). A layer whose bytes do not match makes its image fall back to the export.
+Bytes are verified: the config when read, each layer while it is sent the first time. A match is kept for
+the layer's fingerprint (its record's and files' identities, taken when the image is read), across restarts
+(`cache.verified`): a layer whose files changed since is hashed again. A layer whose bytes do not match
+makes its image fall back to the export.
 """
 
 from __future__ import annotations
@@ -19,16 +21,19 @@ import hashlib
 import json
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..cache.verified import VerifiedBlobs
 from ..common.bounded import BoundedDict
 from ..common.flights import SingleFlight
 from ..common.hashing import Hashing, file_digest
 from ..common.metrics import Metrics
 from ..docker.engine import DaemonInfo
+from ..oci.errors import RegistryError
 from ..oci.mediatypes import OCI_MANIFEST
 from ..oci.platform import Platform
 from ..oci.reference import Digest, Repository
@@ -40,7 +45,6 @@ from .storetags import TagRecord, classic_tags
 
 log = logging.getLogger(__package__)
 IMAGES_LIMIT = 1024
-VERIFIED_LIMIT = 65536
 # Engine API 1.44 (Docker 25): `docker save` writes Docker's own OCI manifest; before, the legacy format.
 OCI_SAVE_API = (1, 44)
 # Where each graph driver keeps a layer's files: (driver, cache ID) -> path under the root.
@@ -50,9 +54,9 @@ DIFF_DIRS = {"overlay2": ("overlay2", "{}", "diff"), "vfs": ("vfs", "dir", "{}")
 @dataclass(frozen=True)
 class StoreLayer:
     diff_id: str
-    # The layer's files, which the verified outcome is kept for (a layer Docker recreates gets new ones).
-    where: str
     tar: tarsplit.LayerTar
+    # What its record and files were when the image was read: a match is kept for exactly these.
+    fingerprint: tarsplit.Fingerprint
 
 
 @dataclass(frozen=True)
@@ -98,7 +102,7 @@ class StoreImages:
     # Where the daemon records which image each tag names (set by subclasses).
     tag_record: TagRecord
 
-    def __init__(self, root: Path, metrics: Metrics) -> None:
+    def __init__(self, root: Path, metrics: Metrics, verified: VerifiedBlobs | None = None) -> None:
         self.root = root
         self.metrics = metrics
         self._images: BoundedDict[str, StoreImage] = BoundedDict(IMAGES_LIMIT)
@@ -106,7 +110,8 @@ class StoreImages:
         self._roots: dict[str, set[str]] = {}
         # Image ID -> why it is exported instead (its files did not hold what they should).
         self._failed: BoundedDict[str, str] = BoundedDict(IMAGES_LIMIT)
-        self._verified: BoundedDict[tuple[str, str], bool] = BoundedDict(VERIFIED_LIMIT)
+        # Layers found to match their diff IDs, by fingerprint, kept across restarts.
+        self._verified = verified or VerifiedBlobs(metrics=metrics)
         # Reads of an image's records, shared by the requests that arrive while one runs.
         self._reads = SingleFlight()
         self._hashing = Hashing()
@@ -125,6 +130,14 @@ class StoreImages:
         changes whenever one of its tags does. None when it cannot be read."""
         return self.tag_record.version()
 
+    def stored_at(self, image_id: str) -> float | None:
+        """When the image came into the store (pulled, built, loaded): the modification time of its config
+        file, which the daemon writes then (blocking); None when the store does not hold it."""
+        try:
+            return self._config_path(image_id).stat().st_mtime
+        except (OSError, RegistryError):
+            return None
+
     def _read_config(self, path: Path, image_id: str) -> tuple[bytes, os.stat_result, list[str]]:
         """The image's config (it must hash to the image ID), its file's stat and its layers' diff IDs."""
         try:
@@ -142,7 +155,9 @@ class StoreImages:
             raise tarsplit.LayerUnservable(f"its config has no rootfs.diff_ids: {exc}") from exc
 
     async def _image(self, repo: Repository | None, image_id: str, info: DaemonInfo) -> StoreImage | None:
-        """The image as read from the store (once), now served under `repo` too."""
+        """The image as read from the store (once), now served under `repo` too. Read to verify it ahead
+        (no `repo`), it is not kept: a client's first request reads it again, so a layer whose files changed
+        since it was verified ahead has another fingerprint and is hashed again."""
         found = self._images.get(image_id)
         if found is None and image_id not in self._failed:
             try:
@@ -150,7 +165,8 @@ class StoreImages:
             except tarsplit.LayerUnservable as exc:
                 self._give_up(image_id, str(exc))
                 return None
-            self._images[image_id] = found
+            if repo is not None:
+                self._images[image_id] = found
         if found is not None and repo is not None:
             self._roots.setdefault(repo.docker_name, set()).add(image_id)
         return found
@@ -161,12 +177,16 @@ class StoreImages:
         """Hashes the layers of Docker's `image` not verified yet, one after another, each once `idle`
         returns; how many were hashed."""
         found = await self._image(None, str(image["Id"]), info)
+        if found is None:
+            return 0
         hashed = 0
-        for layer in {layer.where: layer for layer in (found.layers.values() if found else ())}.values():
-            if self._verified.get((layer.diff_id, layer.where)):
+        for layer in found.layers.values():
+            if self._done(layer):
                 continue
             await idle()
-            assert found is not None
+            # A client's pull may have verified it meanwhile.
+            if self._done(layer):
+                continue
             try:
                 matched = await self._verify_layer(found, layer)
             except OSError as exc:
@@ -256,7 +276,8 @@ class StoreImages:
         async def verify() -> bool:
             config = image.config
             matched = await self._hashing.run(lambda: _file_matches(config, image.image_id))
-            self._checked(image, None, matched)
+            if not matched:
+                self._mismatch(image, None)
             return matched
 
         return BlobPieces(image.image_id, stat.st_size, functools.partial(FilePieces, image.config), verify)
@@ -270,25 +291,39 @@ class StoreImages:
         def pieces(start: int, stop: int, inline_below: int | None) -> Pieces:
             return _Watched(layer.tar.reader(start, stop, inline_below), loop, lost)
 
-        done = self._verified.get((layer.diff_id, layer.where))
-        verify = None if done else functools.partial(self._verify_layer, image, layer)
+        verify = None if self._done(layer) else functools.partial(self._verify_layer, image, layer)
         return BlobPieces(layer.diff_id, layer.tar.size, pieces, verify)
+
+    def _done(self, layer: StoreLayer) -> bool:
+        return self._verified.verified(layer.diff_id, layer.fingerprint.digest)
 
     async def _verify_layer(self, image: StoreImage, layer: StoreLayer) -> bool:
         """Whether the layer's files put together hash to its diff ID, hashed once for all who ask at the
         same time (requests and verification ahead)."""
 
         async def hashed() -> bool:
-            self.metrics.blobs_hashed.inc()
+            # No later than the first byte is read: what a racy match is told by.
+            started = time.time_ns()
             try:
                 matched = await self._hashing.run(layer.tar.digest) == layer.diff_id
             except OSError as exc:
                 self._lost(image, layer, exc)
                 raise
-            self._checked(image, layer, matched)
+            self.metrics.blobs_hashed.inc()
+            log.debug(
+                "hashed %s where it lies (%s): %s",
+                layer.diff_id,
+                layer.tar.diff_dir,
+                "a match" if matched else "no match",
+            )
+            fingerprint = layer.fingerprint
+            if matched:
+                self._verified.matched(layer.diff_id, fingerprint.digest, fingerprint.newest_change, started)
+            else:
+                self._mismatch(image, layer)
             return matched
 
-        return await self._hashing.once(f"{layer.diff_id} {layer.where}", hashed)
+        return await self._hashing.once(f"{layer.diff_id} {layer.fingerprint.digest}", hashed)
 
     def _lost(self, image: StoreImage, layer: StoreLayer, exc: OSError) -> None:
         if self._images.get(image.image_id) is not image:
@@ -302,11 +337,7 @@ class StoreImages:
         )
         self._images.pop(image.image_id, None)
 
-    def _checked(self, image: StoreImage, layer: StoreLayer | None, ok: bool) -> None:
-        if ok:
-            if layer is not None:
-                self._verified[(layer.diff_id, layer.where)] = True
-            return
+    def _mismatch(self, image: StoreImage, layer: StoreLayer | None) -> None:
         what = f"layer {layer.diff_id}" if layer is not None else f"config {image.image_id}"
         self.metrics.digest_mismatches.inc()
         log.error(
@@ -320,12 +351,17 @@ class ClassicContent(StoreImages):
 
     name = "Docker's classic store"
 
-    def __init__(self, root: Path, driver: str, metrics: Metrics) -> None:
-        super().__init__(root, metrics)
+    def __init__(
+        self, root: Path, driver: str, metrics: Metrics, verified: VerifiedBlobs | None = None
+    ) -> None:
+        super().__init__(root, metrics, verified)
         self.driver = driver
         self._image_dir = root / "image" / driver
         self._diff_dir = DIFF_DIRS[driver]
         self.tag_record = TagRecord(self._image_dir / "repositories.json", classic_tags)
+
+    def _config_path(self, image_id: str) -> Path:
+        return self._image_dir / "imagedb" / "content" / "sha256" / Digest.parse(image_id).hex
 
     def _config_path(self, image_id: str) -> Path:
         return self._image_dir / "imagedb" / "content" / "sha256" / Digest.parse(image_id).hex
@@ -361,8 +397,7 @@ class ClassicContent(StoreImages):
             raise tarsplit.LayerUnservable(f"layer record {record} is not that of {diff_id}")
         diff_dir = self.root.joinpath(*(part.format(cache_id) for part in self._diff_dir))
         tar = tarsplit.read(record / "tar-split.json.gz", diff_dir)
-        tar.check()
-        return StoreLayer(diff_id, cache_id, tar)
+        return StoreLayer(diff_id, tar, tar.check())
 
 
 def _file_matches(path: Path, digest: str) -> bool:

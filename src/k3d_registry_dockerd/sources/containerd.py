@@ -3,7 +3,8 @@
 containerd says what an image is (its image records, over gRPC, in Docker's namespace) and where its
 content store keeps the files (introspection); manifests and blobs are sent from those files, with the
 upstream's digests and compressed layers. A manifest is hashed when first read and kept in memory, a blob
-hashed the first time it is sent (the outcome is kept per file: content files never change once committed).
+hashed the first time it is sent; a match is kept for the file's identity (device, inode, size, times), across
+restarts (`cache.verified`): a file containerd wrote again is hashed again.
 
 Measured on a 210 MB image (Docker 28.5, containerd 2.1): containerd's `Content.Read` stream delivers
 about 440 MiB/s with hashing, reading the files and hashing them about 850 MiB/s, and sendfile of a
@@ -17,16 +18,20 @@ import functools
 import hashlib
 import logging
 import os
+import time
+from array import array
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from ..cache.verified import VerifiedBlobs
 from ..common.bounded import BoundedDict
 from ..common.flights import FreshFlight
 from ..common.hashing import Hashing, file_digest
 from ..common.metrics import Metrics
 from ..docker.containerd import ContainerdClient, ContainerdUnavailable, Descriptor
 from ..docker.engine import DaemonInfo
+from ..oci.errors import RegistryError
 from ..oci.mediatypes import INDEX_TYPES
 from ..oci.platform import Platform, foreign_platform
 from ..oci.reference import Digest, Repository
@@ -37,13 +42,18 @@ from .plans import ImagePlan, IncompleteImage, Root, plan_manifests
 log = logging.getLogger(__package__)
 PLAN_LIMIT = 4096
 BODY_LIMIT = 1024
-VERIFIED_LIMIT = 65536
 
 
 class ContainerdContent:
     """The images of one containerd namespace, read from its content store's files under `blobs_dir`."""
 
-    def __init__(self, client: ContainerdClient, blobs_dir: Path, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        client: ContainerdClient,
+        blobs_dir: Path,
+        metrics: Metrics,
+        verified: VerifiedBlobs | None = None,
+    ) -> None:
         self.client = client
         self.blobs_dir = blobs_dir
         self.metrics = metrics
@@ -52,8 +62,8 @@ class ContainerdContent:
         self._plans: BoundedDict[str, ImagePlan] = BoundedDict(PLAN_LIMIT)
         # Docker name -> root digests resolved for it: what the repository's manifests are.
         self._roots: dict[str, set[str]] = {}
-        # Digest -> identity of the file whose bytes were hashed and matched.
-        self._verified: BoundedDict[str, tuple[int, ...]] = BoundedDict(VERIFIED_LIMIT)
+        # Blobs whose files were hashed and matched, by the files' fingerprints, kept across restarts.
+        self._verified = verified or VerifiedBlobs(metrics=metrics)
         # Manifest bytes read and verified, by digest: a tag request costs no file read and hash.
         self._bodies: BoundedDict[str, bytes] = BoundedDict(BODY_LIMIT)
         # Image record lookups, shared by the tag requests arriving while one runs (as Docker inspects).
@@ -93,7 +103,6 @@ class ContainerdContent:
 
     def _forget(self, digest: str) -> None:
         """Drops what was planned from a blob that is gone or wrong: the next request resolves again."""
-        self._verified.pop(digest, None)
         self._bodies.pop(digest, None)
         for root, plan in list(self._plans.items()):
             if digest == root or any(
@@ -253,7 +262,7 @@ class ContainerdContent:
             )
             self._forget(digest)
             return None
-        if self._verified.get(digest) == identity(stat):
+        if self._verified.verified(digest, _fingerprint(stat)):
             return BlobFile(path, digest)
         return BlobPieces(
             digest, stat.st_size, functools.partial(FilePieces, path), functools.partial(self._verify, digest)
@@ -277,12 +286,12 @@ class ContainerdContent:
         )
         hashed = 0
         for digest in blobs:
-            try:
-                if self._verified.get(digest) == identity(self._path(digest).stat()):
-                    continue
-            except FileNotFoundError:
+            if self._verified_now(digest):
                 continue
             await idle()
+            # A client's pull may have verified it meanwhile.
+            if self._verified_now(digest):
+                continue
             try:
                 await self._verify(digest)
             except FileNotFoundError:
@@ -290,17 +299,41 @@ class ContainerdContent:
             hashed += 1
         return hashed
 
+    def stored_at(self, image_id: str) -> float | None:
+        """When the image came into the store (pulled, built, loaded): the modification time of its target's
+        file (Docker's image ID on this store is the target's digest), written then (blocking); None when
+        the content store does not hold it."""
+        try:
+            return self._path(image_id).stat().st_mtime
+        except (OSError, RegistryError):
+            return None
+
+    def _verified_now(self, digest: str) -> bool:
+        """Whether the blob's file as it is now was verified; true too when it is gone (nothing to verify)."""
+        try:
+            return self._verified.verified(digest, _fingerprint(self._path(digest).stat()))
+        except FileNotFoundError:
+            return True
+
     async def _verify(self, digest: str) -> bool:
         """Whether the blob's file hashes to its digest, hashed once for all who ask at the same time
         (requests and verification ahead); the outcome is kept for that very file."""
 
         async def hashed() -> bool:
-            self.metrics.blobs_hashed.inc()
+            # No later than the first byte is read: what a racy match is told by.
+            started = time.time_ns()
             matched, opened = await self._hashing.run(functools.partial(self._hash, digest))
+            self.metrics.blobs_hashed.inc()
+            log.debug(
+                "hashed %s where it lies (%s): %s",
+                digest,
+                self._path(digest),
+                "a match" if matched else "no match",
+            )
             if not matched:
                 self._mismatch(digest, "a blob")
             else:
-                self._verified[digest] = identity(opened)
+                self._verified.matched(digest, _fingerprint(opened), opened.st_ctime_ns, started)
             return matched
 
         return await self._hashing.once(digest, hashed)
@@ -309,6 +342,11 @@ class ContainerdContent:
         with open(self._path(digest), "rb") as handle:
             opened = os.fstat(handle.fileno())
             return file_digest(handle, opened.st_size) == digest, opened
+
+
+def _fingerprint(stat: os.stat_result) -> str:
+    """The file's identity as a digest: what a match is kept for."""
+    return f"sha256:{hashlib.sha256(array('q', identity(stat)).tobytes()).hexdigest()}"
 
 
 def _described(image: dict[str, Any] | None) -> Descriptor | None:

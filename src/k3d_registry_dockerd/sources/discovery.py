@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..cache.verified import VerifiedBlobs
 from ..common.metrics import Metrics
 from ..docker.containerd import DEFAULT_NAMESPACE, SYSTEM_ADDRESS, ContainerdClient, ContainerdUnavailable
 from ..docker.engine import DaemonInfo
@@ -85,12 +86,20 @@ _OFF = {
 class InPlaceDiscovery:
     """Finds where the daemon's images lie once its storage is known, and says why not if not.
 
-    Discovery is retried at most every RETRY_AFTER seconds, so a store that becomes readable is used."""
+    Discovery is retried at most every RETRY_AFTER seconds, so a store that becomes readable is used. The
+    source found keeps which of its blobs were verified in `verified`."""
 
-    def __init__(self, config: InPlaceConfig, metrics: Metrics, remedy: Remedy | None = None) -> None:
+    def __init__(
+        self,
+        config: InPlaceConfig,
+        metrics: Metrics,
+        remedy: Remedy | None = None,
+        verified: VerifiedBlobs | None = None,
+    ) -> None:
         self.config = config
         self.metrics = metrics
         self.remedy = remedy
+        self.verified = verified or VerifiedBlobs(metrics=metrics)
         self.content: InPlaceContent | None = None
         # Why images are exported instead, for the log, the status page and `doctor`; None while serving
         # in place or not yet known.
@@ -113,7 +122,7 @@ class InPlaceDiscovery:
                 if _kind_served(self.content) != kind and due:
                     self._tried_at, self._kind = now, kind
                     await self.close()
-                    found = await discover(self.config, info, self.metrics)
+                    found = await discover(self.config, info, self.metrics, self.verified)
                     if isinstance(found, str):
                         self._off(f"{found}; images are exported from Docker instead")
                     else:
@@ -175,19 +184,24 @@ def bytes_path(
     return f"{line}; {missing}" if missing else line
 
 
-async def discover(config: InPlaceConfig, info: DaemonInfo, metrics: Metrics) -> InPlaceContent | str:
-    """The source serving the daemon's images where they lie, or why there is none, as a sentence."""
+async def discover(
+    config: InPlaceConfig, info: DaemonInfo, metrics: Metrics, verified: VerifiedBlobs | None = None
+) -> InPlaceContent | str:
+    """The source serving the daemon's images where they lie, or why there is none, as a sentence; it keeps
+    which blobs were verified in `verified`."""
     kind = kind_of(info)
     if kind == "containerd":
-        return await discover_containerd(config, info, metrics)
+        return await discover_containerd(config, info, metrics, verified)
     return (
-        discover_podman(config, info, metrics)
+        discover_podman(config, info, metrics, verified)
         if kind == "podman"
-        else discover_classic(config, info, metrics)
+        else discover_classic(config, info, metrics, verified)
     )
 
 
-def discover_classic(config: InPlaceConfig, info: DaemonInfo, metrics: Metrics) -> ClassicContent | str:
+def discover_classic(
+    config: InPlaceConfig, info: DaemonInfo, metrics: Metrics, verified: VerifiedBlobs | None = None
+) -> ClassicContent | str:
     """Docker's classic store, when this Docker's is one whose files can be read here."""
     if info.api < CLASSIC_API:
         api = f"Engine API {info.api_version}"
@@ -209,7 +223,7 @@ def discover_classic(config: InPlaceConfig, info: DaemonInfo, metrics: Metrics) 
         info.storage_driver,
         ", given" if config.docker_root else ", reported by Docker",
     )
-    return ClassicContent(root, info.storage_driver, metrics)
+    return ClassicContent(root, info.storage_driver, metrics, verified)
 
 
 def candidate_addresses(config: InPlaceConfig, info: DaemonInfo) -> list[tuple[str, str]]:
@@ -235,7 +249,9 @@ def _root(config: InPlaceConfig, info: DaemonInfo, who: str) -> Path | str:
     return Path(given) if given else f"{who} reports no data root (DockerRootDir)"
 
 
-def discover_podman(config: InPlaceConfig, info: DaemonInfo, metrics: Metrics) -> PodmanContent | str:
+def discover_podman(
+    config: InPlaceConfig, info: DaemonInfo, metrics: Metrics, verified: VerifiedBlobs | None = None
+) -> PodmanContent | str:
     """Podman's storage, when its driver is one read here and its files can be read from here."""
     if info.storage_driver not in LAYER_DIRS:
         return f"Podman uses the {info.storage_driver} storage driver; only overlay and vfs are read in place"
@@ -248,11 +264,11 @@ def discover_podman(config: InPlaceConfig, info: DaemonInfo, metrics: Metrics) -
             "same path, or name it with --docker-root)"
         )
     log.info("serving Podman's storage in place: %s (%s)", root, info.storage_driver)
-    return PodmanContent(root, info.storage_driver, metrics)
+    return PodmanContent(root, info.storage_driver, metrics, verified)
 
 
 async def discover_containerd(
-    config: InPlaceConfig, info: DaemonInfo, metrics: Metrics
+    config: InPlaceConfig, info: DaemonInfo, metrics: Metrics, verified: VerifiedBlobs | None = None
 ) -> ContainerdContent | str:
     """Connects to Docker's containerd and checks its content store's files can be read from here;
     the reason as a sentence when not."""
@@ -291,7 +307,7 @@ async def discover_containerd(
             namespace,
             blobs,
         )
-        return ContainerdContent(client, blobs, metrics)
+        return ContainerdContent(client, blobs, metrics, verified)
     reason = "; ".join(reasons) or "no containerd address"
     return Unreadable(reason) if reasons and unmounted else reason
 

@@ -5,7 +5,8 @@ An image (`<driver>-images/images.json`: its ID, the config's digest, and its to
 a big-data file under `<driver>-images/<id>/`; its layers (`<driver>-layers/layers.json`: each layer's
 parent, uncompressed digest and length) keep the tar-split record of their original tar beside, and their
 files in the driver's directory. A layer is sent as that tar, put together as it goes out; the manifest is
-the one the export path builds for Podman's legacy save, so the digests are the export path's.
+the one the export path builds for Podman's legacy save, so the digests are the export path's. Verification
+is kept as for Docker's classic store (`classic`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from ..cache.verified import VerifiedBlobs
 from ..common.metrics import Metrics
 from ..docker.engine import DaemonInfo
 from ..oci.reference import Digest
@@ -41,8 +43,10 @@ class PodmanContent(StoreImages):
 
     name = "Podman's storage"
 
-    def __init__(self, root: Path, driver: str, metrics: Metrics) -> None:
-        super().__init__(root, metrics)
+    def __init__(
+        self, root: Path, driver: str, metrics: Metrics, verified: VerifiedBlobs | None = None
+    ) -> None:
+        super().__init__(root, metrics, verified)
         self.driver = driver
         self._layer_dir = LAYER_DIRS[driver]
         self._images_dir = root / f"{driver}-images"
@@ -98,7 +102,6 @@ class PodmanContent(StoreImages):
             tar = tarsplit.read(records / f"{current}.tar-split.gz", files)
             if layer.get("diff-size") not in (None, tar.size):
                 raise tarsplit.LayerUnservable(f"layer {current}'s tar-split record is not the whole layer")
-            tar.check()
-            chain.append(StoreLayer(diff_id, current, tar))
+            chain.append(StoreLayer(diff_id, tar, tar.check()))
             current = layer.get("parent") or None
         return chain[::-1]

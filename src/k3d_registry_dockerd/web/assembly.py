@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from ..cache.records import Records
 from ..cache.space import FreeSpace
 from ..cache.store import Store
+from ..cache.verified import VerifiedBlobs
 from ..common.metrics import Metrics
 from ..common.progress import Activity, Transfers
 from ..docker.engine import DockerClient, DockerUnavailable
@@ -45,6 +46,8 @@ class Registry:
     # Room in the cache dir for exports.
     space: FreeSpace
     exported: ExportedContent
+    # Which blobs of the daemon's store were verified, kept in the cache dir across restarts.
+    verified: VerifiedBlobs
     discovery: InPlaceDiscovery
     # The daemon's facts and the images served from its store, as last known (for when it is down).
     known: KnownImages
@@ -72,6 +75,8 @@ class Registry:
         await asyncio.to_thread(self.store.open)
         await asyncio.to_thread(self.guard.open)
         await asyncio.to_thread(self.known.open)
+        if self.discovery.config.enabled:
+            await asyncio.to_thread(self.verified.open)
         try:
             info = await self.docker.daemon()
         except DockerUnavailable as exc:
@@ -99,6 +104,7 @@ class Registry:
         await self.uploads.close()
         await self.discovery.close()
         await self.known.close()
+        await self.verified.close()
         await self.docker.close()
 
 
@@ -127,7 +133,8 @@ def assemble(
     records = Records(store, metrics, cache_max_size)
     space = FreeSpace(store.root, min_free)
     exported = ExportedContent(store, docker, records, transfers, metrics, space)
-    discovery = InPlaceDiscovery(in_place or InPlaceConfig(enabled=False), metrics, in_place_remedy)
+    verified = VerifiedBlobs(store, metrics)
+    discovery = InPlaceDiscovery(in_place or InPlaceConfig(enabled=False), metrics, in_place_remedy, verified)
     known = KnownImages(store, docker.endpoint.host)
     sources = Sources(docker, exported, known, discovery)
     guard = PrivateGuard(store, docker, metrics)
@@ -168,6 +175,7 @@ def assemble(
         records=records,
         space=space,
         exported=exported,
+        verified=verified,
         discovery=discovery,
         known=known,
         sources=sources,
