@@ -5,8 +5,10 @@
 #   docker run -d -p 5000:5000 -v /var/run/docker.sock:/var/run/docker.sock k3d-registry-dockerd
 #
 # BASE and PIP_INSTALL exist so tests can build offline (a local base image and pre-built wheels);
-# a normal build needs neither.
-ARG BASE=python:3.11-slim-bookworm
+# a normal build needs neither. Python >= 3.12: aiohttp starts a request's handler in the event loop turn
+# that read it (eager tasks), which under a thousand connections keeps a manifest answer from waiting a
+# whole turn of the loop.
+ARG BASE=python:3.13-slim-bookworm
 
 FROM ${BASE} AS builder
 ARG PIP_INSTALL=.

@@ -118,7 +118,7 @@ def _image_parser(commands: Any) -> None:
         "--base",
         metavar="IMAGE",
         help="the base image, one with python3 (>= 3.11) and its venv module (default the Dockerfile's, "
-        "python:3.11-slim-bookworm)",
+        "python:3.13-slim-bookworm)",
     )
     build.add_argument(
         "--wheels",

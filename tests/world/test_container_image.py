@@ -1,20 +1,24 @@
 """The registry's image, built by a test dockerd with `k3d-registry-dockerd image build` and run the way k3d
 runs a registry.
 
-No public base image is reachable here, so the base is a Debian bookworm root filesystem made with
-debootstrap (python3 + venv) and imported under a local name (`--base`); the dependencies come from wheels
-built on this machine (`--wheels`). The Dockerfile itself stays an ordinary one: both are build arguments.
+No public base image is reachable here, so the base is a Debian trixie root filesystem made with
+debootstrap (python3 + venv: Python 3.13, the release image's) and imported under a local name (`--base`);
+the dependencies come as wheels for that Python from PyPI, with one of this checkout (`--wheels`). The
+Dockerfile itself stays an ordinary one: both are build arguments. (The registry run on the host in the
+other tests is Python 3.11, Debian 12's: both are tested.)
 """
 
 from __future__ import annotations
 
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
 import tarfile
 import time
+import tomllib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -39,7 +43,9 @@ from .daemons import (
 )
 from .images import MiB, build_image, build_with_podman
 
-BASE_IMAGE = "k3rd-python-base:bookworm"
+BASE_IMAGE = "k3rd-python-base:trixie"
+# Debian trixie's python3: the minor version of the Dockerfile's default base (python:3.13-slim-bookworm).
+BASE_SUITE, BASE_PYTHON = "trixie", "3.13"
 IMAGE = "k3d-registry-dockerd:test"
 CLI = Path(sys.executable).parent / "k3d-registry-dockerd"
 
@@ -55,6 +61,21 @@ def _debian_mirror() -> str:
         if line.startswith("deb ") and " bookworm" in line:
             return line.split()[1]
     raise RuntimeError("no Debian mirror configured for apt")
+
+
+def _wheels(into: Path) -> None:
+    """The dependencies' wheels for the base's Python on this machine (from PyPI), and one of this
+    checkout (which the command's own replaces)."""
+    run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", into, REPO_ROOT], timeout=900)
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    tags = [
+        f"--platform={m}_{platform.machine()}" for m in ("manylinux2014", "manylinux_2_17", "manylinux_2_28")
+    ]
+    download = [sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:", "--implementation=cp"]
+    run(
+        [*download, f"--python-version={BASE_PYTHON}", *tags, "-d", into, *project["dependencies"]],
+        timeout=900,
+    )
 
 
 @dataclass(frozen=True)
@@ -76,19 +97,18 @@ def _cli(*args: str | Path, docker: Dockerd | Podman, check: bool = True) -> sub
 # tests in several groups, and a module-scoped image was debootstrapped and built again for each (80 s).
 @pytest.fixture(scope="session")
 def built_image(docker26: Dockerd, debootstrap: str) -> Iterator[Built]:
-    """`image build` with the test dockerd, offline: the base is a debootstrapped bookworm, the
-    dependencies are wheels built on this machine."""
+    """`image build` with the test dockerd, offline: the base is a debootstrapped Debian with the release
+    image's Python, the dependencies are its wheels."""
     work = make_temp_dir("image")
     try:
         rootfs = work / "rootfs"
-        run([debootstrap, "--variant=minbase", "--include=python3,python3-venv", "bookworm", rootfs,
+        run([debootstrap, "--variant=minbase", "--include=python3,python3-venv", BASE_SUITE, rootfs,
              _debian_mirror()], timeout=900)  # fmt: skip
         with tarfile.open(work / "rootfs.tar", "w") as tar:
             tar.add(rootfs, arcname=".")
         shutil.rmtree(rootfs)
         docker26.docker("import", str(work / "rootfs.tar"), BASE_IMAGE)
-        # The dependencies' wheels (and one of this checkout, which the command's own replaces).
-        run([sys.executable, "-m", "pip", "wheel", "-q", "-w", work / "wheels", REPO_ROOT], timeout=900)
+        _wheels(work / "wheels")
         built = _cli("image", "build", "--tag", IMAGE, "--base", BASE_IMAGE, "--wheels", work / "wheels",
                      docker=docker26)  # fmt: skip
         yield Built(IMAGE, built.stdout, work / "wheels")
