@@ -60,7 +60,7 @@ def read_all(pieces: Pieces, chunk: int = CHUNK) -> Iterator[bytearray]:
                 with piece.file:
                     for at in range(piece.offset, piece.offset + piece.count, chunk):
                         count = min(chunk, piece.offset + piece.count - at)
-                        yield bytearray(pread_exactly(piece.file.fileno(), at, count, piece.name))
+                        yield read_exactly(piece.file.fileno(), at, count, piece.name)
 
 
 def identity(stat: os.stat_result) -> tuple[int, int, int, int, int]:
@@ -85,14 +85,10 @@ def read_into(fd: int, into: memoryview, start: int, name: str | bytes) -> None:
         done += read
 
 
-def pread_exactly(fd: int, start: int, count: int, name: str | bytes) -> bytes:
+def read_exactly(fd: int, start: int, count: int, name: str | bytes) -> bytearray:
     """`count` bytes of the file from `start`; OSError when it is shorter."""
-    data = os.pread(fd, count, start)
-    while len(data) < count:
-        more = os.pread(fd, count - len(data), start + len(data))
-        if not more:
-            raise short(name)
-        data += more
+    data = bytearray(count)
+    read_into(fd, memoryview(data), start, name)
     return data
 
 
@@ -132,6 +128,6 @@ class FilePieces:
         if self._fd is None:
             self._fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
         count = min(count, limit)
-        piece = bytearray(pread_exactly(self._fd, self._at, count, str(self._path)))
+        piece = read_exactly(self._fd, self._at, count, str(self._path))
         self._at += count
         return [piece]

@@ -20,7 +20,7 @@ from aiohttp import hdrs, web
 
 from ..oci.errors import RegistryError
 from ..sources.content import Blob, BlobFile, BlobPieces
-from ..sources.pieces import FileRange, Piece, Pieces, pread_exactly
+from ..sources.pieces import FileRange, Piece, Pieces, read_exactly
 
 log = logging.getLogger(__package__)
 # Sent only once the whole blob is known to match its digest.
@@ -177,7 +177,7 @@ class BlobSender:
         for at in range(piece.offset + sent, end, BATCH):
             count = min(BATCH, end - at)
             try:
-                data = await loop.run_in_executor(self._reads, pread_exactly, fd, at, count, piece.name)
+                data = await loop.run_in_executor(self._reads, read_exactly, fd, at, count, piece.name)
             except OSError as exc:
                 raise _Unreadable(exc.strerror or str(exc)) from exc
             await response.write(data)
