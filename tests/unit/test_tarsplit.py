@@ -140,7 +140,7 @@ def test_no_file_is_read_through_a_symlink(tmp_path: Path) -> None:
 def test_names_leading_outside_the_layer_are_refused(tmp_path: Path, name: str) -> None:
     record = json.dumps({"type": 1, "name": name, "size": 3}).encode()
     with pytest.raises(LayerUnservable, match="not a path inside"):
-        tarsplit.parse(record.splitlines(), tmp_path)
+        tarsplit.parse(io.BytesIO(record), tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -152,3 +152,20 @@ def test_a_damaged_record_makes_the_layer_unservable(tmp_path: Path, record: byt
         tarsplit.read(tmp_path / "t.gz", tmp_path)
     with pytest.raises(LayerUnservable, match="no tar-split record"):
         tarsplit.read(tmp_path / "missing.gz", tmp_path)
+
+
+def test_a_record_is_parsed_again_only_when_its_file_changed(tmp_path: Path) -> None:
+    stored(tmp_path, awkward_layer())
+    records = tarsplit.ParsedRecords()
+    record, diff = tmp_path / "tar-split.json.gz", tmp_path / "diff"
+    first = records.read(record, diff)
+    assert records.read(record, diff) is first
+    # Replaced (the daemon recreated the layer): parsed again.
+    data = record.read_bytes()
+    record.unlink()
+    record.write_bytes(data)
+    again = records.read(record, diff)
+    assert again is not first and whole(again) == awkward_layer()
+    # Past its budget nothing is kept.
+    small = tarsplit.ParsedRecords(budget=10)
+    assert small.read(record, diff) is not small.read(record, diff)

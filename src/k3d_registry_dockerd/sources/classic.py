@@ -114,6 +114,8 @@ class StoreImages:
         self._verified = verified or VerifiedBlobs(metrics=metrics)
         # Reads of an image's records, shared by the requests that arrive while one runs.
         self._reads = SingleFlight()
+        # Layers' records as parsed: reading an image again costs no parse of what is unchanged.
+        self._records = tarsplit.ParsedRecords()
         self._hashing = Hashing()
 
     async def close(self) -> None:
@@ -396,7 +398,7 @@ class ClassicContent(StoreImages):
         if recorded != diff_id or not cache_id or "/" in cache_id:
             raise tarsplit.LayerUnservable(f"layer record {record} is not that of {diff_id}")
         diff_dir = self.root.joinpath(*(part.format(cache_id) for part in self._diff_dir))
-        tar = tarsplit.read(record / "tar-split.json.gz", diff_dir)
+        tar = self._records.read(record / "tar-split.json.gz", diff_dir)
         return StoreLayer(diff_id, tar, tar.check())
 
 

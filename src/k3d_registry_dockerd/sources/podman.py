@@ -99,7 +99,7 @@ class PodmanContent(StoreImages):
                     f"layer {current} has no uncompressed digest (a partial pull?)"
                 )
             files = self.root.joinpath(*(part.format(current) for part in self._layer_dir))
-            tar = tarsplit.read(records / f"{current}.tar-split.gz", files)
+            tar = self._records.read(records / f"{current}.tar-split.gz", files)
             if layer.get("diff-size") not in (None, tar.size):
                 raise tarsplit.LayerUnservable(f"layer {current}'s tar-split record is not the whole layer")
             chain.append(StoreLayer(diff_id, tar, tar.check()))

@@ -26,11 +26,14 @@ import io
 import json
 import os
 import struct
+import threading
 import zlib
 from array import array
-from collections.abc import Iterable, Iterator
+from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, BinaryIO
 
 from ..common.hashing import CHUNK, hash_file
 from .pieces import FileRange, Piece, identity, read_into, short
@@ -302,37 +305,48 @@ class _Blocks:
             self._pending.clear()
 
 
-def parse(lines: Iterable[bytes], diff_dir: Path, record_identity: tuple[int, ...] = ()) -> LayerTar:
-    """The layer's tar from the (gunzipped) lines of its tar-split record."""
+def parse(record: BinaryIO, diff_dir: Path, record_identity: tuple[int, ...] = ()) -> LayerTar:
+    """The layer's tar from its (gunzipped) tar-split record."""
     blocks = _Blocks()
-    for line in lines:
-        if not line.strip():
-            continue
+    for entries in _batches(record):
         try:
-            entry = json.loads(line)
-            kind = entry["type"]
-            if kind == 2:
-                data = base64.b64decode(entry.get("payload") or b"")
-                if data:
-                    blocks.add(_SEGMENT_HEAD.pack(_SEGMENT, len(data)), data, len(data))
-            elif kind == 1:
-                length = int(entry.get("size") or 0)
-                if length:
-                    raw = (
-                        base64.b64decode(entry["name_raw"])
-                        if entry.get("name_raw")
-                        else entry["name"].encode()
-                    )
-                    name = _clean_name(raw)
-                    blocks.add(_FILE_HEAD.pack(_FILE, length, len(name)), name, length)
-            else:
-                raise LayerUnservable(f"unknown entry type {kind!r}")
+            for entry in json.loads(b"[" + b",".join(entries) + b"]"):
+                _add(blocks, entry)
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise LayerUnservable(f"the record is not tar-split JSON: {exc}") from exc
     blocks.flush()
     if not blocks.blocks:
         raise LayerUnservable("the record is empty")
     return LayerTar(diff_dir, blocks.size, record_identity or (0,) * 5, tuple(blocks.blocks), blocks.starts)
+
+
+def _batches(record: BinaryIO, size: int = 1 << 20) -> Iterator[list[bytes]]:
+    """The record's non-empty lines, read `size` bytes at a time: one JSON parse of many entries costs a
+    third of as many parses of one, and a line at a time costs more than the parse."""
+    rest = b""
+    while chunk := record.read(size):
+        lines = (rest + chunk).split(b"\n")
+        rest = lines.pop()
+        if found := [line for line in lines if line.strip()]:
+            yield found
+    if rest.strip():
+        yield [rest]
+
+
+def _add(blocks: _Blocks, entry: dict[str, Any]) -> None:
+    kind = entry["type"]
+    if kind == 2:
+        data = base64.b64decode(entry.get("payload") or b"")
+        if data:
+            blocks.add(_SEGMENT_HEAD.pack(_SEGMENT, len(data)), data, len(data))
+    elif kind == 1:
+        length = int(entry.get("size") or 0)
+        if length:
+            raw = base64.b64decode(entry["name_raw"]) if entry.get("name_raw") else entry["name"].encode()
+            name = _clean_name(raw)
+            blocks.add(_FILE_HEAD.pack(_FILE, length, len(name)), name, length)
+    else:
+        raise LayerUnservable(f"unknown entry type {kind!r}")
 
 
 def read(record_path: Path, diff_dir: Path) -> LayerTar:
@@ -348,3 +362,39 @@ def read(record_path: Path, diff_dir: Path) -> LayerTar:
         raise LayerUnservable(f"its tar-split record {record_path} is damaged: {exc}") from exc
     except OSError as exc:
         raise LayerUnservable(f"its tar-split record {record_path} cannot be read: {exc.strerror}") from exc
+
+
+class ParsedRecords:
+    """Layers' records as parsed, kept while their file is unchanged, up to `budget` bytes of them: an image
+    read again (a client's first pull after verification ahead read it, images sharing layers) costs a stat
+    per layer, not a parse (half a second for a layer of 30,000 files). Blocking, used from threads."""
+
+    def __init__(self, budget: int = 64 << 20) -> None:
+        self._budget = budget
+        self._kept: OrderedDict[Path, LayerTar] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def read(self, record: Path, diff_dir: Path) -> LayerTar:
+        """As `read`, the parse kept."""
+        try:
+            now = identity(record.stat())
+        except OSError:
+            now = None
+        with self._lock:
+            kept = self._kept.get(record)
+            if kept is not None and (kept.record_identity, kept.diff_dir) == (now, diff_dir):
+                self._kept.move_to_end(record)
+                return kept
+        tar = read(record, diff_dir)
+        size = sum(map(len, tar.blocks))
+        with self._lock:
+            old = self._kept.pop(record, None)
+            self._bytes -= sum(map(len, old.blocks)) if old is not None else 0
+            if size <= self._budget:
+                self._kept[record] = tar
+                self._bytes += size
+            while self._bytes > self._budget:
+                _path, dropped = self._kept.popitem(last=False)
+                self._bytes -= sum(map(len, dropped.blocks))
+        return tar
