@@ -57,6 +57,7 @@ from watch import (  # noqa: E402
     fd_count,
     fd_kinds,
     nofile_limit,
+    quarters,
     set_nofile,
     status_mib,
     wait_fds,
@@ -297,12 +298,6 @@ def tree_mib(path: Path) -> float:
 
 
 # --------------------------------------------------------------------------- report
-
-
-def quarters(values: list[float]) -> tuple[float, float]:
-    """Means of the second and the last quarter: the first is warm-up (caches, allocator arenas fill)."""
-    n = max(1, len(values) // 4)
-    return statistics.mean(values[n : 2 * n] or values[:n]), statistics.mean(values[-n:])
 
 
 def scan_log(text: str) -> dict[str, Any]:

@@ -1,12 +1,13 @@
-"""Watching a daemon from outside, for bench/load.py and bench/soak.py: RSS and its peak, threads, open fds
-by kind, CPU time, the open-files limit, and a thread that samples them while a benchmark runs. Linux /proc
-only."""
+"""Watching a daemon from outside, for bench/load.py, bench/soak.py, bench/churn.py and
+tests/world/test_churn.py: RSS and its peak, threads, open fds by kind, CPU time, the open-files limit, and a
+thread that samples them while a benchmark runs. Linux /proc only."""
 
 from __future__ import annotations
 
 import collections
 import os
 import resource
+import statistics
 import threading
 import time
 from dataclasses import dataclass, field
@@ -160,6 +161,12 @@ def wait_fds(pid: int, at_most: int, timeout: float) -> tuple[int, float]:
         if count <= at_most or waited >= timeout:
             return count, waited
         time.sleep(0.2)
+
+
+def quarters(values: list[float]) -> tuple[float, float]:
+    """Means of the second and the last quarter: the first is warm-up (caches, allocator arenas fill)."""
+    n = max(1, len(values) // 4)
+    return statistics.mean(values[n : 2 * n] or values[:n]), statistics.mean(values[-n:])
 
 
 @dataclass

@@ -18,8 +18,7 @@ import pytest
 
 from .cri import CriNode, CriNodeFactory
 from .daemons import (
-    DOCKER26_USR,
-    DOCKER28_USR,
+    NODES,
     Containerd,
     Dockerd,
     Podman,
@@ -36,8 +35,6 @@ REQUIRED = os.environ.get("K3RD_WORLD_REQUIRED", "") not in ("", "0")
 UPSTREAM_USER = "puller"
 UPSTREAM_PASSWORD = "s3cret-pw"
 
-# The containerd of each test node: trixie's 1.7, sid's 2.1.
-NODES = {"1.7": DOCKER26_USR, "2.1": DOCKER28_USR}
 _unavailable: dict[str, str] = {}
 _timings: dict[str, float] = {}
 _started: list[Dockerd | UpstreamRegistry | Containerd | CriNode | Podman] = []
@@ -280,6 +277,55 @@ def cri_node_factory() -> Iterator[CriNodeFactory]:
             image_pull_progress_timeout=image_pull_progress_timeout,
             use_local_image_pull=use_local_image_pull,
         )
+        made.append(created)
+        return created.start()
+
+    yield factory
+    for created in made:
+        created.close()
+
+
+@pytest.fixture
+def daemon_factory() -> Iterator[Callable[..., Dockerd | Podman]]:
+    """Factory: ``daemon_factory("docker26" | "docker28-containerd" | … | "podman4" | "podman5",
+    insecure_registries=[upstream.addr])`` starts a daemon of the test's own, for a test that removes or
+    prunes every image (the session's daemons keep other tests' images: the container-image tests' one for
+    the whole session); Podman reaches the registries named over plain HTTP, as Docker does 127.0.0.0/8 by
+    itself. Stopped and removed when the test ends."""
+    made: list[Dockerd | Podman] = []
+
+    def factory(variant: str, *, insecure_registries: Sequence[str] = ()) -> Dockerd | Podman:
+        release = {"podman4": "4", "podman5": "5"}.get(variant)
+        try:
+            if release:
+                Podman.check_available(release)
+            else:
+                Dockerd.check_available(variant)
+        except WorldUnavailable as exc:
+            _missing(variant, exc)
+        daemon = (
+            Podman(release=release, insecure_registries=insecure_registries) if release else Dockerd(variant)
+        )
+        made.append(daemon)
+        return daemon.start()
+
+    yield factory
+    for daemon in made:
+        daemon.close()
+
+
+@pytest.fixture
+def node_factory() -> Iterator[Callable[[str], Containerd]]:
+    """Factory: ``node_factory("1.7" | "2.1")`` starts a node (as the ``node`` fixture's) of the test's own,
+    for a test that needs several at once; stopped and removed when the test ends."""
+    made: list[Containerd] = []
+
+    def factory(version: str) -> Containerd:
+        try:
+            Containerd.check_available(NODES[version])
+        except WorldUnavailable as exc:
+            _missing(f"node (containerd {version})", exc)
+        created = Containerd(usr=NODES[version])
         made.append(created)
         return created.start()
 

@@ -13,7 +13,7 @@ via ``setpriv``), is stopped by an ``atexit`` hook, and processes whose command 
 dirs (containerd shims) are killed when their owner stops.
 """
 
-from .containerd import Containerd, containerd_config
+from .containerd import NODES, Containerd, containerd_config
 from .dockerd import VARIANTS, Dockerd, DockerdVariant
 from .podman import Podman
 from .process import (
@@ -48,6 +48,7 @@ __all__ = [
     "DOCKER26_USR",
     "DOCKER28_USR",
     "DOCKER_CLI",
+    "NODES",
     "NO_ZERO_COPY",
     "REPO_ROOT",
     "ROOTLESS_UID",

@@ -13,7 +13,19 @@ from typing import Self
 
 from k3d_registry_dockerd import configs
 
-from .process import DOCKER26_USR, RUNC_PATH, Service, make_temp_dir, require_binary, run, search_path
+from .process import (
+    DOCKER26_USR,
+    DOCKER28_USR,
+    RUNC_PATH,
+    Service,
+    make_temp_dir,
+    require_binary,
+    run,
+    search_path,
+)
+
+NODES = {"1.7": DOCKER26_USR, "2.1": DOCKER28_USR}
+"""The containerd of each test node by version: trixie's 1.7 (k3s up to 1.32), sid's 2.1 (k3s 1.33+, kind)."""
 
 
 def containerd_config(*, root: Path, state: Path, address: Path) -> str:

@@ -8,6 +8,7 @@ import os
 import shlex
 import signal
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Self
 
@@ -40,13 +41,24 @@ class Podman(Service, EngineEvents):
     root with subordinate IDs: its store is that user's, files of other owners in an image belong to
     subordinate IDs on disk. The namespace's root is entered with pivot_root, as the kernel lets no
     chrooted process make the user namespace rootless Podman lives in.
+
+    ``insecure_registries`` (``127.0.0.1:PORT``) are reached over plain HTTP, from the CLI and through the
+    API alike (a private registries.conf): Docker allows that for 127.0.0.0/8 by itself, Podman only for
+    registries named so, and without it a pull through the API from the world's upstream fails.
     """
 
     name = "podman"
     # Set in storage.conf below; its storage is read in place.
     driver = "overlay"
 
-    def __init__(self, root: Path | None = None, *, release: str = "4", rootless: bool = False) -> None:
+    def __init__(
+        self,
+        root: Path | None = None,
+        *,
+        release: str = "4",
+        rootless: bool = False,
+        insecure_registries: Sequence[str] = (),
+    ) -> None:
         if rootless and release != "5":
             raise ValueError("rootless Podman runs from Podman 5's root only")
         self.release = release
@@ -58,6 +70,8 @@ class Podman(Service, EngineEvents):
         self.host = f"unix://{self.socket}"
         self.storage_conf = self.root / "storage.conf"
         self.containers_conf = self.root / "containers.conf"
+        self.insecure_registries = tuple(insecure_registries)
+        self.registries_conf = self.root / "registries.conf"
         self.log_path = self.root / "podman.log"
         self.version = ""
         self.api_version = ""
@@ -79,6 +93,8 @@ class Podman(Service, EngineEvents):
             "CONTAINERS_STORAGE_CONF": str(self.storage_conf),
             "CONTAINERS_CONF": str(self.containers_conf),
         }
+        if self.insecure_registries:
+            env["CONTAINERS_REGISTRIES_CONF"] = str(self.registries_conf)
         if self.release == "5":
             env.pop("LD_LIBRARY_PATH", None)
             env.update(PATH="/usr/sbin:/usr/bin:/sbin:/bin", PODMAN_IGNORE_CGROUPSV1_WARNING="1")
@@ -97,11 +113,14 @@ class Podman(Service, EngineEvents):
         return [binary, "--root", str(self.root / "store"), "--runroot", str(self.root / "run")]
 
     def _engine_conf(self) -> str:
+        # Events in a file of its own: the default one (/run/libpod/events, the machine's for 4.3, Podman 5's
+        # root's) is every Podman's there, whose saves a test would take for this one's.
+        events = f'events_logger = "file"\nevents_logfile_path = "{self.root / "events.log"}"\n'
         if self.release == "5":
             # Its own conmon and crun, inside its root; no systemd there to ask.
-            return '[engine]\ncgroup_manager = "cgroupfs"\nevents_logger = "file"\n'
+            return f'[engine]\ncgroup_manager = "cgroupfs"\n{events}'
         return (
-            f'[engine]\nconmon_path = ["{BOOKWORM_USR / "bin" / "conmon"}"]\nruntime = "runc"\n'
+            f'[engine]\nconmon_path = ["{BOOKWORM_USR / "bin" / "conmon"}"]\nruntime = "runc"\n{events}'
             f'[engine.runtimes]\nrunc = ["{BOOKWORM_USR / "sbin" / "runc"}"]\n'
         )
 
@@ -138,6 +157,9 @@ class Podman(Service, EngineEvents):
             f'graphroot = "{self.root / "store"}"\n'
         )
         self.containers_conf.write_text(self._engine_conf())
+        if self.insecure_registries:
+            entry = '[[registry]]\nlocation = "{}"\ninsecure = true\n'
+            self.registries_conf.write_text("".join(entry.format(addr) for addr in self.insecure_registries))
 
         def ready() -> bool:
             try:

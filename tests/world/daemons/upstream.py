@@ -3,6 +3,7 @@ its access log shows what it served, and to whom."""
 
 from __future__ import annotations
 
+import datetime
 import os
 import re
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from .process import BOOKWORM_USR, Service, free_port, http_status, make_temp_di
 
 # distribution's access log (combined): HOST - - [DATE] "METHOD PATH HTTP/1.1" STATUS SIZE "REFERER" "UA".
 _ACCESS_LOG = re.compile(
+    r"(?:\[(?P<date>[^\]]+)\] )?"
     r'"(?P<method>[A-Z]+) (?P<path>\S+) HTTP/[0-9.]+" (?P<status>\d{3}) (?:\S+ "[^"]*" "(?P<agent>[^"]*)")?'
 )
 
@@ -26,6 +28,15 @@ class AccessLogEntry:
     status: int
     # The client's user agent: `docker/…` is dockerd pulling for us, `containerd/…` a node going around us.
     agent: str = ""
+    # When it was logged (UNIX time, whole seconds: the log's resolution).
+    at: float | None = None
+
+
+def _logged_at(date: str | None) -> float | None:
+    """The access log's `07/Dec/2026:22:26:36 +0000` as UNIX time."""
+    if date is None:
+        return None
+    return datetime.datetime.strptime(date, "%d/%b/%Y:%H:%M:%S %z").timestamp()
 
 
 class UpstreamRegistry(Service):
@@ -120,7 +131,7 @@ class UpstreamRegistry(Service):
         except FileNotFoundError:
             return []
         return [
-            AccessLogEntry(m["method"], m["path"], int(m["status"]), m["agent"] or "")
+            AccessLogEntry(m["method"], m["path"], int(m["status"]), m["agent"] or "", _logged_at(m["date"]))
             for m in (_ACCESS_LOG.search(line) for line in text.splitlines())
             if m
         ]
