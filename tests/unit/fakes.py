@@ -87,6 +87,8 @@ class FakeDocker:
     upstream: dict[str, LocalImage] = field(default_factory=dict)
     unavailable: bool = False
     pull_error: Exception | None = None
+    # What an inspect raises instead of answering (Podman's 500 while it prunes, say).
+    inspect_error: Exception | None = None
     # Docker name -> the only credentials its upstream accepts (a private repository).
     private: dict[str, Credentials] = field(default_factory=dict)
     save_error: Exception | None = None
@@ -185,6 +187,8 @@ class FakeDocker:
     async def inspect(self, ref: str) -> dict[str, Any] | None:
         await self.daemon()
         self.inspects.append(ref)
+        if self.inspect_error is not None:
+            raise self.inspect_error
         # Docker finds an image by its familiar name too (`app:dev` is docker.io/library/app:dev).
         named = split_repo_tag(ref)
         found = self.images.get(ref) or (self.images.get(f"{named[0]}:{named[1]}") if named else None)

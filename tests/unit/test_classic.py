@@ -250,3 +250,32 @@ async def test_a_config_that_does_not_hash_to_the_image_id_sends_the_image_to_th
     assert docker.saves == [REF]
     assert "does not hash to the image ID" in caplog.text
     assert registry.metrics.registry.get_sample_value("k3d_registry_digest_mismatches_total") == 1
+
+
+def pulled_again(docker: ClassicDocker) -> None:
+    """`docker rmi` and `docker pull` of the same image: the same ID, its config written anew, its layers'
+    files in new directories."""
+    images = docker.root / "image" / "overlay2"
+    config = images / "imagedb" / "content" / "sha256" / docker.images[REF].id[7:]
+    data = config.read_bytes()
+    config.unlink()
+    config.write_bytes(data)
+    for record in (images / "layerdb" / "sha256").iterdir():
+        old = (record / "cache-id").read_text()
+        new = digest_of(f"again {old}".encode())[7:]
+        os.rename(docker.root / "overlay2" / old, docker.root / "overlay2" / new)
+        (record / "cache-id").write_text(new)
+
+
+async def test_an_image_removed_and_pulled_again_is_read_again(
+    client: TestClient, docker: ClassicDocker, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="k3d_registry_dockerd.sources")
+    for _ in range(2):
+        assert (await client.get(PATH)).status == 200
+        for digest in layers(docker):
+            blob = await client.get(f"/v2/app/blobs/{digest}")
+            assert blob.status == 200 and digest_of(await blob.read()) == digest
+        pulled_again(docker)
+    assert docker.saves == []
+    assert "came back into the store: reading it again" in caplog.text

@@ -9,7 +9,7 @@ import asyncio
 import pytest
 
 from k3d_registry_dockerd.cache.store import Store
-from k3d_registry_dockerd.docker.engine import Credentials
+from k3d_registry_dockerd.docker.engine import Credentials, DockerFailed
 from k3d_registry_dockerd.oci.errors import RegistryError
 from k3d_registry_dockerd.oci.reference import Digest, parse_repository
 from k3d_registry_dockerd.web.assembly import Registry, assemble
@@ -131,3 +131,10 @@ async def test_a_digest_served_before_needs_no_docker(registry: Registry, docker
     docker.unavailable = True
     again = await registry.mirror.manifest_by_digest(LOCAL, Digest.parse(served.digest), None)
     assert again.body == served.body
+
+
+async def test_an_error_docker_answers_a_lookup_with_is_a_503(registry: Registry, docker: FakeDocker) -> None:
+    docker.inspect_error = DockerFailed("Docker answered 500: image not known")
+    error = await refused(registry.mirror.manifest_by_tag(LOCAL, "dev", None))
+    assert (error.code, error.status) == ("UNAVAILABLE", 503)
+    assert "image not known" in str(error.detail)

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import base64
+from pathlib import Path
 from typing import Any
 
 from k3d_registry_dockerd.cache.store import Store
-from k3d_registry_dockerd.sources.podman import big_data_name
+from k3d_registry_dockerd.common.metrics import Metrics
+from k3d_registry_dockerd.docker.engine import DaemonInfo
+from k3d_registry_dockerd.oci.platform import Platform
+from k3d_registry_dockerd.sources.discovery import InPlaceConfig, discover_podman
+from k3d_registry_dockerd.sources.podman import PodmanContent, big_data_name
 from k3d_registry_dockerd.web.app import create_app
 from k3d_registry_dockerd.web.assembly import assemble
 
@@ -41,3 +46,14 @@ async def test_docker_itself_pulls_a_name_it_lacks(aiohttp_client: Any, store: S
     client = await aiohttp_client(create_app(assemble(store, docker)))
     assert (await client.get("/v2/library/my-app/manifests/dev?ns=docker.io")).status == 404
     assert docker.pulls == [("docker.io/library/my-app:dev", None)] and docker.saves == []
+
+
+def test_a_podman_store_that_never_held_an_image_is_read_in_place(tmp_path: Path) -> None:
+    root = tmp_path / "storage"
+    root.mkdir()
+    info = DaemonInfo("5.4.2", "1.41", Platform("linux", "amd64"), "overlay", False, product="Podman Engine")
+    given = InPlaceConfig(docker_root=str(root))
+    assert isinstance(discover_podman(given, info, Metrics()), PodmanContent)
+    # Not there at all (not mounted): exported, and why.
+    missing = InPlaceConfig(docker_root=str(tmp_path / "nowhere"))
+    assert "cannot be read from here" in str(discover_podman(missing, info, Metrics()))

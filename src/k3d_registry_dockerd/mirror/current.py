@@ -23,7 +23,7 @@ from ..common.bounded import BoundedDict
 from ..common.flights import FreshFlight, SingleFlight
 from ..common.metrics import Metrics
 from ..common.progress import Transfer, Transfers
-from ..docker.engine import Credentials, DockerClient, PullDenied, PullFailed, PullNotFound
+from ..docker.engine import Credentials, DockerClient, DockerFailed, PullDenied, PullFailed, PullNotFound
 from ..docker.hostcreds import HostCredentials, HostCredentialsError
 from ..oci.errors import RegistryError
 from ..oci.reference import Repository
@@ -74,7 +74,15 @@ class CurrentImages:
     async def inspect(self, ref: str, *, fresh: bool = False) -> dict[str, Any] | None:
         """Docker's inspect of `ref`: as kept while nothing changed it (see DockerAnswers), else asked
         for, shared by the requests that arrive while one runs (see FreshFlight). `fresh` always asks
-        (after a change this registry made: its event may not have arrived yet)."""
+        (after a change this registry made: its event may not have arrived yet). An error Docker answers
+        with (Podman's in the middle of a prune, say) is a 503: the node tries the upstream."""
+        try:
+            return await self._inspect(ref, fresh)
+        except DockerFailed as exc:
+            log.warning("looking up %s in Docker failed: %s", ref, exc)
+            raise RegistryError("UNAVAILABLE", f"Docker failed to look up {ref}", detail=str(exc)) from exc
+
+    async def _inspect(self, ref: str, fresh: bool) -> dict[str, Any] | None:
         answers = self._answers
         if answers is None:
             return await self._inspects.run(ref, lambda: self.docker.inspect(ref))

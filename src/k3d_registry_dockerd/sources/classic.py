@@ -109,7 +109,8 @@ class StoreImages:
         # Docker name -> image IDs served under it: what the repository's manifests are.
         self._roots: dict[str, set[str]] = {}
         # Image ID -> why it is exported instead (its files did not hold what they should).
-        self._failed: BoundedDict[str, str] = BoundedDict(IMAGES_LIMIT)
+        # (The identity its config file had then: an image removed and pulled again is tried again.)
+        self._failed: BoundedDict[str, tuple[str, tuple[int, ...] | None]] = BoundedDict(IMAGES_LIMIT)
         # Layers found to match their diff IDs, by fingerprint, kept across restarts.
         self._verified = verified or VerifiedBlobs(metrics=metrics)
         # Reads of an image's records, shared by the requests that arrive while one runs.
@@ -126,6 +127,14 @@ class StoreImages:
 
     def _config_path(self, image_id: str) -> Path:
         raise NotImplementedError
+
+    def _config_identity(self, image_id: str) -> tuple[int, ...] | None:
+        """The identity of the image's config file now (a stat: cheap enough for every request), None when
+        the store does not hold it. Every time the image comes into the store the file is written anew."""
+        try:
+            return identity(self._config_path(image_id).stat())
+        except (OSError, RegistryError):
+            return None
 
     def tags_version(self) -> tuple[int, ...] | None:
         """The identity of the daemon's record of its tags (a stat, cheap enough for every request): it
@@ -161,6 +170,14 @@ class StoreImages:
         (no `repo`), it is not kept: a client's first request reads it again, so a layer whose files changed
         since it was verified ahead has another fingerprint and is hashed again."""
         found = self._images.get(image_id)
+        if found is not None and self._config_identity(image_id) != found.config_identity:
+            # Removed and pulled (built, loaded) again: the same ID, but layers in new directories.
+            log.info("%s came back into the store: reading it again", image_id)
+            del self._images[image_id]
+            found = None
+        failed = self._failed.get(image_id)
+        if failed is not None and failed[1] != self._config_identity(image_id):
+            del self._failed[image_id]
         if found is None and image_id not in self._failed:
             try:
                 found = await self._reads.run(image_id, lambda: asyncio.to_thread(self._read, image_id, info))
@@ -202,7 +219,7 @@ class StoreImages:
     def _give_up(self, image_id: str, why: str) -> None:
         if image_id not in self._failed:
             log.info("%s: not served in place, exported from the daemon instead: %s", image_id, why)
-        self._failed[image_id] = why
+        self._failed[image_id] = why, self._config_identity(image_id)
         self._images.pop(image_id, None)
 
     def _served(self, image: StoreImage, cold: bool) -> ServedManifest:

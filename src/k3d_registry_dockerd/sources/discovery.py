@@ -258,7 +258,10 @@ def discover_podman(
     root = _root(config, info, "Podman")
     if isinstance(root, str):
         return root
-    if not os.access(root / f"{info.storage_driver}-images" / "images.json", os.R_OK):
+    images = root / f"{info.storage_driver}-images" / "images.json"
+    # A store that never held an image has no list of them yet: its root being readable is enough.
+    fresh = not os.path.exists(images) and os.access(root, os.R_OK | os.X_OK)
+    if not fresh and not os.access(images, os.R_OK):
         return Unreadable(
             f"Podman keeps its images in {root}, which cannot be read from here (mount it read-only at the "
             "same path, or name it with --docker-root)"
