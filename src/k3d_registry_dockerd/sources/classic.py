@@ -432,12 +432,6 @@ class _Watched:
         self._loop = loop
         self._lost = lost
 
-    def __enter__(self) -> _Watched:
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self.close()
-
     def close(self) -> None:
         self._pieces.close()
 

@@ -6,6 +6,7 @@ them: a sendfile call per small file costs more than copying it."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 from collections.abc import Iterator
@@ -32,7 +33,7 @@ Piece = bytearray | FileRange
 
 class Pieces(Protocol):
     """A blob's bytes from one offset to another, in order, a batch at a time. Blocking: each call runs
-    off the event loop. A context manager: closing frees what it holds open."""
+    off the event loop. Closing frees what it holds open."""
 
     def next(self, limit: int, max_files: int = 8) -> list[Piece]:
         """The next pieces: about `limit` bytes in memory at most, and `max_files` file ranges; empty at
@@ -44,14 +45,10 @@ class Pieces(Protocol):
     def done(self) -> bool:
         """Whether every piece was handed out."""
 
-    def __enter__(self) -> Pieces: ...
-
-    def __exit__(self, *_exc: object) -> None: ...
-
 
 def read_all(pieces: Pieces, chunk: int = CHUNK) -> Iterator[bytearray]:
     """Every byte of the pieces, files read too, in chunks of about `chunk` (blocking); closes them."""
-    with pieces:
+    with contextlib.closing(pieces):
         while batch := pieces.next(chunk):
             for piece in batch:
                 if isinstance(piece, bytearray):
@@ -101,12 +98,6 @@ class FilePieces:
         self._stop = stop
         self._inline_below = inline_below
         self._fd: int | None = None
-
-    def __enter__(self) -> FilePieces:
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self.close()
 
     def close(self) -> None:
         if self._fd is not None:

@@ -144,8 +144,8 @@ class LayerTar:
 
 
 class LayerReader:
-    """Hands out a layer's tar in order, a batch at a time (see `LayerTar.reader`); a context manager
-    holding the directories and the file it opened. Blocking: run each call off the event loop."""
+    """Hands out a layer's tar in order, a batch at a time (see `LayerTar.reader`), holding the directories
+    and the file it opened until closed. Blocking: run each call off the event loop."""
 
     def __init__(self, tar: LayerTar, start: int, stop: int, inline_below: int | None) -> None:
         self._tar = tar
@@ -159,12 +159,6 @@ class LayerReader:
         self._files: _Beneath | None = None
         # The file being read into memory across batches.
         self._fd: int | None = None
-
-    def __enter__(self) -> LayerReader:
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self.close()
 
     def close(self) -> None:
         if self._fd is not None:
