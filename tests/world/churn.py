@@ -34,6 +34,7 @@ import datetime
 import functools
 import itertools
 import json
+import os
 import random
 import re
 import statistics
@@ -44,6 +45,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from k3d_registry_dockerd.web.blobs import READERS
 
 from .daemons import (
     CommandError,
@@ -84,8 +87,12 @@ class Explained:
     """Only while an `rmi` or a prune ran."""
 
 
+THREAD_POOLS = READERS + min(4, os.cpu_count() or 1) + min(32, (os.cpu_count() or 1) + 4)
+"""The registry's bounded pools (reading pieces, hashing, asyncio's default executor), which start threads as
+work comes and keep them: all the registry may have more than before the churn, whatever the pulls."""
 _GONE = re.compile(r"is gone from the daemon's store or changed")
 _PULL_FAILED = re.compile(r"WARNING k3d_registry_dockerd\.mirror: pull of \S+ failed: ")
+_LOOKUP_FAILED = re.compile(r"WARNING k3d_registry_dockerd\.mirror: looking up \S+ in Docker failed: ")
 EXPLAINED_LOG = (
     Explained(_GONE, "layer files vanished while they were read (removed, or the image re-pulled)"),
     Explained(
@@ -102,6 +109,14 @@ EXPLAINED_LOG = (
     ),
     Explained(
         re.compile(r"-> 502 UNAVAILABLE: pulling \S+ through Docker failed"), "its answer: 502", _PULL_FAILED
+    ),
+    Explained(
+        _LOOKUP_FAILED,
+        "the daemon failed to look up an image an rmi or prune was removing (Podman: 500, image not known)",
+        during_removal=True,
+    ),
+    Explained(
+        re.compile(r"-> 503 UNAVAILABLE: Docker failed to look up "), "its answer: 503", _LOOKUP_FAILED
     ),
 )
 _TROUBLE = re.compile(r" (WARNING|ERROR|CRITICAL) |Traceback")
