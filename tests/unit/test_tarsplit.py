@@ -169,3 +169,30 @@ def test_a_record_is_parsed_again_only_when_its_file_changed(tmp_path: Path) -> 
     # Past its budget nothing is kept.
     small = tarsplit.ParsedRecords(budget=10)
     assert small.read(record, diff) is not small.read(record, diff)
+
+
+def test_a_run_of_entries_without_files_longer_than_a_block(tmp_path: Path) -> None:
+    """Raw bytes are cut into entries of their own past a block: 300 directories, then a file."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as tar:
+        for index in range(300):
+            tar.addfile(_info(f"d{index:03}/", tarfile.DIRTYPE, mode=0o755))
+        tar.addfile(_info("d000/file", size=70_000), io.BytesIO(bytes(range(256)) * 273 + b"x" * 112))
+    data = out.getvalue()
+    layer = stored(tmp_path, data)
+    assert len(layer.blocks) > 1
+    for start in (0, 1, tarsplit.BLOCK, len(data) - 70_500):
+        assert whole(layer, start) == data[start:]
+    # The file as a range to send as it lies, the raw bytes around it read.
+    assert b"".join(read_all(layer.reader(0, None, 1 << 10))) == data
+
+
+@pytest.mark.parametrize("inline_below", [None, 1, 4096])
+def test_any_span_is_what_the_tar_holds_there(tmp_path: Path, inline_below: int | None) -> None:
+    data = awkward_layer()
+    layer = stored(tmp_path, data)
+    cuts = sorted({0, 1, 511, 512, 513, 1024, 1536, 5000, CHUNK, len(data) - 1024, len(data) - 1, len(data)})
+    for start in cuts:
+        for stop in cuts:
+            if start < stop:
+                assert b"".join(read_all(layer.reader(start, stop, inline_below))) == data[start:stop]

@@ -42,11 +42,11 @@ from .pieces import FileRange, Piece, identity, read_into, short
 BLOCK = 64 << 10
 _OPEN_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 _OPEN_DIR = _OPEN_FILE | os.O_DIRECTORY
-# An encoded entry: a segment (kind, length, bytes) or a file (kind, size, name length, name).
-_SEGMENT, _FILE = 0, 1
+# An encoded entry: raw bytes (the segments before a file: a tar header, the previous file's padding), then
+# a file's bytes (none at the end): the raw bytes' length, the file's size and name's length, the raw bytes,
+# the name. One entry per file: a layer of 30,000 files is walked in 30,000 steps.
+_ENTRY = struct.Struct("<IQI")
 _NEVER = 1 << 62
-_SEGMENT_HEAD = struct.Struct("<BI")
-_FILE_HEAD = struct.Struct("<BQI")
 
 
 class LayerUnservable(Exception):
@@ -75,27 +75,21 @@ class LayerTar:
     starts: array[int]
 
     def _entries(self, start: int) -> Iterator[tuple[int, int, bytes, bool]]:
-        """(tar offset, end, bytes, is a file) of the entries from the one holding `start`: a segment's
-        bytes, or a file's name."""
+        """(tar offset, end, bytes, is a file) of the parts from the one holding `start`: raw bytes, or a
+        file's name."""
         first = max(bisect.bisect_right(self.starts, start) - 1, 0)
-        segment, file = _SEGMENT_HEAD, _FILE_HEAD
         for index in range(first, len(self.blocks)):
             raw = zlib.decompress(self.blocks[index])
-            offset, at, size = self.starts[index], 0, len(raw)
-            while at < size:
-                if raw[at] == _SEGMENT:
-                    length = segment.unpack_from(raw, at)[1]
-                    at += segment.size + length
-                    end = offset + length
-                    if end > start:
-                        yield offset, end, raw[at - length : at], False
-                else:
-                    _kind, length, named = file.unpack_from(raw, at)
-                    at += file.size + named
-                    end = offset + length
-                    if end > start:
-                        yield offset, end, raw[at - named : at], True
-                offset = end
+            offset, at = self.starts[index], 0
+            while at < len(raw):
+                length, size, named = _ENTRY.unpack_from(raw, at)
+                at += _ENTRY.size + length + named
+                if length and offset + length > start:
+                    yield offset, offset + length, raw[at - named - length : at - named], False
+                offset += length
+                if size and offset + size > start:
+                    yield offset, offset + size, raw[at - named : at], True
+                offset += size
 
     def check(self) -> Fingerprint:
         """Opens every file as `reader` opens them (blocking) and says what they are: LayerUnservable when
@@ -153,9 +147,14 @@ class LayerReader:
         self._at = start
         # Files this long or longer are handed out as ranges of open files.
         self._ranges_from = _NEVER if inline_below is None else inline_below
-        self._entries = tar._entries(start) if start < stop else iter(())
-        # The entry being handed out.
-        self._entry: tuple[int, int, bytes, bool] = (0, 0, b"", False)
+        # The block being walked (decoded), where its next entry lies in it and in the tar.
+        self._block = max(bisect.bisect_right(tar.starts, start) - 1, 0)
+        self._raw = b""
+        self._pos = 0
+        self._next = tar.starts[self._block] if tar.starts else 0
+        # The entry being handed out: where its raw bytes start, its file starts and ends; those bytes and
+        # the file's name.
+        self._entry = (0, 0, 0, b"", b"")
         self._files: _Beneath | None = None
         # The file being read into memory across batches.
         self._fd: int | None = None
@@ -176,35 +175,65 @@ class LayerReader:
         """The next pieces: about `limit` bytes held in memory at most, and `max_files` open files; empty
         at the end. A file that is gone or shorter than recorded raises OSError."""
         pieces: list[Piece] = []
-        # Filled up to `filled`, files read straight into it; it may grow past `limit` by one segment.
+        # Filled up to `filled`, files read straight into it; it may grow past `limit` by one entry's raw
+        # bytes.
         pending = bytearray(limit)
+        view = memoryview(pending)
         filled = files = 0
-        at, stop = self._at, self._stop
-        offset, end, data, is_file = self._entry
+        # The walk's state in locals (attribute lookups per entry cost as much as its file's read), written
+        # back at the end.
+        stop, at = self._stop, self._at
+        raw, pos, block, following = self._raw, self._pos, self._block, self._next
+        start, file_start, end, data, name = self._entry
+        blocks, starts, entry = self._tar.blocks, self._tar.starts, _ENTRY.unpack_from
         try:
             while at < stop and filled < limit and files < max_files:
-                if at >= end:
-                    self._entry = offset, end, data, is_file = next(self._entries)
-                upto = end if end < stop else stop
-                if not is_file:
-                    piece = data if at == offset and upto == end else data[at - offset : upto - offset]
-                    pending[filled : filled + len(piece)] = piece
+                while at >= end:
+                    if pos >= len(raw):
+                        raw, pos, following = zlib.decompress(blocks[block]), 0, starts[block]
+                        block += 1
+                    length, size, named = entry(raw, pos)
+                    pos += _ENTRY.size + length + named
+                    data, name = raw[pos - named - length : pos - named], raw[pos - named : pos]
+                    start, file_start = following, following + length
+                    end = following = file_start + size
+                if at < file_start:
+                    upto = file_start if file_start < stop else stop
+                    piece = data if at == start and upto == file_start else data[at - start : upto - start]
+                    if filled + len(piece) > len(pending):
+                        view.release()
+                        pending[filled:] = piece
+                        view = memoryview(pending)
+                    else:
+                        view[filled : filled + len(piece)] = piece
                     filled += len(piece)
-                elif self._fd is None and upto - at >= self._ranges_from:
+                    at = upto
+                    if at >= end or at >= stop or filled >= limit:
+                        continue
+                upto = end if end < stop else stop
+                if self._fd is None and upto - at >= self._ranges_from:
                     if filled:
+                        view.release()
                         del pending[filled:]
                         pieces.append(pending)
                         pending, filled = bytearray(limit), 0
-                    opened = io.FileIO(self._open(data), "rb")
-                    pieces.append(FileRange(opened, at - offset, upto - at, data.decode(errors="replace")))
+                        view = memoryview(pending)
+                    opened = io.FileIO(self._open(name), "rb")
+                    pieces.append(
+                        FileRange(opened, at - file_start, upto - at, name.decode(errors="replace"))
+                    )
                     files += 1
                 else:
                     whole = upto
                     upto = min(upto, at + limit - filled)
-                    fd = self._fd if self._fd is not None else self._open(data)
+                    fd = self._fd if self._fd is not None else self._open(name)
                     self._fd = None
                     try:
-                        read_into(fd, memoryview(pending)[filled : filled + upto - at], at - offset, data)
+                        got = os.pread(fd, upto - at, at - file_start)
+                        view[filled : filled + len(got)] = got
+                        if len(got) < upto - at:
+                            with view[filled + len(got) : filled + upto - at] as rest:
+                                read_into(fd, rest, at - file_start + len(got), name)
                     finally:
                         if upto == whole:
                             os.close(fd)
@@ -219,6 +248,9 @@ class LayerReader:
             raise
         finally:
             self._at = at
+            self._raw, self._pos, self._block, self._next = raw, pos, block, following
+            self._entry = start, file_start, end, data, name
+        view.release()
         if filled:
             del pending[filled:]
             pieces.append(pending)
@@ -282,15 +314,29 @@ class _Blocks:
         self.size = 0
         self._pending = bytearray()
         self._pending_start = 0
+        # Raw bytes not in an entry yet: they go before the next file.
+        self._raw = bytearray()
 
-    def add(self, head: bytes, payload: bytes, length: int) -> None:
+    def raw(self, data: bytes) -> None:
+        self._raw += data
+        if len(self._raw) >= BLOCK:
+            self.file(b"", 0)
+
+    def file(self, name: bytes, size: int) -> None:
         if not self._pending:
             self._pending_start = self.size
-        self._pending += head
-        self._pending += payload
-        self.size += length
+        self._pending += _ENTRY.pack(len(self._raw), size, len(name))
+        self._pending += self._raw
+        self._pending += name
+        self.size += len(self._raw) + size
+        self._raw.clear()
         if len(self._pending) >= BLOCK:
             self.flush()
+
+    def finish(self) -> None:
+        if self._raw:
+            self.file(b"", 0)
+        self.flush()
 
     def flush(self) -> None:
         if self._pending:
@@ -308,7 +354,7 @@ def parse(record: BinaryIO, diff_dir: Path, record_identity: tuple[int, ...] = (
                 _add(blocks, entry)
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise LayerUnservable(f"the record is not tar-split JSON: {exc}") from exc
-    blocks.flush()
+    blocks.finish()
     if not blocks.blocks:
         raise LayerUnservable("the record is empty")
     return LayerTar(diff_dir, blocks.size, record_identity or (0,) * 5, tuple(blocks.blocks), blocks.starts)
@@ -332,13 +378,13 @@ def _add(blocks: _Blocks, entry: dict[str, Any]) -> None:
     if kind == 2:
         data = base64.b64decode(entry.get("payload") or b"")
         if data:
-            blocks.add(_SEGMENT_HEAD.pack(_SEGMENT, len(data)), data, len(data))
+            blocks.raw(data)
     elif kind == 1:
         length = int(entry.get("size") or 0)
         if length:
             raw = base64.b64decode(entry["name_raw"]) if entry.get("name_raw") else entry["name"].encode()
             name = _clean_name(raw)
-            blocks.add(_FILE_HEAD.pack(_FILE, length, len(name)), name, length)
+            blocks.file(name, length)
     else:
         raise LayerUnservable(f"unknown entry type {kind!r}")
 
