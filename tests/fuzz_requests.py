@@ -30,7 +30,9 @@ from typing import Any
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
+from k3d_registry_dockerd.cache.verified import FILE as VERIFIED_FILE
 from k3d_registry_dockerd.oci.errors import STATUS_BY_CODE
+from k3d_registry_dockerd.sources.known import STATE_FILE as KNOWN_FILE
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -1053,6 +1055,9 @@ _CACHE_LAYOUT = [
     r"blobs/sha256/[0-9a-f]{2}",
     r"blobs/sha256/(?P<prefix>[0-9a-f]{2})/(?P=prefix)[0-9a-f]{62}",
     r"lock",
+    # The state files: the tags known while the daemon is down, the blobs verified in place.
+    re.escape(KNOWN_FILE),
+    re.escape(VERIFIED_FILE),
     r"repositories",
     r"repositories/[0-9a-f]{64}\.json",
     r"tmp",

@@ -211,6 +211,7 @@ def build_app(settings: Settings, endpoint: DockerEndpoint, write_auth: Htpasswd
         in_place_remedy=partial(configs.missing_mounts, endpoint=endpoint),
         host_credentials=HostCredentials() if settings.docker_credentials else None,
         prefetch_max_age=settings.prefetch_max_age if settings.prefetch else None,
+        verify_ahead=settings.verify_ahead,
         load_pushed=settings.load_pushed,
         allow_docker_delete=settings.allow_docker_delete,
         allow_docker_overwrite=settings.allow_docker_overwrite,

@@ -30,6 +30,7 @@ ENV_ZERO_COPY = "K3D_REGISTRY_DOCKERD_ZERO_COPY"
 ENV_DOCKER_ROOT = "K3D_REGISTRY_DOCKERD_DOCKER_ROOT"
 ENV_PREFETCH = "K3D_REGISTRY_DOCKERD_PREFETCH"
 ENV_PREFETCH_MAX_AGE = "K3D_REGISTRY_DOCKERD_PREFETCH_MAX_AGE"
+ENV_VERIFY_AHEAD = "K3D_REGISTRY_DOCKERD_VERIFY_AHEAD"
 ENV_DOCKER_CREDENTIALS = "K3D_REGISTRY_DOCKERD_DOCKER_CREDENTIALS"
 ENV_ANSWER_WITHIN = "K3D_REGISTRY_DOCKERD_ANSWER_WITHIN"
 ENV_BODY_TIMEOUT = "K3D_REGISTRY_DOCKERD_BODY_TIMEOUT"
@@ -306,6 +307,17 @@ OPTIONS: tuple[Option, ...] = (
         ),
     ),
     Option(
+        "verify_ahead",
+        "--no-verify-ahead",
+        ENV_VERIFY_AHEAD,
+        "do not hash layers served in place ahead of their first pull (new images, and at start the ones "
+        "the store took in last): each is hashed as it is first sent instead",
+        switch="false",
+        describe=lambda s: (
+            None if s.verify_ahead else "verification ahead off: layers in place are hashed as first sent"
+        ),
+    ),
+    Option(
         "answer_within",
         "--answer-within",
         ENV_ANSWER_WITHIN,
@@ -471,6 +483,8 @@ class Settings:
     # Pre-export tags clients pulled within `prefetch_max_age` seconds when they move in Docker.
     prefetch: bool
     prefetch_max_age: float
+    # Hash the blobs of images served in place ahead of their first pull.
+    verify_ahead: bool
     # Answer containerd's manifest requests within this many seconds (503 while the pull or export goes
     # on), so a node can try the upstream before its CRI cancels the pull; None: wait for the work.
     answer_within: float | None

@@ -52,6 +52,7 @@ def test_defaults() -> None:
         "containerd_namespace": "default",
         "prefetch": "default",
         "prefetch_max_age": "default",
+        "verify_ahead": "default",
         "docker_credentials": "default",
         "answer_within": "default",
         "body_timeout": "default",
@@ -86,6 +87,14 @@ def test_prefetch_is_on_for_a_week_by_default_and_can_be_turned_off() -> None:
     assert resolve(**{**NO_FLAGS, "prefetch_max_age": "30m"}, env=env).prefetch_max_age == 1800
     with pytest.raises(SettingError, match="needs a unit"):
         resolve(**{**NO_FLAGS, "prefetch_max_age": "7"}, env={})
+
+
+def test_verification_ahead_is_on_by_default_and_can_be_turned_off() -> None:
+    assert resolve(**NO_FLAGS, env={"HOME": "/h"}).verify_ahead is True
+    off = resolve(**{**NO_FLAGS, "no_verify_ahead": True}, env={"HOME": "/h"})
+    assert off.verify_ahead is False and off.sources["verify_ahead"] == "flag --no-verify-ahead"
+    assert "verification ahead off" in "\n".join(off.described())
+    assert resolve(**NO_FLAGS, env={"K3D_REGISTRY_DOCKERD_VERIFY_AHEAD": "false"}).verify_ahead is False
 
 
 def test_containerd_is_answered_within_four_minutes_by_default() -> None:
@@ -130,6 +139,7 @@ def test_env_beats_default() -> None:
         "containerd_namespace": "default",
         "prefetch": "default",
         "prefetch_max_age": "default",
+        "verify_ahead": "default",
         "docker_credentials": "default",
         "answer_within": "default",
         "body_timeout": "default",
@@ -166,6 +176,7 @@ def test_flag_beats_env() -> None:
         "containerd_namespace": "default",
         "prefetch": "default",
         "prefetch_max_age": "default",
+        "verify_ahead": "default",
         "docker_credentials": "default",
         "answer_within": "default",
         "body_timeout": "default",

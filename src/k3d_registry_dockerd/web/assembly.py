@@ -120,6 +120,7 @@ def assemble(
     in_place_remedy: Remedy | None = None,
     host_credentials: HostCredentials | None = None,
     prefetch_max_age: float | None = None,
+    verify_ahead: bool = True,
     load_pushed: bool = True,
     allow_docker_delete: bool = False,
     allow_docker_overwrite: bool = False,
@@ -127,7 +128,8 @@ def assemble(
     max_uploads: int = MAX_UPLOADS,
 ) -> Registry:
     """The parts of a registry serving `docker`'s images from `store`. The daemon's own store is looked for
-    only with an `in_place` config, pre-exports run only with a `prefetch_max_age`."""
+    only with an `in_place` config, pre-exports run only with a `prefetch_max_age`, verification ahead only
+    where images are served in place and `verify_ahead` holds."""
     metrics = metrics or Metrics(lambda: (store.blob_count, store.total_bytes))
     transfers = Transfers()
     records = Records(store, metrics, cache_max_size)
@@ -165,7 +167,9 @@ def assemble(
         else None
     )
     verifier = (
-        Verifier(docker, events, sources, known, sending, metrics) if discovery.config.enabled else None
+        Verifier(docker, events, sources, known, sending, metrics)
+        if discovery.config.enabled and verify_ahead
+        else None
     )
     return Registry(
         store=store,
