@@ -279,3 +279,57 @@ async def test_an_image_removed_and_pulled_again_is_read_again(
         pulled_again(docker)
     assert docker.saves == []
     assert "came back into the store: reading it again" in caplog.text
+
+
+def removed(docker: ClassicDocker) -> None:
+    """`docker rmi`: the config and the layers' records and files go; the store's tag record stays."""
+    images = docker.root / "image" / "overlay2"
+    (images / "repositories.json").write_text('{"Repositories": {}}')
+    (images / "imagedb" / "content" / "sha256" / docker.images[REF].id[7:]).unlink()
+    for record in (images / "layerdb" / "sha256").iterdir():
+        (record / "cache-id").unlink()
+
+
+async def test_an_image_removed_between_docker_s_answer_and_the_read_is_unknown_not_exported(
+    client: TestClient, docker: ClassicDocker, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="k3d_registry_dockerd.sources")
+    removed(docker)
+    # The fake Docker still answers the inspect, as dockerd did a moment before the `rmi`.
+    answer = await client.get(PATH)
+    assert answer.status == 404 and (await answer.json())["errors"][0]["code"] == "MANIFEST_UNKNOWN"
+    assert docker.saves == []
+    assert "while it was read" in caplog.text and "exported from the daemon instead" not in caplog.text
+
+
+async def test_an_image_pulled_again_while_it_is_read_is_read_again(
+    client: TestClient, docker: ClassicDocker, registry: Registry, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="k3d_registry_dockerd.sources")
+    in_place = await registry.sources.in_place(await docker.daemon())
+    assert isinstance(in_place, ClassicContent)
+    read = in_place._read
+    reads: list[str] = []
+    records = list((docker.root / "image" / "overlay2" / "layerdb" / "sha256").iterdir())
+    cache_ids: dict[Path, str] = {}
+
+    def racing(image_id: str, info: DaemonInfo) -> Any:
+        reads.append(image_id)
+        if len(reads) == 1:
+            # Removed and pulled again while it is read: its layers are not where this read looks.
+            pulled_again(docker)
+            cache_ids.update({record: (record / "cache-id").read_text() for record in records})
+            for record in records:
+                (record / "cache-id").write_text("gone")
+        else:
+            for record, cache_id in cache_ids.items():
+                (record / "cache-id").write_text(cache_id)
+        return read(image_id, info)
+
+    in_place._read = racing  # type: ignore[method-assign]
+    assert (await client.get(PATH)).status == 200
+    for digest in layers(docker):
+        blob = await client.get(f"/v2/app/blobs/{digest}")
+        assert blob.status == 200 and digest_of(await blob.read()) == digest
+    assert len(reads) == 2 and docker.saves == []
+    assert "came back into the store while it was read: reading it again" in caplog.text

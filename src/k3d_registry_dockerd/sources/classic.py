@@ -166,9 +166,10 @@ class StoreImages:
             raise tarsplit.LayerUnservable(f"its config has no rootfs.diff_ids: {exc}") from exc
 
     async def _image(self, repo: Repository | None, image_id: str, info: DaemonInfo) -> StoreImage | None:
-        """The image as read from the store (once), now served under `repo` too. Read to verify it ahead
-        (no `repo`), it is not kept: a client's first request reads it again, so a layer whose files changed
-        since it was verified ahead has another fingerprint and is hashed again."""
+        """The image as read from the store (once), now served under `repo` too (RegistryError as
+        `_read_now`). Read to verify it ahead (no `repo`), it is not kept: a client's first request reads it
+        again, so a layer whose files changed since it was verified ahead has another fingerprint and is
+        hashed again."""
         found = self._images.get(image_id)
         if found is not None and self._config_identity(image_id) != found.config_identity:
             # Removed and pulled (built, loaded) again: the same ID, but layers in new directories.
@@ -179,10 +180,8 @@ class StoreImages:
         if failed is not None and failed[1] != self._config_identity(image_id):
             del self._failed[image_id]
         if found is None and image_id not in self._failed:
-            try:
-                found = await self._reads.run(image_id, lambda: asyncio.to_thread(self._read, image_id, info))
-            except tarsplit.LayerUnservable as exc:
-                self._give_up(image_id, str(exc))
+            found = await self._read_now(image_id, info)
+            if found is None:
                 return None
             if repo is not None:
                 self._images[image_id] = found
@@ -195,7 +194,10 @@ class StoreImages:
     ) -> int:
         """Hashes the layers of Docker's `image` not verified yet, one after another, each once `idle`
         returns; how many were hashed."""
-        found = await self._image(None, str(image["Id"]), info)
+        try:
+            found = await self._image(None, str(image["Id"]), info)
+        except RegistryError:  # gone from the store meanwhile
+            return 0
         if found is None:
             return 0
         hashed = 0
@@ -215,6 +217,29 @@ class StoreImages:
             if not matched:
                 break
         return hashed
+
+    async def _read_now(self, image_id: str, info: DaemonInfo) -> StoreImage | None:
+        """The image read from the store; None when it cannot be served from there (so it is exported).
+        An image removed or pulled again while it was read (`docker rmi`, a prune, a re-pull: its files
+        go or move) is no reason to export it: one that came back is read again, one that is gone is
+        MANIFEST_UNKNOWN, as Docker would now answer."""
+        for _attempt in range(2):
+            before = self._config_identity(image_id)
+            try:
+                return await self._reads.run(image_id, lambda: asyncio.to_thread(self._read, image_id, info))
+            except tarsplit.LayerUnservable as exc:
+                after = self._config_identity(image_id)
+                if after is None and self.tag_record.version() is not None:
+                    log.info("%s left %s while it was read (%s)", image_id, self.name, exc)
+                    raise RegistryError(
+                        "MANIFEST_UNKNOWN", f"image {image_id} was removed from the daemon's store"
+                    ) from exc
+                if after is None or after == before:
+                    self._give_up(image_id, str(exc))
+                    return None
+                log.info("%s came back into the store while it was read: reading it again", image_id)
+        self._give_up(image_id, "it changed in the store every time it was read")
+        return None
 
     def _give_up(self, image_id: str, why: str) -> None:
         if image_id not in self._failed:
@@ -268,7 +293,10 @@ class StoreImages:
         store still keeps it: what the registry served before it restarted is found again this way."""
         if image_id not in self._images and not await asyncio.to_thread(self.holds, image_id):
             return False
-        return await self._image(repo, image_id, info) is not None
+        try:
+            return await self._image(repo, image_id, info) is not None
+        except RegistryError:
+            return False
 
     def foreign_child(self, repo: Repository, digest: str, platform: Platform) -> str | None:
         """Never: these stores keep no indexes."""
