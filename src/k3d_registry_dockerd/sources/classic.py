@@ -170,17 +170,18 @@ class StoreImages:
         `_read_now`). Read to verify it ahead (no `repo`), it is not kept: a client's first request reads it
         again, so a layer whose files changed since it was verified ahead has another fingerprint and is
         hashed again."""
+        now = self._config_identity(image_id)
         found = self._images.get(image_id)
-        if found is not None and self._config_identity(image_id) != found.config_identity:
+        if found is not None and now != found.config_identity:
             # Removed and pulled (built, loaded) again: the same ID, but layers in new directories.
             log.info("%s came back into the store: reading it again", image_id)
             del self._images[image_id]
             found = None
         failed = self._failed.get(image_id)
-        if failed is not None and failed[1] != self._config_identity(image_id):
+        if failed is not None and failed[1] != now:
             del self._failed[image_id]
         if found is None and image_id not in self._failed:
-            found = await self._read_now(image_id, info)
+            found = await self._read_now(image_id, info, now)
             if found is None:
                 return None
             if repo is not None:
@@ -218,13 +219,14 @@ class StoreImages:
                 break
         return hashed
 
-    async def _read_now(self, image_id: str, info: DaemonInfo) -> StoreImage | None:
-        """The image read from the store; None when it cannot be served from there (so it is exported).
-        An image removed or pulled again while it was read (`docker rmi`, a prune, a re-pull: its files
-        go or move) is no reason to export it: one that came back is read again, one that is gone is
-        MANIFEST_UNKNOWN, as Docker would now answer."""
+    async def _read_now(
+        self, image_id: str, info: DaemonInfo, before: tuple[int, ...] | None
+    ) -> StoreImage | None:
+        """The image read from the store, whose config file had the identity `before` just now; None when
+        it cannot be served from there (so it is exported). An image removed or pulled again while it was
+        read (`docker rmi`, a prune, a re-pull: its files go or move) is no reason to export it: one that
+        came back is read again, one that is gone is MANIFEST_UNKNOWN, as Docker would now answer."""
         for _attempt in range(2):
-            before = self._config_identity(image_id)
             try:
                 return await self._reads.run(image_id, lambda: asyncio.to_thread(self._read, image_id, info))
             except tarsplit.LayerUnservable as exc:
@@ -238,6 +240,7 @@ class StoreImages:
                     self._give_up(image_id, str(exc))
                     return None
                 log.info("%s came back into the store while it was read: reading it again", image_id)
+                before = after
         self._give_up(image_id, "it changed in the store every time it was read")
         return None
 
